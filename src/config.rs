@@ -1,0 +1,580 @@
+//! Configuration: a TOML file, then `PIIGUARD_*` environment overrides, then validation into a
+//! typed [`Config`]. Nothing here has a secret default: credentials are read from files whose
+//! paths the operator gives.
+//!
+//! Environment overrides name a key path with `__` between levels, e.g.
+//! `PIIGUARD_SERVER__LISTEN=0.0.0.0:7443` or `PIIGUARD_VAULT__ADDRESS=https://vault:8200`.
+//! Values are read as TOML scalars (numbers, booleans) when they parse as such, else as strings.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::crypto::aead::Algorithm;
+use crate::crypto::envelope::MAX_KEYSPACE_LEN;
+
+/// A configuration problem, reported before any port is bound.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError(msg.into()))
+}
+
+/// Raw file layout. Field docs are the reference for `piiguard.example.toml`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    pub tls: RawTls,
+    pub vault: RawVault,
+    #[serde(default)]
+    pub cache: RawCache,
+    #[serde(default)]
+    pub log: RawLog,
+    #[serde(default)]
+    pub keyspaces: BTreeMap<String, RawKeyspace>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawServer {
+    /// mTLS gRPC listener.
+    pub listen: String,
+    /// Plaintext listener serving only grpc.health.v1 (for orchestrator probes). Empty = off.
+    pub health_listen: String,
+    pub handshake_timeout_secs: u64,
+    pub max_plaintext_bytes: usize,
+    pub max_batch_items: usize,
+    /// How often certificate, key, CA and CRL files are checked for changes (0 = only SIGHUP).
+    pub tls_reload_interval_secs: u64,
+    /// Name of this instance in logs (defaults to the host name).
+    pub instance: String,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:7443".into(),
+            health_listen: "127.0.0.1:7080".into(),
+            handshake_timeout_secs: 5,
+            max_plaintext_bytes: 64 * 1024,
+            max_batch_items: 10_000,
+            tls_reload_interval_secs: 30,
+            instance: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// CA that issues client certificates. Required: there is no mode without client auth.
+    pub client_ca: PathBuf,
+    #[serde(default)]
+    pub crl: Vec<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawVault {
+    pub address: String,
+    /// CA bundle for Vault's HTTPS certificate.
+    #[serde(default)]
+    pub ca_cert: Option<PathBuf>,
+    /// Allow `http://` to a loopback Vault (dev mode only). Never enable in production.
+    #[serde(default)]
+    pub allow_insecure_http: bool,
+    #[serde(default = "default_transit_mount")]
+    pub transit_mount: String,
+    #[serde(default = "default_kv_mount")]
+    pub kv_mount: String,
+    #[serde(default = "default_vault_timeout")]
+    pub request_timeout_secs: u64,
+    /// Vault namespace (OpenBao / Vault Enterprise), optional.
+    #[serde(default)]
+    pub namespace: Option<String>,
+    pub auth: RawVaultAuth,
+}
+
+fn default_transit_mount() -> String {
+    "piiguard-transit".into()
+}
+fn default_kv_mount() -> String {
+    "piiguard-kv".into()
+}
+fn default_vault_timeout() -> u64 {
+    5
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, tag = "method", rename_all = "snake_case")]
+pub enum RawVaultAuth {
+    /// AppRole: role id and secret id are read from files.
+    Approle {
+        role_id_file: PathBuf,
+        secret_id_file: PathBuf,
+        #[serde(default = "default_approle_mount")]
+        mount: String,
+    },
+    /// A token read from a file (e.g. a Vault Agent sink); re-read when it changes.
+    TokenFile { token_file: PathBuf },
+}
+
+fn default_approle_mount() -> String {
+    "approle".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawCache {
+    pub max_entries: usize,
+    pub idle_ttl_secs: u64,
+    /// Longest time an unwrapped DEK may stay in memory, used or not.
+    pub hard_ttl_secs: u64,
+}
+
+impl Default for RawCache {
+    fn default() -> Self {
+        Self {
+            max_entries: 1_000_000,
+            idle_ttl_secs: 600,
+            hard_ttl_secs: 3600,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLog {
+    /// `json` or `text`.
+    pub format: String,
+    /// tracing filter, e.g. `info` or `piiguard=debug`.
+    pub level: String,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        Self {
+            format: "json".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawKeyspace {
+    /// `aes-256-gcm` (default) or `aes-128-gcm`.
+    #[serde(default)]
+    pub algorithm: Option<String>,
+    /// Transit auto-rotation period of this keyspace's KEK, in days (bootstrap applies it).
+    #[serde(default)]
+    pub kek_rotate_days: Option<u64>,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub tls: TlsFiles,
+    pub vault: VaultConfig,
+    pub cache: CacheConfig,
+    pub log: LogConfig,
+    pub keyspaces: BTreeMap<String, KeyspaceConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub health_listen: Option<SocketAddr>,
+    pub handshake_timeout: Duration,
+    pub max_plaintext_bytes: usize,
+    pub max_batch_items: usize,
+    pub tls_reload_interval: Option<Duration>,
+    pub instance: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+    pub crl: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct VaultConfig {
+    pub address: String,
+    pub ca_cert: Option<PathBuf>,
+    pub insecure_http: bool,
+    pub transit_mount: String,
+    pub kv_mount: String,
+    pub request_timeout: Duration,
+    pub namespace: Option<String>,
+    pub auth: VaultAuth,
+}
+
+#[derive(Debug, Clone)]
+pub enum VaultAuth {
+    Approle {
+        role_id_file: PathBuf,
+        secret_id_file: PathBuf,
+        mount: String,
+    },
+    TokenFile {
+        token_file: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    pub max_entries: usize,
+    pub idle_ttl: Duration,
+    pub hard_ttl: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub json: bool,
+    pub level: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct KeyspaceConfig {
+    pub algorithm: Algorithm,
+    pub kek_rotate_days: u64,
+}
+
+/// Reads and validates a config file, applying `PIIGUARD_*` overrides from `env`.
+pub fn load(
+    path: &Path,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
+    parse(&text, env)
+}
+
+/// Parses and validates config text, applying `PIIGUARD_*` overrides from `env`.
+pub fn parse(
+    text: &str,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Config, ConfigError> {
+    let mut value: toml::Table =
+        toml::from_str(text).map_err(|e| ConfigError(format!("TOML: {e}")))?;
+    apply_env(&mut value, env)?;
+    let raw: RawConfig = toml::Value::Table(value)
+        .try_into()
+        .map_err(|e: toml::de::Error| ConfigError(e.message().to_string()))?;
+    raw.validate()
+}
+
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    for (k, v) in env {
+        let Some(rest) = k.strip_prefix("PIIGUARD_") else {
+            continue;
+        };
+        if !rest.contains("__") {
+            // Variables such as PIIGUARD_CONFIG are not key paths.
+            continue;
+        }
+        let path: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
+        if path.iter().any(String::is_empty) {
+            return err(format!("environment variable {k}: empty key path segment"));
+        }
+        let scalar = match toml::from_str::<toml::Table>(&format!("v = {v}")) {
+            Ok(mut t) => t.remove("v").unwrap_or(toml::Value::String(v.clone())),
+            Err(_) => toml::Value::String(v.clone()),
+        };
+        let mut cur = &mut *table;
+        for seg in &path[..path.len() - 1] {
+            let entry = cur
+                .entry(seg.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            cur = match entry {
+                toml::Value::Table(t) => t,
+                _ => return err(format!("environment variable {k}: {seg} is not a table")),
+            };
+        }
+        cur.insert(path[path.len() - 1].clone(), scalar);
+    }
+    Ok(())
+}
+
+fn is_valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_KEYSPACE_LEN
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+fn socket(name: &str, s: &str) -> Result<SocketAddr, ConfigError> {
+    s.parse()
+        .map_err(|e| ConfigError(format!("{name} = {s:?}: {e} (expected IP:PORT)")))
+}
+
+fn mount_name(name: &str, s: &str) -> Result<String, ConfigError> {
+    if s.is_empty() || s.starts_with('/') || s.ends_with('/') || s.contains("..") {
+        return err(format!("{name} = {s:?}: not a valid Vault mount path"));
+    }
+    Ok(s.to_string())
+}
+
+impl RawConfig {
+    /// Validates into a typed [`Config`].
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let s = self.server;
+        let listen = socket("server.listen", &s.listen)?;
+        let health_listen = if s.health_listen.is_empty() {
+            None
+        } else {
+            Some(socket("server.health_listen", &s.health_listen)?)
+        };
+        if s.handshake_timeout_secs == 0 || s.handshake_timeout_secs > 120 {
+            return err("server.handshake_timeout_secs must be between 1 and 120");
+        }
+        if s.max_plaintext_bytes == 0 || s.max_plaintext_bytes > 4 * 1024 * 1024 {
+            return err("server.max_plaintext_bytes must be between 1 and 4194304");
+        }
+        if s.max_batch_items == 0 || s.max_batch_items > 100_000 {
+            return err("server.max_batch_items must be between 1 and 100000");
+        }
+        let instance = if s.instance.is_empty() {
+            std::env::var("HOSTNAME").unwrap_or_else(|_| "piiguard".into())
+        } else {
+            s.instance
+        };
+        let server = ServerConfig {
+            listen,
+            health_listen,
+            handshake_timeout: Duration::from_secs(s.handshake_timeout_secs),
+            max_plaintext_bytes: s.max_plaintext_bytes,
+            max_batch_items: s.max_batch_items,
+            tls_reload_interval: (s.tls_reload_interval_secs > 0)
+                .then(|| Duration::from_secs(s.tls_reload_interval_secs)),
+            instance,
+        };
+
+        let tls = TlsFiles {
+            cert: self.tls.cert,
+            key: self.tls.key,
+            client_ca: self.tls.client_ca,
+            crl: self.tls.crl,
+        };
+
+        let v = self.vault;
+        let address = v.address.trim_end_matches('/').to_string();
+        let insecure_http = if let Some(rest) = address.strip_prefix("http://") {
+            let host = rest.split(['/', ':']).next().unwrap_or("");
+            if !v.allow_insecure_http {
+                return err(format!(
+                    "vault.address {address:?} is plain HTTP; use https:// with vault.ca_cert \
+                     (plain HTTP is allowed only with vault.allow_insecure_http = true on loopback, for dev)"
+                ));
+            }
+            if !matches!(host, "127.0.0.1" | "localhost" | "[::1]") {
+                return err(format!(
+                    "vault.address {address:?}: plain HTTP is allowed only to a loopback address"
+                ));
+            }
+            true
+        } else if address.starts_with("https://") {
+            false
+        } else {
+            return err(format!(
+                "vault.address {address:?} must start with https://"
+            ));
+        };
+        if !insecure_http && v.ca_cert.is_none() {
+            return err("vault.ca_cert is required with an https:// Vault address");
+        }
+        if v.request_timeout_secs == 0 || v.request_timeout_secs > 300 {
+            return err("vault.request_timeout_secs must be between 1 and 300");
+        }
+        let auth = match v.auth {
+            RawVaultAuth::Approle {
+                role_id_file,
+                secret_id_file,
+                mount,
+            } => VaultAuth::Approle {
+                role_id_file,
+                secret_id_file,
+                mount: mount_name("vault.auth.mount", &mount)?,
+            },
+            RawVaultAuth::TokenFile { token_file } => VaultAuth::TokenFile { token_file },
+        };
+        let vault = VaultConfig {
+            address,
+            ca_cert: v.ca_cert,
+            insecure_http,
+            transit_mount: mount_name("vault.transit_mount", &v.transit_mount)?,
+            kv_mount: mount_name("vault.kv_mount", &v.kv_mount)?,
+            request_timeout: Duration::from_secs(v.request_timeout_secs),
+            namespace: v.namespace,
+            auth,
+        };
+
+        let c = self.cache;
+        if c.max_entries == 0 {
+            return err("cache.max_entries must be at least 1");
+        }
+        if c.hard_ttl_secs == 0 || c.idle_ttl_secs == 0 {
+            return err("cache.idle_ttl_secs and cache.hard_ttl_secs must be at least 1");
+        }
+        if c.idle_ttl_secs > c.hard_ttl_secs {
+            return err("cache.idle_ttl_secs must not exceed cache.hard_ttl_secs");
+        }
+        if c.hard_ttl_secs > 24 * 3600 {
+            return err(
+                "cache.hard_ttl_secs must not exceed 86400 (it bounds how long a shredded key can survive)",
+            );
+        }
+        let cache = CacheConfig {
+            max_entries: c.max_entries,
+            idle_ttl: Duration::from_secs(c.idle_ttl_secs),
+            hard_ttl: Duration::from_secs(c.hard_ttl_secs),
+        };
+
+        let log = LogConfig {
+            json: match self.log.format.as_str() {
+                "json" => true,
+                "text" => false,
+                other => return err(format!("log.format {other:?}: expected json or text")),
+            },
+            level: self.log.level,
+        };
+
+        if self.keyspaces.is_empty() {
+            return err("at least one [keyspaces.NAME] table is required");
+        }
+        let mut keyspaces = BTreeMap::new();
+        for (name, ks) in self.keyspaces {
+            if !is_valid_name(&name) {
+                return err(format!(
+                    "keyspace name {name:?}: use 1-{MAX_KEYSPACE_LEN} characters of a-z 0-9 _ -"
+                ));
+            }
+            let algorithm = match ks.algorithm.as_deref() {
+                None => Algorithm::Aes256Gcm,
+                Some(a) => a
+                    .parse()
+                    .map_err(|e| ConfigError(format!("keyspaces.{name}.algorithm: {e}")))?,
+            };
+            let kek_rotate_days = ks.kek_rotate_days.unwrap_or(90);
+            if kek_rotate_days == 0 || kek_rotate_days > 3650 {
+                return err(format!(
+                    "keyspaces.{name}.kek_rotate_days must be between 1 and 3650"
+                ));
+            }
+            keyspaces.insert(
+                name,
+                KeyspaceConfig {
+                    algorithm,
+                    kek_rotate_days,
+                },
+            );
+        }
+        Ok(Config {
+            server,
+            tls,
+            vault,
+            cache,
+            log,
+            keyspaces,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[tls]
+cert = "s.pem"
+key = "s.key"
+client_ca = "ca.pem"
+[vault]
+address = "https://vault:8200"
+ca_cert = "vault-ca.pem"
+auth = { method = "approle", role_id_file = "r", secret_id_file = "s" }
+[keyspaces.orders]
+[keyspaces.crm]
+algorithm = "aes-128-gcm"
+"#;
+
+    fn no_env() -> Vec<(String, String)> {
+        Vec::new()
+    }
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let c = parse(MINIMAL, no_env()).unwrap();
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:7443");
+        assert_eq!(c.keyspaces["orders"].algorithm, Algorithm::Aes256Gcm);
+        assert_eq!(c.keyspaces["crm"].algorithm, Algorithm::Aes128Gcm);
+        assert_eq!(c.cache.hard_ttl, Duration::from_secs(3600));
+        assert!(!c.vault.insecure_http);
+    }
+
+    #[test]
+    fn env_overrides_apply() {
+        let env = vec![
+            (
+                "PIIGUARD_SERVER__LISTEN".to_string(),
+                "0.0.0.0:9443".to_string(),
+            ),
+            ("PIIGUARD_CACHE__MAX_ENTRIES".to_string(), "42".to_string()),
+            ("PIIGUARD_CONFIG".to_string(), "ignored".to_string()),
+            ("OTHER__X".to_string(), "ignored".to_string()),
+        ];
+        let c = parse(MINIMAL, env).unwrap();
+        assert_eq!(c.server.listen.to_string(), "0.0.0.0:9443");
+        assert_eq!(c.cache.max_entries, 42);
+    }
+
+    #[test]
+    fn client_ca_is_required() {
+        let text = MINIMAL.replace("client_ca = \"ca.pem\"\n", "");
+        let e = parse(&text, no_env()).unwrap_err();
+        assert!(e.0.contains("client_ca"), "{e}");
+    }
+
+    #[test]
+    fn plain_http_vault_needs_explicit_dev_flag_and_loopback() {
+        let text = MINIMAL.replace("https://vault:8200", "http://127.0.0.1:8200");
+        assert!(parse(&text, no_env()).unwrap_err().0.contains("plain HTTP"));
+        let text2 = text.replace("[vault]\n", "[vault]\nallow_insecure_http = true\n");
+        assert!(parse(&text2, no_env()).unwrap().vault.insecure_http);
+        let text3 = text2.replace("127.0.0.1", "10.0.0.1");
+        assert!(parse(&text3, no_env()).unwrap_err().0.contains("loopback"));
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_a_clear_message() {
+        for (from, to, needle) in [
+            ("[keyspaces.orders]", "[keyspaces.Orders]", "keyspace name"),
+            ("aes-128-gcm", "des", "unknown algorithm"),
+            (
+                "[tls]",
+                "[server]\nlisten = \"nope\"\n[tls]",
+                "server.listen",
+            ),
+            ("[tls]", "[server]\nbogus = 1\n[tls]", "bogus"),
+        ] {
+            let e = parse(&MINIMAL.replace(from, to), no_env()).unwrap_err();
+            assert!(e.0.contains(needle), "{needle}: {e}");
+        }
+    }
+}

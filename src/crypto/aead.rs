@@ -1,0 +1,149 @@
+//! The AEAD seam: every AES-GCM operation of piiguard goes through these two functions, so a
+//! different backend can be measured against this one by changing one file.
+//!
+//! Backend: aws-lc-rs (the same library that already provides rustls' crypto in this process;
+//! constant-time AES-NI/CLMUL code).
+
+use aws_lc_rs::aead::{AES_128_GCM, AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+
+/// Length of the GCM nonce in bytes.
+pub const NONCE_LEN: usize = 12;
+/// Length of the GCM tag in bytes.
+pub const TAG_LEN: usize = 16;
+
+/// Supported data-encryption algorithms. The discriminant is the on-wire algorithm byte.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Algorithm {
+    /// AES-256-GCM, the default.
+    Aes256Gcm = 1,
+    /// AES-128-GCM, allowed per keyspace.
+    Aes128Gcm = 2,
+}
+
+impl Algorithm {
+    /// Parses the on-wire algorithm byte.
+    pub fn from_byte(b: u8) -> Option<Self> {
+        match b {
+            1 => Some(Self::Aes256Gcm),
+            2 => Some(Self::Aes128Gcm),
+            _ => None,
+        }
+    }
+
+    /// Key length in bytes.
+    pub fn key_len(self) -> usize {
+        match self {
+            Self::Aes256Gcm => 32,
+            Self::Aes128Gcm => 16,
+        }
+    }
+
+    /// The configuration name (`aes-256-gcm`, `aes-128-gcm`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Aes256Gcm => "aes-256-gcm",
+            Self::Aes128Gcm => "aes-128-gcm",
+        }
+    }
+
+    fn backend(self) -> &'static aws_lc_rs::aead::Algorithm {
+        match self {
+            Self::Aes256Gcm => &AES_256_GCM,
+            Self::Aes128Gcm => &AES_128_GCM,
+        }
+    }
+}
+
+impl std::str::FromStr for Algorithm {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "aes-256-gcm" => Ok(Self::Aes256Gcm),
+            "aes-128-gcm" => Ok(Self::Aes128Gcm),
+            other => Err(format!(
+                "unknown algorithm {other:?} (expected aes-256-gcm or aes-128-gcm)"
+            )),
+        }
+    }
+}
+
+/// The AEAD operation failed: wrong key, nonce, AAD, or modified ciphertext/tag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AeadError;
+
+fn key(alg: Algorithm, key: &[u8]) -> Result<LessSafeKey, AeadError> {
+    let unbound = UnboundKey::new(alg.backend(), key).map_err(|_| AeadError)?;
+    Ok(LessSafeKey::new(unbound))
+}
+
+/// Encrypts `in_out` in place and appends the tag.
+pub fn seal(
+    alg: Algorithm,
+    key_bytes: &[u8],
+    nonce: &[u8; NONCE_LEN],
+    aad: &[u8],
+    in_out: &mut Vec<u8>,
+) -> Result<(), AeadError> {
+    let k = key(alg, key_bytes)?;
+    k.seal_in_place_append_tag(Nonce::assume_unique_for_key(*nonce), Aad::from(aad), in_out)
+        .map_err(|_| AeadError)
+}
+
+/// Decrypts `in_out` (ciphertext followed by tag) in place; returns the plaintext length.
+pub fn open(
+    alg: Algorithm,
+    key_bytes: &[u8],
+    nonce: &[u8; NONCE_LEN],
+    aad: &[u8],
+    in_out: &mut [u8],
+) -> Result<usize, AeadError> {
+    let k = key(alg, key_bytes)?;
+    let pt = k
+        .open_in_place(Nonce::assume_unique_for_key(*nonce), Aad::from(aad), in_out)
+        .map_err(|_| AeadError)?;
+    Ok(pt.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // NIST GCM test vector (gcmEncryptExtIV256.rsp, Count = 0 with 128-bit tag, PTlen = 128).
+    #[test]
+    fn aes256_gcm_known_answer() {
+        let key = hex::decode("31bdadd96698c204aa9ce1448ea94ae1fb4a9a0b3c9d773b51bb1822666b8f22")
+            .unwrap();
+        let nonce: [u8; 12] = hex::decode("0d18e06c7c725ac9e362e1ce")
+            .unwrap()
+            .try_into()
+            .unwrap();
+        let mut buf = hex::decode("2db5168e932556f8089a0622981d017d").unwrap();
+        seal(Algorithm::Aes256Gcm, &key, &nonce, &[], &mut buf).unwrap();
+        assert_eq!(
+            hex::encode(&buf),
+            "fa4362189661d163fcd6a56d8bf0405ad636ac1bbedd5cc3ee727dc2ab4a9489"
+        );
+        let n = open(Algorithm::Aes256Gcm, &key, &nonce, &[], &mut buf).unwrap();
+        assert_eq!(hex::encode(&buf[..n]), "2db5168e932556f8089a0622981d017d");
+    }
+
+    #[test]
+    fn tampering_is_detected() {
+        let key = [7u8; 16];
+        let nonce = [1u8; 12];
+        let mut buf = b"hello".to_vec();
+        seal(Algorithm::Aes128Gcm, &key, &nonce, b"aad", &mut buf).unwrap();
+        let mut t = buf.clone();
+        t[0] ^= 1;
+        assert_eq!(
+            open(Algorithm::Aes128Gcm, &key, &nonce, b"aad", &mut t),
+            Err(AeadError)
+        );
+        let mut t = buf.clone();
+        assert_eq!(
+            open(Algorithm::Aes128Gcm, &key, &nonce, b"aaX", &mut t),
+            Err(AeadError)
+        );
+    }
+}

@@ -1,0 +1,484 @@
+//! Ciphertext format v1 (documented in docs/FORMAT.md, pinned by golden vectors in the tests
+//! below and in tests/golden_vectors.rs).
+//!
+//! ```text
+//! offset      size  field
+//! 0           1     format version (0x01)
+//! 1           1     algorithm (0x01 AES-256-GCM, 0x02 AES-128-GCM)
+//! 2           1     keyspace name length L (1..=63)
+//! 3           L     keyspace name (ASCII)
+//! 3+L         16    key id (random; identifies the subject's DEK, never derived from the subject)
+//! 19+L        4     DEK version (u32 big-endian, >= 1)
+//! 23+L        12    nonce (random)
+//! 35+L        32    key commitment
+//! 67+L        n+16  AES-GCM ciphertext and tag
+//! ```
+//!
+//! From the DEK, HKDF-SHA256 derives the AES key and a 32-byte key commitment, both bound to
+//! the algorithm, keyspace, key id and DEK version. The commitment is checked (constant time)
+//! before decryption, so a ciphertext opens under exactly one key. The AAD is the header
+//! (bytes 0..35+L) followed by the length-prefixed field name and the canonical (sorted,
+//! length-prefixed) context map.
+
+use std::collections::BTreeMap;
+
+use aws_lc_rs::hkdf;
+use base64::Engine as _;
+use zeroize::{Zeroize, Zeroizing};
+
+use super::aead::{self, Algorithm, NONCE_LEN, TAG_LEN};
+
+/// Format version byte of v1.
+pub const VERSION_V1: u8 = 1;
+/// Length of a key id.
+pub const KEY_ID_LEN: usize = 16;
+/// Length of the key commitment.
+pub const COMMITMENT_LEN: usize = 32;
+/// Longest keyspace name.
+pub const MAX_KEYSPACE_LEN: usize = 63;
+/// Prefix of the text form.
+pub const TEXT_PREFIX: &str = "pg1.";
+
+const KDF_SALT: &[u8] = b"piiguard/v1/kdf";
+const AAD_LABEL: &[u8] = b"piiguard/v1";
+
+/// Why a ciphertext was refused. Deliberately coarse: which check failed is not told to the
+/// caller beyond "malformed" versus "does not authenticate".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum EnvelopeError {
+    /// Not a piiguard ciphertext, or truncated.
+    #[error("malformed ciphertext")]
+    Malformed,
+    /// A version byte this build does not know.
+    #[error("unsupported ciphertext version")]
+    UnsupportedVersion,
+    /// Commitment or tag mismatch: wrong key, field, context, or modified bytes.
+    #[error("ciphertext does not authenticate")]
+    Authentication,
+}
+
+/// A 16-byte random key id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyId(pub [u8; KEY_ID_LEN]);
+
+impl KeyId {
+    /// A fresh random key id from the OS CSPRNG.
+    pub fn random() -> Result<Self, aws_lc_rs::error::Unspecified> {
+        let mut b = [0u8; KEY_ID_LEN];
+        aws_lc_rs::rand::fill(&mut b)?;
+        Ok(Self(b))
+    }
+
+    /// Lower-case hex, as used in Vault paths.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    /// Parses lower- or upper-case hex.
+    pub fn from_hex(s: &str) -> Option<Self> {
+        let v = hex::decode(s).ok()?;
+        Some(Self(v.try_into().ok()?))
+    }
+}
+
+/// Keys derived from one DEK: the AES key and the commitment. Zeroized on drop; no `Debug`,
+/// no `Clone`.
+pub struct DerivedKeys {
+    alg: Algorithm,
+    enc: [u8; 32],
+    commitment: [u8; COMMITMENT_LEN],
+}
+
+impl Drop for DerivedKeys {
+    fn drop(&mut self) {
+        self.enc.zeroize();
+        self.commitment.zeroize();
+    }
+}
+
+impl std::fmt::Debug for DerivedKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DerivedKeys")
+            .field("alg", &self.alg)
+            .finish_non_exhaustive()
+    }
+}
+
+struct HkdfLen(usize);
+impl hkdf::KeyType for HkdfLen {
+    fn len(&self) -> usize {
+        self.0
+    }
+}
+
+impl DerivedKeys {
+    /// Derives the AES key and the commitment from a DEK.
+    ///
+    /// `dek` must be `alg.key_len()` bytes; anything else is refused.
+    pub fn derive(
+        alg: Algorithm,
+        dek: &[u8],
+        keyspace: &str,
+        key_id: &KeyId,
+        dek_version: u32,
+    ) -> Result<Self, EnvelopeError> {
+        if dek.len() != alg.key_len() || keyspace.is_empty() || keyspace.len() > MAX_KEYSPACE_LEN {
+            return Err(EnvelopeError::Malformed);
+        }
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, KDF_SALT).extract(dek);
+        let ks_len = [keyspace.len() as u8];
+        let alg_b = [alg as u8];
+        let ver = dek_version.to_be_bytes();
+        let context: [&[u8]; 6] = [&alg_b, &ks_len, keyspace.as_bytes(), &key_id.0, &ver, b""];
+        let mut enc = [0u8; 32];
+        let mut commitment = [0u8; COMMITMENT_LEN];
+        let mut info_enc = context;
+        info_enc[5] = b"enc";
+        prk.expand(&info_enc, HkdfLen(alg.key_len()))
+            .and_then(|okm| okm.fill(&mut enc[..alg.key_len()]))
+            .map_err(|_| EnvelopeError::Malformed)?;
+        let mut info_commit = context;
+        info_commit[5] = b"commit";
+        prk.expand(&info_commit, HkdfLen(COMMITMENT_LEN))
+            .and_then(|okm| okm.fill(&mut commitment))
+            .map_err(|_| EnvelopeError::Malformed)?;
+        Ok(Self {
+            alg,
+            enc,
+            commitment,
+        })
+    }
+
+    /// The algorithm these keys are for.
+    pub fn algorithm(&self) -> Algorithm {
+        self.alg
+    }
+
+    fn enc_key(&self) -> &[u8] {
+        &self.enc[..self.alg.key_len()]
+    }
+}
+
+/// Identifies the DEK a ciphertext was made with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header<'a> {
+    pub version: u8,
+    pub alg: Algorithm,
+    pub keyspace: &'a str,
+    pub key_id: KeyId,
+    pub dek_version: u32,
+}
+
+/// A parsed (not yet authenticated) binary ciphertext.
+#[derive(Debug)]
+pub struct Parsed<'a> {
+    pub header: Header<'a>,
+    header_bytes: &'a [u8],
+    nonce: [u8; NONCE_LEN],
+    commitment: &'a [u8],
+    body: &'a [u8],
+}
+
+/// Writes the AAD: label, header bytes, field, canonical context.
+fn build_aad(header: &[u8], field: &str, context: &BTreeMap<&str, &str>) -> Vec<u8> {
+    let ctx_len: usize = context.iter().map(|(k, v)| 6 + k.len() + v.len()).sum();
+    let mut aad = Vec::with_capacity(AAD_LABEL.len() + header.len() + 4 + field.len() + ctx_len);
+    aad.extend_from_slice(AAD_LABEL);
+    aad.extend_from_slice(header);
+    aad.extend_from_slice(&(field.len() as u16).to_be_bytes());
+    aad.extend_from_slice(field.as_bytes());
+    aad.extend_from_slice(&(context.len() as u16).to_be_bytes());
+    for (k, v) in context {
+        aad.extend_from_slice(&(k.len() as u16).to_be_bytes());
+        aad.extend_from_slice(k.as_bytes());
+        aad.extend_from_slice(&(v.len() as u32).to_be_bytes());
+        aad.extend_from_slice(v.as_bytes());
+    }
+    aad
+}
+
+/// Encrypts `plaintext` with a random nonce.
+#[allow(clippy::too_many_arguments)]
+pub fn seal(
+    keys: &DerivedKeys,
+    keyspace: &str,
+    key_id: &KeyId,
+    dek_version: u32,
+    field: &str,
+    context: &BTreeMap<&str, &str>,
+    plaintext: &[u8],
+) -> Result<Vec<u8>, EnvelopeError> {
+    let mut nonce = [0u8; NONCE_LEN];
+    aws_lc_rs::rand::fill(&mut nonce).map_err(|_| EnvelopeError::Malformed)?;
+    seal_with_nonce(
+        keys,
+        keyspace,
+        key_id,
+        dek_version,
+        field,
+        context,
+        plaintext,
+        &nonce,
+    )
+}
+
+/// Encrypts with a given nonce. Public for golden vectors; production code uses [`seal`].
+#[allow(clippy::too_many_arguments)]
+pub fn seal_with_nonce(
+    keys: &DerivedKeys,
+    keyspace: &str,
+    key_id: &KeyId,
+    dek_version: u32,
+    field: &str,
+    context: &BTreeMap<&str, &str>,
+    plaintext: &[u8],
+    nonce: &[u8; NONCE_LEN],
+) -> Result<Vec<u8>, EnvelopeError> {
+    if keyspace.is_empty() || keyspace.len() > MAX_KEYSPACE_LEN || field.len() > u16::MAX as usize {
+        return Err(EnvelopeError::Malformed);
+    }
+    let l = keyspace.len();
+    let header_len = 3 + l + KEY_ID_LEN + 4 + NONCE_LEN;
+    let total = header_len + COMMITMENT_LEN + plaintext.len() + TAG_LEN;
+    let mut out = Vec::with_capacity(total);
+    out.push(VERSION_V1);
+    out.push(keys.alg as u8);
+    out.push(l as u8);
+    out.extend_from_slice(keyspace.as_bytes());
+    out.extend_from_slice(&key_id.0);
+    out.extend_from_slice(&dek_version.to_be_bytes());
+    out.extend_from_slice(nonce);
+    let aad = build_aad(&out, field, context);
+    out.extend_from_slice(&keys.commitment);
+    let body_start = out.len();
+    out.extend_from_slice(plaintext);
+    let mut body = out.split_off(body_start);
+    aead::seal(keys.alg, keys.enc_key(), nonce, &aad, &mut body)
+        .map_err(|_| EnvelopeError::Malformed)?;
+    out.extend_from_slice(&body);
+    body.zeroize();
+    Ok(out)
+}
+
+/// Parses the header of a binary or text-form ciphertext. `scratch` receives the decoded
+/// bytes of a text form; the returned value borrows from it or from `input`.
+pub fn parse<'a>(input: &'a [u8], scratch: &'a mut Vec<u8>) -> Result<Parsed<'a>, EnvelopeError> {
+    let bytes: &'a [u8] = if input.starts_with(TEXT_PREFIX.as_bytes()) {
+        *scratch = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(&input[TEXT_PREFIX.len()..])
+            .map_err(|_| EnvelopeError::Malformed)?;
+        scratch
+    } else {
+        input
+    };
+    parse_binary(bytes)
+}
+
+fn parse_binary(b: &[u8]) -> Result<Parsed<'_>, EnvelopeError> {
+    let version = *b.first().ok_or(EnvelopeError::Malformed)?;
+    if version != VERSION_V1 {
+        return Err(EnvelopeError::UnsupportedVersion);
+    }
+    if b.len() < 3 {
+        return Err(EnvelopeError::Malformed);
+    }
+    let alg = Algorithm::from_byte(b[1]).ok_or(EnvelopeError::Malformed)?;
+    let l = b[2] as usize;
+    if l == 0 || l > MAX_KEYSPACE_LEN {
+        return Err(EnvelopeError::Malformed);
+    }
+    let header_len = 3 + l + KEY_ID_LEN + 4 + NONCE_LEN;
+    if b.len() < header_len + COMMITMENT_LEN + TAG_LEN {
+        return Err(EnvelopeError::Malformed);
+    }
+    let keyspace = std::str::from_utf8(&b[3..3 + l]).map_err(|_| EnvelopeError::Malformed)?;
+    let mut p = 3 + l;
+    let key_id = KeyId(
+        b[p..p + KEY_ID_LEN]
+            .try_into()
+            .map_err(|_| EnvelopeError::Malformed)?,
+    );
+    p += KEY_ID_LEN;
+    let dek_version = u32::from_be_bytes(
+        b[p..p + 4]
+            .try_into()
+            .map_err(|_| EnvelopeError::Malformed)?,
+    );
+    p += 4;
+    if dek_version == 0 {
+        return Err(EnvelopeError::Malformed);
+    }
+    let nonce: [u8; NONCE_LEN] = b[p..p + NONCE_LEN]
+        .try_into()
+        .map_err(|_| EnvelopeError::Malformed)?;
+    Ok(Parsed {
+        header: Header {
+            version,
+            alg,
+            keyspace,
+            key_id,
+            dek_version,
+        },
+        header_bytes: &b[..header_len],
+        nonce,
+        commitment: &b[header_len..header_len + COMMITMENT_LEN],
+        body: &b[header_len + COMMITMENT_LEN..],
+    })
+}
+
+impl Parsed<'_> {
+    /// Checks the commitment and decrypts. The plaintext is zeroized when dropped.
+    pub fn open(
+        &self,
+        keys: &DerivedKeys,
+        field: &str,
+        context: &BTreeMap<&str, &str>,
+    ) -> Result<Zeroizing<Vec<u8>>, EnvelopeError> {
+        if keys.alg != self.header.alg {
+            return Err(EnvelopeError::Authentication);
+        }
+        aws_lc_rs::constant_time::verify_slices_are_equal(self.commitment, &keys.commitment)
+            .map_err(|_| EnvelopeError::Authentication)?;
+        let aad = build_aad(self.header_bytes, field, context);
+        let mut buf = Zeroizing::new(self.body.to_vec());
+        let n = aead::open(keys.alg, keys.enc_key(), &self.nonce, &aad, &mut buf)
+            .map_err(|_| EnvelopeError::Authentication)?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+}
+
+/// The text form of a binary ciphertext: `pg1.` + unpadded base64url.
+pub fn to_text(binary: &[u8]) -> String {
+    let mut s = String::with_capacity(TEXT_PREFIX.len() + binary.len().div_ceil(3) * 4);
+    s.push_str(TEXT_PREFIX);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode_string(binary, &mut s);
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(alg: Algorithm) -> (DerivedKeys, KeyId) {
+        let kid = KeyId([0x11; 16]);
+        let dek = vec![0x42; alg.key_len()];
+        (
+            DerivedKeys::derive(alg, &dek, "orders", &kid, 1).unwrap(),
+            kid,
+        )
+    }
+
+    fn ctx<'a>(pairs: &[(&'a str, &'a str)]) -> BTreeMap<&'a str, &'a str> {
+        pairs.iter().copied().collect()
+    }
+
+    #[test]
+    fn round_trip_both_algorithms_and_text_form() {
+        for alg in [Algorithm::Aes256Gcm, Algorithm::Aes128Gcm] {
+            let (k, kid) = keys(alg);
+            let c = ctx(&[("order", "42")]);
+            let ct = seal(
+                &k,
+                "orders",
+                &kid,
+                1,
+                "email",
+                &c,
+                "ä@example.com".as_bytes(),
+            )
+            .unwrap();
+            let mut s = Vec::new();
+            let p = parse(&ct, &mut s).unwrap();
+            assert_eq!(p.header.keyspace, "orders");
+            assert_eq!(p.header.alg, alg);
+            assert_eq!(
+                &p.open(&k, "email", &c).unwrap()[..],
+                "ä@example.com".as_bytes()
+            );
+            let text = to_text(&ct);
+            let mut s2 = Vec::new();
+            let p2 = parse(text.as_bytes(), &mut s2).unwrap();
+            assert_eq!(
+                &p2.open(&k, "email", &c).unwrap()[..],
+                "ä@example.com".as_bytes()
+            );
+        }
+    }
+
+    #[test]
+    fn wrong_field_context_or_any_flipped_bit_fails() {
+        let (k, kid) = keys(Algorithm::Aes256Gcm);
+        let c = ctx(&[("a", "b")]);
+        let ct = seal(&k, "orders", &kid, 1, "email", &c, b"x").unwrap();
+        let mut s = Vec::new();
+        let p = parse(&ct, &mut s).unwrap();
+        assert_eq!(
+            p.open(&k, "name", &c).unwrap_err(),
+            EnvelopeError::Authentication
+        );
+        assert_eq!(
+            p.open(&k, "email", &ctx(&[("a", "c")])).unwrap_err(),
+            EnvelopeError::Authentication
+        );
+        assert_eq!(
+            p.open(&k, "email", &ctx(&[])).unwrap_err(),
+            EnvelopeError::Authentication
+        );
+        // Every single-bit flip anywhere must be refused (malformed or authentication).
+        for i in 0..ct.len() {
+            for bit in 0..8 {
+                let mut t = ct.clone();
+                t[i] ^= 1 << bit;
+                let mut s = Vec::new();
+                let r = parse(&t, &mut s).and_then(|p| p.open(&k, "email", &c));
+                assert!(r.is_err(), "flip at byte {i} bit {bit} accepted");
+            }
+        }
+        // Every truncation must be refused.
+        for n in 0..ct.len() {
+            let mut s = Vec::new();
+            let r = parse(&ct[..n], &mut s).and_then(|p| p.open(&k, "email", &c));
+            assert!(r.is_err(), "truncation to {n} accepted");
+        }
+    }
+
+    #[test]
+    fn context_is_canonical_and_unambiguous() {
+        let (k, kid) = keys(Algorithm::Aes256Gcm);
+        let c1 = ctx(&[("ab", "c")]);
+        let c2 = ctx(&[("a", "bc")]);
+        let ct = seal(&k, "orders", &kid, 1, "f", &c1, b"x").unwrap();
+        let mut s = Vec::new();
+        let p = parse(&ct, &mut s).unwrap();
+        assert!(p.open(&k, "f", &c2).is_err());
+    }
+
+    #[test]
+    fn commitment_binds_the_key() {
+        let (k, kid) = keys(Algorithm::Aes256Gcm);
+        let other =
+            DerivedKeys::derive(Algorithm::Aes256Gcm, &[0x43; 32], "orders", &kid, 1).unwrap();
+        let ct = seal(&k, "orders", &kid, 1, "f", &ctx(&[]), b"x").unwrap();
+        let mut s = Vec::new();
+        let p = parse(&ct, &mut s).unwrap();
+        assert_eq!(
+            p.open(&other, "f", &ctx(&[])).unwrap_err(),
+            EnvelopeError::Authentication
+        );
+    }
+
+    #[test]
+    fn unknown_version_is_reported_as_such() {
+        let mut s = Vec::new();
+        assert_eq!(
+            parse(&[2, 1, 1], &mut s).unwrap_err(),
+            EnvelopeError::UnsupportedVersion
+        );
+        assert_eq!(parse(&[], &mut s).unwrap_err(), EnvelopeError::Malformed);
+        assert_eq!(
+            parse(b"pg1.!!!", &mut s).unwrap_err(),
+            EnvelopeError::Malformed
+        );
+    }
+}

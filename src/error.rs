@@ -1,0 +1,189 @@
+//! Typed errors and the one place where they become gRPC statuses.
+//!
+//! Every variant carries a stable `reason` (the `google.rpc.ErrorInfo.reason` a caller can match
+//! on). Messages are written for the caller and never contain plaintext, keys, tokens or raw
+//! subject ids. Internal details (Vault responses, I/O errors) are logged with a correlation id
+//! and the caller sees only that id.
+
+use std::fmt;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// The `ErrorInfo.domain` of every error piiguard returns.
+pub const ERROR_DOMAIN: &str = "piiguard.dev";
+
+/// Stable reasons. Callers match on these strings; never rename one.
+pub mod reason {
+    pub const INVALID_REQUEST: &str = "INVALID_REQUEST";
+    pub const UNKNOWN_KEYSPACE: &str = "UNKNOWN_KEYSPACE";
+    pub const PAYLOAD_TOO_LARGE: &str = "PAYLOAD_TOO_LARGE";
+    pub const BATCH_TOO_LARGE: &str = "BATCH_TOO_LARGE";
+    pub const MALFORMED_CIPHERTEXT: &str = "MALFORMED_CIPHERTEXT";
+    pub const UNSUPPORTED_VERSION: &str = "UNSUPPORTED_CIPHERTEXT_VERSION";
+    pub const KEYSPACE_MISMATCH: &str = "KEYSPACE_MISMATCH";
+    pub const DECRYPTION_FAILED: &str = "DECRYPTION_FAILED";
+    pub const UNKNOWN_KEY: &str = "UNKNOWN_KEY";
+    pub const UNAUTHENTICATED: &str = "UNAUTHENTICATED";
+    pub const KEY_USAGE_EXHAUSTED: &str = "KEY_USAGE_EXHAUSTED";
+    pub const VAULT_UNAVAILABLE: &str = "VAULT_UNAVAILABLE";
+    pub const INTERNAL: &str = "INTERNAL";
+}
+
+/// An error of a piiguard operation.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The request is malformed (missing field, bad name, ...). `reason` is one of [`reason`].
+    #[error("{message}")]
+    InvalidArgument {
+        reason: &'static str,
+        message: String,
+    },
+    /// A ciphertext could not be opened: tampered, truncated, wrong field/context/keyspace.
+    /// Deliberately one reason for every authentication failure so a caller learns nothing
+    /// about which part was wrong.
+    #[error("{message}")]
+    BadCiphertext {
+        reason: &'static str,
+        message: String,
+    },
+    /// The caller presented no usable identity.
+    #[error("caller identity missing")]
+    Unauthenticated,
+    /// A resource limit was reached.
+    #[error("{message}")]
+    ResourceExhausted {
+        reason: &'static str,
+        message: String,
+    },
+    /// Vault (or another backing service) cannot be reached or answered with a server error.
+    /// Retryable. `detail` is logged, never sent.
+    #[error("key store unavailable")]
+    Unavailable { detail: String },
+    /// A bug or an unexpected answer. `detail` is logged, never sent.
+    #[error("internal error")]
+    Internal { detail: String },
+}
+
+impl Error {
+    pub fn invalid(reason: &'static str, message: impl Into<String>) -> Self {
+        Error::InvalidArgument {
+            reason,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_ciphertext(reason: &'static str, message: impl Into<String>) -> Self {
+        Error::BadCiphertext {
+            reason,
+            message: message.into(),
+        }
+    }
+
+    pub fn unavailable(detail: impl fmt::Display) -> Self {
+        Error::Unavailable {
+            detail: detail.to_string(),
+        }
+    }
+
+    pub fn internal(detail: impl fmt::Display) -> Self {
+        Error::Internal {
+            detail: detail.to_string(),
+        }
+    }
+
+    /// gRPC code of this error.
+    pub fn code(&self) -> Code {
+        match self {
+            Error::InvalidArgument { .. } | Error::BadCiphertext { .. } => Code::InvalidArgument,
+            Error::Unauthenticated => Code::Unauthenticated,
+            Error::ResourceExhausted { .. } => Code::ResourceExhausted,
+            Error::Unavailable { .. } => Code::Unavailable,
+            Error::Internal { .. } => Code::Internal,
+        }
+    }
+
+    /// Stable reason string of this error.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::InvalidArgument { reason, .. }
+            | Error::BadCiphertext { reason, .. }
+            | Error::ResourceExhausted { reason, .. } => reason,
+            Error::Unauthenticated => reason::UNAUTHENTICATED,
+            Error::Unavailable { .. } => reason::VAULT_UNAVAILABLE,
+            Error::Internal { .. } => reason::INTERNAL,
+        }
+    }
+
+    /// The message a caller may see. Internal details are replaced by a generic text.
+    pub fn public_message(&self) -> String {
+        match self {
+            Error::Unavailable { .. } => {
+                "key store unavailable, retry later (see correlation_id in the server log)".into()
+            }
+            Error::Internal { .. } => {
+                "internal error (see correlation_id in the server log)".into()
+            }
+            other => other.to_string(),
+        }
+    }
+
+    /// Logs what must be logged and converts into a gRPC status carrying `ErrorInfo`.
+    pub fn into_status(self, correlation_id: &str) -> Status {
+        match &self {
+            Error::Unavailable { detail } => {
+                tracing::warn!(correlation_id, reason = self.reason(), detail = %detail, "request failed: backend unavailable");
+            }
+            Error::Internal { detail } => {
+                tracing::error!(correlation_id, reason = self.reason(), detail = %detail, "request failed: internal error");
+            }
+            _ => {}
+        }
+        let mut info = std::collections::HashMap::new();
+        info.insert("correlation_id".to_string(), correlation_id.to_string());
+        let details = ErrorDetails::with_error_info(self.reason(), ERROR_DOMAIN, info);
+        let mut status = Status::with_error_details(self.code(), self.public_message(), details);
+        if let Ok(v) = correlation_id.parse() {
+            status.metadata_mut().insert("x-correlation-id", v);
+        }
+        status
+    }
+}
+
+/// Result alias used across the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A fresh correlation id: 16 random hex characters.
+pub fn new_correlation_id() -> String {
+    let mut b = [0u8; 8];
+    // The OS CSPRNG failing is not recoverable in any meaningful way; an all-zero id is
+    // still a valid (if less useful) correlation id, so do not fail the request for it.
+    let _ = aws_lc_rs::rand::fill(&mut b);
+    hex::encode(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_details_do_not_reach_the_caller() {
+        let e = Error::internal("vault said: secret-token-abc");
+        let status = e.into_status("cid1");
+        assert_eq!(status.code(), Code::Internal);
+        assert!(!status.message().contains("secret-token-abc"));
+        let info = status.get_details_error_info().expect("error info");
+        assert_eq!(info.reason, reason::INTERNAL);
+        assert_eq!(
+            info.metadata.get("correlation_id").map(String::as_str),
+            Some("cid1")
+        );
+    }
+
+    #[test]
+    fn bad_ciphertext_is_invalid_argument() {
+        let s = Error::bad_ciphertext(reason::DECRYPTION_FAILED, "x").into_status("c");
+        assert_eq!(s.code(), Code::InvalidArgument);
+    }
+}

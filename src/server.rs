@@ -1,0 +1,176 @@
+//! Assembles and runs the service: TLS, Vault, keys, gRPC services, health listener.
+//!
+//! Start-up order: TLS files are loaded and Vault is logged into and every keyspace's index
+//! key is loaded *before* any port is bound, so nothing serves before it can answer.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tonic::transport::Server;
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::keys::KeyManager;
+use crate::ops::Engine;
+use crate::pb;
+use crate::service::crypto::CryptoService;
+use crate::tls::{self, TlsState};
+use crate::vault::Vault;
+
+/// Largest gRPC message accepted (batches of many fields).
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Connects to Vault and loads the keyspaces, retrying while Vault is unavailable.
+/// A permanent error (bad credentials, missing KEK, policy) is returned at once.
+async fn connect_keys(cfg: &Config, vault: Arc<Vault>) -> Result<KeyManager, Error> {
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let attempt = async {
+            vault.login().await?;
+            KeyManager::init(vault.clone(), &cfg.keyspaces, &cfg.cache).await
+        };
+        match attempt.await {
+            Ok(k) => return Ok(k),
+            Err(Error::Unavailable { detail }) => {
+                tracing::warn!(detail = %detail, retry_in_ms = backoff.as_millis() as u64, "Vault unavailable at start; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Runs the server until `shutdown` resolves, then drains in-flight calls.
+pub async fn run(
+    cfg: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
+    tls::install_default_provider();
+    let tls_state = TlsState::load(cfg.tls.clone())?;
+    let vault = Arc::new(Vault::new(cfg.vault.clone()).map_err(|e| detail_of(&e))?);
+    let keys = Arc::new(
+        connect_keys(&cfg, vault.clone())
+            .await
+            .map_err(|e| format!("cannot start: {}", detail_of(&e)))?,
+    );
+    vault.spawn_renewal();
+    keys.spawn_sweeper();
+    tls_state.spawn_reloader(cfg.server.tls_reload_interval);
+
+    let engine = Arc::new(Engine {
+        keys: keys.clone(),
+        max_plaintext: cfg.server.max_plaintext_bytes,
+        max_batch: cfg.server.max_batch_items,
+    });
+    let crypto = pb::crypto_server::CryptoServer::new(CryptoService::new(engine))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_serving::<pb::crypto_server::CryptoServer<CryptoService>>()
+        .await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| format!("reflection: {e}"))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| format!("reflection: {e}"))?;
+
+    let listener = TcpListener::bind(cfg.server.listen)
+        .await
+        .map_err(|e| format!("cannot bind {}: {e}", cfg.server.listen))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let health_task = match cfg.server.health_listen {
+        Some(addr) => {
+            let hl = TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot bind health listener {addr}: {e}"))?;
+            let haddr = hl.local_addr().map_err(|e| e.to_string())?;
+            tracing::info!(address = %haddr, "health-only listener (plaintext, grpc.health.v1 only)");
+            let mut rx = stop_rx.clone();
+            let health = health.clone();
+            Some(tokio::spawn(async move {
+                let incoming = tokio_stream::wrappers::TcpListenerStream::new(hl);
+                let _ = Server::builder()
+                    .add_service(health)
+                    .serve_with_incoming_shutdown(incoming, async move {
+                        let _ = rx.wait_for(|s| *s).await;
+                    })
+                    .await;
+            }))
+        }
+        None => None,
+    };
+
+    tracing::info!(
+        address = %local,
+        instance = %cfg.server.instance,
+        keyspaces = ?keys.keyspace_names().collect::<Vec<_>>(),
+        cache_hard_ttl_secs = keys.hard_ttl().as_secs(),
+        "piiguard serving (mutual TLS 1.2/1.3, client certificate required)"
+    );
+    let incoming = tls::incoming(listener, tls_state, cfg.server.handshake_timeout);
+    let mut rx = stop_rx;
+    let serve = Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .initial_connection_window_size(Some(4 * 1024 * 1024))
+        .initial_stream_window_size(Some(1024 * 1024))
+        .add_service(crypto)
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = rx.wait_for(|s| *s).await;
+        });
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("shutting down: draining in-flight calls");
+        reporter
+            .set_not_serving::<pb::crypto_server::CryptoServer<CryptoService>>()
+            .await;
+        let _ = stop_tx.send(true);
+    });
+    let r = serve.await.map_err(|e| format!("server: {e}"));
+    if let Some(h) = health_task {
+        let _ = h.await;
+    }
+    tracing::info!("stopped");
+    r
+}
+
+fn detail_of(e: &Error) -> String {
+    match e {
+        Error::Unavailable { detail } | Error::Internal { detail } => detail.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}

@@ -1,0 +1,19 @@
+//! tonic service implementations: protobuf in, domain call, protobuf out.
+//!
+//! **Architecture Invariant:** only this module (and `pb`) sees protobuf types; errors become
+//! statuses only through [`crate::error::Error::into_status`].
+
+pub mod crypto;
+
+use tonic::Request;
+
+use crate::error::Error;
+use crate::tls::{Caller, ConnInfo};
+
+/// The verified caller of a request (put there by the TLS accept loop).
+pub fn caller<T>(req: &Request<T>) -> Result<Caller, Error> {
+    req.extensions()
+        .get::<ConnInfo>()
+        .map(|c| c.caller.clone())
+        .ok_or(Error::Unauthenticated)
+}
