@@ -102,15 +102,24 @@ pub async fn bootstrap(
             .await?,
         )?;
     }
-    ok(
-        "kv config",
-        call(
+    // A new KV v2 mount upgrades itself for a moment after creation; wait for it.
+    let mut tries = 0;
+    loop {
+        let r = call(
             Method::POST,
             format!("{kv}/config"),
             Some(json!({"cas_required": true})),
         )
-        .await?,
-    )?;
+        .await?;
+        if r.0.is_success() {
+            break;
+        }
+        tries += 1;
+        if tries >= 100 || !r.1.to_string().contains("Upgrading") {
+            ok("kv config", r)?;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     for (name, ks) in &cfg.keyspaces {
         let key = kek_name(name);
         let period = format!("{}h", ks.kek_rotate_days * 24);

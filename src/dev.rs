@@ -79,6 +79,7 @@ impl Bao {
             r#"storage "raft" {{
   path = "{data}"
   node_id = "piiguard-dev"
+  performance_multiplier = 1
 }}
 listener "tcp" {{
   address = "127.0.0.1:{port}"
