@@ -196,11 +196,7 @@ impl Ca {
                 .collect(),
             key_identifier_method: KeyIdMethod::Sha256,
         };
-        Ok(params
-            .signed_by(&self.issuer)
-            .map_err(e)?
-            .pem()
-            .map_err(e)?)
+        params.signed_by(&self.issuer).map_err(e)?.pem().map_err(e)
     }
 }
 

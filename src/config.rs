@@ -529,6 +529,13 @@ algorithm = "aes-128-gcm"
     }
 
     #[test]
+    fn the_annotated_example_config_is_valid() {
+        let c = parse(include_str!("../piiguard.example.toml"), no_env()).unwrap();
+        assert_eq!(c.keyspaces.len(), 2);
+        assert!(matches!(c.vault.auth, VaultAuth::Approle { .. }));
+    }
+
+    #[test]
     fn env_overrides_apply() {
         let env = vec![
             (

@@ -69,9 +69,11 @@ impl DekEntry {
     }
 }
 
+type Shard<K> = RwLock<HashMap<K, Arc<DekEntry>>>;
+
 /// A sharded map from `K` to cached entries with TTLs and a size bound.
 pub struct ShardedCache<K> {
-    shards: Box<[RwLock<HashMap<K, Arc<DekEntry>>>]>,
+    shards: Box<[Shard<K>]>,
     hasher: RandomState,
     per_shard: usize,
     idle: Duration,
@@ -90,7 +92,7 @@ impl<K: Hash + Eq + Clone> ShardedCache<K> {
         }
     }
 
-    fn shard<Q: Hash + ?Sized>(&self, k: &Q) -> &RwLock<HashMap<K, Arc<DekEntry>>> {
+    fn shard<Q: Hash + ?Sized>(&self, k: &Q) -> &Shard<K> {
         let h = self.hasher.hash_one(k) as usize;
         &self.shards[h % SHARDS]
     }

