@@ -13,6 +13,9 @@ use crate::vault::Vault;
 /// Name of the Vault policy and the AppRole role.
 pub const ROLE: &str = "piiguard";
 
+/// Transit RSA-2048 key that signs certificates of destruction and audit checkpoints.
+pub const SIGNING_KEY: &str = "piiguard-signing";
+
 /// The least-privilege Vault policy for the given mounts. `deploy/vault/piiguard-policy.hcl`
 /// is this text for the default mounts.
 pub fn vault_policy(transit: &str, kv: &str) -> String {
@@ -30,6 +33,14 @@ path "{transit}/rewrap/kek-*" {{
   capabilities = ["update"]
 }}
 
+# Sign certificates of destruction and audit checkpoints (RSA-PSS); read the public key.
+path "{transit}/sign/{signing}" {{
+  capabilities = ["update"]
+}}
+path "{transit}/keys/{signing}" {{
+  capabilities = ["read"]
+}}
+
 # Wrapped DEKs and subject records. Writes use check-and-set.
 path "{kv}/data/*" {{
   capabilities = ["create", "read", "update"]
@@ -38,7 +49,8 @@ path "{kv}/data/*" {{
 path "{kv}/metadata/*" {{
   capabilities = ["read", "delete"]
 }}
-"#
+"#,
+        signing = SIGNING_KEY,
     )
 }
 
@@ -142,6 +154,27 @@ pub async fn bootstrap(
             .await?,
         )?;
     }
+    let r = call(
+        Method::POST,
+        format!("{transit}/keys/{SIGNING_KEY}"),
+        Some(json!({"type": "rsa-2048", "exportable": false, "allow_plaintext_backup": false})),
+    )
+    .await?;
+    if !r.0.is_success() && !r.1.to_string().contains("already exists") {
+        return Err(format!(
+            "create signing key: HTTP {}: {}",
+            r.0, r.1["errors"]
+        ));
+    }
+    ok(
+        "signing key config",
+        call(
+            Method::POST,
+            format!("{transit}/keys/{SIGNING_KEY}/config"),
+            Some(json!({"deletion_allowed": false})),
+        )
+        .await?,
+    )?;
     ok(
         "policy",
         call(

@@ -14,6 +14,7 @@ pub mod keys;
 pub mod ops;
 pub mod server;
 pub mod service;
+pub mod signing;
 pub mod tls;
 pub mod vault;
 

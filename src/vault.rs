@@ -419,6 +419,56 @@ impl Vault {
             .ok_or_else(|| Error::internal(format!("{path}: no ciphertext in response")))
     }
 
+    /// Signs `message` with transit RSA key `key`: RSA-PSS, SHA-256, salt length = hash length
+    /// (so `openssl dgst -sha256 -sigopt rsa_padding_mode:pss` verifies it). Returns the key
+    /// version and the raw signature bytes.
+    pub async fn transit_sign(&self, key: &str, message: &[u8]) -> Result<(u32, Vec<u8>)> {
+        let path = format!("{}/sign/{key}", self.cfg.transit_mount);
+        let body = json!({
+            "input": B64.encode(message),
+            "hash_algorithm": "sha2-256",
+            "signature_algorithm": "pss",
+            "salt_length": "hash",
+        });
+        let (status, bytes) = self.call(Method::POST, &path, Some(&body)).await?;
+        if !status.is_success() {
+            return Err(Self::vault_error(&path, status, &bytes));
+        }
+        let v: Value =
+            serde_json::from_slice(&bytes).map_err(|e| Error::internal(format!("{path}: {e}")))?;
+        let sig = v["data"]["signature"]
+            .as_str()
+            .ok_or_else(|| Error::internal(format!("{path}: no signature")))?;
+        parse_vault_blob(sig)
+            .ok_or_else(|| Error::internal(format!("{path}: bad signature format")))
+    }
+
+    /// The PEM public keys of transit asymmetric key `key`, by key version.
+    pub async fn transit_public_keys(&self, key: &str) -> Result<Vec<(u32, String)>> {
+        let path = format!("{}/keys/{key}", self.cfg.transit_mount);
+        let (status, bytes) = self.call::<Value>(Method::GET, &path, None).await?;
+        if !status.is_success() {
+            return Err(Self::vault_error(&path, status, &bytes));
+        }
+        let v: Value =
+            serde_json::from_slice(&bytes).map_err(|e| Error::internal(format!("{path}: {e}")))?;
+        let mut out: Vec<(u32, String)> = v["data"]["keys"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(ver, k)| {
+                        Some((ver.parse().ok()?, k["public_key"].as_str()?.to_string()))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort_by_key(|(v, _)| *v);
+        if out.is_empty() {
+            return Err(Error::internal(format!("{path}: no public key")));
+        }
+        Ok(out)
+    }
+
     /// Unwraps a transit ciphertext. The result is zeroized on drop.
     pub async fn transit_decrypt(&self, key: &str, ciphertext: &str) -> Result<Zeroizing<Vec<u8>>> {
         #[derive(Deserialize)]
@@ -522,4 +572,11 @@ impl Vault {
         };
         Ok((status, v))
     }
+}
+
+/// Parses Vault's `vault:vN:<base64>` into the version and the bytes.
+pub fn parse_vault_blob(s: &str) -> Option<(u32, Vec<u8>)> {
+    let rest = s.strip_prefix("vault:v")?;
+    let (ver, b64) = rest.split_once(':')?;
+    Some((ver.parse().ok()?, B64.decode(b64).ok()?))
 }

@@ -11,6 +11,14 @@ path "piiguard-transit/rewrap/kek-*" {
   capabilities = ["update"]
 }
 
+# Sign certificates of destruction and audit checkpoints (RSA-PSS); read the public key.
+path "piiguard-transit/sign/piiguard-signing" {
+  capabilities = ["update"]
+}
+path "piiguard-transit/keys/piiguard-signing" {
+  capabilities = ["read"]
+}
+
 # Wrapped DEKs and subject records. Writes use check-and-set.
 path "piiguard-kv/data/*" {
   capabilities = ["create", "read", "update"]
