@@ -18,7 +18,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ".piiguard.v1.EncryptBatchRequest",
             ".piiguard.v1.DecryptBatchResponse",
         ])
-        .compile_protos(&["proto/piiguard/v1/crypto.proto"], &["proto"])?;
+        .compile_protos(
+            &[
+                "proto/piiguard/v1/crypto.proto",
+                "proto/piiguard/v1/erasure.proto",
+            ],
+            &["proto"],
+        )?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

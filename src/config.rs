@@ -38,7 +38,51 @@ pub struct RawConfig {
     #[serde(default)]
     pub log: RawLog,
     #[serde(default)]
+    pub store: RawStore,
+    #[serde(default)]
+    pub erasure: RawErasure,
+    #[serde(default)]
     pub keyspaces: BTreeMap<String, RawKeyspace>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawStore {
+    /// `sqlite://PATH` (default, one file) or `postgres://…` (several replicas).
+    pub url: String,
+}
+
+impl Default for RawStore {
+    fn default() -> Self {
+        Self {
+            url: "sqlite://piiguard.db".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawErasure {
+    /// How often due scheduled shreds, expired retentions and interrupted shreds are processed.
+    pub reaper_interval_secs: u64,
+    /// How often this replica reads the eviction feed of shreds made by other replicas.
+    pub eviction_poll_millis: u64,
+    /// A `shredding` subject untouched this long is taken over (its replica died mid-shred).
+    pub stale_shred_secs: u64,
+    /// The backup retention the operator runs (stated in certificates of destruction: the
+    /// longest a wrapped key can survive in a Vault backup).
+    pub backup_retention_days: u64,
+}
+
+impl Default for RawErasure {
+    fn default() -> Self {
+        Self {
+            reaper_interval_secs: 30,
+            eviction_poll_millis: 1000,
+            stale_shred_secs: 60,
+            backup_retention_days: 0,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -178,6 +222,16 @@ pub struct RawKeyspace {
     /// Transit auto-rotation period of this keyspace's KEK, in days (bootstrap applies it).
     #[serde(default)]
     pub kek_rotate_days: Option<u64>,
+    /// Grace window of a shred, in seconds (0 = immediate; at most 259200 = 72 hours).
+    #[serde(default)]
+    pub grace_secs: u64,
+    /// Default retention of a new subject, in seconds from its first encryption (0 = none).
+    #[serde(default)]
+    pub default_retention_secs: u64,
+    /// After a shred, `new_key` (default: the subject id gets a new key; old data stays dead)
+    /// or `refuse` (the subject id can never be used again in this keyspace).
+    #[serde(default)]
+    pub after_shred: Option<String>,
 }
 
 /// Validated configuration.
@@ -188,8 +242,33 @@ pub struct Config {
     pub vault: VaultConfig,
     pub cache: CacheConfig,
     pub log: LogConfig,
+    pub store: StoreConfig,
+    pub erasure: ErasureConfig,
     pub keyspaces: BTreeMap<String, KeyspaceConfig>,
 }
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub url: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct ErasureConfig {
+    pub reaper_interval: Duration,
+    pub eviction_poll: Duration,
+    pub stale_shred: Duration,
+    pub backup_retention_days: u64,
+}
+
+/// What happens when a shredded subject id is used again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterShred {
+    NewKey,
+    Refuse,
+}
+
+/// Longest shred grace window: ADPP 1.7 requires deletion within 72 hours.
+pub const MAX_GRACE_SECS: u64 = 72 * 3600;
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -251,6 +330,9 @@ pub struct LogConfig {
 pub struct KeyspaceConfig {
     pub algorithm: Algorithm,
     pub kek_rotate_days: u64,
+    pub grace: Duration,
+    pub default_retention: Option<Duration>,
+    pub after_shred: AfterShred,
 }
 
 /// Reads and validates a config file, applying `PIIGUARD_*` overrides from `env`.
@@ -477,20 +559,60 @@ impl RawConfig {
                     "keyspaces.{name}.kek_rotate_days must be between 1 and 3650"
                 ));
             }
+            if ks.grace_secs > MAX_GRACE_SECS {
+                return err(format!(
+                    "keyspaces.{name}.grace_secs must not exceed {MAX_GRACE_SECS} (72 hours)"
+                ));
+            }
+            let after_shred = match ks.after_shred.as_deref() {
+                None | Some("new_key") => AfterShred::NewKey,
+                Some("refuse") => AfterShred::Refuse,
+                Some(other) => {
+                    return err(format!(
+                        "keyspaces.{name}.after_shred {other:?}: expected new_key or refuse"
+                    ));
+                }
+            };
             keyspaces.insert(
                 name,
                 KeyspaceConfig {
                     algorithm,
                     kek_rotate_days,
+                    grace: Duration::from_secs(ks.grace_secs),
+                    default_retention: (ks.default_retention_secs > 0)
+                        .then(|| Duration::from_secs(ks.default_retention_secs)),
+                    after_shred,
                 },
             );
         }
+        let st = self.store;
+        if !(st.url.starts_with("sqlite:")
+            || st.url.starts_with("postgres://")
+            || st.url.starts_with("postgresql://"))
+        {
+            return err("store.url must start with sqlite: or postgres://");
+        }
+        let e = self.erasure;
+        if e.reaper_interval_secs == 0 || e.eviction_poll_millis == 0 || e.stale_shred_secs == 0 {
+            return err("erasure intervals must be at least 1");
+        }
+        if Duration::from_millis(e.eviction_poll_millis) > cache.hard_ttl {
+            return err("erasure.eviction_poll_millis must not exceed cache.hard_ttl_secs");
+        }
+        let erasure = ErasureConfig {
+            reaper_interval: Duration::from_secs(e.reaper_interval_secs),
+            eviction_poll: Duration::from_millis(e.eviction_poll_millis),
+            stale_shred: Duration::from_secs(e.stale_shred_secs),
+            backup_retention_days: e.backup_retention_days,
+        };
         Ok(Config {
             server,
             tls,
             vault,
             cache,
             log,
+            store: StoreConfig { url: st.url },
+            erasure,
             keyspaces,
         })
     }

@@ -280,6 +280,7 @@ pub fn dev_config_toml(
     bao: &Bao,
     role_id_file: &Path,
     secret_id_file: &Path,
+    store_url: &str,
     extra: &str,
 ) -> String {
     format!(
@@ -302,6 +303,9 @@ ca_cert = "{vca}"
 method = "approle"
 role_id_file = "{rid}"
 secret_id_file = "{sid}"
+
+[store]
+url = "{store_url}"
 
 [log]
 format = "text"
@@ -357,6 +361,8 @@ pub async fn run_dev(opts: DevOptions) -> Result<(), String> {
     std::fs::create_dir_all(&creds_dir).map_err(|e| e.to_string())?;
     let rid = creds_dir.join("role-id");
     let sid = creds_dir.join("secret-id");
+    let db = std::path::absolute(dir.join("piiguard.db")).map_err(|e| e.to_string())?;
+    let store_url = format!("sqlite://{}", db.display());
     let toml = dev_config_toml(
         &opts.listen,
         &opts.health_listen,
@@ -364,6 +370,7 @@ pub async fn run_dev(opts: DevOptions) -> Result<(), String> {
         &bao,
         &rid,
         &sid,
+        &store_url,
         "",
     );
     let cfg_path = dir.join("piiguard.toml");

@@ -27,6 +27,29 @@ pub mod reason {
     pub const UNAUTHENTICATED: &str = "UNAUTHENTICATED";
     pub const KEY_USAGE_EXHAUSTED: &str = "KEY_USAGE_EXHAUSTED";
     pub const VAULT_UNAVAILABLE: &str = "VAULT_UNAVAILABLE";
+    pub const SUBJECT_SHREDDED: &str = "SUBJECT_SHREDDED";
+    pub const SUBJECT_SHRED_SCHEDULED: &str = "SUBJECT_SHRED_SCHEDULED";
+    pub const SHRED_NOT_SCHEDULED: &str = "SHRED_NOT_SCHEDULED";
+
+    /// Every reason above.
+    pub const ALL: &[&str] = &[
+        INVALID_REQUEST,
+        UNKNOWN_KEYSPACE,
+        PAYLOAD_TOO_LARGE,
+        BATCH_TOO_LARGE,
+        MALFORMED_CIPHERTEXT,
+        UNSUPPORTED_VERSION,
+        KEYSPACE_MISMATCH,
+        DECRYPTION_FAILED,
+        UNKNOWN_KEY,
+        UNAUTHENTICATED,
+        KEY_USAGE_EXHAUSTED,
+        VAULT_UNAVAILABLE,
+        INTERNAL,
+        SUBJECT_SHREDDED,
+        SUBJECT_SHRED_SCHEDULED,
+        SHRED_NOT_SCHEDULED,
+    ];
     pub const INTERNAL: &str = "INTERNAL";
 }
 
@@ -45,6 +68,12 @@ pub enum Error {
     /// about which part was wrong.
     #[error("{message}")]
     BadCiphertext {
+        reason: &'static str,
+        message: String,
+    },
+    /// The subject's data cannot be used in its current state (shredded, shred scheduled).
+    #[error("{message}")]
+    FailedPrecondition {
         reason: &'static str,
         message: String,
     },
@@ -81,6 +110,42 @@ impl Error {
         }
     }
 
+    /// Rebuilds an error from a batch/stream item error (its code and reason are ours).
+    pub fn from_item(e: &crate::pb::ItemError) -> Self {
+        let code = Code::from_i32(e.code);
+        let reason = reason::ALL
+            .iter()
+            .copied()
+            .find(|r| *r == e.reason)
+            .unwrap_or(reason::INTERNAL);
+        let message = e.message.clone();
+        match code {
+            Code::InvalidArgument => Error::InvalidArgument { reason, message },
+            Code::FailedPrecondition => Error::FailedPrecondition { reason, message },
+            Code::ResourceExhausted => Error::ResourceExhausted { reason, message },
+            Code::Unavailable => Error::Unavailable { detail: message },
+            Code::Unauthenticated => Error::Unauthenticated,
+            _ => Error::Internal { detail: message },
+        }
+    }
+
+    /// The subject's keys are destroyed.
+    pub fn shredded() -> Self {
+        Error::FailedPrecondition {
+            reason: reason::SUBJECT_SHREDDED,
+            message: "the data subject has been shredded; its data is permanently unreadable"
+                .into(),
+        }
+    }
+
+    /// A shred of the subject is scheduled; its data is refused until it is cancelled.
+    pub fn shred_scheduled() -> Self {
+        Error::FailedPrecondition {
+            reason: reason::SUBJECT_SHRED_SCHEDULED,
+            message: "a shred of the data subject is scheduled; its data is refused".into(),
+        }
+    }
+
     pub fn unavailable(detail: impl fmt::Display) -> Self {
         Error::Unavailable {
             detail: detail.to_string(),
@@ -97,6 +162,7 @@ impl Error {
     pub fn code(&self) -> Code {
         match self {
             Error::InvalidArgument { .. } | Error::BadCiphertext { .. } => Code::InvalidArgument,
+            Error::FailedPrecondition { .. } => Code::FailedPrecondition,
             Error::Unauthenticated => Code::Unauthenticated,
             Error::ResourceExhausted { .. } => Code::ResourceExhausted,
             Error::Unavailable { .. } => Code::Unavailable,
@@ -109,7 +175,8 @@ impl Error {
         match self {
             Error::InvalidArgument { reason, .. }
             | Error::BadCiphertext { reason, .. }
-            | Error::ResourceExhausted { reason, .. } => reason,
+            | Error::ResourceExhausted { reason, .. }
+            | Error::FailedPrecondition { reason, .. } => reason,
             Error::Unauthenticated => reason::UNAUTHENTICATED,
             Error::Unavailable { .. } => reason::VAULT_UNAVAILABLE,
             Error::Internal { .. } => reason::INTERNAL,

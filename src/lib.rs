@@ -9,12 +9,14 @@ pub mod certs;
 pub mod config;
 pub mod crypto;
 pub mod dev;
+pub mod erasure;
 pub mod error;
 pub mod keys;
 pub mod ops;
 pub mod server;
 pub mod service;
 pub mod signing;
+pub mod store;
 pub mod tls;
 pub mod vault;
 

@@ -10,12 +10,17 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tonic::transport::Server;
 
+use crate::bootstrap::SIGNING_KEY;
 use crate::config::Config;
+use crate::erasure::Erasure;
 use crate::error::Error;
 use crate::keys::KeyManager;
 use crate::ops::Engine;
 use crate::pb;
 use crate::service::crypto::CryptoService;
+use crate::service::erasure::ErasureService;
+use crate::signing::Signer;
+use crate::store::Store;
 use crate::tls::{self, TlsState};
 use crate::vault::Vault;
 
@@ -24,12 +29,16 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
 /// Connects to Vault and loads the keyspaces, retrying while Vault is unavailable.
 /// A permanent error (bad credentials, missing KEK, policy) is returned at once.
-async fn connect_keys(cfg: &Config, vault: Arc<Vault>) -> Result<KeyManager, Error> {
+async fn connect_keys(
+    cfg: &Config,
+    vault: Arc<Vault>,
+    store: Arc<Store>,
+) -> Result<KeyManager, Error> {
     let mut backoff = Duration::from_millis(500);
     loop {
         let attempt = async {
             vault.login().await?;
-            KeyManager::init(vault.clone(), &cfg.keyspaces, &cfg.cache).await
+            KeyManager::init(vault.clone(), store.clone(), &cfg.keyspaces, &cfg.cache).await
         };
         match attempt.await {
             Ok(k) => return Ok(k),
@@ -51,8 +60,13 @@ pub async fn run(
     tls::install_default_provider();
     let tls_state = TlsState::load(cfg.tls.clone())?;
     let vault = Arc::new(Vault::new(cfg.vault.clone()).map_err(|e| detail_of(&e))?);
+    let store = Arc::new(
+        Store::open(&cfg.store.url)
+            .await
+            .map_err(|e| format!("cannot start: {}", detail_of(&e)))?,
+    );
     let keys = Arc::new(
-        connect_keys(&cfg, vault.clone())
+        connect_keys(&cfg, vault.clone(), store)
             .await
             .map_err(|e| format!("cannot start: {}", detail_of(&e)))?,
     );
@@ -69,9 +83,22 @@ pub async fn run(
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
 
+    let erasure = Arc::new(Erasure::new(
+        keys.clone(),
+        Signer::new(vault.clone(), SIGNING_KEY),
+        &cfg,
+    ));
+    erasure.spawn_background();
+    let erasure_svc = pb::erasure_server::ErasureServer::new(ErasureService::new(erasure))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
         .set_serving::<pb::crypto_server::CryptoServer<CryptoService>>()
+        .await;
+    reporter
+        .set_serving::<pb::erasure_server::ErasureServer<ErasureService>>()
         .await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -127,6 +154,7 @@ pub async fn run(
         .initial_connection_window_size(Some(4 * 1024 * 1024))
         .initial_stream_window_size(Some(1024 * 1024))
         .add_service(crypto)
+        .add_service(erasure_svc)
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -138,6 +166,9 @@ pub async fn run(
         tracing::info!("shutting down: draining in-flight calls");
         reporter
             .set_not_serving::<pb::crypto_server::CryptoServer<CryptoService>>()
+            .await;
+        reporter
+            .set_not_serving::<pb::erasure_server::ErasureServer<ErasureService>>()
             .await;
         let _ = stop_tx.send(true);
     });

@@ -41,6 +41,11 @@ impl Signer {
         Ok(Signature { key_version, bytes })
     }
 
+    /// The transit key name.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
     /// PEM public keys by key version, oldest first.
     pub async fn public_keys(&self) -> Result<Vec<(u32, String)>> {
         self.vault.transit_public_keys(&self.key).await

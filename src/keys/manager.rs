@@ -5,17 +5,18 @@
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::hmac;
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
 use super::cache::{DekEntry, ShardedCache};
-use crate::config::{CacheConfig, KeyspaceConfig};
+use crate::config::{AfterShred, CacheConfig, KeyspaceConfig};
 use crate::crypto::aead::Algorithm;
 use crate::crypto::envelope::{DerivedKeys, KeyId};
 use crate::error::{Error, Result, reason};
+use crate::store::{Store, SubjectState};
 use crate::vault::{CasOutcome, Vault};
 
 /// GCM with random 96-bit nonces: at most 2^32 encryptions per key.
@@ -29,6 +30,10 @@ pub struct SubjectRef(pub [u8; 32]);
 impl SubjectRef {
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)
+    }
+
+    pub fn from_hex(s: &str) -> Option<Self> {
+        Some(Self(hex::decode(s).ok()?.try_into().ok()?))
     }
 }
 
@@ -44,6 +49,8 @@ struct Keyspace {
     alg: Algorithm,
     kek: String,
     index_key: hmac::Key,
+    after_shred: AfterShred,
+    default_retention: Option<Duration>,
 }
 
 impl Keyspace {
@@ -82,9 +89,19 @@ impl<K: Hash + Eq + Clone> SingleFlight<K> {
     }
 }
 
+/// What an eviction removed, remembered for a while so that a cold load racing a shred
+/// does not put the key back into the cache.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum Evicted {
+    Subject(SubjectKey),
+    Key(u16, KeyId),
+}
+
 /// Owns the keyspaces, the DEK cache and the Vault client.
 pub struct KeyManager {
     vault: Arc<Vault>,
+    store: Arc<Store>,
+    evicted: Mutex<HashMap<Evicted, Instant>>,
     keyspaces: HashMap<String, Keyspace>,
     by_subject: ShardedCache<SubjectKey>,
     by_key: ShardedCache<DekKey>,
@@ -100,9 +117,30 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
+/// Seconds since the Unix epoch.
+pub fn now_i64() -> i64 {
+    now_secs() as i64
+}
+
 /// Name of the transit KEK of a keyspace.
 pub fn kek_name(keyspace: &str) -> String {
     format!("kek-{keyspace}")
+}
+
+/// KV path of a subject record.
+pub fn subject_path(keyspace: &str, subject_ref_hex: &str) -> String {
+    format!("subjects/{keyspace}/{subject_ref_hex}")
+}
+
+/// KV path of a DEK record.
+pub fn dek_path(keyspace: &str, key_id: &KeyId) -> String {
+    format!("deks/{keyspace}/{}", key_id.to_hex())
+}
+
+/// The key a subject record names: key id and DEK version.
+pub fn subject_record_key(v: &Value) -> Result<(KeyId, u32)> {
+    let r = parse_subject_record(v)?;
+    Ok((r.key_id, r.dek_version))
 }
 
 struct DekRecord {
@@ -134,6 +172,7 @@ impl KeyManager {
     /// unreachable or a keyspace's KEK is missing; the caller decides whether to retry.
     pub async fn init(
         vault: Arc<Vault>,
+        store: Arc<Store>,
         keyspaces: &std::collections::BTreeMap<String, KeyspaceConfig>,
         cache: &CacheConfig,
     ) -> Result<Self> {
@@ -158,11 +197,15 @@ impl KeyManager {
                     alg: ks.algorithm,
                     kek,
                     index_key,
+                    after_shred: ks.after_shred,
+                    default_retention: ks.default_retention,
                 },
             );
         }
         Ok(Self {
             vault,
+            store,
+            evicted: Mutex::new(HashMap::new()),
             keyspaces: out,
             by_subject: ShardedCache::new(cache.max_entries, cache.idle_ttl, cache.hard_ttl),
             by_key: ShardedCache::new(cache.max_entries, cache.idle_ttl, cache.hard_ttl),
@@ -238,19 +281,74 @@ impl KeyManager {
             return Ok(e);
         }
         let lock = self.subject_flight.lock_for(&ck);
+        let started = Instant::now();
         let result = {
             let _g = lock.lock().await;
             match self.by_subject.get(&ck) {
                 Some(e) => Ok(e),
-                None => self.load_or_create(ks, &sref).await,
+                None => self.load_subject(ks, &sref, started).await,
             }
         };
         self.subject_flight.done(&ck, &lock);
-        let e = result?;
+        result
+    }
+
+    /// Cold path of [`key_for_subject`](Self::key_for_subject): checks the subject's shred
+    /// state, loads or creates its DEK, and caches it unless a shred raced the load.
+    async fn load_subject(
+        &self,
+        ks: &Keyspace,
+        sref: &SubjectRef,
+        started: Instant,
+    ) -> Result<Arc<DekEntry>> {
+        let ck = (ks.idx, sref.0);
+        let href = sref.to_hex();
+        let state = self.store.state(&ks.name, &href).await?;
+        match state {
+            Some(SubjectState::Scheduled) => return Err(Error::shred_scheduled()),
+            Some(SubjectState::Shredding) => return Err(Error::shredded()),
+            Some(SubjectState::Shredded) if ks.after_shred == AfterShred::Refuse => {
+                return Err(Error::shredded());
+            }
+            _ => {}
+        }
+        let e = self.load_or_create(ks, sref, state.is_none()).await?;
+        if self.evicted_since(&Evicted::Subject(ck), started) {
+            // A shred or a schedule reached this replica while we loaded: ask the store.
+            match self.store.state(&ks.name, &href).await? {
+                Some(SubjectState::Scheduled) => return Err(Error::shred_scheduled()),
+                Some(SubjectState::Shredding | SubjectState::Shredded) => {
+                    return Err(Error::shredded());
+                }
+                _ => {}
+            }
+        }
         self.by_subject.insert(ck, e.clone());
         self.by_key
             .insert((ks.idx, e.key_id, e.dek_version), e.clone());
         Ok(e)
+    }
+
+    fn evicted_since(&self, what: &Evicted, since: Instant) -> bool {
+        let g = self.evicted.lock().unwrap_or_else(|p| p.into_inner());
+        g.get(what).is_some_and(|t| *t >= since)
+    }
+
+    /// Drops a subject's keys from this replica's cache (shred, scheduled shred).
+    pub fn evict(&self, keyspace: &str, subject_ref_hex: &str, keys: &[(KeyId, u32)]) {
+        let Some(ks) = self.keyspaces.get(keyspace) else {
+            return;
+        };
+        let now = Instant::now();
+        let mut g = self.evicted.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(sref) = SubjectRef::from_hex(subject_ref_hex) {
+            self.by_subject.remove(&(ks.idx, sref.0));
+            g.insert(Evicted::Subject((ks.idx, sref.0)), now);
+        }
+        for (kid, ver) in keys {
+            self.by_key.remove(&(ks.idx, *kid, *ver));
+            g.insert(Evicted::Key(ks.idx, *kid), now);
+        }
     }
 
     /// The DEK a ciphertext names.
@@ -267,6 +365,7 @@ impl KeyManager {
             return Ok(e);
         }
         let lock = self.key_flight.lock_for(&ck);
+        let started = Instant::now();
         let result = {
             let _g = lock.lock().await;
             match self.by_key.get(&ck) {
@@ -276,6 +375,9 @@ impl KeyManager {
         };
         self.key_flight.done(&ck, &lock);
         let e = result?;
+        if self.evicted_since(&Evicted::Key(ks.idx, key_id), started) {
+            return Err(Error::shredded());
+        }
         self.by_key.insert(ck, e.clone());
         Ok(e)
     }
@@ -287,14 +389,31 @@ impl KeyManager {
         dek_version: u32,
         alg: Algorithm,
     ) -> Result<Arc<DekEntry>> {
-        let path = format!("deks/{}/{}", ks.name, key_id.to_hex());
+        let path = dek_path(&ks.name, &key_id);
         let Some(entry) = self.vault.kv_read(&path, Some(dek_version)).await? else {
+            if self
+                .store
+                .tombstone(&ks.name, &key_id.to_hex())
+                .await?
+                .is_some()
+            {
+                return Err(Error::shredded());
+            }
             return Err(Error::bad_ciphertext(
                 reason::UNKNOWN_KEY,
                 "the ciphertext names a key that does not exist",
             ));
         };
         let bad = || Error::internal(format!("{path}: malformed DEK record"));
+        let sref = entry.data["subject_ref"].as_str().ok_or_else(bad)?;
+        match self.store.state(&ks.name, sref).await? {
+            Some(SubjectState::Scheduled) => return Err(Error::shred_scheduled()),
+            // The record still exists only if a shred was interrupted before Vault deletion.
+            Some(SubjectState::Shredding | SubjectState::Shredded) => {
+                return Err(Error::shredded());
+            }
+            _ => {}
+        }
         let rec_alg: Algorithm = entry.data["alg"]
             .as_str()
             .ok_or_else(bad)?
@@ -330,11 +449,22 @@ impl KeyManager {
         )))
     }
 
-    async fn load_or_create(&self, ks: &Keyspace, sref: &SubjectRef) -> Result<Arc<DekEntry>> {
-        let spath = format!("subjects/{}/{}", ks.name, sref.to_hex());
+    async fn load_or_create(
+        &self,
+        ks: &Keyspace,
+        sref: &SubjectRef,
+        unregistered: bool,
+    ) -> Result<Arc<DekEntry>> {
+        let href = sref.to_hex();
+        let spath = subject_path(&ks.name, &href);
         loop {
             if let Some(e) = self.vault.kv_read(&spath, None).await? {
                 let rec = parse_subject_record(&e.data)?;
+                if unregistered {
+                    // A key made before the registry knew it (or a crash between the two).
+                    let created = e.data["created_at"].as_i64().unwrap_or_else(now_i64);
+                    self.register(ks, &href, created).await?;
+                }
                 return self
                     .unwrap_entry(ks, rec.key_id, rec.dek_version, rec.alg, &rec.wrapped)
                     .await;
@@ -346,7 +476,7 @@ impl KeyManager {
             let mut dek = Zeroizing::new(vec![0u8; ks.alg.key_len()]);
             aws_lc_rs::rand::fill(&mut dek).map_err(|_| Error::internal("CSPRNG failed"))?;
             let wrapped = self.vault.transit_encrypt(&ks.kek, &dek).await?;
-            let dpath = format!("deks/{}/{}", ks.name, key_id.to_hex());
+            let dpath = dek_path(&ks.name, &key_id);
             let created_at = now_secs();
             let drec = json!({
                 "subject_ref": sref.to_hex(),
@@ -370,6 +500,7 @@ impl KeyManager {
             match self.vault.kv_write_cas(&spath, &srec, 0).await? {
                 CasOutcome::Written(_) => {
                     tracing::debug!(keyspace = %ks.name, subject_ref = ?sref, "created subject DEK");
+                    self.register(ks, &href, created_at as i64).await?;
                     let keys = DerivedKeys::derive(ks.alg, &dek, &ks.name, &key_id, dek_version)
                         .map_err(|_| Error::internal("DEK derivation failed"))?;
                     return Ok(Arc::new(DekEntry::new(
@@ -389,8 +520,32 @@ impl KeyManager {
         }
     }
 
+    async fn register(&self, ks: &Keyspace, href: &str, created: i64) -> Result<()> {
+        let retain_until = ks
+            .default_retention
+            .map(|d| created.saturating_add(d.as_secs() as i64));
+        self.store
+            .register_subject(&ks.name, href, created, retain_until)
+            .await
+    }
+
+    /// The Vault client.
+    pub fn vault(&self) -> &Arc<Vault> {
+        &self.vault
+    }
+
+    /// The subject registry.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
     /// Drops expired cache entries; returns how many.
     pub fn sweep(&self) -> usize {
+        let hard = self.hard_ttl;
+        self.evicted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, t| t.elapsed() < hard);
         self.by_subject.sweep() + self.by_key.sweep()
     }
 

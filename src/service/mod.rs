@@ -4,6 +4,7 @@
 //! statuses only through [`crate::error::Error::into_status`].
 
 pub mod crypto;
+pub mod erasure;
 
 use tonic::Request;
 

@@ -32,6 +32,23 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Appended to every test config: fast erasure timers and the test keyspaces.
+pub const TEST_EXTRA: &str = r#"
+[erasure]
+reaper_interval_secs = 1
+eviction_poll_millis = 200
+stale_shred_secs = 2
+backup_retention_days = 35
+
+# Shreds wait 3 s (grace window) before they are executed.
+[keyspaces.graced]
+grace_secs = 3
+
+# A shredded subject id can never be used again here.
+[keyspaces.strict]
+after_shred = "refuse"
+"#;
+
 /// One OpenBao + dev PKI + AppRole credentials.
 pub struct TestEnv {
     pub dir: tempfile::TempDir,
@@ -80,6 +97,7 @@ impl TestEnv {
     }
 
     pub fn config_toml(&self, port: u16, health_port: u16, extra: &str) -> String {
+        let store = format!("sqlite://{}", self.dir.path().join("piiguard.db").display());
         dev_config_toml(
             &format!("127.0.0.1:{port}"),
             &format!("127.0.0.1:{health_port}"),
@@ -87,7 +105,8 @@ impl TestEnv {
             &self.bao,
             &self.role_id,
             &self.secret_id,
-            extra,
+            &store,
+            &format!("{TEST_EXTRA}{extra}"),
         )
     }
 
