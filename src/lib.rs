@@ -6,6 +6,7 @@
 
 pub mod bootstrap;
 pub mod certs;
+pub mod cli;
 pub mod config;
 pub mod crypto;
 pub mod dev;

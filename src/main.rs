@@ -55,6 +55,29 @@ enum Cmd {
         #[arg(long)]
         credentials_dir: PathBuf,
     },
+    /// Bulk erasure: shred every subject of a file (`subject[,keyspace[,request_id]]` per line)
+    /// through Erasure.ShredStream, with a progress bar and a summary. Safe to re-run.
+    Shred {
+        /// The subjects file.
+        #[arg(long)]
+        file: PathBuf,
+        /// Keyspace for lines that name none (empty: every keyspace).
+        #[arg(long, default_value = "")]
+        keyspace: String,
+        /// Reason written into each certificate.
+        #[arg(long, default_value = "erasure request")]
+        reason: String,
+        /// Folder to write the certificates of destruction into.
+        #[arg(long)]
+        certificates_dir: Option<PathBuf>,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Certificates of destruction.
+    Certificate {
+        #[command(subcommand)]
+        command: CertificateCmd,
+    },
     /// Generate a dev PKI: CA, server certificate for 127.0.0.1/localhost, client certificates.
     Certs {
         /// Output folder.
@@ -63,6 +86,38 @@ enum Cmd {
         /// Extra clients as NAME=SPIFFE_URI (repeatable); the default set is always made.
         #[arg(long)]
         client: Vec<String>,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct ConnArgs {
+    /// piiguard's mTLS address.
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    endpoint: String,
+    /// CA that issued the server certificate.
+    #[arg(long, default_value = ".dev/pki/ca.pem")]
+    ca: PathBuf,
+    /// Client certificate (PEM).
+    #[arg(long, default_value = ".dev/pki/client-erasure.pem")]
+    cert: PathBuf,
+    /// Client private key (PEM).
+    #[arg(long, default_value = ".dev/pki/client-erasure.key")]
+    key: PathBuf,
+    /// Name in the server certificate.
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+}
+
+#[derive(Subcommand, Debug)]
+enum CertificateCmd {
+    /// Verify a certificate offline with the signing public key (from
+    /// Erasure.GetVerificationKeys); equivalent to the openssl command in the README.
+    Verify {
+        /// The certificate (JSON).
+        cert: PathBuf,
+        /// PEM public key of the signing key version named in the certificate.
+        #[arg(long)]
+        public_key: PathBuf,
     },
 }
 
@@ -172,6 +227,45 @@ fn main() -> ExitCode {
                 Ok(())
             }))
         }
+        Cmd::Shred {
+            file,
+            keyspace,
+            reason,
+            certificates_dir,
+            conn,
+        } => {
+            let conn = piiguard::cli::Connection {
+                endpoint: conn.endpoint,
+                ca: conn.ca,
+                cert: conn.cert,
+                key: conn.key,
+                server_name: conn.server_name,
+            };
+            let r = runtime().block_on(piiguard::cli::bulk_shred(
+                &conn,
+                &file,
+                &keyspace,
+                &reason,
+                certificates_dir.as_deref(),
+            ));
+            match r {
+                Ok(s) if s.failed == 0 => ExitCode::SUCCESS,
+                Ok(_) => ExitCode::FAILURE,
+                Err(e) => report(Err(e)),
+            }
+        }
+        Cmd::Certificate {
+            command: CertificateCmd::Verify { cert, public_key },
+        } => match piiguard::cli::verify_certificate(&cert, &public_key) {
+            Ok(text) => {
+                println!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("piiguard: certificate NOT valid: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Cmd::Certs { out, client } => {
             let mut clients: Vec<(String, String)> = piiguard::certs::DEFAULT_CLIENTS
                 .iter()

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use piiguard::certs::{Ca, ClientName, DevPkiPaths, Issued, generate_dev_pki, write_file};
 use piiguard::dev::{Bao, dev_config_toml, find_bao};
 use piiguard::pb::crypto_client::CryptoClient;
+use piiguard::pb::erasure_client::ErasureClient;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// A free loopback port whose successor is free too (OpenBao takes PORT+1).
@@ -146,13 +147,24 @@ impl TestEnv {
 
     /// A client with one of the default dev identities.
     pub async fn client(&self, server: &Server, stem: &str) -> CryptoClient<Channel> {
+        CryptoClient::new(self.channel(server, stem).await)
+    }
+
+    /// An mTLS channel with one of the default dev identities.
+    pub async fn channel(&self, server: &Server, stem: &str) -> Channel {
         let (c, k) = self.pki.client(stem);
         let cert = std::fs::read_to_string(c).unwrap();
         let key = std::fs::read_to_string(k).unwrap();
         server
-            .client_with(Some((&cert, &key)))
+            .channel_with(Some((&cert, &key)))
             .await
             .expect("connect")
+    }
+
+    /// An Erasure client with the dev `erasure` identity.
+    pub async fn erasure(&self, server: &Server) -> ErasureClient<Channel> {
+        ErasureClient::new(self.channel(server, "erasure").await)
+            .max_decoding_message_size(64 * 1024 * 1024)
     }
 
     /// Lists the DEK records of a keyspace in Vault (as an operator would).
@@ -268,11 +280,32 @@ impl Server {
         self.child.as_ref().unwrap().id()
     }
 
+    /// Replaces the extra environment of the process (applies at the next start).
+    pub fn set_env(&mut self, env: Vec<(String, String)>) {
+        self.env = env;
+    }
+
+    /// Whether the process has exited (e.g. aborted at a failpoint).
+    pub fn exited(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(Some(_))),
+            None => true,
+        }
+    }
+
     /// A client presenting the given PEM certificate and key (or none).
     pub async fn client_with(
         &self,
         identity: Option<(&str, &str)>,
     ) -> Result<CryptoClient<Channel>, tonic::transport::Error> {
+        Ok(CryptoClient::new(self.channel_with(identity).await?))
+    }
+
+    /// An mTLS channel presenting the given PEM certificate and key (or none).
+    pub async fn channel_with(
+        &self,
+        identity: Option<(&str, &str)>,
+    ) -> Result<Channel, tonic::transport::Error> {
         let ca = std::fs::read_to_string(&self.ca).unwrap();
         let mut tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(ca))
@@ -284,10 +317,10 @@ impl Server {
             .unwrap()
             .tls_config(tls)?
             .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(20))
+            .timeout(Duration::from_secs(60))
             .connect()
             .await?;
-        Ok(CryptoClient::new(ch))
+        Ok(ch)
     }
 
     pub async fn client_issued(
