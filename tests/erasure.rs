@@ -474,7 +474,7 @@ async fn retention_reaper_with_two_replicas_shreds_each_subject_once() {
     })
     .await
     .unwrap();
-    for i in 0..5 {
+    for (i, ct) in cts.iter().enumerate() {
         let st = wait_state(
             &env,
             &b,
@@ -489,7 +489,7 @@ async fn retention_reaper_with_two_replicas_shreds_each_subject_once() {
             .unwrap();
         assert_eq!(p.reason, "retention period expired");
         assert_eq!(
-            reason(&decrypt_err(&mut c, &cts[i]).await.unwrap()),
+            reason(&decrypt_err(&mut c, ct).await.unwrap()),
             "SUBJECT_SHREDDED"
         );
     }
