@@ -96,9 +96,7 @@ async fn wait_state(
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shred_makes_data_unreadable_and_certifies_it() {
-    let env = TestEnv::start().await;
+async fn shred_makes_data_unreadable_and_certifies_it(env: TestEnv) {
     let server = env.server("s", "").await;
     let mut c = env.client(&server, "orders").await;
     let mut e = env.erasure(&server).await;
@@ -443,9 +441,7 @@ async fn grace_window_schedule_cancel_and_execution_after_restart() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retention_reaper_with_two_replicas_shreds_each_subject_once() {
-    let env = TestEnv::start().await;
+async fn retention_reaper_with_two_replicas_shreds_each_subject_once(env: TestEnv) {
     let a = env.server("a", "").await;
     let b = env.server("b", "").await;
     let mut c = env.client(&a, "orders").await;
@@ -504,8 +500,7 @@ async fn retention_reaper_with_two_replicas_shreds_each_subject_once() {
     // Both reapers ran; each subject got exactly one certificate.
     use sqlx::Row as _;
     sqlx::any::install_default_drivers();
-    let db = format!("sqlite://{}", env.dir.path().join("piiguard.db").display());
-    let pool = sqlx::AnyPool::connect(&db).await.unwrap();
+    let pool = sqlx::AnyPool::connect(&env.store_url).await.unwrap();
     let row =
         sqlx::query("SELECT COUNT(*) AS n, COUNT(DISTINCT subject_ref) AS d FROM certificates")
             .fetch_one(&pool)
@@ -515,9 +510,7 @@ async fn retention_reaper_with_two_replicas_shreds_each_subject_once() {
     assert_eq!((n, d), (5, 5), "certificates per subject");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shred_on_one_replica_is_refused_by_the_other() {
-    let env = TestEnv::start().await;
+async fn shred_on_one_replica_is_refused_by_the_other(env: TestEnv) {
     let a = env.server("a", "").await;
     let b = env.server("b", "").await;
     let mut ca = env.client(&a, "orders").await;
@@ -613,4 +606,46 @@ async fn kill_9_in_the_middle_of_a_shred_then_restart_completes_it() {
         );
         server.stop();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shred_makes_data_unreadable_and_certifies_it_sqlite() {
+    shred_makes_data_unreadable_and_certifies_it(TestEnv::start().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shred_makes_data_unreadable_and_certifies_it_postgres() {
+    let pg = Postgres::start();
+    shred_makes_data_unreadable_and_certifies_it(
+        TestEnv::start_with_store(Some(pg.url.clone())).await,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_reaper_with_two_replicas_shreds_each_subject_once_sqlite() {
+    retention_reaper_with_two_replicas_shreds_each_subject_once(TestEnv::start().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_reaper_with_two_replicas_shreds_each_subject_once_postgres() {
+    let pg = Postgres::start();
+    retention_reaper_with_two_replicas_shreds_each_subject_once(
+        TestEnv::start_with_store(Some(pg.url.clone())).await,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shred_on_one_replica_is_refused_by_the_other_sqlite() {
+    shred_on_one_replica_is_refused_by_the_other(TestEnv::start().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shred_on_one_replica_is_refused_by_the_other_postgres() {
+    let pg = Postgres::start();
+    shred_on_one_replica_is_refused_by_the_other(
+        TestEnv::start_with_store(Some(pg.url.clone())).await,
+    )
+    .await;
 }

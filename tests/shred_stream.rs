@@ -108,8 +108,7 @@ async fn shred_stream_of_10000_subjects_resumes_without_double_work() {
 
     // The store holds exactly one certificate per subject: no double work.
     sqlx::any::install_default_drivers();
-    let db = format!("sqlite://{}", env.dir.path().join("piiguard.db").display());
-    let pool = sqlx::AnyPool::connect(&db).await.unwrap();
+    let pool = sqlx::AnyPool::connect(&env.store_url).await.unwrap();
     let row =
         sqlx::query("SELECT COUNT(*) AS n, COUNT(DISTINCT subject_ref) AS d FROM certificates")
             .fetch_one(&pool)

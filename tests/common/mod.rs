@@ -53,6 +53,8 @@ after_shred = "refuse"
 /// One OpenBao + dev PKI + AppRole credentials.
 pub struct TestEnv {
     pub dir: tempfile::TempDir,
+    /// The store URL every server of this environment shares.
+    pub store_url: String,
     pub pki: DevPkiPaths,
     pub bao: Bao,
     pub role_id: PathBuf,
@@ -70,7 +72,13 @@ pub fn bao_bin() -> PathBuf {
 }
 
 impl TestEnv {
+    /// OpenBao + dev PKI, with the store in a SQLite file of the test's folder.
     pub async fn start() -> Self {
+        Self::start_with_store(None).await
+    }
+
+    /// Like [`start`](Self::start), with the given store URL (e.g. a [`Postgres`]).
+    pub async fn start_with_store(store_url: Option<String>) -> Self {
         piiguard::tls::install_default_provider();
         let dir = tempfile::tempdir().unwrap();
         let pki =
@@ -80,7 +88,10 @@ impl TestEnv {
             .expect("start OpenBao");
         let role_id = dir.path().join("role-id");
         let secret_id = dir.path().join("secret-id");
+        let store_url = store_url
+            .unwrap_or_else(|| format!("sqlite://{}", dir.path().join("piiguard.db").display()));
         let env = Self {
+            store_url,
             dir,
             pki,
             bao,
@@ -98,7 +109,7 @@ impl TestEnv {
     }
 
     pub fn config_toml(&self, port: u16, health_port: u16, extra: &str) -> String {
-        let store = format!("sqlite://{}", self.dir.path().join("piiguard.db").display());
+        let store = &self.store_url;
         dev_config_toml(
             &format!("127.0.0.1:{port}"),
             &format!("127.0.0.1:{health_port}"),
@@ -106,7 +117,7 @@ impl TestEnv {
             &self.bao,
             &self.role_id,
             &self.secret_id,
-            &store,
+            store,
             &format!("{TEST_EXTRA}{extra}"),
         )
     }
@@ -370,5 +381,116 @@ pub fn dec(field: &str, ct: &[u8]) -> piiguard::pb::DecryptRequest {
         ciphertext: ct.to_vec(),
         context: Default::default(),
         keyspace: String::new(),
+    }
+}
+
+/// A throw-away PostgreSQL server on a free loopback port (Debian's packages). Stopped on drop.
+pub struct Postgres {
+    _dir: tempfile::TempDir,
+    data: PathBuf,
+    bin: PathBuf,
+    pub url: String,
+}
+
+fn pg_bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("PIIGUARD_PG_BIN") {
+        return PathBuf::from(d);
+    }
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|r| {
+            r.filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin"))
+                .collect()
+        })
+        .unwrap_or_default();
+    dirs.sort();
+    dirs.pop()
+        .filter(|d| d.join("initdb").exists())
+        .expect("PostgreSQL not found: apt-get install postgresql (or set PIIGUARD_PG_BIN)")
+}
+
+fn as_postgres_user(bin: &Path, args: &[&str]) -> std::process::Output {
+    // initdb refuses to run as root: use the `postgres` account when we are root.
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout == b"0\n")
+        .unwrap_or(false);
+    let mut cmd = if root {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(bin);
+        c
+    } else {
+        Command::new(bin)
+    };
+    cmd.args(args).stdin(Stdio::null()).output().unwrap()
+}
+
+impl Postgres {
+    pub fn start() -> Self {
+        let bin = pg_bin_dir();
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let port = free_port();
+        let _ = Command::new("chmod").arg("0777").arg(dir.path()).status();
+        let d = data.to_str().unwrap();
+        let out = as_postgres_user(
+            &bin.join("initdb"),
+            &[
+                "-D",
+                d,
+                "-A",
+                "trust",
+                "-U",
+                "piiguard",
+                "--no-sync",
+                "-E",
+                "UTF8",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let opts = format!(
+            "-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c fsync=off",
+            dir.path().display()
+        );
+        let log = dir.path().join("pg.log");
+        let out = as_postgres_user(
+            &bin.join("pg_ctl"),
+            &[
+                "-D",
+                d,
+                "-o",
+                &opts,
+                "-l",
+                log.to_str().unwrap(),
+                "-w",
+                "start",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "pg_ctl start: {}{}",
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        Self {
+            _dir: dir,
+            data,
+            bin,
+            url: format!("postgres://piiguard@127.0.0.1:{port}/postgres"),
+        }
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = as_postgres_user(
+            &self.bin.join("pg_ctl"),
+            &["-D", self.data.to_str().unwrap(), "-m", "immediate", "stop"],
+        );
     }
 }
