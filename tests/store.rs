@@ -101,6 +101,12 @@ async fn tombstones_and_eviction_feed(s: &Store) {
         "b"
     );
     assert_eq!(s.last_eviction_seq().await.unwrap(), ev[1].seq);
+    assert_eq!(s.prune_evictions(2).await.unwrap(), 1);
+    let left = s.evictions_since(0, 10).await.unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].subject_ref, "b");
+    // Sequence numbers keep growing after a prune.
+    assert_eq!(s.last_eviction_seq().await.unwrap(), ev[1].seq);
 }
 
 async fn exercise(url: &str) {

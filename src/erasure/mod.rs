@@ -442,6 +442,14 @@ impl Erasure {
         } else {
             now - self.cfg.stale_shred.as_secs() as i64
         };
+        // Evictions are read within a poll interval; a day (or the hard TTL, if longer) is
+        // far past any replica's need.
+        let keep = self
+            .keys
+            .hard_ttl()
+            .max(Duration::from_secs(86_400))
+            .as_secs() as i64;
+        self.store.prune_evictions(now - keep).await?;
         let mut done = 0;
         for (ks, sref, state) in self.store.due(now, stale_before, 500).await? {
             if !self.keys.has_keyspace(&ks) {

@@ -496,6 +496,17 @@ impl Store {
             .collect()
     }
 
+    /// Deletes evictions older than `before` (every replica has read them long ago: they are
+    /// kept far longer than the poll interval). Returns how many were deleted.
+    pub async fn prune_evictions(&self, before: i64) -> Result<u64> {
+        let r = sqlx::query("DELETE FROM evictions WHERE at < $1")
+            .bind(before)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(r.rows_affected())
+    }
+
     /// The newest eviction sequence number (0 if none).
     pub async fn last_eviction_seq(&self) -> Result<i64> {
         let r = sqlx::query("SELECT COALESCE(MAX(seq), 0) AS m FROM evictions")
