@@ -498,16 +498,11 @@ async fn retention_reaper_with_two_replicas_shreds_each_subject_once(env: TestEn
         b"k"
     );
     // Both reapers ran; each subject got exactly one certificate.
-    use sqlx::Row as _;
-    sqlx::any::install_default_drivers();
-    let pool = sqlx::AnyPool::connect(&env.store_url).await.unwrap();
-    let row =
-        sqlx::query("SELECT COUNT(*) AS n, COUNT(DISTINCT subject_ref) AS d FROM certificates")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-    let (n, d): (i64, i64) = (row.get("n"), row.get("d"));
-    assert_eq!((n, d), (5, 5), "certificates per subject");
+    assert_eq!(
+        env.certificate_counts().await,
+        (5, 5),
+        "certificates per subject"
+    );
 }
 
 async fn shred_on_one_replica_is_refused_by_the_other(env: TestEnv) {

@@ -9,7 +9,6 @@ use std::process::Command;
 use common::*;
 use piiguard::erasure::certificate::Certificate;
 use piiguard::pb;
-use sqlx::Row as _;
 
 const N: usize = 10_000;
 
@@ -107,15 +106,7 @@ async fn shred_stream_of_10000_subjects_resumes_without_double_work() {
     assert_eq!(cert_ids.len(), N, "one certificate per subject");
 
     // The store holds exactly one certificate per subject: no double work.
-    sqlx::any::install_default_drivers();
-    let pool = sqlx::AnyPool::connect(&env.store_url).await.unwrap();
-    let row =
-        sqlx::query("SELECT COUNT(*) AS n, COUNT(DISTINCT subject_ref) AS d FROM certificates")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-    let (n, d): (i64, i64) = (row.get("n"), row.get("d"));
-    assert_eq!((n as usize, d as usize), (N, N));
+    assert_eq!(env.certificate_counts().await, (N as i64, N as i64));
     assert!(
         env.list_dek_records("orders").await.is_empty(),
         "every DEK destroyed"

@@ -178,6 +178,19 @@ impl TestEnv {
             .max_decoding_message_size(64 * 1024 * 1024)
     }
 
+    /// Certificates in the store: (how many, for how many distinct subjects).
+    pub async fn certificate_counts(&self) -> (i64, i64) {
+        use sqlx::Row as _;
+        sqlx::any::install_default_drivers();
+        let pool = sqlx::AnyPool::connect(&self.store_url).await.unwrap();
+        let row =
+            sqlx::query("SELECT COUNT(*) AS n, COUNT(DISTINCT subject_ref) AS d FROM certificates")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        (row.get("n"), row.get("d"))
+    }
+
     /// Lists the DEK records of a keyspace in Vault (as an operator would).
     pub async fn list_dek_records(&self, keyspace: &str) -> Vec<String> {
         let admin = self.bao.client().unwrap();
