@@ -658,6 +658,20 @@ algorithm = "aes-128-gcm"
     }
 
     #[test]
+    fn the_kubernetes_config_map_is_valid() {
+        let yaml = include_str!("../deploy/kubernetes/configmap.yaml");
+        let (_, block) = yaml.split_once("piiguard.toml: |\n").unwrap();
+        let toml: String = block
+            .lines()
+            .map(|l| l.strip_prefix("    ").unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c = parse(&toml, no_env()).unwrap();
+        assert!(c.store.url.starts_with("postgres://"));
+        assert_eq!(c.server.listen.to_string(), "0.0.0.0:7443");
+    }
+
+    #[test]
     fn env_overrides_apply() {
         let env = vec![
             (
