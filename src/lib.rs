@@ -4,13 +4,21 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin_cli;
+pub mod alarms;
+pub mod audit;
+pub mod authz;
 pub mod bootstrap;
+pub mod canary;
 pub mod certs;
 pub mod config;
 pub mod crypto;
 pub mod dev;
 pub mod error;
+pub mod guard;
 pub mod keys;
+pub mod limits;
+pub mod metrics;
 pub mod ops;
 pub mod server;
 pub mod service;

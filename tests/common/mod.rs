@@ -8,7 +8,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use piiguard::certs::{Ca, ClientName, DevPkiPaths, Issued, generate_dev_pki, write_file};
-use piiguard::dev::{Bao, dev_config_toml, find_bao};
+use piiguard::dev::{Bao, dev_config_toml, find_bao, write_dev_policy};
+use piiguard::pb::admin_client::AdminClient;
 use piiguard::pb::crypto_client::CryptoClient;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -23,6 +24,16 @@ pub fn free_port_pair() -> u16 {
     }
     panic!("no free port pair");
 }
+
+/// Grants for the throwaway identities of tests/mtls.rs (added to the dev policy in tests).
+pub const TEST_GRANTS: &str = r#"
+# Test identities of tests/mtls.rs (TLS admission, identity fallbacks).
+[[grant]]
+identities = ["spiffe://shop.local/good", "spiffe://shop.local/old", "spiffe://shop.local/fresh", "reports.shop.local"]
+operations = ["encrypt"]
+keyspaces = ["orders"]
+fields = ["email"]
+"#;
 
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -76,7 +87,23 @@ impl TestEnv {
             .expect("bootstrap");
         write_file(&env.role_id, creds.role_id.as_bytes(), true).unwrap();
         write_file(&env.secret_id, creds.secret_id.as_bytes(), true).unwrap();
+        env.write_policy("");
         env
+    }
+
+    /// Rewrites the access policy: the dev policy, the test grants, and `extra`.
+    pub fn write_policy(&self, extra: &str) {
+        write_dev_policy(&self.role_id, &format!("{TEST_GRANTS}{extra}")).unwrap();
+    }
+
+    /// The access policy file every server of this env uses.
+    pub fn policy_path(&self) -> PathBuf {
+        piiguard::dev::dev_policy_path(&self.role_id)
+    }
+
+    /// The audit folder of the server called `name`.
+    pub fn audit_dir(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("audit-{name}"))
     }
 
     pub fn config_toml(&self, port: u16, health_port: u16, extra: &str) -> String {
@@ -108,6 +135,19 @@ impl TestEnv {
         )
         .unwrap();
         let log = self.dir.path().join(format!("{name}.log"));
+        let mut env = env;
+        // One audit folder per server (two writers never share one).
+        let audit_dir = self.audit_dir(name);
+        if !env.iter().any(|(k, _)| k == "PIIGUARD_AUDIT__DIR") {
+            env.push((
+                "PIIGUARD_AUDIT__DIR".into(),
+                audit_dir.display().to_string(),
+            ));
+        }
+        let metrics_addr = env
+            .iter()
+            .find(|(k, _)| k == "PIIGUARD_METRICS__LISTEN")
+            .map(|(_, v)| v.parse().unwrap());
         let mut s = Server {
             child: None,
             addr: format!("127.0.0.1:{port}").parse().unwrap(),
@@ -116,6 +156,8 @@ impl TestEnv {
             log,
             ca: self.pki.ca.clone(),
             env,
+            audit_dir,
+            metrics_addr,
         };
         s.start().await;
         s
@@ -134,6 +176,41 @@ impl TestEnv {
             .client_with(Some((&cert, &key)))
             .await
             .expect("connect")
+    }
+
+    /// An Admin client with one of the default dev identities.
+    pub async fn admin(&self, server: &Server, stem: &str) -> AdminClient<Channel> {
+        let (c, k) = self.pki.client(stem);
+        AdminClient::new(
+            server
+                .channel(Some((
+                    &std::fs::read_to_string(c).unwrap(),
+                    &std::fs::read_to_string(k).unwrap(),
+                )))
+                .await
+                .unwrap(),
+        )
+    }
+
+    /// PEM public keys of the audit checkpoint signing key (read with the root token).
+    pub async fn signing_public_keys(&self) -> Vec<String> {
+        let admin = self.bao.client().unwrap();
+        let (status, v) = admin
+            .raw(
+                reqwest::Method::GET,
+                &format!("piiguard-transit/keys/{}", piiguard::bootstrap::SIGNING_KEY),
+                None,
+                Some(self.bao.root_token()),
+            )
+            .await
+            .unwrap();
+        assert!(status.is_success());
+        v["data"]["keys"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|k| k["public_key"].as_str().unwrap().to_string())
+            .collect()
     }
 
     /// Lists the DEK records of a keyspace in Vault (as an operator would).
@@ -169,6 +246,8 @@ pub struct Server {
     pub log: PathBuf,
     ca: PathBuf,
     env: Vec<(String, String)>,
+    pub audit_dir: PathBuf,
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl Server {
@@ -254,6 +333,33 @@ impl Server {
         &self,
         identity: Option<(&str, &str)>,
     ) -> Result<CryptoClient<Channel>, tonic::transport::Error> {
+        Ok(CryptoClient::new(self.channel(identity).await?))
+    }
+
+    /// The audit files of this server, in chain order.
+    pub fn audit_files(&self) -> Vec<PathBuf> {
+        piiguard::audit::writer::list_files(&self.audit_dir)
+    }
+
+    /// All audit records of this server, parsed.
+    pub fn audit_records(&self) -> Vec<serde_json::Value> {
+        self.audit_files()
+            .iter()
+            .flat_map(|f| {
+                std::fs::read_to_string(f)
+                    .unwrap()
+                    .lines()
+                    .map(|l| serde_json::from_str(l).unwrap())
+                    .collect::<Vec<serde_json::Value>>()
+            })
+            .collect()
+    }
+
+    /// A channel presenting the given PEM certificate and key (or none).
+    pub async fn channel(
+        &self,
+        identity: Option<(&str, &str)>,
+    ) -> Result<Channel, tonic::transport::Error> {
         let ca = std::fs::read_to_string(&self.ca).unwrap();
         let mut tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(ca))
@@ -268,7 +374,7 @@ impl Server {
             .timeout(Duration::from_secs(20))
             .connect()
             .await?;
-        Ok(CryptoClient::new(ch))
+        Ok(ch)
     }
 
     pub async fn client_issued(
