@@ -42,8 +42,10 @@ pub struct CanaryEntry {
 
 #[derive(Default)]
 struct Sets {
-    keys: HashSet<(String, [u8; 16])>,
-    subjects: HashSet<(String, [u8; 32])>,
+    /// Key ids are random 128-bit values and subject refs keyed per keyspace: neither needs
+    /// the keyspace to be unique (and lookups need no allocation).
+    keys: HashSet<[u8; 16]>,
+    subjects: HashSet<[u8; 32]>,
     tokens: HashSet<[u8; 32]>,
     entries: Vec<CanaryEntry>,
 }
@@ -84,12 +86,12 @@ impl Canaries {
     pub fn add(&self, e: CanaryEntry) {
         let mut s = self.write();
         if let Some(k) = KeyId::from_hex(&e.key_id) {
-            s.keys.insert((e.keyspace.clone(), k.0));
+            s.keys.insert(k.0);
         }
         if let Ok(r) = hex::decode(&e.subject_ref)
             && let Ok(r) = <[u8; 32]>::try_from(r.as_slice())
         {
-            s.subjects.insert((e.keyspace.clone(), r));
+            s.subjects.insert(r);
         }
         if !s.entries.contains(&e) {
             s.entries.push(e);
@@ -104,18 +106,13 @@ impl Canaries {
     }
 
     /// Whether a ciphertext's key belongs to a canary subject.
-    pub fn is_canary_key(&self, keyspace: &str, key_id: &KeyId) -> bool {
-        self.any.load(Ordering::Relaxed)
-            && self.read().keys.contains(&(keyspace.to_string(), key_id.0))
+    pub fn is_canary_key(&self, _keyspace: &str, key_id: &KeyId) -> bool {
+        self.any.load(Ordering::Relaxed) && self.read().keys.contains(&key_id.0)
     }
 
     /// Whether a subject is a canary.
-    pub fn is_canary_subject(&self, keyspace: &str, subject: &SubjectRef) -> bool {
-        self.any.load(Ordering::Relaxed)
-            && self
-                .read()
-                .subjects
-                .contains(&(keyspace.to_string(), subject.0))
+    pub fn is_canary_subject(&self, _keyspace: &str, subject: &SubjectRef) -> bool {
+        self.any.load(Ordering::Relaxed) && self.read().subjects.contains(&subject.0)
     }
 
     /// Whether a token value is a canary token (for the token service).

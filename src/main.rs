@@ -266,7 +266,8 @@ fn main() -> ExitCode {
             let mut keys = Vec::new();
             for k in &public_key {
                 match std::fs::read_to_string(k) {
-                    Ok(t) => keys.push(t),
+                    // A file may hold several PEM keys (one per key version).
+                    Ok(t) => keys.extend(pem_blocks(&t)),
                     Err(e) => {
                         eprintln!("piiguard: {}: {e}", k.display());
                         return ExitCode::from(2);
@@ -323,6 +324,25 @@ fn main() -> ExitCode {
             }))
         }
     }
+}
+
+/// Splits text into its `-----BEGIN ...-----` / `-----END ...-----` blocks.
+fn pem_blocks(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur: Option<String> = None;
+    for line in text.lines() {
+        if line.starts_with("-----BEGIN ") {
+            cur = Some(String::new());
+        }
+        if let Some(c) = cur.as_mut() {
+            c.push_str(line);
+            c.push('\n');
+        }
+        if line.starts_with("-----END ") {
+            out.extend(cur.take());
+        }
+    }
+    out
 }
 
 fn report(r: Result<(), String>) -> ExitCode {

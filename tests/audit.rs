@@ -172,6 +172,28 @@ async fn chain_checkpoints_and_verify_detects_each_kind_of_tampering() {
     );
     assert!(live_ok.ok(), "{}", errors(&live_ok));
 
+    // The signing keys, as an administrator gets them (CLI over mTLS).
+    let (cert, key) = env.pki.client("admin");
+    let out = Command::new(env!("CARGO_BIN_EXE_piiguard"))
+        .arg("admin")
+        .args(["--address", &server.addr.to_string()])
+        .arg("--ca")
+        .arg(&env.pki.ca)
+        .arg("--cert")
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .arg("signing-keys")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pem = env.dir.path().join("signing.pem");
+    std::fs::write(&pem, &out.stdout).unwrap();
+
     // Clean stop: `stop` event and a final seal; the whole log verifies.
     server.stop();
     let files = server.audit_files();
@@ -186,9 +208,7 @@ async fn chain_checkpoints_and_verify_detects_each_kind_of_tampering() {
     assert_eq!(all.last().unwrap()["final_seal"], true);
     assert!(all.iter().any(|r| r["event"] == "stop"));
 
-    // The CLI agrees, with the public key from a file.
-    let pem = env.dir.path().join("signing.pem");
-    std::fs::write(&pem, &keys[0]).unwrap();
+    // The CLI agrees, with the public key file from `piiguard admin signing-keys`.
     let out = Command::new(env!("CARGO_BIN_EXE_piiguard"))
         .args(["audit", "verify", "--public-key"])
         .arg(&pem)
@@ -412,4 +432,61 @@ async fn rotation_crash_restart_and_fail_closed() {
     gap.remove(1);
     let r = verify_files(&gap, &opts);
     assert!(errors(&r).contains("records missing"), "{}", errors(&r));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_removes_old_files_and_verify_notes_the_cut() {
+    let env = TestEnv::start().await;
+    let short = env_of(&[
+        ("PIIGUARD_AUDIT__RETENTION_DAYS", "1"),
+        ("PIIGUARD_AUDIT__ALLOW_RETENTION_UNDER_90_DAYS", "true"),
+    ]);
+    let mut server = env.server_env("t", "", short.clone()).await;
+    let mut c = env.client(&server, "orders").await;
+    c.encrypt(enc("crm", "cust-t", "email", b"t@example.com"))
+        .await
+        .unwrap();
+    server.stop();
+    let first = server.audit_files();
+    assert_eq!(first.len(), 1);
+    // Make the first file three days old; the next start prunes it.
+    let st = Command::new("touch")
+        .args(["-d", "3 days ago"])
+        .arg(&first[0])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    server.start().await;
+    wait_for_record(&server, "audit_retention", |r| {
+        r["event"] == "audit_retention"
+    })
+    .await;
+    assert!(!first[0].exists(), "old file removed");
+    server.stop();
+    let r = verify_files(
+        &server.audit_files(),
+        &Options {
+            public_keys: env.signing_public_keys().await,
+            allow_open_tail: false,
+        },
+    );
+    assert!(r.ok(), "{}", errors(&r));
+    assert!(
+        r.findings
+            .iter()
+            .any(|f| f.message.contains("not at its beginning")),
+        "{:?}",
+        r.findings
+    );
+
+    // Under 90 days without the override: refused before binding any port (exit 78).
+    let cfg = env.dir.path().join("t.toml");
+    let out = Command::new(env!("CARGO_BIN_EXE_piiguard"))
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .env("PIIGUARD_AUDIT__RETENTION_DAYS", "30")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("under the 90 days"));
 }

@@ -627,7 +627,9 @@ impl Writer {
         let Ok(rd) = std::fs::read_dir(&self.cfg.dir) else {
             return;
         };
-        let cutoff = SystemTime::now() - self.cfg.retention;
+        let Some(cutoff) = SystemTime::now().checked_sub(self.cfg.retention) else {
+            return;
+        };
         for e in rd.filter_map(|e| e.ok()) {
             let Ok(name) = e.file_name().into_string() else {
                 continue;
