@@ -8,10 +8,11 @@
 //! - `piiguard_alarms_total{kind,severity}`, `piiguard_lockouts_active`
 //! - `piiguard_audit_records_total`, `piiguard_audit_write_errors_total`,
 //!   `piiguard_audit_lost_records_total`
-//! - `piiguard_dek_cache_entries`, and for other parts to feed: `piiguard_dek_cache_total{result}`
-//!   ([`dek_cache`]), `piiguard_vault_request_duration_seconds{op}` and
-//!   `piiguard_vault_errors_total{op}` ([`vault_call`]), `piiguard_shreds_total{outcome}`
-//!   ([`shred`]).
+//! - `piiguard_dek_cache_entries`, `piiguard_dek_cache_total{result}` (hit / miss, fed by
+//!   `ops.rs` through [`dek_cache`])
+//! - `piiguard_vault_request_duration_seconds{op}`, `piiguard_vault_errors_total{op}` ([`vault_call`]:
+//!   `dek_load` for cache misses, `sign` for audit checkpoints)
+//! - `piiguard_shreds_total{outcome}` ([`shred`], for the erasure service)
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -117,13 +118,13 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
         .map_err(|e| format!("cannot bind metrics listener {addr}: {e}"))
 }
 
-/// Records one DEK cache lookup (for `src/keys`).
+/// Records one DEK cache lookup.
 pub fn dek_cache(hit: bool) {
     let result = if hit { "hit" } else { "miss" };
     metrics::counter!("piiguard_dek_cache_total", "result" => result).increment(1);
 }
 
-/// Records one Vault request (for `src/vault.rs`).
+/// Records one Vault-backed operation.
 pub fn vault_call(op: &'static str, elapsed: Duration, ok: bool) {
     metrics::histogram!("piiguard_vault_request_duration_seconds", "op" => op)
         .record(elapsed.as_secs_f64());

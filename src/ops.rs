@@ -94,6 +94,31 @@ fn check_context(ctx: &HashMap<String, String>) -> Result<BTreeMap<&str, &str>> 
     Ok(ctx.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect())
 }
 
+/// Awaits a key lookup and records whether it was a cache hit (ready at the first poll: no
+/// Vault round trip) or a miss (its duration is the Vault-backed load's, and its failure a
+/// Vault error), without reaching into the key manager.
+async fn observed<F>(f: F) -> Result<Arc<DekEntry>>
+where
+    F: std::future::Future<Output = Result<Arc<DekEntry>>>,
+{
+    let mut f = std::pin::pin!(f);
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(f.as_mut().poll(cx))).await;
+    match first {
+        std::task::Poll::Ready(r) => {
+            crate::metrics::dek_cache(true);
+            r
+        }
+        std::task::Poll::Pending => {
+            let started = std::time::Instant::now();
+            let r = f.await;
+            crate::metrics::dek_cache(false);
+            let vault_failed = matches!(r, Err(Error::Unavailable { .. } | Error::Internal { .. }));
+            crate::metrics::vault_call("dek_load", started.elapsed(), !vault_failed);
+            r
+        }
+    }
+}
+
 fn envelope_error(e: EnvelopeError) -> Error {
     match e {
         EnvelopeError::Malformed => Error::bad_ciphertext(
@@ -169,7 +194,7 @@ impl Engine {
         check_context(i.context)?;
         g.authorize(Op::Encrypt, Some(i.keyspace), Some(i.field))?;
         g.note_subject(i.keyspace, &self.keys.subject_ref(i.keyspace, i.subject)?);
-        let key = self.keys.key_for_subject(i.keyspace, i.subject).await?;
+        let key = observed(self.keys.key_for_subject(i.keyspace, i.subject)).await?;
         g.note_key(i.keyspace, &key.key_id);
         self.seal(&key, i)
     }
@@ -215,8 +240,8 @@ impl Engine {
         g.note_key(h.keyspace, &h.key_id);
         let key = self
             .keys
-            .key_by_id(h.keyspace, h.key_id, h.dek_version, h.alg)
-            .await?;
+            .key_by_id(h.keyspace, h.key_id, h.dek_version, h.alg);
+        let key = observed(key).await?;
         parsed
             .open(&key.keys, i.field, &ctx)
             .map_err(envelope_error)
@@ -258,9 +283,12 @@ impl Engine {
         wanted.dedup();
         let loads: Vec<_> = wanted
             .into_iter()
-            .map(
-                |(ks, subj)| async move { ((ks, subj), self.keys.key_for_subject(ks, subj).await) },
-            )
+            .map(|(ks, subj)| async move {
+                (
+                    (ks, subj),
+                    observed(self.keys.key_for_subject(ks, subj)).await,
+                )
+            })
             .collect();
         let keys: HashMap<(&str, &str), Result<Arc<DekEntry>>> = futures_util::stream::iter(loads)
             .buffer_unordered(BATCH_KEY_CONCURRENCY)
@@ -320,7 +348,7 @@ impl Engine {
             .map(|w| async move {
                 let alg = crate::crypto::aead::Algorithm::from_byte(w.3)
                     .unwrap_or(crate::crypto::aead::Algorithm::Aes256Gcm);
-                (w, self.keys.key_by_id(w.0, w.1, w.2, alg).await)
+                (w, observed(self.keys.key_by_id(w.0, w.1, w.2, alg)).await)
             })
             .collect();
         let keys: HashMap<_, Result<Arc<DekEntry>>> = futures_util::stream::iter(loads)

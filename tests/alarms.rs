@@ -543,6 +543,15 @@ cooldown_secs = 3600
     );
     assert!(metric(&m, "piiguard_audit_records_total", &[]) >= 10.0);
     assert!(metric(&m, "piiguard_dek_cache_entries", &[]) >= 1.0);
+    assert!(metric(&m, "piiguard_dek_cache_total", &[("result", "hit")]) >= 1.0);
+    assert!(metric(&m, "piiguard_dek_cache_total", &[("result", "miss")]) >= 1.0);
+    assert!(
+        metric(
+            &m,
+            "piiguard_vault_request_duration_seconds_count",
+            &[("op", "dek_load")]
+        ) >= 1.0
+    );
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(b"GET /other HTTP/1.1\r\n\r\n").await.unwrap();
     let mut r = String::new();

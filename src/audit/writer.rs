@@ -614,7 +614,9 @@ impl Writer {
         let tx = self.tx.clone();
         self.runtime.spawn(async move {
             let msg = checkpoint_message(covers_seq, &covers_hash);
+            let started = Instant::now();
             let result = signer.sign(msg.as_bytes()).await.map_err(|e| e.to_string());
+            crate::metrics::vault_call("sign", started.elapsed(), result.is_ok());
             let _ = tx.try_send(Msg::Signed {
                 covers_seq,
                 covers_hash,
