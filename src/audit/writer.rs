@@ -104,7 +104,10 @@ impl Auditor {
             lost: lost.clone(),
             failing: false,
             checkpointed_seq: head.seq,
-            last_checkpoint: Instant::now(),
+            // The first checkpoint comes at once (it signs the link to the previous run).
+            last_checkpoint: Instant::now()
+                .checked_sub(cfg.checkpoint_interval)
+                .unwrap_or_else(Instant::now),
             last_fsync: Instant::now(),
             last_retention: Instant::now() - RETENTION_SWEEP,
             signing: false,
