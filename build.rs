@@ -17,11 +17,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ".piiguard.v1.DecryptResult",
             ".piiguard.v1.EncryptBatchRequest",
             ".piiguard.v1.DecryptBatchResponse",
+            ".piiguard.v1.CreateCanaryRequest",
         ])
         .compile_protos(
             &[
                 "proto/piiguard/v1/crypto.proto",
                 "proto/piiguard/v1/erasure.proto",
+                "proto/piiguard/v1/admin.proto",
             ],
             &["proto"],
         )?;

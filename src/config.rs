@@ -43,6 +43,167 @@ pub struct RawConfig {
     pub erasure: RawErasure,
     #[serde(default)]
     pub keyspaces: BTreeMap<String, RawKeyspace>,
+    #[serde(default)]
+    pub policy: RawPolicyConfig,
+    #[serde(default)]
+    pub audit: RawAudit,
+    #[serde(default)]
+    pub metrics: RawMetrics,
+    #[serde(default)]
+    pub limits: RawLimits,
+    #[serde(default)]
+    pub lockout: RawLockout,
+    #[serde(default)]
+    pub canaries: RawCanaries,
+    #[serde(default)]
+    pub alarms: RawAlarms,
+}
+
+/// `[policy]`: the access policy file (docs/POLICY.md).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawPolicyConfig {
+    /// Policy file (TOML). Required: without a policy every call is denied.
+    pub file: Option<PathBuf>,
+    /// How often the file is checked for changes (0 = only SIGHUP).
+    pub reload_interval_secs: u64,
+}
+
+impl Default for RawPolicyConfig {
+    fn default() -> Self {
+        Self {
+            file: None,
+            reload_interval_secs: 10,
+        }
+    }
+}
+
+/// `[audit]`: the tamper-evident audit log.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAudit {
+    /// Folder of the audit files. Required.
+    pub dir: Option<PathBuf>,
+    /// Start a new file after this many bytes.
+    pub rotate_bytes: u64,
+    /// ... or after this many seconds.
+    pub rotate_secs: u64,
+    /// Files older than this are deleted. At least 90 unless explicitly overridden.
+    pub retention_days: u64,
+    /// Allow `retention_days` under 90 (e.g. in tests). Never in production (ADPP: 90 days).
+    pub allow_retention_under_90_days: bool,
+    /// How often the chain head is signed by the transit signing key.
+    pub checkpoint_secs: u64,
+    /// How often written records are fsynced.
+    pub fsync_interval_ms: u64,
+    /// Records queued for the writer; when full, data calls fail closed.
+    pub queue_capacity: usize,
+}
+
+impl Default for RawAudit {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            rotate_bytes: 128 * 1024 * 1024,
+            rotate_secs: 86_400,
+            retention_days: 90,
+            allow_retention_under_90_days: false,
+            checkpoint_secs: 60,
+            fsync_interval_ms: 1000,
+            queue_capacity: 65_536,
+        }
+    }
+}
+
+/// `[metrics]`: Prometheus endpoint on its own plaintext listener.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawMetrics {
+    /// `IP:PORT` serving `GET /metrics`; empty = off.
+    pub listen: String,
+}
+
+/// A set of limits, each `N/DURATION` (e.g. `100/1s`, `1000000/1d`).
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLimitSet {
+    /// Calls per identity.
+    pub calls: Vec<String>,
+    /// Decrypted / detokenised items per identity (the volume budget).
+    pub revealed_items: Vec<String>,
+}
+
+/// `[limits]`: defaults for every identity, and `[limits.identity."PATTERN"]` overrides.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLimits {
+    pub calls: Vec<String>,
+    pub revealed_items: Vec<String>,
+    pub identity: BTreeMap<String, RawLimitSet>,
+}
+
+/// `[lockout]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLockout {
+    /// Denied or failed calls within `window_secs` that lock an identity out (0 = off).
+    pub max_failures: u32,
+    pub window_secs: u64,
+    pub cooldown_secs: u64,
+}
+
+impl Default for RawLockout {
+    fn default() -> Self {
+        Self {
+            max_failures: 50,
+            window_secs: 60,
+            cooldown_secs: 900,
+        }
+    }
+}
+
+/// A configured canary subject.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCanarySubject {
+    pub keyspace: String,
+    pub subject: String,
+    #[serde(default)]
+    pub label: String,
+}
+
+/// `[canaries]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawCanaries {
+    /// Lock the caller out when it touches a canary.
+    pub lockout: bool,
+    pub subject: Vec<RawCanarySubject>,
+    /// Canary token values (decoys; kept in memory only as hashes).
+    pub tokens: Vec<String>,
+    /// How often the registry of created canaries is re-read from Vault.
+    pub refresh_secs: u64,
+}
+
+impl Default for RawCanaries {
+    fn default() -> Self {
+        Self {
+            lockout: true,
+            subject: Vec::new(),
+            tokens: Vec::new(),
+            refresh_secs: 60,
+        }
+    }
+}
+
+/// `[alarms]`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAlarms {
+    /// Webhook receiving each alarm as a JSON POST; empty = none. https (or http to loopback).
+    pub webhook_url: String,
+    /// CA bundle for the webhook's certificate (default: the system roots).
+    pub webhook_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -245,6 +406,51 @@ pub struct Config {
     pub store: StoreConfig,
     pub erasure: ErasureConfig,
     pub keyspaces: BTreeMap<String, KeyspaceConfig>,
+    pub policy: PolicyConfig,
+    pub audit: AuditConfig,
+    pub metrics_listen: Option<SocketAddr>,
+    pub limits: crate::limits::LimitsConfig,
+    pub lockout: crate::limits::LockoutConfig,
+    pub canaries: CanariesConfig,
+    pub alarms: AlarmsConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct PolicyConfig {
+    pub file: PathBuf,
+    pub reload_interval: Option<Duration>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    pub dir: PathBuf,
+    pub rotate_bytes: u64,
+    pub rotate_interval: Duration,
+    pub retention: Duration,
+    pub checkpoint_interval: Duration,
+    pub fsync_interval: Duration,
+    pub queue_capacity: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct CanarySubject {
+    pub keyspace: String,
+    pub subject: String,
+    pub label: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct CanariesConfig {
+    pub lockout: bool,
+    pub subjects: Vec<CanarySubject>,
+    pub tokens: Vec<String>,
+    pub refresh: Duration,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct AlarmsConfig {
+    pub webhook_url: Option<String>,
+    pub webhook_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -605,6 +811,74 @@ impl RawConfig {
             stale_shred: Duration::from_secs(e.stale_shred_secs),
             backup_retention_days: e.backup_retention_days,
         };
+        let policy = PolicyConfig {
+            file: self.policy.file.ok_or_else(|| {
+                ConfigError(
+                    "policy.file is required: the access policy (default deny; see docs/POLICY.md)"
+                        .into(),
+                )
+            })?,
+            reload_interval: (self.policy.reload_interval_secs > 0)
+                .then(|| Duration::from_secs(self.policy.reload_interval_secs)),
+        };
+        let audit = validate_audit(self.audit)?;
+        let metrics_listen = if self.metrics.listen.is_empty() {
+            None
+        } else {
+            Some(socket("metrics.listen", &self.metrics.listen)?)
+        };
+        let limits = validate_limits(self.limits)?;
+        let lockout = crate::limits::LockoutConfig {
+            max_failures: self.lockout.max_failures,
+            window: Duration::from_secs(self.lockout.window_secs),
+            cooldown: Duration::from_secs(self.lockout.cooldown_secs),
+        };
+        if lockout.max_failures > 0
+            && (self.lockout.window_secs == 0 || self.lockout.cooldown_secs == 0)
+        {
+            return err("lockout.window_secs and lockout.cooldown_secs must be at least 1");
+        }
+        let mut subjects = Vec::new();
+        for c in self.canaries.subject {
+            if !keyspaces.contains_key(&c.keyspace) {
+                return err(format!(
+                    "canaries.subject: keyspace {:?} is not configured",
+                    c.keyspace
+                ));
+            }
+            if c.subject.is_empty() || c.subject.len() > crate::ops::MAX_SUBJECT_LEN {
+                return err("canaries.subject: subject must be 1-256 bytes");
+            }
+            subjects.push(CanarySubject {
+                keyspace: c.keyspace,
+                subject: c.subject,
+                label: c.label,
+            });
+        }
+        let canaries = CanariesConfig {
+            lockout: self.canaries.lockout,
+            subjects,
+            tokens: self.canaries.tokens,
+            refresh: Duration::from_secs(self.canaries.refresh_secs.max(1)),
+        };
+        let alarms = AlarmsConfig {
+            webhook_url: match self.alarms.webhook_url.as_str() {
+                "" => None,
+                u if u.starts_with("https://")
+                    || u.starts_with("http://127.0.0.1")
+                    || u.starts_with("http://localhost")
+                    || u.starts_with("http://[::1]") =>
+                {
+                    Some(u.to_string())
+                }
+                u => {
+                    return err(format!(
+                        "alarms.webhook_url {u:?} must be https:// (plain http only to loopback)"
+                    ));
+                }
+            },
+            webhook_ca: self.alarms.webhook_ca,
+        };
         Ok(Config {
             server,
             tls,
@@ -614,8 +888,94 @@ impl RawConfig {
             store: StoreConfig { url: st.url },
             erasure,
             keyspaces,
+            policy,
+            audit,
+            metrics_listen,
+            limits,
+            lockout,
+            canaries,
+            alarms,
         })
     }
+}
+
+fn validate_audit(a: RawAudit) -> Result<AuditConfig, ConfigError> {
+    let dir = a
+        .dir
+        .ok_or_else(|| ConfigError("audit.dir is required: the folder of the audit log".into()))?;
+    if a.retention_days == 0 {
+        return err("audit.retention_days must be at least 1");
+    }
+    if a.retention_days < 90 && !a.allow_retention_under_90_days {
+        return err(format!(
+            "audit.retention_days = {} is under the 90 days the data-protection policy requires; \
+             set audit.allow_retention_under_90_days = true to override",
+            a.retention_days
+        ));
+    }
+    if a.retention_days > 36_500 {
+        return err("audit.retention_days must not exceed 36500");
+    }
+    if a.rotate_bytes < 1024 || a.rotate_secs == 0 {
+        return err("audit.rotate_bytes must be at least 1024 and audit.rotate_secs at least 1");
+    }
+    if a.checkpoint_secs == 0 || a.fsync_interval_ms == 0 {
+        return err("audit.checkpoint_secs and audit.fsync_interval_ms must be at least 1");
+    }
+    if a.queue_capacity < 16 {
+        return err("audit.queue_capacity must be at least 16");
+    }
+    Ok(AuditConfig {
+        dir,
+        rotate_bytes: a.rotate_bytes,
+        rotate_interval: Duration::from_secs(a.rotate_secs),
+        retention: Duration::from_secs(a.retention_days * 86_400),
+        checkpoint_interval: Duration::from_secs(a.checkpoint_secs),
+        fsync_interval: Duration::from_millis(a.fsync_interval_ms),
+        queue_capacity: a.queue_capacity,
+    })
+}
+
+fn limit_set(
+    what: &str,
+    calls: &[String],
+    items: &[String],
+) -> Result<crate::limits::LimitSet, ConfigError> {
+    let parse = |v: &[String], key: &str| -> Result<Vec<crate::limits::Window>, ConfigError> {
+        v.iter()
+            .map(|s| {
+                crate::limits::Window::parse(s)
+                    .map_err(|e| ConfigError(format!("{what}.{key}: {e}")))
+            })
+            .collect()
+    };
+    Ok(crate::limits::LimitSet {
+        calls: parse(calls, "calls")?,
+        revealed_items: parse(items, "revealed_items")?,
+    })
+}
+
+fn validate_limits(l: RawLimits) -> Result<crate::limits::LimitsConfig, ConfigError> {
+    let default = limit_set("limits", &l.calls, &l.revealed_items)?;
+    let mut overrides = Vec::new();
+    for (pat, set) in l.identity {
+        let p = crate::authz::IdentityPattern::parse(&pat)
+            .map_err(|e| ConfigError(format!("limits.identity: {e}")))?;
+        overrides.push((
+            p,
+            limit_set(
+                &format!("limits.identity.{pat:?}"),
+                &set.calls,
+                &set.revealed_items,
+            )?,
+        ));
+    }
+    // Exact identities win over prefixes, longer prefixes over shorter ones.
+    overrides.sort_by_key(|(p, _)| match p {
+        crate::authz::IdentityPattern::Exact(_) => (0, 0),
+        crate::authz::IdentityPattern::Prefix(s) => (1, usize::MAX - s.len()),
+    });
+    Ok(crate::limits::LimitsConfig { default, overrides })
 }
 
 #[cfg(test)]
@@ -634,6 +994,10 @@ auth = { method = "approle", role_id_file = "r", secret_id_file = "s" }
 [keyspaces.orders]
 [keyspaces.crm]
 algorithm = "aes-128-gcm"
+[policy]
+file = "policy.toml"
+[audit]
+dir = "audit"
 "#;
 
     fn no_env() -> Vec<(String, String)> {
@@ -685,6 +1049,46 @@ algorithm = "aes-128-gcm"
         let c = parse(MINIMAL, env).unwrap();
         assert_eq!(c.server.listen.to_string(), "0.0.0.0:9443");
         assert_eq!(c.cache.max_entries, 42);
+    }
+
+    #[test]
+    fn audit_policy_limits_sections() {
+        let c = parse(MINIMAL, no_env()).unwrap();
+        assert_eq!(c.audit.retention, Duration::from_secs(90 * 86_400));
+        assert_eq!(c.policy.reload_interval, Some(Duration::from_secs(10)));
+        assert!(c.metrics_listen.is_none());
+        assert_eq!(c.lockout.max_failures, 50);
+        for (from, to, needle) in [
+            ("[audit]\ndir = \"audit\"\n", "", "audit.dir is required"),
+            (
+                "[policy]\nfile = \"policy.toml\"\n",
+                "",
+                "policy.file is required",
+            ),
+            (
+                "dir = \"audit\"",
+                "dir = \"a\"\nretention_days = 30",
+                "under the 90 days",
+            ),
+            (
+                "dir = \"audit\"",
+                "dir = \"a\"\n[limits]\ncalls = [\"10/1w\"]",
+                "limits.calls",
+            ),
+        ] {
+            let e = parse(&MINIMAL.replace(from, to), no_env()).unwrap_err();
+            assert!(e.0.contains(needle), "{needle}: {e}");
+        }
+        let short = MINIMAL.replace(
+            "dir = \"audit\"",
+            "dir = \"a\"\nretention_days = 1\nallow_retention_under_90_days = true\n\
+             [limits]\ncalls = [\"10/1s\", \"1000/1d\"]\nrevealed_items = [\"5/1m\"]\n\
+             [limits.identity.\"spiffe://shop/*\"]\ncalls = [\"1/1s\"]",
+        );
+        let c = parse(&short, no_env()).unwrap();
+        assert_eq!(c.audit.retention, Duration::from_secs(86_400));
+        assert_eq!(c.limits.default.calls.len(), 2);
+        assert_eq!(c.limits.overrides.len(), 1);
     }
 
     #[test]

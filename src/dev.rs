@@ -271,7 +271,54 @@ impl Drop for Bao {
     }
 }
 
-/// The config file `piiguard dev` writes (and the tests use).
+/// The dev access policy: grants the dev client identities what their service needs, and
+/// nothing more (default deny). Written next to the Vault credentials by [`write_dev_policy`].
+pub const DEV_POLICY: &str = r#"# Access policy of `piiguard dev` (DEV ONLY). Default deny: a call is allowed only if a grant
+# below names the caller, the operation, the keyspace and the field. See docs/POLICY.md.
+
+# The order service stores and reads every kind of PII of orders and of the CRM.
+[[grant]]
+identity = "spiffe://shop.local/orders"
+operations = ["encrypt", "decrypt", "tokenize", "detokenize"]
+keyspaces = ["orders", "crm"]
+fields = ["*"]
+
+# Shipping reads the name and the address of an order, nothing else.
+[[grant]]
+identity = "spiffe://shop.local/shipping"
+operations = ["decrypt"]
+keyspaces = ["orders"]
+fields = ["address", "name"]
+
+# The deletion workflow shreds subjects and asks for their status; it never decrypts.
+[[grant]]
+identity = "spiffe://shop.local/erasure"
+operations = ["shred", "shred_status"]
+keyspaces = ["*"]
+
+# Security administration (lockouts, canaries, audit signing keys).
+[[grant]]
+identity = "spiffe://shop.local/admin"
+operations = ["admin"]
+"#;
+
+/// Where [`dev_config_toml`] points `policy.file`: next to the AppRole credentials.
+pub fn dev_policy_path(role_id_file: &Path) -> PathBuf {
+    role_id_file
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join("policy.toml")
+}
+
+/// Writes [`DEV_POLICY`] (plus `extra` grants) where [`dev_config_toml`] expects it.
+pub fn write_dev_policy(role_id_file: &Path, extra: &str) -> Result<PathBuf, String> {
+    let path = dev_policy_path(role_id_file);
+    write_file(&path, format!("{DEV_POLICY}{extra}").as_bytes(), false)?;
+    Ok(path)
+}
+
+/// The config file `piiguard dev` writes (and the tests use). Its access policy is
+/// [`dev_policy_path`] and its audit log the folder `audit` beside it.
 #[allow(clippy::too_many_arguments)]
 pub fn dev_config_toml(
     listen: &str,
@@ -311,6 +358,12 @@ url = "{store_url}"
 format = "text"
 level = "info"
 
+[policy]
+file = "{policy}"
+
+[audit]
+dir = "{audit}"
+
 [keyspaces.orders]
 algorithm = "aes-256-gcm"
 
@@ -324,6 +377,12 @@ algorithm = "aes-128-gcm"
         vca = bao.ca.display(),
         rid = role_id_file.display(),
         sid = secret_id_file.display(),
+        policy = dev_policy_path(role_id_file).display(),
+        audit = role_id_file
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join("audit")
+            .display(),
     )
 }
 
@@ -363,6 +422,10 @@ pub async fn run_dev(opts: DevOptions) -> Result<(), String> {
     let sid = creds_dir.join("secret-id");
     let db = std::path::absolute(dir.join("piiguard.db")).map_err(|e| e.to_string())?;
     let store_url = format!("sqlite://{}", db.display());
+    let policy = dev_policy_path(&rid);
+    if !policy.exists() {
+        write_dev_policy(&rid, "")?;
+    }
     let toml = dev_config_toml(
         &opts.listen,
         &opts.health_listen,
@@ -371,7 +434,7 @@ pub async fn run_dev(opts: DevOptions) -> Result<(), String> {
         &rid,
         &sid,
         &store_url,
-        "",
+        "\n[metrics]\nlisten = \"127.0.0.1:9464\"\n",
     );
     let cfg_path = dir.join("piiguard.toml");
     write_file(&cfg_path, toml.as_bytes(), false)?;
@@ -386,7 +449,10 @@ pub async fn run_dev(opts: DevOptions) -> Result<(), String> {
          Try it (grpcurl, through server reflection, over mutual TLS):\n  \
          grpcurl -cacert {ca} -cert {cc} -key {ck} -d '{{\"keyspace\":\"orders\",\"subject\":\"customer-1\",\"field\":\"email\",\"plaintext\":\"YWxpY2VAZXhhbXBsZS5jb20=\"}}' {listen} piiguard.v1.Crypto/Encrypt\n  \
          grpcurl -cacert {ca} -cert {cc} -key {ck} {listen} grpc.health.v1.Health/Check\n\
+         Access policy: {policy} (reloads on change); audit log: {audit}; metrics: http://127.0.0.1:9464/metrics\n\
          Load test: see bench/README.md (ghz with the same certificate flags).\n",
+        policy = policy.display(),
+        audit = cfg.audit.dir.display(),
         vault = bao.address,
         cfg = cfg_path.display(),
         ca = pki.ca.display(),

@@ -51,6 +51,16 @@ pub mod reason {
         SHRED_NOT_SCHEDULED,
     ];
     pub const INTERNAL: &str = "INTERNAL";
+    /// The access policy does not grant this caller the operation on this keyspace/field.
+    pub const POLICY_DENIED: &str = "POLICY_DENIED";
+    /// A per-identity call-rate limit was reached.
+    pub const RATE_LIMITED: &str = "RATE_LIMITED";
+    /// A per-identity budget of decrypted / detokenised items was reached.
+    pub const VOLUME_BUDGET_EXCEEDED: &str = "VOLUME_BUDGET_EXCEEDED";
+    /// The caller is locked out (repeated denied/failed calls, or a canary was touched).
+    pub const LOCKED_OUT: &str = "LOCKED_OUT";
+    /// The audit log cannot be written: data calls fail closed.
+    pub const AUDIT_UNAVAILABLE: &str = "AUDIT_UNAVAILABLE";
 }
 
 /// An error of a piiguard operation.
@@ -80,6 +90,13 @@ pub enum Error {
     /// The caller presented no usable identity.
     #[error("caller identity missing")]
     Unauthenticated,
+    /// The access policy does not allow the call. `message` names what was missing (identity,
+    /// operation, keyspace, field), never request data.
+    #[error("{message}")]
+    PermissionDenied { message: String },
+    /// The audit sink cannot accept records; data calls fail closed. Retryable.
+    #[error("audit log unavailable")]
+    AuditUnavailable,
     /// A resource limit was reached.
     #[error("{message}")]
     ResourceExhausted {
@@ -164,6 +181,8 @@ impl Error {
             Error::InvalidArgument { .. } | Error::BadCiphertext { .. } => Code::InvalidArgument,
             Error::FailedPrecondition { .. } => Code::FailedPrecondition,
             Error::Unauthenticated => Code::Unauthenticated,
+            Error::PermissionDenied { .. } => Code::PermissionDenied,
+            Error::AuditUnavailable => Code::Unavailable,
             Error::ResourceExhausted { .. } => Code::ResourceExhausted,
             Error::Unavailable { .. } => Code::Unavailable,
             Error::Internal { .. } => Code::Internal,
@@ -178,6 +197,8 @@ impl Error {
             | Error::ResourceExhausted { reason, .. }
             | Error::FailedPrecondition { reason, .. } => reason,
             Error::Unauthenticated => reason::UNAUTHENTICATED,
+            Error::PermissionDenied { .. } => reason::POLICY_DENIED,
+            Error::AuditUnavailable => reason::AUDIT_UNAVAILABLE,
             Error::Unavailable { .. } => reason::VAULT_UNAVAILABLE,
             Error::Internal { .. } => reason::INTERNAL,
         }
@@ -191,6 +212,9 @@ impl Error {
             }
             Error::Internal { .. } => {
                 "internal error (see correlation_id in the server log)".into()
+            }
+            Error::AuditUnavailable => {
+                "audit log unavailable: the call was refused (fail closed); retry later".into()
             }
             other => other.to_string(),
         }

@@ -4,7 +4,12 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin_cli;
+pub mod alarms;
+pub mod audit;
+pub mod authz;
 pub mod bootstrap;
+pub mod canary;
 pub mod certs;
 pub mod cli;
 pub mod config;
@@ -12,7 +17,10 @@ pub mod crypto;
 pub mod dev;
 pub mod erasure;
 pub mod error;
+pub mod guard;
 pub mod keys;
+pub mod limits;
+pub mod metrics;
 pub mod ops;
 pub mod server;
 pub mod service;

@@ -78,6 +78,23 @@ enum Cmd {
         #[command(subcommand)]
         command: CertificateCmd,
     },
+    /// Access policy tools.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCmd,
+    },
+    /// Audit log tools.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCmd,
+    },
+    /// Security administration of a running server over mutual TLS (needs the `admin` grant).
+    Admin {
+        #[command(flatten)]
+        conn: piiguard::admin_cli::Connection,
+        #[command(subcommand)]
+        command: piiguard::admin_cli::AdminCmd,
+    },
     /// Generate a dev PKI: CA, server certificate for 127.0.0.1/localhost, client certificates.
     Certs {
         /// Output folder.
@@ -118,6 +135,35 @@ enum CertificateCmd {
         /// PEM public key of the signing key version named in the certificate.
         #[arg(long)]
         public_key: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyCmd {
+    /// Validates a policy file (exit 0 if valid, 78 if not) and prints a summary.
+    Check {
+        /// The policy file.
+        file: PathBuf,
+        /// Also check that every keyspace it names is configured in this config file.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AuditCmd {
+    /// Verifies audit files as one hash chain, and their signed checkpoints.
+    Verify {
+        /// Audit files (any order: they are sorted by sequence number).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// PEM public key of the checkpoint signing key (repeat for several versions). Without
+        /// one, only the hash chain is checked.
+        #[arg(long)]
+        public_key: Vec<PathBuf>,
+        /// Accept a log that does not end with a final checkpoint (a running server's).
+        #[arg(long)]
+        allow_open_tail: bool,
     },
 }
 
@@ -162,6 +208,11 @@ fn main() -> ExitCode {
             };
             if let Err(e) = piiguard::tls::build_server_config(&cfg.tls) {
                 eprintln!("piiguard: invalid configuration: TLS: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            let known = cfg.keyspaces.keys().cloned().collect();
+            if let Err(e) = piiguard::authz::Policy::load(&cfg.policy.file, Some(&known)) {
+                eprintln!("piiguard: invalid access policy: {e}");
                 return ExitCode::from(EXIT_CONFIG);
             }
             init_logging(cfg.log.json, &cfg.log.level);
@@ -266,6 +317,82 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Cmd::Policy {
+            command: PolicyCmd::Check { file, config },
+        } => {
+            let known = match config {
+                Some(c) => match piiguard::config::load(&c, std::env::vars()) {
+                    Ok(cfg) => Some(cfg.keyspaces.keys().cloned().collect()),
+                    Err(e) => {
+                        eprintln!("piiguard: {}: {e}", c.display());
+                        return ExitCode::from(EXIT_CONFIG);
+                    }
+                },
+                None => None,
+            };
+            match piiguard::authz::Policy::load(&file, known.as_ref()) {
+                Ok(p) => {
+                    for w in &p.warnings {
+                        eprintln!("warning: {w}");
+                    }
+                    println!(
+                        "{}: valid, {} grant(s), sha256 {}",
+                        file.display(),
+                        p.grant_count,
+                        p.digest
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("piiguard: invalid policy: {e}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
+            }
+        }
+        Cmd::Audit {
+            command:
+                AuditCmd::Verify {
+                    files,
+                    public_key,
+                    allow_open_tail,
+                },
+        } => {
+            let mut keys = Vec::new();
+            for k in &public_key {
+                match std::fs::read_to_string(k) {
+                    // A file may hold several PEM keys (one per key version).
+                    Ok(t) => keys.extend(pem_blocks(&t)),
+                    Err(e) => {
+                        eprintln!("piiguard: {}: {e}", k.display());
+                        return ExitCode::from(2);
+                    }
+                }
+            }
+            let opts = piiguard::audit::verify::Options {
+                public_keys: keys,
+                allow_open_tail,
+            };
+            let report = piiguard::audit::verify::verify_files(&files, &opts);
+            for f in &report.findings {
+                println!("{f}");
+            }
+            println!(
+                "{} record(s), seq {}..{}, {} checkpoint signature(s) verified: {}",
+                report.records,
+                report.first_seq.unwrap_or(0),
+                report.last_seq.unwrap_or(0),
+                report.checkpoints_verified,
+                if report.ok() { "OK" } else { "FAILED" }
+            );
+            if report.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Cmd::Admin { conn, command } => {
+            report(runtime().block_on(piiguard::admin_cli::run(conn, command)))
+        }
         Cmd::Certs { out, client } => {
             let mut clients: Vec<(String, String)> = piiguard::certs::DEFAULT_CLIENTS
                 .iter()
@@ -291,6 +418,25 @@ fn main() -> ExitCode {
             }))
         }
     }
+}
+
+/// Splits text into its `-----BEGIN ...-----` / `-----END ...-----` blocks.
+fn pem_blocks(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur: Option<String> = None;
+    for line in text.lines() {
+        if line.starts_with("-----BEGIN ") {
+            cur = Some(String::new());
+        }
+        if let Some(c) = cur.as_mut() {
+            c.push_str(line);
+            c.push('\n');
+        }
+        if line.starts_with("-----END ") {
+            out.extend(cur.take());
+        }
+    }
+    out
 }
 
 fn report(r: Result<(), String>) -> ExitCode {

@@ -1,5 +1,10 @@
 //! The data operations (encrypt, decrypt and their batch forms), independent of gRPC: inputs
 //! are validated here, keys come from the [`KeyManager`], bytes from [`crate::crypto`].
+//!
+//! Every operation is authorised through the call's [`Guard`], per item and after validation
+//! (so that only valid keyspace and field names reach the policy and the audit record), and
+//! before any key is fetched. Decryption names its keyspace in the ciphertext, so it is
+//! authorised after the header is parsed; the key id goes to the guard (audit, canaries).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -8,8 +13,10 @@ use std::sync::atomic::Ordering;
 use futures_util::StreamExt as _;
 use zeroize::Zeroizing;
 
+use crate::authz::Op;
 use crate::crypto::envelope::{self, EnvelopeError};
 use crate::error::{Error, Result, reason};
+use crate::guard::Guard;
 use crate::keys::KeyManager;
 use crate::keys::cache::DekEntry;
 use crate::keys::manager::{MAX_USES_PER_DEK, truncate_for_message};
@@ -87,6 +94,31 @@ fn check_context(ctx: &HashMap<String, String>) -> Result<BTreeMap<&str, &str>> 
     Ok(ctx.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect())
 }
 
+/// Awaits a key lookup and records whether it was a cache hit (ready at the first poll: no
+/// Vault round trip) or a miss (its duration is the Vault-backed load's, and its failure a
+/// Vault error), without reaching into the key manager.
+async fn observed<F>(f: F) -> Result<Arc<DekEntry>>
+where
+    F: std::future::Future<Output = Result<Arc<DekEntry>>>,
+{
+    let mut f = std::pin::pin!(f);
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(f.as_mut().poll(cx))).await;
+    match first {
+        std::task::Poll::Ready(r) => {
+            crate::metrics::dek_cache(true);
+            r
+        }
+        std::task::Poll::Pending => {
+            let started = std::time::Instant::now();
+            let r = f.await;
+            crate::metrics::dek_cache(false);
+            let vault_failed = matches!(r, Err(Error::Unavailable { .. } | Error::Internal { .. }));
+            crate::metrics::vault_call("dek_load", started.elapsed(), !vault_failed);
+            r
+        }
+    }
+}
+
 fn envelope_error(e: EnvelopeError) -> Error {
     match e {
         EnvelopeError::Malformed => Error::bad_ciphertext(
@@ -157,11 +189,26 @@ impl Engine {
     }
 
     /// Encrypts one field.
-    pub async fn encrypt(&self, i: &EncryptInput<'_>) -> Result<Vec<u8>> {
+    pub async fn encrypt(&self, g: &mut Guard, i: &EncryptInput<'_>) -> Result<Vec<u8>> {
+        self.check_encrypt(i)?;
+        check_context(i.context)?;
+        g.authorize(Op::Encrypt, Some(i.keyspace), Some(i.field))?;
+        g.note_subject(i.keyspace, &self.keys.subject_ref(i.keyspace, i.subject)?);
+        let key = observed(self.keys.key_for_subject(i.keyspace, i.subject)).await?;
+        g.note_key(i.keyspace, &key.key_id);
+        self.seal(&key, i)
+    }
+
+    /// Encrypts on piiguard's own behalf (canary records made by an admin call), outside any
+    /// caller's grants; returns the ciphertext and the subject's key id.
+    pub async fn encrypt_internal(
+        &self,
+        i: &EncryptInput<'_>,
+    ) -> Result<(Vec<u8>, crate::crypto::envelope::KeyId)> {
         self.check_encrypt(i)?;
         check_context(i.context)?;
         let key = self.keys.key_for_subject(i.keyspace, i.subject).await?;
-        self.seal(&key, i)
+        Ok((self.seal(&key, i)?, key.key_id))
     }
 
     fn check_decrypt<'b>(&self, i: &DecryptInput<'_>, parsed: &envelope::Parsed<'b>) -> Result<()> {
@@ -182,16 +229,19 @@ impl Engine {
     }
 
     /// Decrypts one ciphertext.
-    pub async fn decrypt(&self, i: &DecryptInput<'_>) -> Result<Zeroizing<Vec<u8>>> {
+    pub async fn decrypt(&self, g: &mut Guard, i: &DecryptInput<'_>) -> Result<Zeroizing<Vec<u8>>> {
         let mut scratch = Vec::new();
         let parsed = envelope::parse(i.ciphertext, &mut scratch).map_err(envelope_error)?;
         self.check_decrypt(i, &parsed)?;
         let ctx = check_context(i.context)?;
         let h = &parsed.header;
+        g.authorize(Op::Decrypt, Some(h.keyspace), Some(i.field))?;
+        g.reveal(1)?;
+        g.note_key(h.keyspace, &h.key_id);
         let key = self
             .keys
-            .key_by_id(h.keyspace, h.key_id, h.dek_version, h.alg)
-            .await?;
+            .key_by_id(h.keyspace, h.key_id, h.dek_version, h.alg);
+        let key = observed(key).await?;
         parsed
             .open(&key.keys, i.field, &ctx)
             .map_err(envelope_error)
@@ -209,9 +259,20 @@ impl Engine {
 
     /// Encrypts many items; each gets its own result. Distinct subjects' keys load
     /// concurrently, each once.
-    pub async fn encrypt_batch(&self, items: &[EncryptInput<'_>]) -> Result<Vec<Result<Vec<u8>>>> {
+    pub async fn encrypt_batch(
+        &self,
+        g: &mut Guard,
+        items: &[EncryptInput<'_>],
+    ) -> Result<Vec<Result<Vec<u8>>>> {
         self.check_batch_len(items.len())?;
-        let checks: Vec<Result<()>> = items.iter().map(|i| self.check_encrypt(i)).collect();
+        g.set_items(items.len());
+        let checks: Vec<Result<()>> = items
+            .iter()
+            .map(|i| {
+                self.check_encrypt(i)?;
+                g.authorize(Op::Encrypt, Some(i.keyspace), Some(i.field))
+            })
+            .collect();
         let mut wanted: Vec<(&str, &str)> = items
             .iter()
             .zip(&checks)
@@ -222,9 +283,12 @@ impl Engine {
         wanted.dedup();
         let loads: Vec<_> = wanted
             .into_iter()
-            .map(
-                |(ks, subj)| async move { ((ks, subj), self.keys.key_for_subject(ks, subj).await) },
-            )
+            .map(|(ks, subj)| async move {
+                (
+                    (ks, subj),
+                    observed(self.keys.key_for_subject(ks, subj)).await,
+                )
+            })
             .collect();
         let keys: HashMap<(&str, &str), Result<Arc<DekEntry>>> = futures_util::stream::iter(loads)
             .buffer_unordered(BATCH_KEY_CONCURRENCY)
@@ -234,12 +298,13 @@ impl Engine {
             .iter()
             .zip(checks)
             .map(|(i, check)| {
-                check?;
-                match keys.get(&(i.keyspace, i.subject)) {
+                let r = check.and_then(|()| match keys.get(&(i.keyspace, i.subject)) {
                     Some(Ok(k)) => self.seal(k, i),
                     Some(Err(e)) => Err(e.clone()),
                     None => Err(Error::internal("batch key missing")),
-                }
+                });
+                g.item_result(&r);
+                r
             })
             .collect())
     }
@@ -247,9 +312,11 @@ impl Engine {
     /// Decrypts many items; each gets its own result.
     pub async fn decrypt_batch(
         &self,
+        g: &mut Guard,
         items: &[DecryptInput<'_>],
     ) -> Result<Vec<Result<Zeroizing<Vec<u8>>>>> {
         self.check_batch_len(items.len())?;
+        g.set_items(items.len());
         let mut scratch: Vec<Vec<u8>> = (0..items.len()).map(|_| Vec::new()).collect();
         let parsed: Vec<Result<envelope::Parsed<'_>>> = items
             .iter()
@@ -257,9 +324,15 @@ impl Engine {
             .map(|(i, s)| {
                 let p = envelope::parse(i.ciphertext, s).map_err(envelope_error)?;
                 self.check_decrypt(i, &p)?;
+                g.authorize(Op::Decrypt, Some(p.header.keyspace), Some(i.field))?;
                 Ok(p)
             })
             .collect();
+        // The volume budget counts every item that may be revealed, before any is.
+        g.reveal(parsed.iter().filter(|p| p.is_ok()).count() as u64)?;
+        for p in parsed.iter().flatten() {
+            g.note_key(p.header.keyspace, &p.header.key_id);
+        }
         let mut wanted: Vec<_> = parsed
             .iter()
             .filter_map(|p| p.as_ref().ok())
@@ -275,7 +348,7 @@ impl Engine {
             .map(|w| async move {
                 let alg = crate::crypto::aead::Algorithm::from_byte(w.3)
                     .unwrap_or(crate::crypto::aead::Algorithm::Aes256Gcm);
-                (w, self.keys.key_by_id(w.0, w.1, w.2, alg).await)
+                (w, observed(self.keys.key_by_id(w.0, w.1, w.2, alg)).await)
             })
             .collect();
         let keys: HashMap<_, Result<Arc<DekEntry>>> = futures_util::stream::iter(loads)
@@ -286,14 +359,17 @@ impl Engine {
             .iter()
             .zip(parsed)
             .map(|(i, p)| {
-                let p = p?;
-                let ctx = check_context(i.context)?;
-                let h = &p.header;
-                match keys.get(&(h.keyspace, h.key_id, h.dek_version, h.alg as u8)) {
-                    Some(Ok(k)) => p.open(&k.keys, i.field, &ctx).map_err(envelope_error),
-                    Some(Err(e)) => Err(e.clone()),
-                    None => Err(Error::internal("batch key missing")),
-                }
+                let r = p.and_then(|p| {
+                    let ctx = check_context(i.context)?;
+                    let h = &p.header;
+                    match keys.get(&(h.keyspace, h.key_id, h.dek_version, h.alg as u8)) {
+                        Some(Ok(k)) => p.open(&k.keys, i.field, &ctx).map_err(envelope_error),
+                        Some(Err(e)) => Err(e.clone()),
+                        None => Err(Error::internal("batch key missing")),
+                    }
+                });
+                g.item_result(&r);
+                r
             })
             .collect())
     }

@@ -10,13 +10,20 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tonic::transport::Server;
 
+use crate::alarms::{Alarms, Webhook};
+use crate::audit::Auditor;
+use crate::authz::PolicyStore;
 use crate::bootstrap::SIGNING_KEY;
+use crate::canary::Canaries;
 use crate::config::Config;
 use crate::erasure::Erasure;
 use crate::error::Error;
+use crate::guard::Sentry;
 use crate::keys::KeyManager;
+use crate::limits::{Limits, Lockouts};
 use crate::ops::Engine;
 use crate::pb;
+use crate::service::admin::AdminService;
 use crate::service::crypto::CryptoService;
 use crate::service::erasure::ErasureService;
 use crate::signing::Signer;
@@ -59,6 +66,10 @@ pub async fn run(
 ) -> Result<(), String> {
     tls::install_default_provider();
     let tls_state = TlsState::load(cfg.tls.clone())?;
+    let policy = Arc::new(PolicyStore::load(
+        cfg.policy.file.clone(),
+        cfg.keyspaces.keys().cloned().collect(),
+    )?);
     let vault = Arc::new(Vault::new(cfg.vault.clone()).map_err(|e| detail_of(&e))?);
     let store = Arc::new(
         Store::open(&cfg.store.url)
@@ -79,9 +90,82 @@ pub async fn run(
         max_plaintext: cfg.server.max_plaintext_bytes,
         max_batch: cfg.server.max_batch_items,
     });
-    let crypto = pb::crypto_server::CryptoServer::new(CryptoService::new(engine))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+
+    // Metrics, audit, alarms, limits, canaries: all ready before any port is bound.
+    let prometheus = match cfg.metrics_listen {
+        Some(_) => Some(crate::metrics::install()?),
+        None => None,
+    };
+    let runtime = tokio::runtime::Handle::current();
+    let webhook = match cfg.alarms.webhook_url {
+        Some(_) => Some(Webhook::start(&cfg.alarms, &runtime)?),
+        None => None,
+    };
+    let signer = Arc::new(Signer::new(vault.clone(), crate::bootstrap::SIGNING_KEY));
+    let audit = Auditor::start(
+        cfg.audit.clone(),
+        cfg.server.instance.clone(),
+        Some(signer.clone()),
+        runtime.clone(),
+        webhook.clone(),
+    )?;
+    let lockouts = Arc::new(Lockouts::new(cfg.lockout.clone()));
+    let canaries = Arc::new(Canaries::new(cfg.canaries.lockout));
+    for c in &cfg.canaries.subjects {
+        canaries
+            .add_subject(&keys, &c.keyspace, &c.subject, &c.label)
+            .await
+            .map_err(|e| format!("canary subject in {}: {}", c.keyspace, detail_of(&e)))?;
+    }
+    for t in &cfg.canaries.tokens {
+        canaries.add_token(t.as_bytes());
+    }
+    match canaries.refresh(&vault).await {
+        Ok(n) => tracing::info!(
+            created = n,
+            configured = cfg.canaries.subjects.len(),
+            "canaries loaded"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %detail_of(&e), "canary registry not readable at start; retrying in the background")
+        }
+    }
+    canaries.spawn_refresh(vault.clone(), cfg.canaries.refresh);
+    let sentry = Arc::new(Sentry {
+        policy: policy.clone(),
+        audit: audit.clone(),
+        alarms: Alarms::new(audit.clone(), webhook, cfg.server.instance.clone()),
+        limits: Limits::new(cfg.limits.clone()),
+        lockouts: lockouts.clone(),
+        canaries,
+    });
+    sentry.spawn_policy_reloader(cfg.policy.reload_interval);
+    let p = policy.current();
+    sentry.event(
+        "start",
+        None,
+        format!(
+            "piiguard {} starting; access policy {} ({} grants, sha256 {})",
+            env!("CARGO_PKG_VERSION"),
+            policy.path().display(),
+            p.grant_count,
+            p.digest
+        ),
+    );
+    for w in &p.warnings {
+        tracing::warn!(warning = %w, "access policy");
+    }
+
+    let crypto =
+        pb::crypto_server::CryptoServer::new(CryptoService::new(engine.clone(), sentry.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let admin = pb::admin_server::AdminServer::new(AdminService::new(
+        sentry.clone(),
+        engine,
+        vault.clone(),
+        signer,
+    ));
 
     let erasure = Arc::new(Erasure::new(
         keys.clone(),
@@ -89,9 +173,10 @@ pub async fn run(
         &cfg,
     ));
     erasure.spawn_background();
-    let erasure_svc = pb::erasure_server::ErasureServer::new(ErasureService::new(erasure))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let erasure_svc =
+        pb::erasure_server::ErasureServer::new(ErasureService::new(erasure, sentry.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
 
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
@@ -99,6 +184,9 @@ pub async fn run(
         .await;
     reporter
         .set_serving::<pb::erasure_server::ErasureServer<ErasureService>>()
+        .await;
+    reporter
+        .set_serving::<pb::admin_server::AdminServer<AdminService>>()
         .await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -117,6 +205,21 @@ pub async fn run(
     let local = listener.local_addr().map_err(|e| e.to_string())?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let metrics_task = match (cfg.metrics_listen, prometheus) {
+        (Some(addr), Some(handle)) => {
+            let ml = crate::metrics::bind(addr).await?;
+            let maddr = ml.local_addr().map_err(|e| e.to_string())?;
+            tracing::info!(address = %maddr, "metrics listener (plaintext, GET /metrics only)");
+            Some(tokio::spawn(crate::metrics::serve(
+                ml,
+                handle,
+                keys.clone(),
+                lockouts,
+                stop_rx.clone(),
+            )))
+        }
+        _ => None,
+    };
     let health_task = match cfg.server.health_listen {
         Some(addr) => {
             let hl = TcpListener::bind(addr)
@@ -155,6 +258,7 @@ pub async fn run(
         .initial_stream_window_size(Some(1024 * 1024))
         .add_service(crypto)
         .add_service(erasure_svc)
+        .add_service(admin)
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -176,6 +280,11 @@ pub async fn run(
     if let Some(h) = health_task {
         let _ = h.await;
     }
+    if let Some(h) = metrics_task {
+        let _ = h.await;
+    }
+    // Last: the `stop` record and the final signed checkpoint.
+    audit.shutdown().await;
     tracing::info!("stopped");
     r
 }

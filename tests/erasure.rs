@@ -105,6 +105,22 @@ async fn shred_makes_data_unreadable_and_certifies_it(env: TestEnv) {
     let ct_crm = encrypt(&mut c, "crm", "cust-erase-1", b"keep me").await;
     assert!(c.decrypt(dec("email", &ct)).await.is_ok());
 
+    // Only identities with the shred grant may shred: the order service may not.
+    let mut not_allowed =
+        pb::erasure_client::ErasureClient::new(env.channel(&server, "orders").await);
+    let err = not_allowed
+        .shred(shred_req("cust-erase-1", "orders", "req-0"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::PermissionDenied, "POLICY_DENIED")
+    );
+    assert!(
+        c.decrypt(dec("email", &ct)).await.is_ok(),
+        "a denied shred changed nothing"
+    );
+
     // Shred in one keyspace.
     let r = e
         .shred(shred_req("cust-erase-1", "orders", "req-1"))
@@ -344,8 +360,23 @@ async fn shred_makes_data_unreadable_and_certifies_it(env: TestEnv) {
     let err = e.shred(shred_req("x", "nope", "req-6")).await.unwrap_err();
     assert_eq!(reason(&err), "UNKNOWN_KEYSPACE");
 
-    // No raw subject id in the server log.
-    let log = server.log_text();
+    // Every erasure call is audited: the shred with the subject's keyed reference, the denied
+    // attempt as denied; no raw subject id in the audit log or the server log.
+    let records = server.audit_records();
+    let shreds: Vec<_> = records.iter().filter(|r| r["method"] == "Shred").collect();
+    assert!(shreds.iter().any(|r| r["outcome"] == "denied"));
+    assert!(
+        shreds
+            .iter()
+            .any(|r| r["outcome"] == "ok"
+                && r["subject_ref"].as_str().is_some_and(|s| s.len() == 64))
+    );
+    let audit_text: String = server
+        .audit_files()
+        .iter()
+        .map(|f| std::fs::read_to_string(f).unwrap())
+        .collect();
+    let log = server.log_text() + &audit_text;
     for needle in ["cust-erase-1", "cust-strict", "cust-all", "never-seen"] {
         assert!(!log.contains(needle), "{needle} in log");
     }

@@ -153,6 +153,11 @@ impl Erasure {
         }
     }
 
+    /// The keyed reference of a subject in a keyspace.
+    pub fn subject_ref(&self, keyspace: &str, subject: &str) -> Result<crate::keys::SubjectRef> {
+        self.keys.subject_ref(keyspace, subject)
+    }
+
     /// Shreds a subject in one keyspace (grace window applies).
     pub async fn shred(
         &self,

@@ -1,14 +1,16 @@
 //! `piiguard.v1.Erasure`.
 
 use std::pin::Pin;
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use futures_util::{Stream, StreamExt as _};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::authz::Op;
 use crate::erasure::{Erasure, Outcome, State};
-use crate::error::{Error, new_correlation_id, reason};
+use crate::error::{Error, reason};
+use crate::guard::{Guard, Sentry};
 use crate::ops::MAX_SUBJECT_LEN;
 use crate::pb;
 use crate::pb::erasure_server;
@@ -21,11 +23,12 @@ const STREAM_CONCURRENCY: usize = 16;
 /// The Erasure service.
 pub struct ErasureService {
     erasure: Arc<Erasure>,
+    sentry: Arc<Sentry>,
 }
 
 impl ErasureService {
-    pub fn new(erasure: Arc<Erasure>) -> Self {
-        Self { erasure }
+    pub fn new(erasure: Arc<Erasure>, sentry: Arc<Sentry>) -> Self {
+        Self { erasure, sentry }
     }
 }
 
@@ -58,13 +61,37 @@ fn item_error(e: &Error) -> pb::ItemError {
     }
 }
 
-/// Shreds one request in every keyspace it names; never fails as a whole.
-async fn shred_one(erasure: &Erasure, r: &pb::ShredRequest, cid: &str) -> pb::ShredResponse {
+/// The keyspaces a shred request names, validated and authorised (`Op::Shred` on each).
+fn authorized_keyspaces(
+    erasure: &Erasure,
+    g: &mut Guard,
+    op: Op,
+    subject: &str,
+    keyspace: &str,
+) -> Result<Vec<String>, Error> {
+    check_subject(subject)?;
+    let keyspaces = erasure.keyspaces(keyspace)?;
+    for ks in &keyspaces {
+        g.authorize(op, Some(ks), None)?;
+        if let Ok(sref) = erasure.subject_ref(ks, subject) {
+            g.note_subject(ks, &sref);
+        }
+    }
+    Ok(keyspaces)
+}
+
+/// Shreds one (validated, authorised) request in each of `keyspaces`; never fails as a whole.
+async fn shred_one(
+    erasure: &Erasure,
+    r: &pb::ShredRequest,
+    keyspaces: Result<Vec<String>, Error>,
+    cid: &str,
+) -> pb::ShredResponse {
     let mut out = pb::ShredResponse {
         request_id: r.request_id.clone(),
         keyspaces: Vec::new(),
     };
-    let keyspaces = match check_shred(r).and_then(|()| erasure.keyspaces(&r.keyspace)) {
+    let keyspaces = match check_shred(r).and(keyspaces) {
         Ok(k) => k,
         Err(e) => {
             out.keyspaces.push(pb::KeyspaceShred {
@@ -101,13 +128,22 @@ async fn shred_one(erasure: &Erasure, r: &pb::ShredRequest, cid: &str) -> pb::Sh
             Err(e) => {
                 k.outcome = pb::ShredOutcome::Failed as i32;
                 k.error = Some(item_error(&e));
-                // Logs the internal detail under the correlation id.
-                let _ = e.into_status(cid);
+                if matches!(e, Error::Unavailable { .. } | Error::Internal { .. }) {
+                    tracing::warn!(correlation_id = cid, reason = e.reason(), detail = ?e, "shred failed");
+                }
             }
         }
         out.keyspaces.push(k);
     }
     out
+}
+
+/// The first failure of a shred response, as an error.
+fn first_failure(resp: &pb::ShredResponse) -> Option<Error> {
+    resp.keyspaces
+        .iter()
+        .find_map(|k| k.error.as_ref())
+        .map(Error::from_item)
 }
 
 fn status_pb(s: crate::erasure::Status) -> pb::SubjectStatus {
@@ -127,47 +163,6 @@ fn status_pb(s: crate::erasure::Status) -> pb::SubjectStatus {
     }
 }
 
-fn done<T>(
-    method: &'static str,
-    caller: &str,
-    started: Instant,
-    cid: &str,
-    r: Result<T, Error>,
-) -> Result<Response<T>, Status> {
-    let micros = started.elapsed().as_micros() as u64;
-    match r {
-        Ok(v) => {
-            tracing::debug!(method, caller, micros, outcome = "ok");
-            Ok(Response::new(v))
-        }
-        Err(e) => {
-            tracing::debug!(
-                method,
-                caller,
-                micros,
-                outcome = "error",
-                reason = e.reason(),
-                correlation_id = cid
-            );
-            Err(e.into_status(cid))
-        }
-    }
-}
-
-macro_rules! call {
-    ($method:literal, $req:ident, |$r:ident, $cid:ident| $body:expr) => {{
-        let started = Instant::now();
-        let $cid = new_correlation_id();
-        let caller = match crate::service::caller(&$req) {
-            Ok(c) => c,
-            Err(e) => return Err(e.into_status(&$cid)),
-        };
-        let $r = $req.into_inner();
-        let result = $body;
-        done($method, &caller.identity, started, &$cid, result)
-    }};
-}
-
 type ShredStream = Pin<Box<dyn Stream<Item = Result<pb::ShredResponse, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
@@ -176,14 +171,23 @@ impl erasure_server::Erasure for ErasureService {
         &self,
         request: Request<pb::ShredRequest>,
     ) -> Result<Response<pb::ShredResponse>, Status> {
-        call!("Shred", request, |r, cid| {
-            let resp = shred_one(&self.erasure, &r, &cid).await;
-            // A unary call reports a failed keyspace as the call's error (retry is safe:
-            // keyspaces already shredded answer ALREADY_SHREDDED).
-            match resp.keyspaces.iter().find_map(|k| k.error.as_ref()) {
-                Some(e) => Err(Error::from_item(e)),
-                None => Ok(resp),
+        let mut g = self.sentry.begin(&request, "Shred", Op::Shred)?;
+        let r = request.into_inner();
+        let keyspaces = match check_shred(&r) {
+            Ok(()) => {
+                authorized_keyspaces(&self.erasure, &mut g, Op::Shred, &r.subject, &r.keyspace)
             }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = keyspaces {
+            return g.finish(Err(e));
+        }
+        let resp = shred_one(&self.erasure, &r, keyspaces, g.correlation_id()).await;
+        // A unary call reports a failed keyspace as the call's error (retry is safe:
+        // keyspaces already shredded answer ALREADY_SHREDDED).
+        g.finish(match first_failure(&resp) {
+            Some(e) => Err(e),
+            None => Ok(resp),
         })
     }
 
@@ -193,107 +197,152 @@ impl erasure_server::Erasure for ErasureService {
         &self,
         request: Request<Streaming<pb::ShredRequest>>,
     ) -> Result<Response<Self::ShredStreamStream>, Status> {
-        let cid = new_correlation_id();
-        let caller = crate::service::caller(&request).map_err(|e| e.into_status(&cid))?;
-        tracing::debug!(method = "ShredStream", caller = %caller.identity, correlation_id = cid, "stream opened");
+        // One audit record for the whole stream (items counted), written when it ends; a
+        // stream the client drops is recorded as cancelled.
+        let g = self.sentry.begin(&request, "ShredStream", Op::Shred)?;
+        let cid = g.correlation_id().to_string();
+        let guard = Arc::new(Mutex::new(Some(g)));
+        let items = Arc::new(AtomicUsize::new(0));
         let erasure = self.erasure.clone();
+        let (g2, items2) = (guard.clone(), items.clone());
         let out = request
             .into_inner()
             .map(move |item| {
                 let erasure = erasure.clone();
                 let cid = cid.clone();
+                let guard = guard.clone();
+                items.fetch_add(1, Ordering::Relaxed);
                 async move {
-                    match item {
-                        Ok(r) => Ok(shred_one(&erasure, &r, &cid).await),
-                        Err(s) => Err(s),
+                    let r = item?;
+                    let keyspaces = {
+                        let mut lock = guard.lock().unwrap_or_else(|p| p.into_inner());
+                        match lock.as_mut() {
+                            Some(g) => authorized_keyspaces(
+                                &erasure,
+                                g,
+                                Op::Shred,
+                                &r.subject,
+                                &r.keyspace,
+                            ),
+                            None => Err(Error::internal("stream guard gone")),
+                        }
+                    };
+                    let resp = shred_one(&erasure, &r, keyspaces, &cid).await;
+                    if let Some(g) = guard.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+                        g.item_result(&first_failure(&resp).map_or(Ok(()), Err));
                     }
+                    Ok(resp)
                 }
             })
-            .buffered(STREAM_CONCURRENCY);
-        Ok(Response::new(Box::pin(out)))
+            .buffered(STREAM_CONCURRENCY)
+            .map(Some)
+            .chain(futures_util::stream::once(async move {
+                let g = g2.lock().unwrap_or_else(|p| p.into_inner()).take();
+                if let Some(mut g) = g {
+                    g.set_items(items2.load(Ordering::Relaxed));
+                    let _ = g.finish(Ok(()));
+                }
+                None
+            }))
+            .filter_map(|x: Option<Result<pb::ShredResponse, Status>>| async move { x })
+            .boxed();
+        Ok(Response::new(out))
     }
 
     async fn get_shred_status(
         &self,
         request: Request<pb::GetShredStatusRequest>,
     ) -> Result<Response<pb::GetShredStatusResponse>, Status> {
-        call!("GetShredStatus", request, |r, cid| {
-            let _ = &cid;
-            async {
-                check_subject(&r.subject)?;
-                let mut keyspaces = Vec::new();
-                for ks in self.erasure.keyspaces(&r.keyspace)? {
-                    keyspaces.push(status_pb(self.erasure.status(&ks, &r.subject).await?));
-                }
-                Ok(pb::GetShredStatusResponse { keyspaces })
+        let mut g = self
+            .sentry
+            .begin(&request, "GetShredStatus", Op::ShredStatus)?;
+        let r = request.into_inner();
+        let result = async {
+            let keyspaces = authorized_keyspaces(
+                &self.erasure,
+                &mut g,
+                Op::ShredStatus,
+                &r.subject,
+                &r.keyspace,
+            )?;
+            let mut out = Vec::new();
+            for ks in keyspaces {
+                out.push(status_pb(self.erasure.status(&ks, &r.subject).await?));
             }
-            .await
-        })
+            Ok(pb::GetShredStatusResponse { keyspaces: out })
+        }
+        .await;
+        g.finish(result)
     }
 
     async fn cancel_shred(
         &self,
         request: Request<pb::CancelShredRequest>,
     ) -> Result<Response<pb::GetShredStatusResponse>, Status> {
-        call!("CancelShred", request, |r, cid| {
-            let _ = &cid;
-            async {
-                check_subject(&r.subject)?;
-                let mut keyspaces = Vec::new();
-                for ks in self.erasure.keyspaces(&r.keyspace)? {
-                    keyspaces.push(status_pb(self.erasure.cancel(&ks, &r.subject).await?));
-                }
-                Ok(pb::GetShredStatusResponse { keyspaces })
+        let mut g = self.sentry.begin(&request, "CancelShred", Op::Shred)?;
+        let r = request.into_inner();
+        let result = async {
+            let keyspaces =
+                authorized_keyspaces(&self.erasure, &mut g, Op::Shred, &r.subject, &r.keyspace)?;
+            let mut out = Vec::new();
+            for ks in keyspaces {
+                out.push(status_pb(self.erasure.cancel(&ks, &r.subject).await?));
             }
-            .await
-        })
+            Ok(pb::GetShredStatusResponse { keyspaces: out })
+        }
+        .await;
+        g.finish(result)
     }
 
     async fn set_retention(
         &self,
         request: Request<pb::SetRetentionRequest>,
     ) -> Result<Response<pb::GetShredStatusResponse>, Status> {
-        call!("SetRetention", request, |r, cid| {
-            let _ = &cid;
-            async {
-                check_subject(&r.subject)?;
-                if r.retain_until < 0 {
-                    return Err(Error::invalid(
-                        reason::INVALID_REQUEST,
-                        "retain_until must be >= 0",
-                    ));
-                }
-                let until = (r.retain_until > 0).then_some(r.retain_until);
-                let mut keyspaces = Vec::new();
-                for ks in self.erasure.keyspaces(&r.keyspace)? {
-                    keyspaces.push(status_pb(
-                        self.erasure.set_retention(&ks, &r.subject, until).await?,
-                    ));
-                }
-                Ok(pb::GetShredStatusResponse { keyspaces })
+        // Setting a retention schedules a future shred: it needs the shred grant.
+        let mut g = self.sentry.begin(&request, "SetRetention", Op::Shred)?;
+        let r = request.into_inner();
+        let result = async {
+            if r.retain_until < 0 {
+                return Err(Error::invalid(
+                    reason::INVALID_REQUEST,
+                    "retain_until must be >= 0",
+                ));
             }
-            .await
-        })
+            let keyspaces =
+                authorized_keyspaces(&self.erasure, &mut g, Op::Shred, &r.subject, &r.keyspace)?;
+            let until = (r.retain_until > 0).then_some(r.retain_until);
+            let mut out = Vec::new();
+            for ks in keyspaces {
+                out.push(status_pb(
+                    self.erasure.set_retention(&ks, &r.subject, until).await?,
+                ));
+            }
+            Ok(pb::GetShredStatusResponse { keyspaces: out })
+        }
+        .await;
+        g.finish(result)
     }
 
     async fn get_verification_keys(
         &self,
         request: Request<pb::GetVerificationKeysRequest>,
     ) -> Result<Response<pb::GetVerificationKeysResponse>, Status> {
-        call!("GetVerificationKeys", request, |_r, cid| {
-            let _ = &cid;
-            self.erasure.verification_keys().await.map(|(key, keys)| {
-                pb::GetVerificationKeysResponse {
-                    key,
-                    keys: keys
-                        .into_iter()
-                        .map(|(version, public_key_pem)| pb::VerificationKey {
-                            version,
-                            public_key_pem,
-                        })
-                        .collect(),
-                }
-            })
-        })
+        // Public keys: any authenticated caller may fetch them (the call is still audited).
+        let g = self
+            .sentry
+            .begin(&request, "GetVerificationKeys", Op::ShredStatus)?;
+        let result = self.erasure.verification_keys().await.map(|(key, keys)| {
+            pb::GetVerificationKeysResponse {
+                key,
+                keys: keys
+                    .into_iter()
+                    .map(|(version, public_key_pem)| pb::VerificationKey {
+                        version,
+                        public_key_pem,
+                    })
+                    .collect(),
+            }
+        });
+        g.finish(result)
     }
 }

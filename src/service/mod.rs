@@ -3,6 +3,7 @@
 //! **Architecture Invariant:** only this module (and `pb`) sees protobuf types; errors become
 //! statuses only through [`crate::error::Error::into_status`].
 
+pub mod admin;
 pub mod crypto;
 pub mod erasure;
 

@@ -8,7 +8,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use piiguard::certs::{Ca, ClientName, DevPkiPaths, Issued, generate_dev_pki, write_file};
-use piiguard::dev::{Bao, dev_config_toml, find_bao};
+use piiguard::dev::{Bao, dev_config_toml, find_bao, write_dev_policy};
+use piiguard::pb::admin_client::AdminClient;
 use piiguard::pb::crypto_client::CryptoClient;
 use piiguard::pb::erasure_client::ErasureClient;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -24,6 +25,24 @@ pub fn free_port_pair() -> u16 {
     }
     panic!("no free port pair");
 }
+
+/// Grants for the test keyspaces and the throwaway identities of tests/mtls.rs (added to the
+/// dev policy in tests).
+pub const TEST_GRANTS: &str = r#"
+# The order service also works in the test keyspaces of TEST_EXTRA.
+[[grant]]
+identity = "spiffe://shop.local/orders"
+operations = ["encrypt", "decrypt", "tokenize", "detokenize"]
+keyspaces = ["graced", "strict"]
+fields = ["*"]
+
+# Test identities of tests/mtls.rs (TLS admission, identity fallbacks).
+[[grant]]
+identities = ["spiffe://shop.local/good", "spiffe://shop.local/old", "spiffe://shop.local/fresh", "reports.shop.local"]
+operations = ["encrypt"]
+keyspaces = ["orders"]
+fields = ["email"]
+"#;
 
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -105,7 +124,23 @@ impl TestEnv {
             .expect("bootstrap");
         write_file(&env.role_id, creds.role_id.as_bytes(), true).unwrap();
         write_file(&env.secret_id, creds.secret_id.as_bytes(), true).unwrap();
+        env.write_policy("");
         env
+    }
+
+    /// Rewrites the access policy: the dev policy, the test grants, and `extra`.
+    pub fn write_policy(&self, extra: &str) {
+        write_dev_policy(&self.role_id, &format!("{TEST_GRANTS}{extra}")).unwrap();
+    }
+
+    /// The access policy file every server of this env uses.
+    pub fn policy_path(&self) -> PathBuf {
+        piiguard::dev::dev_policy_path(&self.role_id)
+    }
+
+    /// The audit folder of the server called `name`.
+    pub fn audit_dir(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("audit-{name}"))
     }
 
     pub fn config_toml(&self, port: u16, health_port: u16, extra: &str) -> String {
@@ -139,6 +174,19 @@ impl TestEnv {
         )
         .unwrap();
         let log = self.dir.path().join(format!("{name}.log"));
+        let mut env = env;
+        // One audit folder per server (two writers never share one).
+        let audit_dir = self.audit_dir(name);
+        if !env.iter().any(|(k, _)| k == "PIIGUARD_AUDIT__DIR") {
+            env.push((
+                "PIIGUARD_AUDIT__DIR".into(),
+                audit_dir.display().to_string(),
+            ));
+        }
+        let metrics_addr = env
+            .iter()
+            .find(|(k, _)| k == "PIIGUARD_METRICS__LISTEN")
+            .map(|(_, v)| v.parse().unwrap());
         let mut s = Server {
             child: None,
             addr: format!("127.0.0.1:{port}").parse().unwrap(),
@@ -147,6 +195,8 @@ impl TestEnv {
             log,
             ca: self.pki.ca.clone(),
             env,
+            audit_dir,
+            metrics_addr,
         };
         s.start().await;
         s
@@ -166,10 +216,7 @@ impl TestEnv {
         let (c, k) = self.pki.client(stem);
         let cert = std::fs::read_to_string(c).unwrap();
         let key = std::fs::read_to_string(k).unwrap();
-        server
-            .channel_with(Some((&cert, &key)))
-            .await
-            .expect("connect")
+        server.channel(Some((&cert, &key))).await.expect("connect")
     }
 
     /// An Erasure client with the dev `erasure` identity.
@@ -189,6 +236,41 @@ impl TestEnv {
                 .await
                 .unwrap();
         (row.get("n"), row.get("d"))
+    }
+
+    /// An Admin client with one of the default dev identities.
+    pub async fn admin(&self, server: &Server, stem: &str) -> AdminClient<Channel> {
+        let (c, k) = self.pki.client(stem);
+        AdminClient::new(
+            server
+                .channel(Some((
+                    &std::fs::read_to_string(c).unwrap(),
+                    &std::fs::read_to_string(k).unwrap(),
+                )))
+                .await
+                .unwrap(),
+        )
+    }
+
+    /// PEM public keys of the audit checkpoint signing key (read with the root token).
+    pub async fn signing_public_keys(&self) -> Vec<String> {
+        let admin = self.bao.client().unwrap();
+        let (status, v) = admin
+            .raw(
+                reqwest::Method::GET,
+                &format!("piiguard-transit/keys/{}", piiguard::bootstrap::SIGNING_KEY),
+                None,
+                Some(self.bao.root_token()),
+            )
+            .await
+            .unwrap();
+        assert!(status.is_success());
+        v["data"]["keys"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|k| k["public_key"].as_str().unwrap().to_string())
+            .collect()
     }
 
     /// Lists the DEK records of a keyspace in Vault (as an operator would).
@@ -224,6 +306,8 @@ pub struct Server {
     pub log: PathBuf,
     ca: PathBuf,
     env: Vec<(String, String)>,
+    pub audit_dir: PathBuf,
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl Server {
@@ -322,11 +406,30 @@ impl Server {
         &self,
         identity: Option<(&str, &str)>,
     ) -> Result<CryptoClient<Channel>, tonic::transport::Error> {
-        Ok(CryptoClient::new(self.channel_with(identity).await?))
+        Ok(CryptoClient::new(self.channel(identity).await?))
     }
 
-    /// An mTLS channel presenting the given PEM certificate and key (or none).
-    pub async fn channel_with(
+    /// The audit files of this server, in chain order.
+    pub fn audit_files(&self) -> Vec<PathBuf> {
+        piiguard::audit::writer::list_files(&self.audit_dir)
+    }
+
+    /// All audit records of this server, parsed.
+    pub fn audit_records(&self) -> Vec<serde_json::Value> {
+        self.audit_files()
+            .iter()
+            .flat_map(|f| {
+                std::fs::read_to_string(f)
+                    .unwrap()
+                    .lines()
+                    .map(|l| serde_json::from_str(l).unwrap())
+                    .collect::<Vec<serde_json::Value>>()
+            })
+            .collect()
+    }
+
+    /// A channel presenting the given PEM certificate and key (or none).
+    pub async fn channel(
         &self,
         identity: Option<(&str, &str)>,
     ) -> Result<Channel, tonic::transport::Error> {

@@ -1,0 +1,699 @@
+//! The audit writer: a dedicated thread that chains, batches, writes, rotates, checkpoints and
+//! prunes audit files, so that no request ever waits on disk I/O.
+//!
+//! Durability contract: records are queued by the calls ([`Auditor::record`], never blocking),
+//! and the writer writes each batch it drains with one `write` (no fsync per record). The
+//! file is fsynced every `fsync_interval`, before each checkpoint is signed, at rotation and at
+//! shutdown. A process crash loses at most the records still queued (the last unflushed batch);
+//! a machine crash at most what was written since the last fsync. `verify` reports both as an
+//! unsealed tail or an unclean stop.
+//!
+//! Failure: when a write fails, the writer marks the sink unhealthy (data calls then fail
+//! closed with `UNAVAILABLE`/`AUDIT_UNAVAILABLE`), raises an alarm, keeps the unwritten records
+//! in memory and retries every tick in a fresh file; when it succeeds again, the kept records
+//! are written in order and the chain continues.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use base64::Engine as _;
+use serde::Serialize;
+
+use super::{GENESIS, Record, checkpoint_message, kind, open_line, rfc3339, seal_line};
+use crate::alarms::Webhook;
+use crate::config::AuditConfig;
+use crate::error::Error;
+use crate::signing::Signer;
+
+const TICK: Duration = Duration::from_millis(200);
+const MAX_BATCH: usize = 4096;
+/// Records kept in memory while the sink is failing; beyond this they are counted as lost.
+const MAX_PENDING: usize = 1_000_000;
+const RETENTION_SWEEP: Duration = Duration::from_secs(3600);
+const FINAL_SEAL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Audit file names: `audit-<first seq, 20 digits>.jsonl`, so name order is chain order.
+pub fn file_name(first_seq: u64) -> String {
+    format!("audit-{first_seq:020}.jsonl")
+}
+
+/// Whether a file name is an audit file.
+pub fn is_audit_file(name: &str) -> bool {
+    name.starts_with("audit-") && name.ends_with(".jsonl")
+}
+
+enum Msg {
+    Rec(Box<Record>),
+    Signed {
+        covers_seq: u64,
+        covers_hash: String,
+        result: Result<crate::signing::Signature, String>,
+    },
+    Shutdown(tokio::sync::oneshot::Sender<()>),
+}
+
+/// The handle to the audit log.
+pub struct Auditor {
+    tx: SyncSender<Msg>,
+    healthy: Arc<AtomicBool>,
+    lost: Arc<AtomicU64>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Auditor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auditor")
+            .field("healthy", &self.is_healthy())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Auditor {
+    /// Opens the audit folder, finds the head of the existing chain, starts a new file and the
+    /// writer thread. `signer` signs checkpoints (None: no checkpoints, for tools and tests).
+    pub fn start(
+        cfg: AuditConfig,
+        instance: String,
+        signer: Option<Arc<Signer>>,
+        runtime: tokio::runtime::Handle,
+        webhook: Option<Webhook>,
+    ) -> Result<Arc<Self>, String> {
+        std::fs::create_dir_all(&cfg.dir)
+            .map_err(|e| format!("audit.dir {}: {e}", cfg.dir.display()))?;
+        let (tx, rx) = std::sync::mpsc::sync_channel(cfg.queue_capacity);
+        let healthy = Arc::new(AtomicBool::new(true));
+        let lost = Arc::new(AtomicU64::new(0));
+        let head = previous_head(&cfg.dir);
+        let mut w = Writer {
+            instance,
+            file: None,
+            file_name: String::new(),
+            file_bytes: 0,
+            file_opened: Instant::now(),
+            dirty: false,
+            seq: head.seq,
+            head: head.hash,
+            pending: VecDeque::new(),
+            healthy: healthy.clone(),
+            lost: lost.clone(),
+            failing: false,
+            checkpointed_seq: head.seq,
+            // The first checkpoint comes at once (it signs the link to the previous run).
+            last_checkpoint: Instant::now()
+                .checked_sub(cfg.checkpoint_interval)
+                .unwrap_or_else(Instant::now),
+            last_fsync: Instant::now(),
+            last_retention: Instant::now() - RETENTION_SWEEP,
+            signing: false,
+            signer,
+            runtime,
+            tx: tx.clone(),
+            webhook,
+            prev_clean: head.clean,
+            prev_file: head.file,
+            cfg,
+        };
+        // The first file must open now: an unwritable audit folder stops the start-up.
+        w.open_segment()
+            .map_err(|e| format!("audit.dir {}: {e}", w.cfg.dir.display()))?;
+        if !head.clean && head.seq > 0 {
+            tracing::warn!(
+                last_seq = head.seq,
+                "audit: the previous run ended without a final checkpoint (crash?); recorded"
+            );
+        }
+        let thread = std::thread::Builder::new()
+            .name("piiguard-audit".into())
+            .spawn(move || w.run(rx))
+            .map_err(|e| format!("audit writer thread: {e}"))?;
+        Ok(Arc::new(Self {
+            tx,
+            healthy,
+            lost,
+            thread: Mutex::new(Some(thread)),
+        }))
+    }
+
+    /// Whether the sink is writing. Data calls are refused while it is not.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Queues a record without blocking. Fails (fail closed) if the sink is unhealthy or the
+    /// queue is full.
+    pub fn record(&self, r: Record) -> Result<(), Error> {
+        if !self.is_healthy() {
+            self.lost.fetch_add(1, Ordering::Relaxed);
+            return Err(Error::AuditUnavailable);
+        }
+        match self.tx.try_send(Msg::Rec(Box::new(r))) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.lost.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("piiguard_audit_lost_records_total").increment(1);
+                Err(Error::AuditUnavailable)
+            }
+        }
+    }
+
+    /// Queues a record whatever the sink's health (security events: they are kept in memory
+    /// and written when the sink recovers).
+    pub fn record_event(&self, r: Record) {
+        if self.tx.try_send(Msg::Rec(Box::new(r))).is_err() {
+            self.lost.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("piiguard_audit_lost_records_total").increment(1);
+        }
+    }
+
+    /// Writes a `stop` event and a final signed checkpoint, flushes, fsyncs and stops the
+    /// writer. Idempotent.
+    pub async fn shutdown(&self) {
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let tx = self.tx.clone();
+        // The queue may be full: a blocking send belongs on a blocking thread.
+        let sent = tokio::task::spawn_blocking(move || tx.send(Msg::Shutdown(done_tx)).is_ok())
+            .await
+            .unwrap_or(false);
+        if sent {
+            let _ = done_rx.await;
+        }
+        let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = handle {
+            let _ = tokio::task::spawn_blocking(move || h.join()).await;
+        }
+    }
+}
+
+struct Head {
+    seq: u64,
+    hash: [u8; 32],
+    clean: bool,
+    file: Option<String>,
+}
+
+/// Reads the last complete record of the newest audit file in `dir`.
+fn previous_head(dir: &Path) -> Head {
+    let none = Head {
+        seq: 0,
+        hash: GENESIS,
+        clean: true,
+        file: None,
+    };
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return none;
+    };
+    let newest = rd
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| is_audit_file(n))
+        .max();
+    let Some(name) = newest else { return none };
+    let path = dir.join(&name);
+    let tail = read_tail(&path, 1 << 20).unwrap_or_default();
+    // Only complete lines count: a crash may have left a partial last line.
+    let complete = match tail.iter().rposition(|&b| b == b'\n') {
+        Some(i) => &tail[..i],
+        None => &tail[..0],
+    };
+    for line in complete.split(|&b| b == b'\n').rev() {
+        let Some((body, hash, true)) = open_line(line) else {
+            continue;
+        };
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) else {
+            continue;
+        };
+        let Some(seq) = v["seq"].as_u64() else {
+            continue;
+        };
+        let clean = v["kind"] == kind::CHECKPOINT
+            && v["final_seal"].as_bool() == Some(true)
+            && complete.len() + 1 == tail.len();
+        return Head {
+            seq,
+            hash,
+            clean,
+            file: Some(name),
+        };
+    }
+    tracing::error!(file = %path.display(), "audit: cannot read the head of the previous audit file; starting a new chain");
+    Head {
+        clean: false,
+        file: Some(name),
+        ..none
+    }
+}
+
+fn read_tail(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    let mut f = File::open(path)?;
+    let len = f.metadata()?.len();
+    let start = len.saturating_sub(max);
+    f.seek(SeekFrom::Start(start))?;
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf)?;
+    if start > 0 {
+        // Drop the first, partial line.
+        if let Some(i) = buf.iter().position(|&b| b == b'\n') {
+            buf.drain(..=i);
+        }
+    }
+    Ok(buf)
+}
+
+#[derive(Serialize)]
+struct Line<'a> {
+    seq: u64,
+    ts: &'a str,
+    instance: &'a str,
+    #[serde(flatten)]
+    rec: &'a Record,
+    prev: &'a str,
+}
+
+struct Writer {
+    cfg: AuditConfig,
+    instance: String,
+    file: Option<File>,
+    file_name: String,
+    file_bytes: u64,
+    file_opened: Instant,
+    dirty: bool,
+    seq: u64,
+    head: [u8; 32],
+    pending: VecDeque<Record>,
+    healthy: Arc<AtomicBool>,
+    lost: Arc<AtomicU64>,
+    failing: bool,
+    checkpointed_seq: u64,
+    last_checkpoint: Instant,
+    last_fsync: Instant,
+    last_retention: Instant,
+    signing: bool,
+    signer: Option<Arc<Signer>>,
+    runtime: tokio::runtime::Handle,
+    tx: SyncSender<Msg>,
+    webhook: Option<Webhook>,
+    prev_clean: bool,
+    prev_file: Option<String>,
+}
+
+impl Writer {
+    fn run(mut self, rx: Receiver<Msg>) {
+        loop {
+            match rx.recv_timeout(TICK) {
+                Ok(m) => {
+                    if let Some(done) = self.handle(m) {
+                        self.finish(done);
+                        return;
+                    }
+                    for _ in 0..MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok(m) => {
+                                if let Some(done) = self.handle(m) {
+                                    self.finish(done);
+                                    return;
+                                }
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            self.write_pending();
+            self.maintenance();
+        }
+    }
+
+    fn handle(&mut self, m: Msg) -> Option<tokio::sync::oneshot::Sender<()>> {
+        match m {
+            Msg::Rec(r) => {
+                if self.pending.len() >= MAX_PENDING {
+                    self.lost.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    self.pending.push_back(*r);
+                }
+            }
+            Msg::Signed {
+                covers_seq,
+                covers_hash,
+                result,
+            } => {
+                self.signing = false;
+                self.last_checkpoint = Instant::now();
+                match result {
+                    Ok(sig) => {
+                        self.checkpointed_seq = covers_seq;
+                        self.pending.push_back(checkpoint_record(
+                            covers_seq,
+                            covers_hash,
+                            &sig,
+                            false,
+                        ));
+                    }
+                    Err(e) => self.alarm(
+                        "audit_checkpoint_failed",
+                        "warning",
+                        format!("could not sign an audit checkpoint: {e}"),
+                    ),
+                }
+            }
+            Msg::Shutdown(done) => return Some(done),
+        }
+        None
+    }
+
+    /// Clean stop: `stop` event, final signed checkpoint, fsync.
+    fn finish(&mut self, done: tokio::sync::oneshot::Sender<()>) {
+        let mut stop = Record::event("stop", "piiguard stopping");
+        stop.at = Some(SystemTime::now());
+        self.pending.push_back(stop);
+        self.write_pending();
+        self.sync();
+        if let (Some(signer), true) = (self.signer.clone(), self.file.is_some()) {
+            let covers_seq = self.seq;
+            let covers_hash = hex::encode(self.head);
+            let msg = checkpoint_message(covers_seq, &covers_hash);
+            let r = self.runtime.block_on(async move {
+                tokio::time::timeout(FINAL_SEAL_TIMEOUT, signer.sign(msg.as_bytes())).await
+            });
+            match r {
+                Ok(Ok(sig)) => {
+                    self.pending
+                        .push_back(checkpoint_record(covers_seq, covers_hash, &sig, true));
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "audit: final checkpoint not signed; verify will report an unsealed tail")
+                }
+                Err(_) => tracing::error!(
+                    "audit: final checkpoint timed out; verify will report an unsealed tail"
+                ),
+            }
+            self.write_pending();
+        }
+        self.sync();
+        let _ = done.send(());
+    }
+
+    fn alarm(&mut self, kind_: &'static str, severity: &'static str, detail: String) {
+        tracing::error!(alarm = kind_, severity, detail = %detail, "ALARM");
+        metrics::counter!("piiguard_alarms_total", "kind" => kind_, "severity" => severity)
+            .increment(1);
+        let r = Record {
+            at: Some(SystemTime::now()),
+            kind: kind::ALARM,
+            event: Some(kind_),
+            severity: Some(severity),
+            detail: Some(detail),
+            ..Record::default()
+        };
+        if let Some(w) = &self.webhook {
+            w.send(&r, &self.instance);
+        }
+        self.pending.push_back(r);
+    }
+
+    /// Serializes `r` as the next line of the chain.
+    fn line(&self, seq: u64, prev: &[u8; 32], r: &Record) -> (Vec<u8>, [u8; 32]) {
+        let ts = rfc3339(r.at.unwrap_or_else(SystemTime::now));
+        let prev = hex::encode(prev);
+        let l = Line {
+            seq,
+            ts: &ts,
+            instance: &self.instance,
+            rec: r,
+            prev: &prev,
+        };
+        // Serializing plain data (strings, integers, booleans) cannot fail.
+        let body = serde_json::to_vec(&l).unwrap_or_else(|_| b"{}".to_vec());
+        seal_line(&body)
+    }
+
+    fn open_segment(&mut self) -> std::io::Result<()> {
+        let first = self.seq + 1;
+        let name = file_name(first);
+        let path = self.cfg.dir.join(&name);
+        let mut f = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(&path)?;
+        let start = Record {
+            at: Some(SystemTime::now()),
+            kind: kind::SEGMENT_START,
+            prev_clean: Some(self.prev_clean),
+            file: self.prev_file.clone(),
+            detail: (!self.prev_clean).then(|| {
+                format!(
+                    "the previous file ended at seq {} without a final checkpoint (crash, write failure or truncation)",
+                    self.seq
+                )
+            }),
+            ..Record::default()
+        };
+        let (mut line, hash) = self.line(first, &self.head, &start);
+        line.push(b'\n');
+        f.write_all(&line)?;
+        self.seq = first;
+        self.head = hash;
+        self.file = Some(f);
+        self.file_bytes = line.len() as u64;
+        self.file_opened = Instant::now();
+        self.file_name = name;
+        self.dirty = true;
+        Ok(())
+    }
+
+    fn set_healthy(&mut self, ok: bool) {
+        if ok && self.failing {
+            self.failing = false;
+            let lost = self.lost.swap(0, Ordering::Relaxed);
+            tracing::warn!(lost, "audit: sink writing again");
+            let mut r = Record::event(
+                "audit_recovered",
+                format!(
+                    "audit sink writing again; {lost} records refused or lost while it was failing"
+                ),
+            );
+            r.severity = Some("warning");
+            self.pending.push_front(r);
+        }
+        self.healthy.store(ok, Ordering::Relaxed);
+    }
+
+    fn write_pending(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        if self.file.is_none() {
+            match self.open_segment() {
+                Ok(()) => {}
+                Err(e) => {
+                    self.fail(format!("cannot open a new audit file: {e}"));
+                    return;
+                }
+            }
+            self.set_healthy(true);
+        }
+        let mut buf = Vec::with_capacity(self.pending.len() * 400);
+        let (mut seq, mut head) = (self.seq, self.head);
+        for r in &self.pending {
+            seq += 1;
+            let (line, h) = self.line(seq, &head, r);
+            buf.extend_from_slice(&line);
+            buf.push(b'\n');
+            head = h;
+        }
+        let Some(f) = self.file.as_mut() else { return };
+        match f.write_all(&buf) {
+            Ok(()) => {
+                metrics::counter!("piiguard_audit_records_total")
+                    .increment(self.pending.len() as u64);
+                self.pending.clear();
+                self.seq = seq;
+                self.head = head;
+                self.file_bytes += buf.len() as u64;
+                self.dirty = true;
+                self.set_healthy(true);
+            }
+            Err(e) => {
+                // The file may now end with a partial line: never append to it again.
+                self.file = None;
+                self.prev_clean = false;
+                self.prev_file = Some(self.file_name.clone());
+                self.fail(format!("audit write failed: {e}"));
+            }
+        }
+    }
+
+    fn fail(&mut self, detail: String) {
+        metrics::counter!("piiguard_audit_write_errors_total").increment(1);
+        if !self.failing {
+            self.failing = true;
+            self.healthy.store(false, Ordering::Relaxed);
+            self.alarm("audit_unavailable", "critical", detail);
+        }
+    }
+
+    fn sync(&mut self) {
+        if let Some(f) = &self.file
+            && self.dirty
+        {
+            if let Err(e) = f.sync_data() {
+                tracing::error!(error = %e, "audit: fsync failed");
+            }
+            self.dirty = false;
+        }
+        self.last_fsync = Instant::now();
+    }
+
+    fn maintenance(&mut self) {
+        if self.last_fsync.elapsed() >= self.cfg.fsync_interval {
+            self.sync();
+        }
+        if self.file.is_some()
+            && (self.file_bytes >= self.cfg.rotate_bytes
+                || self.file_opened.elapsed() >= self.cfg.rotate_interval)
+        {
+            self.rotate();
+        }
+        if self.failing && !self.pending.is_empty() {
+            // Retry in a fresh file (write_pending opens one).
+            self.write_pending();
+        }
+        if self.signer.is_some()
+            && !self.signing
+            && self.file.is_some()
+            && self.seq > self.checkpointed_seq
+            && self.last_checkpoint.elapsed() >= self.cfg.checkpoint_interval
+        {
+            self.start_checkpoint();
+        }
+        if self.last_retention.elapsed() >= RETENTION_SWEEP {
+            self.last_retention = Instant::now();
+            self.apply_retention();
+        }
+    }
+
+    fn rotate(&mut self) {
+        let end = Record {
+            at: Some(SystemTime::now()),
+            kind: kind::SEGMENT_END,
+            file: Some(file_name(self.seq + 2)),
+            ..Record::default()
+        };
+        self.pending.push_front(end);
+        // Only the segment end goes into this file; the rest follows in the next one.
+        let rest: VecDeque<Record> = self.pending.split_off(1);
+        self.write_pending();
+        let wrote_end = self.pending.is_empty();
+        self.pending.extend(rest);
+        if !wrote_end {
+            return;
+        }
+        self.sync();
+        self.prev_clean = true;
+        self.prev_file = Some(self.file_name.clone());
+        self.file = None;
+        if let Err(e) = self.open_segment() {
+            self.fail(format!("cannot open a new audit file: {e}"));
+        }
+    }
+
+    fn start_checkpoint(&mut self) {
+        let Some(signer) = self.signer.clone() else {
+            return;
+        };
+        // What is signed must be on disk first.
+        self.sync();
+        self.signing = true;
+        let covers_seq = self.seq;
+        let covers_hash = hex::encode(self.head);
+        let tx = self.tx.clone();
+        self.runtime.spawn(async move {
+            let msg = checkpoint_message(covers_seq, &covers_hash);
+            let started = Instant::now();
+            let result = signer.sign(msg.as_bytes()).await.map_err(|e| e.to_string());
+            crate::metrics::vault_call("sign", started.elapsed(), result.is_ok());
+            let _ = tx.try_send(Msg::Signed {
+                covers_seq,
+                covers_hash,
+                result,
+            });
+        });
+    }
+
+    fn apply_retention(&mut self) {
+        let Ok(rd) = std::fs::read_dir(&self.cfg.dir) else {
+            return;
+        };
+        let Some(cutoff) = SystemTime::now().checked_sub(self.cfg.retention) else {
+            return;
+        };
+        for e in rd.filter_map(|e| e.ok()) {
+            let Ok(name) = e.file_name().into_string() else {
+                continue;
+            };
+            if !is_audit_file(&name) || name == self.file_name {
+                continue;
+            }
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|m| m < cutoff);
+            if old {
+                match std::fs::remove_file(e.path()) {
+                    Ok(()) => {
+                        tracing::info!(file = %name, "audit: file past retention removed");
+                        let mut r = Record::event(
+                            "audit_retention",
+                            format!("removed {name} (older than the retention period)"),
+                        );
+                        r.file = Some(name);
+                        self.pending.push_back(r);
+                    }
+                    Err(err) => {
+                        tracing::warn!(file = %name, error = %err, "audit: cannot remove old file")
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn checkpoint_record(
+    covers_seq: u64,
+    covers_hash: String,
+    sig: &crate::signing::Signature,
+    final_seal: bool,
+) -> Record {
+    Record {
+        at: Some(SystemTime::now()),
+        kind: kind::CHECKPOINT,
+        covers_seq: Some(covers_seq),
+        covers_hash: Some(covers_hash),
+        key_version: Some(sig.key_version),
+        signature: Some(base64::engine::general_purpose::STANDARD.encode(&sig.bytes)),
+        final_seal: Some(final_seal),
+        ..Record::default()
+    }
+}
+
+/// Used by `Path` helpers in tests and tools.
+pub fn list_files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_str().is_some_and(is_audit_file))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
