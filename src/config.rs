@@ -1025,6 +1025,7 @@ dir = "audit"
     fn the_kubernetes_config_map_is_valid() {
         let yaml = include_str!("../deploy/kubernetes/configmap.yaml");
         let (_, block) = yaml.split_once("piiguard.toml: |\n").unwrap();
+        let block = block.split("\n---").next().unwrap();
         let toml: String = block
             .lines()
             .map(|l| l.strip_prefix("    ").unwrap_or(l))
@@ -1032,6 +1033,14 @@ dir = "audit"
             .join("\n");
         let c = parse(&toml, no_env()).unwrap();
         assert!(c.store.url.starts_with("postgres://"));
+        let (_, policy) = yaml.split_once("policy.toml: |\n").unwrap();
+        let policy: String = policy
+            .lines()
+            .map(|l| l.strip_prefix("    ").unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let known = c.keyspaces.keys().cloned().collect();
+        crate::authz::Policy::parse(&policy, Some(&known)).unwrap();
         assert_eq!(c.server.listen.to_string(), "0.0.0.0:7443");
     }
 
