@@ -5,6 +5,7 @@
 
 pub mod crypto;
 pub mod erasure;
+pub mod tokens;
 
 use tonic::Request;
 
