@@ -293,7 +293,7 @@ impl Store {
         Ok(r.rows_affected())
     }
 
-    /// Expires live tokens whose TTL passed at `now` (all keyspaces, or one token when
+    /// Expires live tokens whose TTL passed at `now`, i.e. `expires_at < now` (all keyspaces, or one token when
     /// `only` names it): their sealed values are deleted and an `expired` tombstone stays.
     /// Returns how many tokens expired.
     pub async fn purge_expired_tokens(&self, now: i64, only: Option<(&str, &str)>) -> Result<u64> {
@@ -301,12 +301,12 @@ impl Store {
         let r = match only {
             None => sqlx::query(
                 "UPDATE token_map SET state = 'expired', updated_at = $1
-                 WHERE state = 'live' AND expires_at IS NOT NULL AND expires_at <= $1",
+                 WHERE state = 'live' AND expires_at IS NOT NULL AND expires_at < $1",
             )
             .bind(now),
             Some((ks, th)) => sqlx::query(
                 "UPDATE token_map SET state = 'expired', updated_at = $1
-                 WHERE state = 'live' AND expires_at IS NOT NULL AND expires_at <= $1
+                 WHERE state = 'live' AND expires_at IS NOT NULL AND expires_at < $1
                    AND keyspace = $2 AND token_hash = $3",
             )
             .bind(now)
@@ -449,7 +449,11 @@ mod tests {
             .await
             .unwrap();
         s.insert_token(&new("t3", None, "a", None)).await.unwrap();
-        assert_eq!(s.purge_expired_tokens(99, None).await.unwrap(), 0);
+        assert_eq!(
+            s.purge_expired_tokens(100, None).await.unwrap(),
+            0,
+            "valid through 100"
+        );
         assert_eq!(
             s.purge_expired_tokens(150, Some(("ks", "t2")))
                 .await

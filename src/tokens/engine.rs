@@ -306,7 +306,8 @@ impl TokenEngine {
                         "deterministic token does not match its stored hash",
                     ));
                 }
-                let alive = row.state == TokenState::Live && row.expires_at.is_none_or(|e| e > now);
+                let alive =
+                    row.state == TokenState::Live && row.expires_at.is_none_or(|e| e >= now);
                 // The later expiry wins while the token is alive; a dead one restarts.
                 let new_exp = match (alive, row.expires_at, expires_at) {
                     (false, _, e) => e,
@@ -382,7 +383,7 @@ impl TokenEngine {
             TokenState::Expired => return Err(expired()),
             TokenState::Live => {}
         }
-        if row.expires_at.is_some_and(|e| e <= now) {
+        if row.expires_at.is_some_and(|e| e < now) {
             // Purge it now rather than at the next sweep.
             if let Err(e) = self
                 .store
