@@ -18,12 +18,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ".piiguard.v1.EncryptBatchRequest",
             ".piiguard.v1.DecryptBatchResponse",
             ".piiguard.v1.CreateCanaryRequest",
+            // Tokens: values and tokens alike are never Debug-printed.
+            ".piiguard.v1.TokenizeRequest",
+            ".piiguard.v1.TokenizeResponse",
+            ".piiguard.v1.TokenizeResult",
+            ".piiguard.v1.TokenizeBatchRequest",
+            ".piiguard.v1.TokenizeBatchResponse",
+            ".piiguard.v1.DetokenizeRequest",
+            ".piiguard.v1.DetokenizeResponse",
+            ".piiguard.v1.DetokenizeResult",
+            ".piiguard.v1.DetokenizeBatchRequest",
+            ".piiguard.v1.DetokenizeBatchResponse",
         ])
         .compile_protos(
             &[
                 "proto/piiguard/v1/crypto.proto",
                 "proto/piiguard/v1/erasure.proto",
                 "proto/piiguard/v1/admin.proto",
+                "proto/piiguard/v1/tokens.proto",
             ],
             &["proto"],
         )?;

@@ -30,6 +30,16 @@ pub mod reason {
     pub const SUBJECT_SHREDDED: &str = "SUBJECT_SHREDDED";
     pub const SUBJECT_SHRED_SCHEDULED: &str = "SUBJECT_SHRED_SCHEDULED";
     pub const SHRED_NOT_SCHEDULED: &str = "SHRED_NOT_SCHEDULED";
+    /// NOT_FOUND: no such token in this keyspace.
+    pub const UNKNOWN_TOKEN: &str = "UNKNOWN_TOKEN";
+    /// NOT_FOUND: the token existed but its TTL has passed.
+    pub const TOKEN_EXPIRED: &str = "TOKEN_EXPIRED";
+    /// INVALID_ARGUMENT: the string cannot be a piiguard token.
+    pub const MALFORMED_TOKEN: &str = "MALFORMED_TOKEN";
+    /// INVALID_ARGUMENT: the value does not fit the requested token format.
+    pub const UNSUPPORTED_FORMAT: &str = "UNSUPPORTED_FORMAT";
+    /// RESOURCE_EXHAUSTED: no free token left in a (small) token space after retries.
+    pub const TOKEN_SPACE_EXHAUSTED: &str = "TOKEN_SPACE_EXHAUSTED";
 
     /// Every reason above.
     pub const ALL: &[&str] = &[
@@ -49,6 +59,11 @@ pub mod reason {
         SUBJECT_SHREDDED,
         SUBJECT_SHRED_SCHEDULED,
         SHRED_NOT_SCHEDULED,
+        UNKNOWN_TOKEN,
+        TOKEN_EXPIRED,
+        MALFORMED_TOKEN,
+        UNSUPPORTED_FORMAT,
+        TOKEN_SPACE_EXHAUSTED,
     ];
     pub const INTERNAL: &str = "INTERNAL";
     /// The access policy does not grant this caller the operation on this keyspace/field.
@@ -84,6 +99,12 @@ pub enum Error {
     /// The subject's data cannot be used in its current state (shredded, shred scheduled).
     #[error("{message}")]
     FailedPrecondition {
+        reason: &'static str,
+        message: String,
+    },
+    /// The thing asked for does not exist (unknown or expired token).
+    #[error("{message}")]
+    NotFound {
         reason: &'static str,
         message: String,
     },
@@ -139,6 +160,7 @@ impl Error {
         match code {
             Code::InvalidArgument => Error::InvalidArgument { reason, message },
             Code::FailedPrecondition => Error::FailedPrecondition { reason, message },
+            Code::NotFound => Error::NotFound { reason, message },
             Code::ResourceExhausted => Error::ResourceExhausted { reason, message },
             Code::Unavailable => Error::Unavailable { detail: message },
             Code::Unauthenticated => Error::Unauthenticated,
@@ -163,6 +185,13 @@ impl Error {
         }
     }
 
+    pub fn not_found(reason: &'static str, message: impl Into<String>) -> Self {
+        Error::NotFound {
+            reason,
+            message: message.into(),
+        }
+    }
+
     pub fn unavailable(detail: impl fmt::Display) -> Self {
         Error::Unavailable {
             detail: detail.to_string(),
@@ -180,6 +209,7 @@ impl Error {
         match self {
             Error::InvalidArgument { .. } | Error::BadCiphertext { .. } => Code::InvalidArgument,
             Error::FailedPrecondition { .. } => Code::FailedPrecondition,
+            Error::NotFound { .. } => Code::NotFound,
             Error::Unauthenticated => Code::Unauthenticated,
             Error::PermissionDenied { .. } => Code::PermissionDenied,
             Error::AuditUnavailable => Code::Unavailable,
@@ -195,7 +225,8 @@ impl Error {
             Error::InvalidArgument { reason, .. }
             | Error::BadCiphertext { reason, .. }
             | Error::ResourceExhausted { reason, .. }
-            | Error::FailedPrecondition { reason, .. } => reason,
+            | Error::FailedPrecondition { reason, .. }
+            | Error::NotFound { reason, .. } => reason,
             Error::Unauthenticated => reason::UNAUTHENTICATED,
             Error::PermissionDenied { .. } => reason::POLICY_DENIED,
             Error::AuditUnavailable => reason::AUDIT_UNAVAILABLE,

@@ -27,6 +27,7 @@ pub mod service;
 pub mod signing;
 pub mod store;
 pub mod tls;
+pub mod tokens;
 pub mod vault;
 
 /// Generated protobuf and gRPC code of `piiguard.v1`.

@@ -63,7 +63,8 @@ fn invalid(msg: impl Into<String>) -> Error {
     Error::invalid(reason::INVALID_REQUEST, msg)
 }
 
-fn check_field(field: &str) -> Result<()> {
+/// Validates a field name (1-64 characters of A-Z a-z 0-9 _ - .).
+pub(crate) fn check_field(field: &str) -> Result<()> {
     if field.is_empty() || field.len() > MAX_FIELD_LEN {
         return Err(invalid(format!(
             "field must be 1-{MAX_FIELD_LEN} characters"

@@ -26,13 +26,18 @@ use crate::pb;
 use crate::service::admin::AdminService;
 use crate::service::crypto::CryptoService;
 use crate::service::erasure::ErasureService;
+use crate::service::tokens::TokensService;
 use crate::signing::Signer;
 use crate::store::Store;
 use crate::tls::{self, TlsState};
+use crate::tokens::TokenEngine;
 use crate::vault::Vault;
 
 /// Largest gRPC message accepted (batches of many fields).
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// How often expired tokens are purged (Detokenize also purges an expired token it meets).
+const TOKEN_PURGE_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Connects to Vault and loads the keyspaces, retrying while Vault is unavailable.
 /// A permanent error (bad credentials, missing KEK, policy) is returned at once.
@@ -167,6 +172,24 @@ pub async fn run(
         signer,
     ));
 
+    let token_engine = Arc::new(
+        TokenEngine::new(
+            keys.clone(),
+            cfg.server.max_plaintext_bytes,
+            cfg.server.max_batch_items,
+        )
+        .map_err(|e| format!("cannot start: {}", detail_of(&e)))?,
+    );
+    token_engine.spawn_purger(TOKEN_PURGE_INTERVAL);
+    let tokens_svc = pb::tokens_server::TokensServer::new(TokensService::new(
+        token_engine,
+        keys.clone(),
+        sentry.clone(),
+        cfg.server.max_batch_items,
+    ))
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+
     let erasure = Arc::new(Erasure::new(
         keys.clone(),
         Signer::new(vault.clone(), SIGNING_KEY),
@@ -187,6 +210,9 @@ pub async fn run(
         .await;
     reporter
         .set_serving::<pb::admin_server::AdminServer<AdminService>>()
+        .await;
+    reporter
+        .set_serving::<pb::tokens_server::TokensServer<TokensService>>()
         .await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -259,6 +285,7 @@ pub async fn run(
         .add_service(crypto)
         .add_service(erasure_svc)
         .add_service(admin)
+        .add_service(tokens_svc)
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -273,6 +300,9 @@ pub async fn run(
             .await;
         reporter
             .set_not_serving::<pb::erasure_server::ErasureServer<ErasureService>>()
+            .await;
+        reporter
+            .set_not_serving::<pb::tokens_server::TokensServer<TokensService>>()
             .await;
         let _ = stop_tx.send(true);
     });

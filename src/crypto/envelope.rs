@@ -154,6 +154,19 @@ impl DerivedKeys {
         self.alg
     }
 
+    /// A 32-byte key for another use of this DEK (tokenisation), derived as
+    /// HMAC-SHA256(enc_key, "piiguard/v1/subkey/" || label). It dies with the DEK: a shred
+    /// makes it underivable. Callers keep it zeroized.
+    pub fn subkey(&self, label: &[u8]) -> Zeroizing<[u8; 32]> {
+        let k = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, self.enc_key());
+        let mut ctx = aws_lc_rs::hmac::Context::with_key(&k);
+        ctx.update(b"piiguard/v1/subkey/");
+        ctx.update(label);
+        let mut out = Zeroizing::new([0u8; 32]);
+        out.copy_from_slice(ctx.sign().as_ref());
+        out
+    }
+
     fn enc_key(&self) -> &[u8] {
         &self.enc[..self.alg.key_len()]
     }

@@ -297,6 +297,7 @@ impl Erasure {
             }
         }
         self.store.touch(ks, sref, now_i64()).await?;
+        self.store.purge_subject_tokens(ks, sref, now_i64()).await?;
 
         let executed_at = now_i64();
         let mut id = [0u8; 16];

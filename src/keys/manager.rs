@@ -272,6 +272,22 @@ impl KeyManager {
         Ok(self.keyspace(keyspace)?.subject_ref(subject))
     }
 
+    /// A 32-byte secret of a keyspace for `purpose` (e.g. token lookup hashes), derived from
+    /// the keyspace's index key, which lives wrapped in Vault:
+    /// HMAC-SHA256(index key, 0xFF || "piiguard/v1/keyspace-subkey/" || purpose).
+    /// The leading 0xFF byte can never start a subject id (subject ids are UTF-8 and 0xFF
+    /// never occurs in UTF-8), so no subject reference can equal a subkey.
+    pub fn keyspace_subkey(&self, keyspace: &str, purpose: &str) -> Result<Zeroizing<[u8; 32]>> {
+        let ks = self.keyspace(keyspace)?;
+        let mut ctx = hmac::Context::with_key(&ks.index_key);
+        ctx.update(&[0xFF]);
+        ctx.update(b"piiguard/v1/keyspace-subkey/");
+        ctx.update(purpose.as_bytes());
+        let mut out = Zeroizing::new([0u8; 32]);
+        out.copy_from_slice(ctx.sign().as_ref());
+        Ok(out)
+    }
+
     /// The current DEK of a subject, created on first use.
     pub async fn key_for_subject(&self, keyspace: &str, subject: &str) -> Result<Arc<DekEntry>> {
         let ks = self.keyspace(keyspace)?;

@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod crypto;
 pub mod erasure;
+pub mod tokens;
 
 use tonic::Request;
 

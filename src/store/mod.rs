@@ -6,6 +6,8 @@
 //! engines accept. Nothing stored here lets anyone recover a key: subjects appear only as keyed
 //! hashes (`subject_ref`), keys only as their random ids.
 
+pub mod tokens;
+
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -189,7 +191,7 @@ impl Store {
                 .await
                 .map_err(db)?;
         }
-        Ok(())
+        self.migrate_tokens().await
     }
 
     /// The registry row of a subject.

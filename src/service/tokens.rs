@@ -1,0 +1,260 @@
+//! `piiguard.v1.Tokens`.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use crate::authz::Op;
+use crate::error::{Error, reason};
+use crate::guard::{Guard, Sentry};
+use crate::keys::KeyManager;
+use crate::ops::check_field;
+use crate::pb;
+use crate::pb::tokens_server::Tokens;
+use crate::tokens::{Detokenized, Format, Mode, TokenEngine, TokenizeInput, Tokenized};
+
+/// The Tokens service.
+pub struct TokensService {
+    engine: Arc<TokenEngine>,
+    keys: Arc<KeyManager>,
+    sentry: Arc<Sentry>,
+    max_batch: usize,
+}
+
+impl TokensService {
+    pub fn new(
+        engine: Arc<TokenEngine>,
+        keys: Arc<KeyManager>,
+        sentry: Arc<Sentry>,
+        max_batch: usize,
+    ) -> Self {
+        Self {
+            engine,
+            keys,
+            sentry,
+            max_batch,
+        }
+    }
+}
+
+fn format_of(r: &pb::TokenizeRequest) -> Result<Format, Error> {
+    let keep = || {
+        u8::try_from(r.keep_last).map_err(|_| {
+            Error::invalid(
+                crate::error::reason::UNSUPPORTED_FORMAT,
+                "keep_last is too large",
+            )
+        })
+    };
+    match pb::TokenFormat::try_from(r.format) {
+        Ok(pb::TokenFormat::Unspecified | pb::TokenFormat::Opaque) => Ok(Format::Opaque),
+        Ok(pb::TokenFormat::Digits) => Ok(Format::Digits { keep_last: keep()? }),
+        Ok(pb::TokenFormat::Email) => Ok(Format::Email),
+        Ok(pb::TokenFormat::Ff1) => Ok(Format::Ff1),
+        Err(_) => Err(Error::invalid(
+            crate::error::reason::UNSUPPORTED_FORMAT,
+            "unknown token format",
+        )),
+    }
+    .and_then(|f| {
+        if r.keep_last != 0 && !matches!(f, Format::Digits { .. }) {
+            Err(Error::invalid(
+                crate::error::reason::UNSUPPORTED_FORMAT,
+                "keep_last applies to the DIGITS format only",
+            ))
+        } else {
+            Ok(f)
+        }
+    })
+}
+
+fn mode_of(r: &pb::TokenizeRequest) -> Result<Mode, Error> {
+    match pb::TokenMode::try_from(r.mode) {
+        Ok(pb::TokenMode::Unspecified | pb::TokenMode::Random) => Ok(Mode::Random),
+        Ok(pb::TokenMode::Deterministic) => Ok(Mode::Deterministic),
+        Err(_) => Err(Error::invalid(
+            crate::error::reason::INVALID_REQUEST,
+            "unknown token mode",
+        )),
+    }
+}
+
+fn input(r: &pb::TokenizeRequest) -> Result<TokenizeInput<'_>, Error> {
+    Ok(TokenizeInput {
+        keyspace: &r.keyspace,
+        subject: &r.subject,
+        field: &r.field,
+        value: &r.value,
+        format: format_of(r)?,
+        mode: mode_of(r)?,
+        ttl_secs: r.ttl_seconds,
+    })
+}
+
+fn tokenized(t: Tokenized) -> pb::TokenizeResponse {
+    pb::TokenizeResponse {
+        token: t.token,
+        expires_at: t.expires_at.unwrap_or(0),
+    }
+}
+
+fn detokenized(d: Detokenized) -> pb::DetokenizeResponse {
+    pb::DetokenizeResponse {
+        value: d.value.to_string(),
+        field: d.field,
+    }
+}
+
+fn item_error(e: &Error) -> pb::ItemError {
+    pb::ItemError {
+        code: e.code() as i32,
+        reason: e.reason().to_string(),
+        message: e.public_message(),
+    }
+}
+
+impl TokensService {
+    /// Authorises tokenising one item (after validating the names that go into the audit
+    /// record) and notes its subject. Unknown keyspaces are left to the engine's error.
+    fn authorize_tokenize(&self, g: &mut Guard, i: &TokenizeInput<'_>) -> Result<(), Error> {
+        check_field(i.field)?;
+        if let Ok(sref) = self.keys.subject_ref(i.keyspace, i.subject) {
+            g.authorize(Op::Tokenize, Some(i.keyspace), Some(i.field))?;
+            g.note_subject(i.keyspace, &sref);
+        }
+        Ok(())
+    }
+
+    /// Detokenises one token: the caller must hold `detokenize` in the keyspace before the
+    /// lookup (so an unauthorised caller cannot even probe which tokens exist) and on the
+    /// token's field before the value is released; the value counts against the budget.
+    async fn detokenize_one(
+        &self,
+        g: &mut Guard,
+        keyspace: &str,
+        token: &str,
+    ) -> Result<pb::DetokenizeResponse, Error> {
+        g.note_token(token.as_bytes());
+        if self.keys.has_keyspace(keyspace) {
+            g.authorize(Op::Detokenize, Some(keyspace), None)?;
+        }
+        let d = self.engine.detokenize(keyspace, token).await?;
+        g.authorize(Op::Detokenize, Some(keyspace), Some(&d.field))?;
+        g.reveal(1)?;
+        Ok(detokenized(d))
+    }
+}
+
+#[tonic::async_trait]
+impl Tokens for TokensService {
+    async fn tokenize(
+        &self,
+        request: Request<pb::TokenizeRequest>,
+    ) -> Result<Response<pb::TokenizeResponse>, Status> {
+        let mut g = self.sentry.begin(&request, "Tokenize", Op::Tokenize)?;
+        let r = request.into_inner();
+        let result = async {
+            let i = input(&r)?;
+            self.authorize_tokenize(&mut g, &i)?;
+            self.engine.tokenize(&i).await.map(tokenized)
+        }
+        .await;
+        g.finish(result)
+    }
+
+    async fn detokenize(
+        &self,
+        request: Request<pb::DetokenizeRequest>,
+    ) -> Result<Response<pb::DetokenizeResponse>, Status> {
+        let mut g = self.sentry.begin(&request, "Detokenize", Op::Detokenize)?;
+        let r = request.into_inner();
+        let result = self.detokenize_one(&mut g, &r.keyspace, &r.token).await;
+        g.finish(result)
+    }
+
+    async fn tokenize_batch(
+        &self,
+        request: Request<pb::TokenizeBatchRequest>,
+    ) -> Result<Response<pb::TokenizeBatchResponse>, Status> {
+        let mut g = self.sentry.begin(&request, "TokenizeBatch", Op::Tokenize)?;
+        let r = request.into_inner();
+        g.set_items(r.items.len());
+        // Items that fail to parse or are not allowed keep their error; the others go to the
+        // engine.
+        let parsed: Vec<Result<TokenizeInput<'_>, Error>> = r
+            .items
+            .iter()
+            .map(|item| {
+                let i = input(item)?;
+                self.authorize_tokenize(&mut g, &i)?;
+                Ok(i)
+            })
+            .collect();
+        let good: Vec<TokenizeInput<'_>> = parsed
+            .iter()
+            .filter_map(|p| p.as_ref().ok())
+            .copied()
+            .collect();
+        let result = match self.engine.tokenize_batch(&good).await {
+            Ok(done) => {
+                let mut done = done.into_iter();
+                let results = parsed
+                    .iter()
+                    .map(|p| {
+                        let res = match p {
+                            Err(e) => Err(e.clone()),
+                            Ok(_) => done
+                                .next()
+                                .unwrap_or_else(|| Err(Error::internal("batch result missing"))),
+                        };
+                        g.item_result(&res);
+                        pb::TokenizeResult {
+                            result: Some(match res {
+                                Ok(t) => pb::tokenize_result::Result::Token(tokenized(t)),
+                                Err(e) => pb::tokenize_result::Result::Error(item_error(&e)),
+                            }),
+                        }
+                    })
+                    .collect();
+                Ok(pb::TokenizeBatchResponse { results })
+            }
+            Err(e) => Err(e),
+        };
+        g.finish(result)
+    }
+
+    async fn detokenize_batch(
+        &self,
+        request: Request<pb::DetokenizeBatchRequest>,
+    ) -> Result<Response<pb::DetokenizeBatchResponse>, Status> {
+        let mut g = self
+            .sentry
+            .begin(&request, "DetokenizeBatch", Op::Detokenize)?;
+        let r = request.into_inner();
+        g.set_items(r.items.len());
+        if r.items.len() > self.max_batch {
+            return g.finish(Err(Error::invalid(
+                reason::BATCH_TOO_LARGE,
+                format!(
+                    "batch has {} items; the maximum is {}",
+                    r.items.len(),
+                    self.max_batch
+                ),
+            )));
+        }
+        let mut results = Vec::with_capacity(r.items.len());
+        for item in &r.items {
+            let res = self
+                .detokenize_one(&mut g, &item.keyspace, &item.token)
+                .await;
+            g.item_result(&res);
+            results.push(pb::DetokenizeResult {
+                result: Some(match res {
+                    Ok(d) => pb::detokenize_result::Result::Value(d),
+                    Err(e) => pb::detokenize_result::Result::Error(item_error(&e)),
+                }),
+            });
+        }
+        g.finish(Ok(pb::DetokenizeBatchResponse { results }))
+    }
+}

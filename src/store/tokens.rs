@@ -1,0 +1,469 @@
+//! Token tables. No plaintext and no raw subject id: a token is stored only as a keyed hash
+//! of itself (`token_hash`), a deterministic token's value only as a keyed hash
+//! (`value_hash`), the value only sealed under the subject's DEK, the subject only as its
+//! `subject_ref`.
+//!
+//! `token_map` has one row per token (unique `token_hash` per keyspace: two values can never
+//! share a token; a colliding insert fails and the caller draws again). `token_values` holds
+//! the sealed value once per subject that tokenised it (a deterministic token can belong to
+//! several subjects with the same value). A shred deletes the subject's `token_values` rows
+//! and turns tokens left without any value into `shredded` tombstones; expiry deletes the
+//! values and leaves `expired` tombstones, so Detokenize can still say why.
+
+use sqlx::Row;
+
+use super::{Store, db};
+use crate::error::Result;
+
+/// State of a token row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenState {
+    Live,
+    Expired,
+    Shredded,
+}
+
+impl TokenState {
+    fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "live" => Self::Live,
+            "expired" => Self::Expired,
+            "shredded" => Self::Shredded,
+            other => {
+                return Err(crate::error::Error::internal(format!(
+                    "store: unknown token state {other:?}"
+                )));
+            }
+        })
+    }
+}
+
+/// A new token and its first sealed value.
+pub struct NewToken<'a> {
+    pub keyspace: &'a str,
+    pub token_hash: &'a str,
+    pub field: &'a str,
+    pub format: &'a str,
+    /// Deterministic tokens only.
+    pub value_hash: Option<&'a str>,
+    pub attempt: u32,
+    pub subject_ref: &'a str,
+    /// The value sealed under the subject's DEK (text form).
+    pub sealed: &'a str,
+    pub now: i64,
+    pub expires_at: Option<i64>,
+}
+
+/// A deterministic token found by its value hash.
+#[derive(Debug, Clone)]
+pub struct DeterministicRow {
+    pub token_hash: String,
+    pub attempt: u32,
+    pub state: TokenState,
+    pub expires_at: Option<i64>,
+}
+
+/// What Detokenize needs: the token row and every sealed copy of its value.
+pub struct TokenRow {
+    pub field: String,
+    pub state: TokenState,
+    pub expires_at: Option<i64>,
+    pub sealed: Vec<String>,
+}
+
+impl Store {
+    pub(super) async fn migrate_tokens(&self) -> Result<()> {
+        let ddl = [
+            "CREATE TABLE IF NOT EXISTS token_map (
+                keyspace TEXT NOT NULL,
+                token_hash TEXT NOT NULL,
+                field TEXT NOT NULL,
+                format TEXT NOT NULL,
+                value_hash TEXT,
+                attempt BIGINT NOT NULL,
+                state TEXT NOT NULL,
+                created_at BIGINT NOT NULL,
+                updated_at BIGINT NOT NULL,
+                expires_at BIGINT,
+                PRIMARY KEY (keyspace, token_hash))",
+            "CREATE UNIQUE INDEX IF NOT EXISTS token_map_by_value ON token_map (keyspace, value_hash)",
+            "CREATE INDEX IF NOT EXISTS token_map_by_expiry ON token_map (state, expires_at)",
+            "CREATE TABLE IF NOT EXISTS token_values (
+                keyspace TEXT NOT NULL,
+                token_hash TEXT NOT NULL,
+                subject_ref TEXT NOT NULL,
+                sealed TEXT NOT NULL,
+                created_at BIGINT NOT NULL,
+                PRIMARY KEY (keyspace, token_hash, subject_ref))",
+            "CREATE INDEX IF NOT EXISTS token_values_by_subject ON token_values (keyspace, subject_ref)",
+        ];
+        for stmt in ddl {
+            sqlx::query(stmt).execute(&self.pool).await.map_err(db)?;
+        }
+        Ok(())
+    }
+
+    /// Inserts a new token with its first value. Returns `false`, changing nothing, if the
+    /// token hash is taken (a collision: draw again) or a deterministic token of the same
+    /// value appeared meanwhile (look it up again).
+    pub async fn insert_token(&self, t: &NewToken<'_>) -> Result<bool> {
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let r = sqlx::query(
+            "INSERT INTO token_map (keyspace, token_hash, field, format, value_hash, attempt,
+                                    state, created_at, updated_at, expires_at)
+             VALUES ($1, $2, $3, $4, $5, $6, 'live', $7, $7, $8)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(t.keyspace)
+        .bind(t.token_hash)
+        .bind(t.field)
+        .bind(t.format)
+        .bind(t.value_hash)
+        .bind(i64::from(t.attempt))
+        .bind(t.now)
+        .bind(t.expires_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        if r.rows_affected() != 1 {
+            return Ok(false);
+        }
+        sqlx::query(
+            "INSERT INTO token_values (keyspace, token_hash, subject_ref, sealed, created_at)
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(t.keyspace)
+        .bind(t.token_hash)
+        .bind(t.subject_ref)
+        .bind(t.sealed)
+        .bind(t.now)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        Ok(true)
+    }
+
+    /// The deterministic token of a value hash, if any.
+    pub async fn token_by_value(
+        &self,
+        keyspace: &str,
+        value_hash: &str,
+    ) -> Result<Option<DeterministicRow>> {
+        let r = sqlx::query(
+            "SELECT token_hash, attempt, state, expires_at FROM token_map
+             WHERE keyspace = $1 AND value_hash = $2",
+        )
+        .bind(keyspace)
+        .bind(value_hash)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
+        r.map(|r| {
+            Ok(DeterministicRow {
+                token_hash: r.try_get("token_hash").map_err(db)?,
+                attempt: u32::try_from(r.try_get::<i64, _>("attempt").map_err(db)?)
+                    .map_err(|_| crate::error::Error::internal("store: bad attempt"))?,
+                state: TokenState::parse(&r.try_get::<String, _>("state").map_err(db)?)?,
+                expires_at: r.try_get("expires_at").map_err(db)?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Adds a subject's sealed value to an existing (deterministic) token, keeping an existing
+    /// one, and sets its expiry and state to live. Returns `false`, changing nothing, if the
+    /// token was shredded or removed meanwhile.
+    pub async fn add_token_value(
+        &self,
+        keyspace: &str,
+        token_hash: &str,
+        subject_ref: &str,
+        sealed: &str,
+        now: i64,
+        expires_at: Option<i64>,
+    ) -> Result<bool> {
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let r = sqlx::query(
+            "UPDATE token_map SET state = 'live', expires_at = $3, updated_at = $4
+             WHERE keyspace = $1 AND token_hash = $2 AND state <> 'shredded'",
+        )
+        .bind(keyspace)
+        .bind(token_hash)
+        .bind(expires_at)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        if r.rows_affected() != 1 {
+            return Ok(false);
+        }
+        sqlx::query(
+            "INSERT INTO token_values (keyspace, token_hash, subject_ref, sealed, created_at)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (keyspace, token_hash, subject_ref) DO NOTHING",
+        )
+        .bind(keyspace)
+        .bind(token_hash)
+        .bind(subject_ref)
+        .bind(sealed)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        Ok(true)
+    }
+
+    /// A token and its sealed values.
+    pub async fn token(&self, keyspace: &str, token_hash: &str) -> Result<Option<TokenRow>> {
+        let rows = sqlx::query(
+            "SELECT m.field, m.state, m.expires_at, v.sealed
+             FROM token_map m LEFT JOIN token_values v
+               ON v.keyspace = m.keyspace AND v.token_hash = m.token_hash
+             WHERE m.keyspace = $1 AND m.token_hash = $2",
+        )
+        .bind(keyspace)
+        .bind(token_hash)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        let Some(first) = rows.first() else {
+            return Ok(None);
+        };
+        let mut out = TokenRow {
+            field: first.try_get("field").map_err(db)?,
+            state: TokenState::parse(&first.try_get::<String, _>("state").map_err(db)?)?,
+            expires_at: first.try_get("expires_at").map_err(db)?,
+            sealed: Vec::with_capacity(rows.len()),
+        };
+        for r in &rows {
+            if let Some(s) = r.try_get::<Option<String>, _>("sealed").map_err(db)? {
+                out.sealed.push(s);
+            }
+        }
+        Ok(Some(out))
+    }
+
+    /// Crypto-shred of a subject: deletes its sealed token values and turns its tokens that
+    /// have no other subject's value left into `shredded` tombstones (their value hash is
+    /// dropped too). Idempotent. Returns how many values were deleted.
+    pub async fn purge_subject_tokens(
+        &self,
+        keyspace: &str,
+        subject_ref: &str,
+        now: i64,
+    ) -> Result<u64> {
+        // Most shredded subjects have no tokens: a read, not a write transaction, for them.
+        let any = sqlx::query(
+            "SELECT 1 AS one FROM token_values WHERE keyspace = $1 AND subject_ref = $2 LIMIT 1",
+        )
+        .bind(keyspace)
+        .bind(subject_ref)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
+        if any.is_none() {
+            return Ok(0);
+        }
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        sqlx::query(
+            "UPDATE token_map SET state = 'shredded', value_hash = NULL, expires_at = NULL,
+                                  updated_at = $3
+             WHERE keyspace = $1
+               AND token_hash IN (SELECT token_hash FROM token_values
+                                  WHERE keyspace = $1 AND subject_ref = $2)
+               AND NOT EXISTS (SELECT 1 FROM token_values o
+                               WHERE o.keyspace = $1 AND o.token_hash = token_map.token_hash
+                                 AND o.subject_ref <> $2)",
+        )
+        .bind(keyspace)
+        .bind(subject_ref)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        let r = sqlx::query("DELETE FROM token_values WHERE keyspace = $1 AND subject_ref = $2")
+            .bind(keyspace)
+            .bind(subject_ref)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        Ok(r.rows_affected())
+    }
+
+    /// Expires live tokens whose TTL passed at `now`, i.e. `expires_at < now` (all keyspaces, or one token when
+    /// `only` names it): their sealed values are deleted and an `expired` tombstone stays.
+    /// Returns how many tokens expired.
+    pub async fn purge_expired_tokens(&self, now: i64, only: Option<(&str, &str)>) -> Result<u64> {
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let r = match only {
+            None => sqlx::query(
+                "UPDATE token_map SET state = 'expired', updated_at = $1
+                 WHERE state = 'live' AND expires_at IS NOT NULL AND expires_at < $1",
+            )
+            .bind(now),
+            Some((ks, th)) => sqlx::query(
+                "UPDATE token_map SET state = 'expired', updated_at = $1
+                 WHERE state = 'live' AND expires_at IS NOT NULL AND expires_at < $1
+                   AND keyspace = $2 AND token_hash = $3",
+            )
+            .bind(now)
+            .bind(ks)
+            .bind(th),
+        }
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        sqlx::query(
+            "DELETE FROM token_values WHERE EXISTS (
+                SELECT 1 FROM token_map m
+                WHERE m.keyspace = token_values.keyspace AND m.token_hash = token_values.token_hash
+                  AND m.state = 'expired')",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        Ok(r.rows_affected())
+    }
+
+    /// Number of sealed values and of tokens in a keyspace (tests, operators).
+    pub async fn token_counts(&self, keyspace: &str) -> Result<(i64, i64)> {
+        let v = sqlx::query("SELECT COUNT(*) AS n FROM token_values WHERE keyspace = $1")
+            .bind(keyspace)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db)?
+            .try_get("n")
+            .map_err(db)?;
+        let m = sqlx::query("SELECT COUNT(*) AS n FROM token_map WHERE keyspace = $1")
+            .bind(keyspace)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db)?
+            .try_get("n")
+            .map_err(db)?;
+        Ok((v, m))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn store() -> (tempfile::TempDir, Store) {
+        let d = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", d.path().join("t.db").display());
+        let s = Store::open(&url).await.unwrap();
+        (d, s)
+    }
+
+    fn new<'a>(th: &'a str, vh: Option<&'a str>, sref: &'a str, exp: Option<i64>) -> NewToken<'a> {
+        NewToken {
+            keyspace: "ks",
+            token_hash: th,
+            field: "email",
+            format: "opaque",
+            value_hash: vh,
+            attempt: 0,
+            subject_ref: sref,
+            sealed: "pg1.sealed",
+            now: 10,
+            expires_at: exp,
+        }
+    }
+
+    #[tokio::test]
+    async fn token_hash_and_value_hash_are_unique() {
+        let (_d, s) = store().await;
+        assert!(s.insert_token(&new("t1", None, "a", None)).await.unwrap());
+        assert!(
+            !s.insert_token(&new("t1", None, "b", None)).await.unwrap(),
+            "token collision"
+        );
+        assert!(
+            s.insert_token(&new("t2", Some("v"), "a", None))
+                .await
+                .unwrap()
+        );
+        assert!(
+            !s.insert_token(&new("t3", Some("v"), "a", None))
+                .await
+                .unwrap(),
+            "same value"
+        );
+        assert_eq!(
+            s.token_counts("ks").await.unwrap(),
+            (2, 2),
+            "failed inserts left nothing"
+        );
+        let row = s.token_by_value("ks", "v").await.unwrap().unwrap();
+        assert_eq!(row.token_hash, "t2");
+    }
+
+    #[tokio::test]
+    async fn shred_purges_values_and_leaves_tombstones_only_when_no_owner_is_left() {
+        let (_d, s) = store().await;
+        s.insert_token(&new("t1", None, "a", None)).await.unwrap();
+        s.insert_token(&new("t2", Some("v"), "a", None))
+            .await
+            .unwrap();
+        assert!(
+            s.add_token_value("ks", "t2", "b", "pg1.b", 11, None)
+                .await
+                .unwrap()
+        );
+        assert_eq!(s.purge_subject_tokens("ks", "a", 20).await.unwrap(), 2);
+        let t1 = s.token("ks", "t1").await.unwrap().unwrap();
+        assert_eq!(t1.state, TokenState::Shredded);
+        assert!(t1.sealed.is_empty());
+        let t2 = s.token("ks", "t2").await.unwrap().unwrap();
+        assert_eq!(t2.state, TokenState::Live, "b still owns t2");
+        assert_eq!(t2.sealed, vec!["pg1.b".to_string()]);
+        assert_eq!(s.purge_subject_tokens("ks", "b", 21).await.unwrap(), 1);
+        assert_eq!(
+            s.token("ks", "t2").await.unwrap().unwrap().state,
+            TokenState::Shredded
+        );
+        assert!(
+            s.token_by_value("ks", "v").await.unwrap().is_none(),
+            "value hash dropped"
+        );
+        assert!(
+            !s.add_token_value("ks", "t2", "c", "pg1.c", 22, None)
+                .await
+                .unwrap()
+        );
+        assert_eq!(s.token_counts("ks").await.unwrap().0, 0);
+    }
+
+    #[tokio::test]
+    async fn expiry_purges_values() {
+        let (_d, s) = store().await;
+        s.insert_token(&new("t1", None, "a", Some(100)))
+            .await
+            .unwrap();
+        s.insert_token(&new("t2", None, "a", Some(200)))
+            .await
+            .unwrap();
+        s.insert_token(&new("t3", None, "a", None)).await.unwrap();
+        assert_eq!(
+            s.purge_expired_tokens(100, None).await.unwrap(),
+            0,
+            "valid through 100"
+        );
+        assert_eq!(
+            s.purge_expired_tokens(150, Some(("ks", "t2")))
+                .await
+                .unwrap(),
+            0
+        );
+        assert_eq!(s.purge_expired_tokens(150, None).await.unwrap(), 1);
+        let t1 = s.token("ks", "t1").await.unwrap().unwrap();
+        assert_eq!(t1.state, TokenState::Expired);
+        assert!(t1.sealed.is_empty());
+        assert_eq!(s.token_counts("ks").await.unwrap(), (2, 3));
+    }
+}
