@@ -117,7 +117,12 @@ ui = false
             .append(true)
             .open(self.dir.join("bao.log"))
             .map_err(|e| e.to_string())?;
-        let child = Command::new(&self.bin)
+        let mut cmd = Command::new(&self.bin);
+        // Its own process group: a Ctrl-C aimed at piiguard must not kill Vault before
+        // piiguard has drained and sealed its audit log (piiguard stops it on exit).
+        #[cfg(unix)]
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let child = cmd
             .arg("server")
             .arg(format!("-config={}", self.dir.join("bao.hcl").display()))
             .stdin(Stdio::null())

@@ -182,7 +182,7 @@ impl Vault {
         body: Option<&B>,
         token: Option<&Token>,
     ) -> Result<(StatusCode, Zeroizing<Vec<u8>>)> {
-        let mut req = self.http.request(method, self.url(path));
+        let mut req = self.http.request(method.clone(), self.url(path));
         if let Some(t) = token {
             let mut hv = reqwest::header::HeaderValue::from_str(&t.0)
                 .map_err(|_| Error::internal("Vault token contains invalid characters"))?;
@@ -200,15 +200,24 @@ impl Vault {
                 .header("Content-Type", "application/json")
                 .body(bytes.to_vec());
         }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| Error::unavailable(format!("Vault request {path}: {e}")))?;
+        let op = op_label(&method, path, &self.cfg);
+        let started = std::time::Instant::now();
+        let sent = req.send().await;
+        let resp = match sent {
+            Ok(r) => r,
+            Err(e) => {
+                crate::metrics::vault_call(op, started.elapsed(), false);
+                return Err(Error::unavailable(format!("Vault request {path}: {e}")));
+            }
+        };
         let status = resp.status();
-        let bytes = resp
-            .bytes()
-            .await
-            .map_err(|e| Error::unavailable(format!("Vault response {path}: {e}")))?;
+        let bytes = resp.bytes().await;
+        crate::metrics::vault_call(
+            op,
+            started.elapsed(),
+            bytes.is_ok() && !status.is_server_error(),
+        );
+        let bytes = bytes.map_err(|e| Error::unavailable(format!("Vault response {path}: {e}")))?;
         Ok((status, Zeroizing::new(Vec::from(bytes))))
     }
 
@@ -571,6 +580,32 @@ impl Vault {
             serde_json::from_slice(&bytes).unwrap_or(Value::Null)
         };
         Ok((status, v))
+    }
+}
+
+/// A low-cardinality label for the metrics of one Vault request.
+fn op_label(method: &Method, path: &str, cfg: &VaultConfig) -> &'static str {
+    let under = |mount: &str, sub: &str| {
+        path.strip_prefix(mount)
+            .and_then(|r| r.strip_prefix('/'))
+            .is_some_and(|r| r.starts_with(sub))
+    };
+    if path.starts_with("auth/") {
+        "auth"
+    } else if under(&cfg.transit_mount, "encrypt/") {
+        "transit_encrypt"
+    } else if under(&cfg.transit_mount, "decrypt/") {
+        "transit_decrypt"
+    } else if under(&cfg.transit_mount, "sign/") {
+        "transit_sign"
+    } else if under(&cfg.kv_mount, "metadata/") && *method == Method::DELETE {
+        "kv_destroy"
+    } else if under(&cfg.kv_mount, "data/") && *method == Method::GET {
+        "kv_read"
+    } else if under(&cfg.kv_mount, "data/") {
+        "kv_write"
+    } else {
+        "other"
     }
 }
 

@@ -113,6 +113,7 @@ async fn shred_one(
             .await
         {
             Ok(Outcome::Shredded(c)) => {
+                crate::metrics::shred("shredded");
                 k.outcome = pb::ShredOutcome::Shredded as i32;
                 k.certificate = c;
             }
@@ -121,11 +122,13 @@ async fn shred_one(
                 k.certificate = c;
             }
             Ok(Outcome::Scheduled(at)) => {
+                crate::metrics::shred("scheduled");
                 k.outcome = pb::ShredOutcome::Scheduled as i32;
                 k.scheduled_for = at;
             }
             Ok(Outcome::NotFound) => k.outcome = pb::ShredOutcome::NotFound as i32,
             Err(e) => {
+                crate::metrics::shred("failed");
                 k.outcome = pb::ShredOutcome::Failed as i32;
                 k.error = Some(item_error(&e));
                 if matches!(e, Error::Unavailable { .. } | Error::Internal { .. }) {
