@@ -161,3 +161,63 @@ async fn concurrent_first_use_creates_one_dek_across_processes() {
         "DEK records in Vault: {recs:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_file_auth_is_renewed_before_it_expires() {
+    let env = TestEnv::start().await;
+    // A renewable token with piiguard's policy and a 6 s TTL, as a Vault Agent sink would
+    // write it.
+    let admin = env.bao.client().unwrap();
+    let (status, v) = admin
+        .raw(
+            reqwest::Method::POST,
+            "auth/token/create",
+            Some(&serde_json::json!({
+                "policies": ["piiguard"],
+                "ttl": "6s",
+                "explicit_max_ttl": "10m",
+                "renewable": true,
+                "no_parent": true,
+            })),
+            Some(env.bao.root_token()),
+        )
+        .await
+        .unwrap();
+    assert!(status.is_success(), "{v}");
+    let token_file = env.dir.path().join("vault-token");
+    piiguard::certs::write_file(
+        &token_file,
+        v["auth"]["client_token"].as_str().unwrap().as_bytes(),
+        true,
+    )
+    .unwrap();
+    let server = env
+        .server_custom("tokenfile", "", Vec::new(), |toml| {
+            let start = toml.find("[vault.auth]").unwrap();
+            let end = start + toml[start..].find("\n\n").unwrap();
+            format!(
+                "{}[vault.auth]\nmethod = \"token_file\"\ntoken_file = \"{}\"{}",
+                &toml[..start],
+                token_file.display(),
+                &toml[end..]
+            )
+        })
+        .await;
+    let mut c = env.client(&server, "orders").await;
+    assert!(
+        c.encrypt(enc("orders", "tok-0", "email", b"a"))
+            .await
+            .is_ok()
+    );
+    // Past the token's first TTL: a new subject needs Vault, so this works only if the
+    // renewal task kept the token alive.
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    let r = c.encrypt(enc("orders", "tok-1", "email", b"b")).await;
+    assert!(
+        r.is_ok(),
+        "token expired: {:?}\n{}",
+        r.err(),
+        server.log_text()
+    );
+    assert!(server.log_text().contains("using Vault token from file"));
+}

@@ -164,12 +164,23 @@ impl TestEnv {
 
     /// Like [`server`](Self::server), with extra environment variables for the process.
     pub async fn server_env(&self, name: &str, extra: &str, env: Vec<(String, String)>) -> Server {
+        self.server_custom(name, extra, env, |t| t).await
+    }
+
+    /// Like [`server_env`](Self::server_env), with the config text passed through `edit`.
+    pub async fn server_custom(
+        &self,
+        name: &str,
+        extra: &str,
+        env: Vec<(String, String)>,
+        edit: impl FnOnce(String) -> String,
+    ) -> Server {
         let port = free_port();
         let health = free_port();
         let cfg = self.dir.path().join(format!("{name}.toml"));
         write_file(
             &cfg,
-            self.config_toml(port, health, extra).as_bytes(),
+            edit(self.config_toml(port, health, extra)).as_bytes(),
             false,
         )
         .unwrap();
