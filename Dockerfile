@@ -12,11 +12,15 @@ RUN mkdir src && echo 'fn main() {}' > src/main.rs && echo '' > src/lib.rs \
     && cargo build --release --locked || true
 COPY src ./src
 COPY deploy/vault ./deploy/vault
-RUN touch src/main.rs src/lib.rs && cargo build --release --locked \
-    && strip target/release/piiguard
+RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin piiguard \
+    && strip target/release/piiguard \
+    && mkdir -p /out/var/lib/piiguard/audit
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /src/target/release/piiguard /usr/local/bin/piiguard
+# The audit log folder (audit.dir): mount a persistent volume here (90-day retention).
+COPY --from=build --chown=65532:65532 /out/var/lib/piiguard /var/lib/piiguard
+VOLUME ["/var/lib/piiguard/audit"]
 USER nonroot:nonroot
 # 7443: mutual-TLS gRPC. 7080: plaintext health-only listener for probes.
 EXPOSE 7443 7080
