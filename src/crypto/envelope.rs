@@ -185,24 +185,29 @@ fn aad_len(header: &[u8], field: &str, context: &BTreeMap<&str, &str>) -> usize 
     AAD_LABEL.len() + header.len() + 4 + field.len() + ctx_len
 }
 
+/// Where the AAD is written: a `Vec` or a stack buffer.
+trait AadSink {
+    fn put(&mut self, b: &[u8]);
+}
+
+impl AadSink for Vec<u8> {
+    fn put(&mut self, b: &[u8]) {
+        self.extend_from_slice(b);
+    }
+}
+
 /// Writes the AAD: label, header bytes, field, canonical context.
-fn write_aad(
-    out: &mut impl Extend<u8>,
-    header: &[u8],
-    field: &str,
-    context: &BTreeMap<&str, &str>,
-) {
-    let mut put = |b: &[u8]| out.extend(b.iter().copied());
-    put(AAD_LABEL);
-    put(header);
-    put(&(field.len() as u16).to_be_bytes());
-    put(field.as_bytes());
-    put(&(context.len() as u16).to_be_bytes());
+fn write_aad(out: &mut impl AadSink, header: &[u8], field: &str, context: &BTreeMap<&str, &str>) {
+    out.put(AAD_LABEL);
+    out.put(header);
+    out.put(&(field.len() as u16).to_be_bytes());
+    out.put(field.as_bytes());
+    out.put(&(context.len() as u16).to_be_bytes());
     for (k, v) in context {
-        put(&(k.len() as u16).to_be_bytes());
-        put(k.as_bytes());
-        put(&(v.len() as u32).to_be_bytes());
-        put(v.as_bytes());
+        out.put(&(k.len() as u16).to_be_bytes());
+        out.put(k.as_bytes());
+        out.put(&(v.len() as u32).to_be_bytes());
+        out.put(v.as_bytes());
     }
 }
 
@@ -216,15 +221,14 @@ struct StackBuf {
     len: usize,
 }
 
-impl Extend<u8> for StackBuf {
-    fn extend<I: IntoIterator<Item = u8>>(&mut self, iter: I) {
-        for b in iter {
-            // `with_aad` only uses a StackBuf when the computed length fits; the bound check
-            // keeps this safe even if it did not (the AAD would then be wrong, not memory).
-            if let Some(slot) = self.buf.get_mut(self.len) {
-                *slot = b;
-                self.len += 1;
-            }
+impl AadSink for StackBuf {
+    fn put(&mut self, b: &[u8]) {
+        // `with_aad` only uses a StackBuf when the computed length fits; were it ever too
+        // small, the write is refused (the AAD would then be wrong and nothing would
+        // authenticate), never out of bounds.
+        if let Some(dst) = self.buf.get_mut(self.len..self.len + b.len()) {
+            dst.copy_from_slice(b);
+            self.len += b.len();
         }
     }
 }

@@ -142,7 +142,7 @@ pub struct RunArgs {
     /// time). 0 = closed loop, as fast as the server answers.
     #[arg(long, default_value_t = 0.0)]
     pub rate: f64,
-    /// After each closed-loop unary scenario, run it again at half its measured rate and report
+    /// After each closed-loop unary piiguard scenario, run it again at half its measured rate and report
     /// that run's latency (the "p99 at half of peak" figure).
     #[arg(long)]
     pub half_rate: bool,

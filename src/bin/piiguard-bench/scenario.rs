@@ -675,6 +675,7 @@ struct Outcome {
     first_error: Option<String>,
     elapsed: Duration,
     latencies_ns: Vec<u64>,
+    late_sends: u64,
 }
 
 async fn drive(
@@ -697,6 +698,7 @@ async fn drive(
             let mut errors = 0u64;
             let mut first_error = None;
             let mut k = 0u64;
+            let mut late = 0u64;
             loop {
                 let intended = if rate > 0.0 {
                     let at = start
@@ -706,8 +708,22 @@ async fn drive(
                     if at >= deadline {
                         break;
                     }
-                    tokio::time::sleep_until(at.into()).await;
-                    at
+                    if Instant::now() < at {
+                        // Idle until the slot: the timer wakes us up to ~1 ms late (tokio's
+                        // timer resolution), which is the load generator's delay, not the
+                        // server's, so latency counts from the actual send.
+                        tokio::time::sleep_until(at.into()).await;
+                        Instant::now()
+                    } else {
+                        // Behind schedule because our previous call was slow: count from the
+                        // scheduled time, so server stalls are not hidden (coordinated
+                        // omission). Many late sends can also mean the load generator itself
+                        // was starved of CPU: the report shows how many.
+                        if at.elapsed() > Duration::from_millis(1) {
+                            late += 1;
+                        }
+                        at
+                    }
                 } else {
                     Instant::now()
                 };
@@ -731,7 +747,7 @@ async fn drive(
                 }
                 k += 1;
             }
-            (lat, errors, first_error)
+            (lat, errors, first_error, late)
         }));
     }
     let mut out = Outcome {
@@ -740,10 +756,12 @@ async fn drive(
         first_error: None,
         elapsed: Duration::ZERO,
         latencies_ns: Vec::new(),
+        late_sends: 0,
     };
     for t in tasks {
         match t.await {
-            Ok((lat, errors, fe)) => {
+            Ok((lat, errors, fe, late)) => {
+                out.late_sends += late;
                 out.ok += lat.len() as u64;
                 out.latencies_ns.extend(lat);
                 out.errors += errors;
@@ -781,6 +799,9 @@ pub struct ScenarioResult {
     pub items_per_call: u64,
     pub items_per_sec: f64,
     pub latency: Percentiles,
+    /// Fixed rate only: calls sent more than 1 ms after their scheduled time (the previous
+    /// call of that worker was still running, or the load generator was starved of CPU).
+    pub late_sends: u64,
     /// piiguard server CPU (user+system, all threads) per successful call, microseconds.
     pub server_cpu_us_per_call: Option<f64>,
     pub server_cpu_us_per_item: Option<f64>,
@@ -890,6 +911,7 @@ async fn measure(name: &str, w: &Work, a: &RunArgs, meter: &Meter, rate: f64) ->
         items_per_call: w.items,
         items_per_sec: (o.ok * w.items) as f64 / secs,
         latency: lat,
+        late_sends: o.late_sends,
         server_cpu_us_per_call: per(before.server, after.server, o.ok),
         server_cpu_us_per_item: per(before.server, after.server, o.ok * w.items),
         server_cores: cores(before.server, after.server, secs),
@@ -1025,6 +1047,13 @@ fn text_line(s: &mut String, r: &ScenarioResult) {
     if let Some(e) = &r.first_error {
         let _ = writeln!(s, "    first error: {e}");
     }
+    if r.late_sends > 0 {
+        let _ = writeln!(
+            s,
+            "    {} of {} calls sent > 1 ms late (behind schedule)",
+            r.late_sends, r.calls_ok
+        );
+    }
 }
 
 pub fn text_report(rep: &Report) -> String {
@@ -1101,7 +1130,7 @@ pub async fn run(a: RunArgs) -> Result<(), String> {
         }
         let w = build(name, &a, &chs, &mut vault).await?;
         let mut r = measure(name, &w, &a, &meter, a.rate).await;
-        if a.half_rate && a.rate == 0.0 && w.unary && r.calls_per_sec > 0.0 {
+        if a.half_rate && a.rate == 0.0 && w.unary && w.piiguard && r.calls_per_sec > 0.0 {
             let half = r.calls_per_sec / 2.0;
             let mut h = measure(name, &w, &a, &meter, half).await;
             h.name = format!("{name}@half");
@@ -1165,6 +1194,7 @@ mod tests {
             items_per_call: 1,
             items_per_sec: cps,
             latency: Percentiles::default(),
+            late_sends: 0,
             server_cpu_us_per_call: Some(cpu),
             server_cpu_us_per_item: Some(cpu),
             server_cores: None,
