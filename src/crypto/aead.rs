@@ -90,6 +90,22 @@ pub fn seal(
         .map_err(|_| AeadError)
 }
 
+/// Encrypts `in_out` in place and returns the tag: lets the caller encrypt inside a buffer it
+/// already owns (the envelope) instead of through a separate allocation and copy.
+pub fn seal_in_place(
+    alg: Algorithm,
+    key_bytes: &[u8],
+    nonce: &[u8; NONCE_LEN],
+    aad: &[u8],
+    in_out: &mut [u8],
+) -> Result<[u8; TAG_LEN], AeadError> {
+    let k = key(alg, key_bytes)?;
+    let tag = k
+        .seal_in_place_separate_tag(Nonce::assume_unique_for_key(*nonce), Aad::from(aad), in_out)
+        .map_err(|_| AeadError)?;
+    tag.as_ref().try_into().map_err(|_| AeadError)
+}
+
 /// Decrypts `in_out` (ciphertext followed by tag) in place; returns the plaintext length.
 pub fn open(
     alg: Algorithm,
@@ -126,6 +142,18 @@ mod tests {
         );
         let n = open(Algorithm::Aes256Gcm, &key, &nonce, &[], &mut buf).unwrap();
         assert_eq!(hex::encode(&buf[..n]), "2db5168e932556f8089a0622981d017d");
+    }
+
+    #[test]
+    fn separate_tag_matches_appended_tag() {
+        let key = [9u8; 32];
+        let nonce = [3u8; 12];
+        let mut appended = b"sixty-four bytes or so of plaintext".to_vec();
+        seal(Algorithm::Aes256Gcm, &key, &nonce, b"ad", &mut appended).unwrap();
+        let mut in_place = b"sixty-four bytes or so of plaintext".to_vec();
+        let tag = seal_in_place(Algorithm::Aes256Gcm, &key, &nonce, b"ad", &mut in_place).unwrap();
+        in_place.extend_from_slice(&tag);
+        assert_eq!(in_place, appended);
     }
 
     #[test]

@@ -192,22 +192,80 @@ pub struct Parsed<'a> {
     body: &'a [u8],
 }
 
-/// Writes the AAD: label, header bytes, field, canonical context.
-fn build_aad(header: &[u8], field: &str, context: &BTreeMap<&str, &str>) -> Vec<u8> {
+/// Length of the AAD for this header, field and context.
+fn aad_len(header: &[u8], field: &str, context: &BTreeMap<&str, &str>) -> usize {
     let ctx_len: usize = context.iter().map(|(k, v)| 6 + k.len() + v.len()).sum();
-    let mut aad = Vec::with_capacity(AAD_LABEL.len() + header.len() + 4 + field.len() + ctx_len);
-    aad.extend_from_slice(AAD_LABEL);
-    aad.extend_from_slice(header);
-    aad.extend_from_slice(&(field.len() as u16).to_be_bytes());
-    aad.extend_from_slice(field.as_bytes());
-    aad.extend_from_slice(&(context.len() as u16).to_be_bytes());
-    for (k, v) in context {
-        aad.extend_from_slice(&(k.len() as u16).to_be_bytes());
-        aad.extend_from_slice(k.as_bytes());
-        aad.extend_from_slice(&(v.len() as u32).to_be_bytes());
-        aad.extend_from_slice(v.as_bytes());
+    AAD_LABEL.len() + header.len() + 4 + field.len() + ctx_len
+}
+
+/// Where the AAD is written: a `Vec` or a stack buffer.
+trait AadSink {
+    fn put(&mut self, b: &[u8]);
+}
+
+impl AadSink for Vec<u8> {
+    fn put(&mut self, b: &[u8]) {
+        self.extend_from_slice(b);
     }
-    aad
+}
+
+/// Writes the AAD: label, header bytes, field, canonical context.
+fn write_aad(out: &mut impl AadSink, header: &[u8], field: &str, context: &BTreeMap<&str, &str>) {
+    out.put(AAD_LABEL);
+    out.put(header);
+    out.put(&(field.len() as u16).to_be_bytes());
+    out.put(field.as_bytes());
+    out.put(&(context.len() as u16).to_be_bytes());
+    for (k, v) in context {
+        out.put(&(k.len() as u16).to_be_bytes());
+        out.put(k.as_bytes());
+        out.put(&(v.len() as u32).to_be_bytes());
+        out.put(v.as_bytes());
+    }
+}
+
+/// AADs up to this size are built on the stack (a header, a field name and a small context:
+/// the common case), larger ones on the heap. Saves one allocation per seal/open.
+const STACK_AAD: usize = 384;
+
+/// A fixed-capacity byte buffer on the stack.
+struct StackBuf {
+    buf: [u8; STACK_AAD],
+    len: usize,
+}
+
+impl AadSink for StackBuf {
+    fn put(&mut self, b: &[u8]) {
+        // `with_aad` only uses a StackBuf when the computed length fits; were it ever too
+        // small, the write is refused (the AAD would then be wrong and nothing would
+        // authenticate), never out of bounds.
+        if let Some(dst) = self.buf.get_mut(self.len..self.len + b.len()) {
+            dst.copy_from_slice(b);
+            self.len += b.len();
+        }
+    }
+}
+
+/// Builds the AAD (on the stack when small) and hands it to `f`.
+fn with_aad<R>(
+    header: &[u8],
+    field: &str,
+    context: &BTreeMap<&str, &str>,
+    f: impl FnOnce(&[u8]) -> R,
+) -> R {
+    let n = aad_len(header, field, context);
+    if n <= STACK_AAD {
+        let mut b = StackBuf {
+            buf: [0u8; STACK_AAD],
+            len: 0,
+        };
+        write_aad(&mut b, header, field, context);
+        f(&b.buf[..b.len])
+    } else {
+        let mut v = Vec::with_capacity(n);
+        write_aad(&mut v, header, field, context);
+        f(&v)
+    }
 }
 
 /// Encrypts `plaintext` with a random nonce.
@@ -261,16 +319,25 @@ pub fn seal_with_nonce(
     out.extend_from_slice(&key_id.0);
     out.extend_from_slice(&dek_version.to_be_bytes());
     out.extend_from_slice(nonce);
-    let aad = build_aad(&out, field, context);
     out.extend_from_slice(&keys.commitment);
     let body_start = out.len();
     out.extend_from_slice(plaintext);
-    let mut body = out.split_off(body_start);
-    aead::seal(keys.alg, keys.enc_key(), nonce, &aad, &mut body)
-        .map_err(|_| EnvelopeError::Malformed)?;
-    out.extend_from_slice(&body);
-    body.zeroize();
-    Ok(out)
+    // Encrypt in place inside `out` (no second buffer, no copy), then append the tag.
+    let (head, body) = out.split_at_mut(body_start);
+    let sealed = with_aad(&head[..header_len], field, context, |aad| {
+        aead::seal_in_place(keys.alg, keys.enc_key(), nonce, aad, body)
+    });
+    match sealed {
+        Ok(tag) => {
+            out.extend_from_slice(&tag);
+            Ok(out)
+        }
+        Err(_) => {
+            // Never return (or leave in memory) a buffer holding the plaintext.
+            out.zeroize();
+            Err(EnvelopeError::Malformed)
+        }
+    }
 }
 
 /// Parses the header of a binary or text-form ciphertext. `scratch` receives the decoded
@@ -352,10 +419,11 @@ impl Parsed<'_> {
         }
         aws_lc_rs::constant_time::verify_slices_are_equal(self.commitment, &keys.commitment)
             .map_err(|_| EnvelopeError::Authentication)?;
-        let aad = build_aad(self.header_bytes, field, context);
         let mut buf = Zeroizing::new(self.body.to_vec());
-        let n = aead::open(keys.alg, keys.enc_key(), &self.nonce, &aad, &mut buf)
-            .map_err(|_| EnvelopeError::Authentication)?;
+        let n = with_aad(self.header_bytes, field, context, |aad| {
+            aead::open(keys.alg, keys.enc_key(), &self.nonce, aad, &mut buf)
+        })
+        .map_err(|_| EnvelopeError::Authentication)?;
         buf.truncate(n);
         Ok(buf)
     }
@@ -465,6 +533,27 @@ mod tests {
         let mut s = Vec::new();
         let p = parse(&ct, &mut s).unwrap();
         assert!(p.open(&k, "f", &c2).is_err());
+    }
+
+    #[test]
+    fn large_context_aad_on_the_heap_round_trips_and_binds() {
+        let (k, kid) = keys(Algorithm::Aes256Gcm);
+        let long = "v".repeat(STACK_AAD);
+        let c = ctx(&[("big", long.as_str())]);
+        let hdr = [0u8; 3 + 6 + KEY_ID_LEN + 4 + NONCE_LEN];
+        assert!(aad_len(&hdr, "f", &c) > STACK_AAD);
+        let ct = seal(&k, "orders", &kid, 1, "f", &c, b"x").unwrap();
+        let mut s = Vec::new();
+        let p = parse(&ct, &mut s).unwrap();
+        assert_eq!(&p.open(&k, "f", &c).unwrap()[..], b"x");
+        let shorter = long[1..].to_string();
+        assert!(p.open(&k, "f", &ctx(&[("big", shorter.as_str())])).is_err());
+        // The stack and heap builders write the same bytes.
+        let small = ctx(&[("a", "b")]);
+        let mut v = Vec::new();
+        write_aad(&mut v, &hdr, "f", &small);
+        assert_eq!(with_aad(&hdr, "f", &small, |a| a.to_vec()), v);
+        assert_eq!(v.len(), aad_len(&hdr, "f", &small));
     }
 
     #[test]

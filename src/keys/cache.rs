@@ -55,8 +55,12 @@ impl DekEntry {
 
     fn touch(&self, now: Instant) {
         let ms = now.saturating_duration_since(self.created).as_millis();
-        self.last_used_ms
-            .store(u32::try_from(ms).unwrap_or(u32::MAX), Ordering::Relaxed);
+        let ms = u32::try_from(ms).unwrap_or(u32::MAX);
+        // A hot entry is read by every core many times per millisecond: store only when the
+        // value changes, so that reads do not keep stealing the cache line from each other.
+        if self.last_used_ms.load(Ordering::Relaxed) != ms {
+            self.last_used_ms.store(ms, Ordering::Relaxed);
+        }
     }
 
     fn last_used(&self) -> Instant {

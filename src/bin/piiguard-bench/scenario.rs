@@ -1,0 +1,1252 @@
+//! Scenarios, the load loop, and the report.
+
+use std::fmt::Write as _;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use prost::Message as _;
+use serde::Serialize;
+use serde_json::{Value, json};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use piiguard::pb;
+
+use crate::raw::RawCodec;
+use crate::stats::{self, Percentiles};
+use crate::{CALL_TIMEOUT, RunArgs, Target};
+
+type CallFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+/// One call of a scenario: (worker index, call sequence number) -> outcome.
+type CallFn = Arc<dyn Fn(usize, u64) -> CallFuture + Send + Sync>;
+/// Checks a (sampled) response body.
+type CheckFn = fn(&Bytes) -> Result<(), String>;
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+/// Every scenario name, in the order `all` runs them.
+pub const ALL: &[&str] = &[
+    "health",
+    "encrypt-hot",
+    "encrypt-warm",
+    "decrypt-hot",
+    "decrypt-warm",
+    "encrypt-batch",
+    "encrypt-batch-hot",
+    "decrypt-batch",
+    "encrypt-cold",
+    "bao-encrypt",
+    "bao-decrypt",
+    "bao-encrypt-batch",
+    "bao-decrypt-batch",
+    "bao-cold",
+];
+
+fn expand(list: &str) -> Result<Vec<String>, String> {
+    let mut out: Vec<String> = Vec::new();
+    for s in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let group: &[&str] = match s {
+            "all" => ALL,
+            "all-unary" => &[
+                "health",
+                "encrypt-hot",
+                "encrypt-warm",
+                "decrypt-hot",
+                "decrypt-warm",
+                "bao-encrypt",
+                "bao-decrypt",
+            ],
+            "all-batch" => &[
+                "encrypt-batch",
+                "encrypt-batch-hot",
+                "decrypt-batch",
+                "bao-encrypt-batch",
+                "bao-decrypt-batch",
+            ],
+            "all-cold" => &["encrypt-cold", "bao-cold"],
+            one if ALL.contains(&one) => &[],
+            other => return Err(format!("unknown scenario {other:?}; known: {ALL:?}")),
+        };
+        if group.is_empty() {
+            out.push(s.to_string());
+        } else {
+            out.extend(group.iter().map(|g| g.to_string()));
+        }
+    }
+    if out.is_empty() {
+        return Err("no scenario given".into());
+    }
+    Ok(out)
+}
+
+/// A plaintext of `n` bytes (deterministic, printable).
+pub fn plaintext(n: usize) -> Vec<u8> {
+    (0..n).map(|i| b'a' + (i % 26) as u8).collect()
+}
+
+pub fn warm_subject(i: usize) -> String {
+    format!("bench-warm-{i}")
+}
+
+pub const HOT_SUBJECT: &str = "bench-hot";
+
+fn run_id() -> u64 {
+    let mut b = [0u8; 8];
+    if aws_lc_rs::rand::fill(&mut b).is_err() {
+        return std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
+    }
+    u64::from_le_bytes(b)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connections
+
+pub async fn connect_grpc(t: &Target, n: usize) -> Result<Vec<Channel>, String> {
+    let read = |p: std::path::PathBuf| {
+        std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))
+    };
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read(t.ca())?))
+        .identity(Identity::from_pem(read(t.cert())?, read(t.key())?))
+        .domain_name(t.domain.clone());
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n.max(1) {
+        let ch = Endpoint::from_shared(format!("https://{}", t.addr))
+            .map_err(|e| e.to_string())?
+            .tls_config(tls.clone())
+            .map_err(|e| e.to_string())?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(CALL_TIMEOUT)
+            .tcp_nodelay(true)
+            .initial_connection_window_size(Some(4 * 1024 * 1024))
+            .initial_stream_window_size(Some(1024 * 1024))
+            .connect()
+            .await
+            .map_err(|e| format!("connect {}: {e:?}", t.addr))?;
+        out.push(ch);
+    }
+    Ok(out)
+}
+
+/// One HTTP client per "connection" (reqwest pools per client; over h2 one client multiplexes
+/// on one connection), configured like piiguard's own Vault client.
+fn http_clients(t: &Target, n: usize) -> Result<Vec<reqwest::Client>, String> {
+    let ca = t.vault_ca();
+    let pem = std::fs::read(&ca).map_err(|e| format!("{}: {e}", ca.display()))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| e.to_string())?;
+    (0..n.max(1))
+        .map(|_| {
+            reqwest::Client::builder()
+                .timeout(CALL_TIMEOUT)
+                .pool_max_idle_per_host(256)
+                .no_proxy()
+                .tls_certs_only(certs.clone())
+                .https_only(true)
+                .build()
+                .map_err(|e| e.to_string())
+        })
+        .collect()
+}
+
+async fn grpc_call(ch: Channel, path: &'static str, body: Bytes) -> Result<Bytes, String> {
+    let mut g = tonic::client::Grpc::new(ch);
+    g.ready().await.map_err(|e| format!("not ready: {e}"))?;
+    let r = g
+        .unary(
+            tonic::Request::new(body),
+            tonic::codegen::http::uri::PathAndQuery::from_static(path),
+            RawCodec,
+        )
+        .await
+        .map_err(|s| format!("{path}: {:?} {}", s.code(), s.message()))?;
+    Ok(r.into_inner())
+}
+
+struct Vault {
+    clients: Vec<reqwest::Client>,
+    addr: String,
+    token: String,
+}
+
+impl Vault {
+    fn new(t: &Target, n: usize) -> Result<Self, String> {
+        let tf = t.vault_token_file();
+        let token = std::fs::read_to_string(&tf)
+            .map_err(|e| {
+                format!(
+                    "{}: {e} (bao-* scenarios need an OpenBao token)",
+                    tf.display()
+                )
+            })?
+            .trim()
+            .to_string();
+        Ok(Self {
+            clients: http_clients(t, n)?,
+            addr: t.vault_addr.trim_end_matches('/').to_string(),
+            token,
+        })
+    }
+
+    fn call(
+        &self,
+        worker: usize,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Bytes>,
+    ) -> impl Future<Output = Result<(reqwest::StatusCode, Bytes), String>> + Send + 'static {
+        let c = &self.clients[worker % self.clients.len()];
+        let mut rb = c
+            .request(method, format!("{}/v1/{path}", self.addr))
+            .header("X-Vault-Token", &self.token);
+        if let Some(b) = body {
+            rb = rb.header("Content-Type", "application/json").body(b);
+        }
+        async move {
+            let r = rb.send().await.map_err(|e| e.to_string())?;
+            let s = r.status();
+            let b = r.bytes().await.map_err(|e| e.to_string())?;
+            Ok((s, b))
+        }
+    }
+}
+
+fn ok_json(path: &str, r: (reqwest::StatusCode, Bytes)) -> Result<Value, String> {
+    if !r.0.is_success() {
+        return Err(format!(
+            "{path}: HTTP {} {}",
+            r.0,
+            String::from_utf8_lossy(&r.1)
+                .chars()
+                .take(200)
+                .collect::<String>()
+        ));
+    }
+    serde_json::from_slice(&r.1).map_err(|e| format!("{path}: {e}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Set-up helpers (not measured)
+
+fn enc_req(t: &Target, subject: &str, pt: &[u8]) -> pb::EncryptRequest {
+    pb::EncryptRequest {
+        keyspace: t.keyspace.clone(),
+        subject: subject.to_string(),
+        field: t.field.clone(),
+        plaintext: pt.to_vec(),
+        context: Default::default(),
+        encoding: 0,
+    }
+}
+
+fn dec_req(t: &Target, ct: Vec<u8>) -> pb::DecryptRequest {
+    pb::DecryptRequest {
+        field: t.field.clone(),
+        ciphertext: ct,
+        context: Default::default(),
+        keyspace: String::new(),
+    }
+}
+
+/// Encrypts one field per subject through EncryptBatch (which also warms the server's cache)
+/// and returns the ciphertexts in order.
+pub async fn encrypt_all(
+    t: &Target,
+    ch: &Channel,
+    subjects: &[String],
+    pt: &[u8],
+) -> Result<Vec<Vec<u8>>, String> {
+    let mut client = pb::crypto_client::CryptoClient::new(ch.clone())
+        .max_decoding_message_size(64 * 1024 * 1024)
+        .max_encoding_message_size(64 * 1024 * 1024);
+    let mut out = Vec::with_capacity(subjects.len());
+    for chunk in subjects.chunks(1000) {
+        let items = chunk.iter().map(|s| enc_req(t, s, pt)).collect();
+        let r = client
+            .encrypt_batch(pb::EncryptBatchRequest { items })
+            .await
+            .map_err(|s| format!("set-up EncryptBatch: {:?} {}", s.code(), s.message()))?;
+        for res in r.into_inner().results {
+            match res.result {
+                Some(pb::encrypt_result::Result::Ciphertext(c)) => out.push(c),
+                Some(pb::encrypt_result::Result::Error(e)) => {
+                    return Err(format!(
+                        "set-up EncryptBatch item: {} {}",
+                        e.reason, e.message
+                    ));
+                }
+                None => return Err("set-up EncryptBatch: empty result".into()),
+            }
+        }
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenarios
+
+struct Work {
+    /// Items per call (batch size for batches, else 1).
+    items: u64,
+    /// Served by piiguard (else by OpenBao directly).
+    piiguard: bool,
+    /// A unary call eligible for the half-rate rerun.
+    unary: bool,
+    call: CallFn,
+}
+
+fn grpc_work(
+    chs: &[Channel],
+    path: &'static str,
+    bodies: Vec<Bytes>,
+    check: Option<CheckFn>,
+) -> CallFn {
+    let chs: Arc<[Channel]> = chs.into();
+    let bodies: Arc<[Bytes]> = bodies.into();
+    Arc::new(move |w, seq| {
+        let ch = chs[w % chs.len()].clone();
+        let body = bodies[(seq % bodies.len() as u64) as usize].clone();
+        Box::pin(async move {
+            let r = grpc_call(ch, path, body).await?;
+            // Batch results are decoded and checked on a sample of calls only, to keep the
+            // load generator's CPU (on the same machine as the server) for the load.
+            if let Some(check) = check
+                && seq % 64 == 0
+            {
+                check(&r)?;
+            }
+            Ok(())
+        })
+    })
+}
+
+fn check_encrypt_batch(b: &Bytes) -> Result<(), String> {
+    let r = pb::EncryptBatchResponse::decode(b.clone()).map_err(|e| e.to_string())?;
+    for res in r.results {
+        if let Some(pb::encrypt_result::Result::Error(e)) = res.result {
+            return Err(format!("EncryptBatch item: {} {}", e.reason, e.message));
+        }
+    }
+    Ok(())
+}
+
+fn check_decrypt_batch(b: &Bytes) -> Result<(), String> {
+    let r = pb::DecryptBatchResponse::decode(b.clone()).map_err(|e| e.to_string())?;
+    for res in r.results {
+        if let Some(pb::decrypt_result::Result::Error(e)) = res.result {
+            return Err(format!("DecryptBatch item: {} {}", e.reason, e.message));
+        }
+    }
+    Ok(())
+}
+
+fn vault_post_work(vault: Arc<Vault>, path: String, bodies: Vec<Bytes>, batch: bool) -> CallFn {
+    let bodies: Arc<[Bytes]> = bodies.into();
+    let path: Arc<str> = path.into();
+    Arc::new(move |w, seq| {
+        let body = bodies[(seq % bodies.len() as u64) as usize].clone();
+        let fut = vault.call(w, reqwest::Method::POST, &path, Some(body));
+        let path = path.clone();
+        Box::pin(async move {
+            let r = fut.await?;
+            if !r.0.is_success() {
+                return Err(format!("{path}: HTTP {}", r.0));
+            }
+            if batch && seq % 64 == 0 {
+                let v: Value = serde_json::from_slice(&r.1).map_err(|e| e.to_string())?;
+                let results = v["data"]["batch_results"]
+                    .as_array()
+                    .ok_or("transit batch: no batch_results")?;
+                if let Some(e) = results
+                    .iter()
+                    .filter_map(|x| x["error"].as_str())
+                    .find(|e| !e.is_empty())
+                {
+                    return Err(format!("transit batch item: {e}"));
+                }
+            }
+            Ok(())
+        })
+    })
+}
+
+async fn build(
+    name: &str,
+    a: &RunArgs,
+    chs: &[Channel],
+    vault: &mut Option<Arc<Vault>>,
+) -> Result<Work, String> {
+    let t = &a.target;
+    let pt = plaintext(a.size);
+    let warm: Vec<String> = (0..a.warm_subjects.max(1)).map(warm_subject).collect();
+    let batch_subjects = |i: usize| warm[i % warm.len()].clone();
+    let mut vault_handle = || -> Result<Arc<Vault>, String> {
+        if vault.is_none() {
+            *vault = Some(Arc::new(Vault::new(t, a.connections)?));
+        }
+        vault.clone().ok_or_else(|| "no vault client".to_string())
+    };
+    let transit = |op: &str| format!("{}/{op}/kek-{}", t.transit_mount, t.keyspace);
+    let piiguard = |items, unary, call| Work {
+        items,
+        piiguard: true,
+        unary,
+        call,
+    };
+    let anchor = |items, unary, call| Work {
+        items,
+        piiguard: false,
+        unary,
+        call,
+    };
+    Ok(match name {
+        "health" => piiguard(
+            1,
+            true,
+            grpc_work(
+                chs,
+                "/grpc.health.v1.Health/Check",
+                vec![Bytes::new()],
+                None,
+            ),
+        ),
+        "encrypt-hot" => {
+            encrypt_all(t, &chs[0], &[HOT_SUBJECT.to_string()], &pt).await?;
+            let body = Bytes::from(enc_req(t, HOT_SUBJECT, &pt).encode_to_vec());
+            piiguard(
+                1,
+                true,
+                grpc_work(chs, "/piiguard.v1.Crypto/Encrypt", vec![body], None),
+            )
+        }
+        "encrypt-warm" => {
+            encrypt_all(t, &chs[0], &warm, &pt).await?;
+            let bodies = warm
+                .iter()
+                .map(|s| Bytes::from(enc_req(t, s, &pt).encode_to_vec()))
+                .collect();
+            piiguard(
+                1,
+                true,
+                grpc_work(chs, "/piiguard.v1.Crypto/Encrypt", bodies, None),
+            )
+        }
+        "decrypt-hot" => {
+            let cts = encrypt_all(t, &chs[0], &[HOT_SUBJECT.to_string()], &pt).await?;
+            let bodies = cts
+                .into_iter()
+                .map(|c| Bytes::from(dec_req(t, c).encode_to_vec()))
+                .collect();
+            piiguard(
+                1,
+                true,
+                grpc_work(chs, "/piiguard.v1.Crypto/Decrypt", bodies, None),
+            )
+        }
+        "decrypt-warm" => {
+            let cts = encrypt_all(t, &chs[0], &warm, &pt).await?;
+            let bodies = cts
+                .into_iter()
+                .map(|c| Bytes::from(dec_req(t, c).encode_to_vec()))
+                .collect();
+            piiguard(
+                1,
+                true,
+                grpc_work(chs, "/piiguard.v1.Crypto/Decrypt", bodies, None),
+            )
+        }
+        "encrypt-batch" | "encrypt-batch-hot" => {
+            let hot = name == "encrypt-batch-hot";
+            let subjects: Vec<String> = (0..a.batch_size)
+                .map(|i| {
+                    if hot {
+                        HOT_SUBJECT.to_string()
+                    } else {
+                        batch_subjects(i)
+                    }
+                })
+                .collect();
+            encrypt_all(t, &chs[0], &subjects, &pt).await?;
+            let items = subjects.iter().map(|s| enc_req(t, s, &pt)).collect();
+            let body = Bytes::from(pb::EncryptBatchRequest { items }.encode_to_vec());
+            piiguard(
+                a.batch_size as u64,
+                false,
+                grpc_work(
+                    chs,
+                    "/piiguard.v1.Crypto/EncryptBatch",
+                    vec![body],
+                    Some(check_encrypt_batch),
+                ),
+            )
+        }
+        "decrypt-batch" => {
+            let subjects: Vec<String> = (0..a.batch_size).map(batch_subjects).collect();
+            let cts = encrypt_all(t, &chs[0], &subjects, &pt).await?;
+            let items = cts.into_iter().map(|c| dec_req(t, c)).collect();
+            let body = Bytes::from(pb::DecryptBatchRequest { items }.encode_to_vec());
+            piiguard(
+                a.batch_size as u64,
+                false,
+                grpc_work(
+                    chs,
+                    "/piiguard.v1.Crypto/DecryptBatch",
+                    vec![body],
+                    Some(check_decrypt_batch),
+                ),
+            )
+        }
+        "encrypt-cold" => {
+            let run = run_id();
+            let next = Arc::new(AtomicU64::new(0));
+            let chs: Arc<[Channel]> = chs.into();
+            let t = t.clone();
+            let pt = pt.clone();
+            piiguard(
+                1,
+                false,
+                Arc::new(move |w, _seq| {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    let subject = format!("bench-cold-{run:016x}-{n}");
+                    let body = Bytes::from(enc_req(&t, &subject, &pt).encode_to_vec());
+                    let ch = chs[w % chs.len()].clone();
+                    Box::pin(async move {
+                        grpc_call(ch, "/piiguard.v1.Crypto/Encrypt", body)
+                            .await
+                            .map(|_| ())
+                    })
+                }),
+            )
+        }
+        "bao-encrypt" => {
+            let v = vault_handle()?;
+            let body = Bytes::from(json!({ "plaintext": B64.encode(&pt) }).to_string());
+            anchor(
+                1,
+                true,
+                vault_post_work(v, transit("encrypt"), vec![body], false),
+            )
+        }
+        "bao-decrypt" => {
+            let v = vault_handle()?;
+            let p = transit("encrypt");
+            let body = Bytes::from(json!({ "plaintext": B64.encode(&pt) }).to_string());
+            let r = ok_json(&p, v.call(0, reqwest::Method::POST, &p, Some(body)).await?)?;
+            let ct = r["data"]["ciphertext"]
+                .as_str()
+                .ok_or("transit encrypt: no ciphertext")?;
+            let body = Bytes::from(json!({ "ciphertext": ct }).to_string());
+            anchor(
+                1,
+                true,
+                vault_post_work(v, transit("decrypt"), vec![body], false),
+            )
+        }
+        "bao-encrypt-batch" => {
+            let v = vault_handle()?;
+            let items: Vec<Value> = (0..a.bao_batch_size)
+                .map(|_| json!({ "plaintext": B64.encode(&pt) }))
+                .collect();
+            let body = Bytes::from(json!({ "batch_input": items }).to_string());
+            anchor(
+                a.bao_batch_size as u64,
+                false,
+                vault_post_work(v, transit("encrypt"), vec![body], true),
+            )
+        }
+        "bao-decrypt-batch" => {
+            let v = vault_handle()?;
+            let p = transit("encrypt");
+            let items: Vec<Value> = (0..a.bao_batch_size)
+                .map(|_| json!({ "plaintext": B64.encode(&pt) }))
+                .collect();
+            let body = Bytes::from(json!({ "batch_input": items }).to_string());
+            let r = ok_json(&p, v.call(0, reqwest::Method::POST, &p, Some(body)).await?)?;
+            let cts: Vec<Value> = r["data"]["batch_results"]
+                .as_array()
+                .ok_or("transit batch encrypt: no batch_results")?
+                .iter()
+                .map(|x| json!({ "ciphertext": x["ciphertext"] }))
+                .collect();
+            let body = Bytes::from(json!({ "batch_input": cts }).to_string());
+            anchor(
+                a.bao_batch_size as u64,
+                false,
+                vault_post_work(v, transit("decrypt"), vec![body], true),
+            )
+        }
+        "bao-cold" => {
+            let v = vault_handle()?;
+            let run = run_id();
+            let next = Arc::new(AtomicU64::new(0));
+            let kv = t.kv_mount.clone();
+            let enc_path: Arc<str> = transit("encrypt").into();
+            let dek = B64.encode([7u8; 32]);
+            anchor(
+                1,
+                false,
+                Arc::new(move |w, _seq| {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    let v = v.clone();
+                    let kv = kv.clone();
+                    let enc_path = enc_path.clone();
+                    let dek = dek.clone();
+                    Box::pin(
+                        async move { bao_cold_sequence(&v, w, &kv, &enc_path, &dek, run, n).await },
+                    )
+                }),
+            )
+        }
+        other => return Err(format!("unknown scenario {other:?}")),
+    })
+}
+
+/// The Vault round trips of one piiguard cold encrypt (keys/manager.rs `load_or_create`), made
+/// directly: read the subject record (absent), wrap a new DEK with transit, write the DEK
+/// record (CAS 0), write the subject record (CAS 0). Paths live under `bench/` in the KV mount,
+/// with the same lengths as piiguard's.
+async fn bao_cold_sequence(
+    v: &Vault,
+    w: usize,
+    kv: &str,
+    enc_path: &str,
+    dek_b64: &str,
+    run: u64,
+    n: u64,
+) -> Result<(), String> {
+    let sref = format!("{run:016x}{n:048x}");
+    let key_id = format!("{run:016x}{n:016x}");
+    let spath = format!("{kv}/data/bench/subjects/orders/{sref}");
+    let r = v.call(w, reqwest::Method::GET, &spath, None).await?;
+    if r.0 != reqwest::StatusCode::NOT_FOUND {
+        return Err(format!("{spath}: expected 404, got {}", r.0));
+    }
+    let body = Bytes::from(json!({ "plaintext": dek_b64 }).to_string());
+    let r = ok_json(
+        enc_path,
+        v.call(w, reqwest::Method::POST, enc_path, Some(body))
+            .await?,
+    )?;
+    let wrapped = r["data"]["ciphertext"]
+        .as_str()
+        .ok_or("transit encrypt: no ciphertext")?
+        .to_string();
+    let dpath = format!("{kv}/data/bench/deks/orders/{key_id}");
+    let body = json!({ "options": { "cas": 0 }, "data": {
+        "subject_ref": sref, "wrapped": wrapped, "alg": "aes-256-gcm", "created_at": 0 } });
+    ok_json(
+        &dpath,
+        v.call(
+            w,
+            reqwest::Method::POST,
+            &dpath,
+            Some(Bytes::from(body.to_string())),
+        )
+        .await?,
+    )?;
+    let body = json!({ "options": { "cas": 0 }, "data": {
+        "key_id": key_id, "dek_version": 1, "wrapped": wrapped, "alg": "aes-256-gcm",
+        "created_at": 0 } });
+    ok_json(
+        &spath,
+        v.call(
+            w,
+            reqwest::Method::POST,
+            &spath,
+            Some(Bytes::from(body.to_string())),
+        )
+        .await?,
+    )?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The load loop
+
+struct Outcome {
+    ok: u64,
+    errors: u64,
+    first_error: Option<String>,
+    elapsed: Duration,
+    latencies_ns: Vec<u64>,
+    late_sends: u64,
+}
+
+async fn drive(
+    call: &CallFn,
+    concurrency: usize,
+    duration: Duration,
+    max_calls: u64,
+    rate: f64,
+) -> Outcome {
+    let concurrency = concurrency.max(1);
+    let start = Instant::now();
+    let deadline = start + duration;
+    let claimed = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::with_capacity(concurrency);
+    for w in 0..concurrency {
+        let call = call.clone();
+        let claimed = claimed.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat: Vec<u64> = Vec::with_capacity(4096);
+            let mut errors = 0u64;
+            let mut first_error = None;
+            let mut k = 0u64;
+            let mut late = 0u64;
+            loop {
+                let intended = if rate > 0.0 {
+                    let at = start
+                        + Duration::from_secs_f64(
+                            (k * concurrency as u64 + w as u64) as f64 / rate,
+                        );
+                    if at >= deadline {
+                        break;
+                    }
+                    if Instant::now() < at {
+                        // Idle until the slot: the timer wakes us up to ~1 ms late (tokio's
+                        // timer resolution), which is the load generator's delay, not the
+                        // server's, so latency counts from the actual send.
+                        tokio::time::sleep_until(at.into()).await;
+                        Instant::now()
+                    } else {
+                        // Behind schedule because our previous call was slow: count from the
+                        // scheduled time, so server stalls are not hidden (coordinated
+                        // omission). Many late sends can also mean the load generator itself
+                        // was starved of CPU: the report shows how many.
+                        if at.elapsed() > Duration::from_millis(1) {
+                            late += 1;
+                        }
+                        at
+                    }
+                } else {
+                    Instant::now()
+                };
+                if Instant::now() >= deadline {
+                    break;
+                }
+                let seq = claimed.fetch_add(1, Ordering::Relaxed);
+                if seq >= max_calls {
+                    break;
+                }
+                match tokio::time::timeout(CALL_TIMEOUT, call(w, seq)).await {
+                    Ok(Ok(())) => lat.push(intended.elapsed().as_nanos() as u64),
+                    Ok(Err(e)) => {
+                        errors += 1;
+                        first_error.get_or_insert(e);
+                    }
+                    Err(_) => {
+                        errors += 1;
+                        first_error.get_or_insert_with(|| "timeout".to_string());
+                    }
+                }
+                k += 1;
+            }
+            (lat, errors, first_error, late)
+        }));
+    }
+    let mut out = Outcome {
+        ok: 0,
+        errors: 0,
+        first_error: None,
+        elapsed: Duration::ZERO,
+        latencies_ns: Vec::new(),
+        late_sends: 0,
+    };
+    for t in tasks {
+        match t.await {
+            Ok((lat, errors, fe, late)) => {
+                out.late_sends += late;
+                out.ok += lat.len() as u64;
+                out.latencies_ns.extend(lat);
+                out.errors += errors;
+                if out.first_error.is_none() {
+                    out.first_error = fe;
+                }
+            }
+            Err(e) => {
+                out.errors += 1;
+                out.first_error
+                    .get_or_insert_with(|| format!("worker: {e}"));
+            }
+        }
+    }
+    out.elapsed = start.elapsed();
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Results and report
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ScenarioResult {
+    pub name: String,
+    pub served_by: &'static str,
+    /// "closed" or "rate=<calls/s>".
+    pub mode: String,
+    pub concurrency: usize,
+    pub connections: usize,
+    pub calls_ok: u64,
+    pub errors: u64,
+    pub first_error: Option<String>,
+    pub seconds: f64,
+    pub calls_per_sec: f64,
+    pub items_per_call: u64,
+    pub items_per_sec: f64,
+    pub latency: Percentiles,
+    /// Fixed rate only: calls sent more than 1 ms after their scheduled time (the previous
+    /// call of that worker was still running, or the load generator was starved of CPU).
+    pub late_sends: u64,
+    /// piiguard server CPU (user+system, all threads) per successful call, microseconds.
+    pub server_cpu_us_per_call: Option<f64>,
+    pub server_cpu_us_per_item: Option<f64>,
+    /// piiguard server CPU use during the run, in cores.
+    pub server_cores: Option<f64>,
+    pub vault_cpu_us_per_call: Option<f64>,
+    pub vault_cores: Option<f64>,
+    /// This load generator's CPU per call (it shares the machine).
+    pub client_cpu_us_per_call: Option<f64>,
+    pub server_rss_kib: Option<u64>,
+    pub half_rate: Option<Box<ScenarioResult>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Ratio {
+    pub what: String,
+    pub value: f64,
+    pub target: Option<String>,
+    pub met: Option<bool>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub label: String,
+    pub nproc: usize,
+    pub plaintext_bytes: usize,
+    pub batch_size: usize,
+    pub bao_batch_size: usize,
+    pub warm_subjects: usize,
+    pub warmup_secs: f64,
+    pub scenarios: Vec<ScenarioResult>,
+    pub ratios: Vec<Ratio>,
+}
+
+struct Meter {
+    ticks: u64,
+    server: Option<String>,
+    vault: Option<String>,
+    me: String,
+}
+
+struct Reading {
+    server: Option<Duration>,
+    vault: Option<Duration>,
+    me: Option<Duration>,
+}
+
+impl Meter {
+    fn read(&self) -> Reading {
+        let cpu = |p: &Option<String>| p.as_deref().and_then(|p| stats::process_cpu(p, self.ticks));
+        Reading {
+            server: cpu(&self.server),
+            vault: cpu(&self.vault),
+            me: stats::process_cpu(&self.me, self.ticks),
+        }
+    }
+}
+
+fn per(before: Option<Duration>, after: Option<Duration>, n: u64) -> Option<f64> {
+    let (b, a) = (before?, after?);
+    (n > 0).then(|| a.saturating_sub(b).as_secs_f64() * 1e6 / n as f64)
+}
+
+fn cores(before: Option<Duration>, after: Option<Duration>, secs: f64) -> Option<f64> {
+    let (b, a) = (before?, after?);
+    (secs > 0.0).then(|| a.saturating_sub(b).as_secs_f64() / secs)
+}
+
+async fn measure(name: &str, w: &Work, a: &RunArgs, meter: &Meter, rate: f64) -> ScenarioResult {
+    if a.warmup > 0.0 {
+        let _ = drive(
+            &w.call,
+            a.concurrency,
+            Duration::from_secs_f64(a.warmup),
+            a.requests,
+            rate,
+        )
+        .await;
+    }
+    let before = meter.read();
+    let mut o = drive(
+        &w.call,
+        a.concurrency,
+        Duration::from_secs_f64(a.duration),
+        a.requests,
+        rate,
+    )
+    .await;
+    let after = meter.read();
+    let secs = o.elapsed.as_secs_f64();
+    let lat = stats::percentiles(&mut o.latencies_ns);
+    ScenarioResult {
+        name: name.to_string(),
+        served_by: if w.piiguard { "piiguard" } else { "openbao" },
+        mode: if rate > 0.0 {
+            format!("rate={rate:.0}")
+        } else {
+            "closed".into()
+        },
+        concurrency: a.concurrency,
+        connections: a.connections,
+        calls_ok: o.ok,
+        errors: o.errors,
+        first_error: o.first_error,
+        seconds: secs,
+        calls_per_sec: o.ok as f64 / secs,
+        items_per_call: w.items,
+        items_per_sec: (o.ok * w.items) as f64 / secs,
+        latency: lat,
+        late_sends: o.late_sends,
+        server_cpu_us_per_call: per(before.server, after.server, o.ok),
+        server_cpu_us_per_item: per(before.server, after.server, o.ok * w.items),
+        server_cores: cores(before.server, after.server, secs),
+        vault_cpu_us_per_call: per(before.vault, after.vault, o.ok),
+        vault_cores: cores(before.vault, after.vault, secs),
+        client_cpu_us_per_call: per(before.me, after.me, o.ok),
+        server_rss_kib: meter.server.as_deref().and_then(stats::process_rss_kib),
+        half_rate: None,
+    }
+}
+
+fn find<'a>(rs: &'a [ScenarioResult], name: &str) -> Option<&'a ScenarioResult> {
+    rs.iter().find(|r| r.name == name)
+}
+
+pub fn ratios(rs: &[ScenarioResult]) -> Vec<Ratio> {
+    let mut out = Vec::new();
+    let mut push = |what: String, value: f64, target: Option<(&str, bool)>| {
+        if value.is_finite() {
+            out.push(Ratio {
+                what,
+                value,
+                target: target.map(|t| t.0.to_string()),
+                met: target.map(|t| t.1),
+            });
+        }
+    };
+    let health = find(rs, "health");
+    for name in ["encrypt-hot", "encrypt-warm", "decrypt-hot", "decrypt-warm"] {
+        let Some(r) = find(rs, name) else { continue };
+        if let Some(h) = health {
+            let v = r.calls_per_sec / h.calls_per_sec;
+            push(
+                format!("{name} / health throughput"),
+                v,
+                Some((">= 0.85", v >= 0.85)),
+            );
+            if let (Some(c), Some(hc)) = (r.server_cpu_us_per_call, h.server_cpu_us_per_call) {
+                let v = c / hc;
+                push(
+                    format!("{name} / health server CPU per call"),
+                    v,
+                    Some(("<= 1.2", v <= 1.2)),
+                );
+            }
+        }
+        let anchor = if name.starts_with("encrypt") {
+            "bao-encrypt"
+        } else {
+            "bao-decrypt"
+        };
+        if let Some(b) = find(rs, anchor) {
+            push(
+                format!("{name} / {anchor} throughput"),
+                r.calls_per_sec / b.calls_per_sec,
+                None,
+            );
+            if let (Some(bc), Some(c)) = (b.vault_cpu_us_per_call, r.server_cpu_us_per_call) {
+                let v = bc / c;
+                push(
+                    format!("{anchor} OpenBao CPU per call / {name} piiguard CPU per call"),
+                    v,
+                    Some((">= 10", v >= 10.0)),
+                );
+            }
+        }
+        if let Some(h) = &r.half_rate {
+            let v = h.latency.p99_us;
+            push(
+                format!("{name} p99 at half of peak rate (us)"),
+                v,
+                Some(("<= 2000", v <= 2000.0)),
+            );
+        }
+    }
+    for (name, anchor) in [
+        ("encrypt-batch", "bao-encrypt-batch"),
+        ("encrypt-batch-hot", "bao-encrypt-batch"),
+        ("decrypt-batch", "bao-decrypt-batch"),
+    ] {
+        let Some(r) = find(rs, name) else { continue };
+        push(
+            format!("{name} fields/s (millions)"),
+            r.items_per_sec / 1e6,
+            Some((">= 1.0", r.items_per_sec >= 1e6)),
+        );
+        if let Some(b) = find(rs, anchor) {
+            push(
+                format!("{name} / {anchor} items/s"),
+                r.items_per_sec / b.items_per_sec,
+                Some((">= 5", r.items_per_sec / b.items_per_sec >= 5.0)),
+            );
+        }
+    }
+    if let (Some(c), Some(b)) = (find(rs, "encrypt-cold"), find(rs, "bao-cold")) {
+        let v = c.calls_per_sec / b.calls_per_sec;
+        push(
+            "encrypt-cold / bao-cold (same Vault round trips)".into(),
+            v,
+            Some((">= 0.5", v >= 0.5)),
+        );
+    }
+    out
+}
+
+fn fmt_opt(v: Option<f64>, prec: usize) -> String {
+    v.map(|x| format!("{x:.prec$}"))
+        .unwrap_or_else(|| "-".into())
+}
+
+fn text_line(s: &mut String, r: &ScenarioResult) {
+    let _ = writeln!(
+        s,
+        "{:<18} {:<12} {:>10.0} {:>11.0} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>9} {:>6} {:>9} {:>9} {:>9} {:>6}",
+        r.name,
+        r.mode,
+        r.calls_per_sec,
+        r.items_per_sec,
+        r.latency.p50_us,
+        r.latency.p90_us,
+        r.latency.p99_us,
+        r.latency.p999_us,
+        r.latency.max_us,
+        fmt_opt(r.server_cpu_us_per_call, 1),
+        fmt_opt(r.server_cores, 2),
+        fmt_opt(r.vault_cpu_us_per_call, 1),
+        fmt_opt(r.client_cpu_us_per_call, 1),
+        r.server_rss_kib
+            .map(|k| format!("{:.1}", k as f64 / 1024.0))
+            .unwrap_or_else(|| "-".into()),
+        r.errors,
+    );
+    if let Some(e) = &r.first_error {
+        let _ = writeln!(s, "    first error: {e}");
+    }
+    if r.late_sends > 0 {
+        let _ = writeln!(
+            s,
+            "    {} of {} calls sent > 1 ms late (behind schedule)",
+            r.late_sends, r.calls_ok
+        );
+    }
+}
+
+pub fn text_report(rep: &Report) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "piiguard-bench {} | nproc {} | plaintext {} B | batch {} (transit batch {}) | warm set {} subjects",
+        rep.label,
+        rep.nproc,
+        rep.plaintext_bytes,
+        rep.batch_size,
+        rep.bao_batch_size,
+        rep.warm_subjects
+    );
+    let _ = writeln!(
+        s,
+        "{:<18} {:<12} {:>10} {:>11} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>6} {:>9} {:>9} {:>9} {:>6}",
+        "scenario",
+        "mode",
+        "calls/s",
+        "items/s",
+        "p50 us",
+        "p90 us",
+        "p99 us",
+        "p99.9 us",
+        "max us",
+        "srvCPU/c",
+        "cores",
+        "baoCPU/c",
+        "cliCPU/c",
+        "RSS MiB",
+        "errors"
+    );
+    for r in &rep.scenarios {
+        text_line(&mut s, r);
+        if let Some(h) = &r.half_rate {
+            text_line(&mut s, h);
+        }
+    }
+    let _ = writeln!(s, "(CPU per call in microseconds of user+system time)");
+    if !rep.ratios.is_empty() {
+        let _ = writeln!(s, "\nratios (same run):");
+        for r in &rep.ratios {
+            let verdict = match (r.met, &r.target) {
+                (Some(true), Some(t)) => format!("target {t}: met"),
+                (Some(false), Some(t)) => format!("target {t}: MISSED"),
+                _ => String::new(),
+            };
+            let _ = writeln!(s, "  {:<62} {:>9.3}  {verdict}", r.what, r.value);
+        }
+    }
+    s
+}
+
+pub async fn run(a: RunArgs) -> Result<(), String> {
+    let names = expand(&a.scenarios)?;
+    let needs_grpc = names.iter().any(|n| !n.starts_with("bao-"));
+    let chs = if needs_grpc {
+        connect_grpc(&a.target, a.connections).await?
+    } else {
+        Vec::new()
+    };
+    let meter = Meter {
+        ticks: stats::clock_ticks(),
+        server: a.server_pid.map(|p| p.to_string()),
+        vault: a.vault_pid.map(|p| p.to_string()),
+        me: std::process::id().to_string(),
+    };
+    let mut vault = None;
+    let mut results = Vec::new();
+    for name in &names {
+        if !a.json {
+            eprintln!("running {name} ...");
+        }
+        let w = build(name, &a, &chs, &mut vault).await?;
+        let mut r = measure(name, &w, &a, &meter, a.rate).await;
+        if a.half_rate && a.rate == 0.0 && w.unary && w.piiguard && r.calls_per_sec > 0.0 {
+            let half = r.calls_per_sec / 2.0;
+            let mut h = measure(name, &w, &a, &meter, half).await;
+            h.name = format!("{name}@half");
+            r.half_rate = Some(Box::new(h));
+        }
+        results.push(r);
+    }
+    let rep = Report {
+        label: a.label.clone(),
+        nproc: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        plaintext_bytes: a.size,
+        batch_size: a.batch_size,
+        bao_batch_size: a.bao_batch_size,
+        warm_subjects: a.warm_subjects,
+        warmup_secs: a.warmup,
+        ratios: ratios(&results),
+        scenarios: results,
+    };
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&rep).map_err(|e| e.to_string())?
+        );
+    } else {
+        print!("{}", text_report(&rep));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scenario_groups_expand_and_unknown_names_fail() {
+        assert_eq!(expand("health,bao-cold").unwrap(), ["health", "bao-cold"]);
+        assert_eq!(expand("all").unwrap().len(), ALL.len());
+        assert!(
+            expand("all-cold")
+                .unwrap()
+                .contains(&"bao-cold".to_string())
+        );
+        assert!(expand("encrypt-lukewarm").is_err());
+        assert!(expand(" , ").is_err());
+    }
+
+    fn result(name: &str, cps: f64, cpu: f64) -> ScenarioResult {
+        ScenarioResult {
+            name: name.into(),
+            served_by: "piiguard",
+            mode: "closed".into(),
+            concurrency: 1,
+            connections: 1,
+            calls_ok: 1,
+            errors: 0,
+            first_error: None,
+            seconds: 1.0,
+            calls_per_sec: cps,
+            items_per_call: 1,
+            items_per_sec: cps,
+            latency: Percentiles::default(),
+            late_sends: 0,
+            server_cpu_us_per_call: Some(cpu),
+            server_cpu_us_per_item: Some(cpu),
+            server_cores: None,
+            vault_cpu_us_per_call: Some(cpu),
+            vault_cores: None,
+            client_cpu_us_per_call: None,
+            server_rss_kib: None,
+            half_rate: None,
+        }
+    }
+
+    #[test]
+    fn ratios_compare_with_health_and_openbao() {
+        let rs = vec![
+            result("health", 40_000.0, 10.0),
+            result("encrypt-hot", 30_000.0, 15.0),
+            result("bao-encrypt", 5_000.0, 200.0),
+        ];
+        let r = ratios(&rs);
+        let get = |w: &str| r.iter().find(|x| x.what == w).unwrap();
+        let t = get("encrypt-hot / health throughput");
+        assert_eq!(t.value, 0.75);
+        assert_eq!(t.met, Some(false));
+        let c = get("encrypt-hot / health server CPU per call");
+        assert_eq!(c.value, 1.5);
+        assert_eq!(c.met, Some(false));
+        assert_eq!(get("encrypt-hot / bao-encrypt throughput").value, 6.0);
+        let b = get("bao-encrypt OpenBao CPU per call / encrypt-hot piiguard CPU per call");
+        assert!((b.value - 200.0 / 15.0).abs() < 1e-9);
+        assert_eq!(b.met, Some(true));
+    }
+
+    #[test]
+    fn text_report_shows_every_scenario_and_verdicts() {
+        let rs = vec![
+            result("health", 100.0, 1.0),
+            result("encrypt-hot", 90.0, 1.1),
+        ];
+        let rep = Report {
+            label: "t".into(),
+            nproc: 2,
+            plaintext_bytes: 64,
+            batch_size: 1000,
+            bao_batch_size: 100,
+            warm_subjects: 10,
+            warmup_secs: 0.0,
+            ratios: ratios(&rs),
+            scenarios: rs,
+        };
+        let s = text_report(&rep);
+        assert!(s.contains("health"));
+        assert!(s.contains("encrypt-hot / health throughput"));
+        assert!(s.contains("met"));
+    }
+}
