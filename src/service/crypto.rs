@@ -5,11 +5,11 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use crate::authz::Op;
-use crate::error::Error;
 use crate::guard::Sentry;
 use crate::ops::{DecryptInput, EncryptInput, Engine};
 use crate::pb;
 use crate::pb::crypto_server::Crypto;
+use crate::service::item_error;
 
 /// The Crypto service.
 pub struct CryptoService {
@@ -40,14 +40,6 @@ fn decrypt_input(r: &pb::DecryptRequest) -> DecryptInput<'_> {
         field: &r.field,
         ciphertext: &r.ciphertext,
         context: &r.context,
-    }
-}
-
-fn item_error(e: &Error) -> pb::ItemError {
-    pb::ItemError {
-        code: e.code() as i32,
-        reason: e.reason().to_string(),
-        message: e.public_message(),
     }
 }
 

@@ -14,6 +14,7 @@ use crate::guard::{Guard, Sentry};
 use crate::ops::MAX_SUBJECT_LEN;
 use crate::pb;
 use crate::pb::erasure_server;
+use crate::service::item_error;
 
 /// Longest reason / request id accepted.
 const MAX_TEXT: usize = 1024;
@@ -51,14 +52,6 @@ fn check_shred(r: &pb::ShredRequest) -> Result<(), Error> {
         ));
     }
     Ok(())
-}
-
-fn item_error(e: &Error) -> pb::ItemError {
-    pb::ItemError {
-        code: e.code() as i32,
-        reason: e.reason().to_string(),
-        message: e.public_message(),
-    }
 }
 
 /// The keyspaces a shred request names, validated and authorised (`Op::Shred` on each).

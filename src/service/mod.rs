@@ -20,3 +20,12 @@ pub fn caller<T>(req: &Request<T>) -> Result<Caller, Error> {
         .map(|c| c.caller.clone())
         .ok_or(Error::Unauthenticated)
 }
+
+/// The per-item error of a batch or stream: the same code and reason a unary call would return.
+pub fn item_error(e: &Error) -> crate::pb::ItemError {
+    crate::pb::ItemError {
+        code: e.code() as i32,
+        reason: e.reason().to_string(),
+        message: e.public_message(),
+    }
+}

@@ -11,6 +11,7 @@ use crate::keys::KeyManager;
 use crate::ops::check_field;
 use crate::pb;
 use crate::pb::tokens_server::Tokens;
+use crate::service::item_error;
 use crate::tokens::{Detokenized, Format, Mode, TokenEngine, TokenizeInput, Tokenized};
 
 /// The Tokens service.
@@ -102,14 +103,6 @@ fn detokenized(d: Detokenized) -> pb::DetokenizeResponse {
     pb::DetokenizeResponse {
         value: d.value.to_string(),
         field: d.field,
-    }
-}
-
-fn item_error(e: &Error) -> pb::ItemError {
-    pb::ItemError {
-        code: e.code() as i32,
-        reason: e.reason().to_string(),
-        message: e.public_message(),
     }
 }
 
