@@ -44,6 +44,9 @@ pub const ALL: &[&str] = &[
     "bao-encrypt-batch",
     "bao-decrypt-batch",
     "bao-cold",
+    "tokenize-random",
+    "tokenize-det",
+    "detokenize",
 ];
 
 fn expand(list: &str) -> Result<Vec<String>, String> {
@@ -68,6 +71,14 @@ fn expand(list: &str) -> Result<Vec<String>, String> {
                 "bao-decrypt-batch",
             ],
             "all-cold" => &["encrypt-cold", "bao-cold"],
+            "all-tokens" => &[
+                "health",
+                "encrypt-hot",
+                "decrypt-hot",
+                "tokenize-random",
+                "tokenize-det",
+                "detokenize",
+            ],
             one if ALL.contains(&one) => &[],
             other => return Err(format!("unknown scenario {other:?}; known: {ALL:?}")),
         };
@@ -254,6 +265,55 @@ fn dec_req(t: &Target, ct: Vec<u8>) -> pb::DecryptRequest {
     }
 }
 
+fn tok_req(t: &Target, subject: &str, value: &str, deterministic: bool) -> pb::TokenizeRequest {
+    pb::TokenizeRequest {
+        keyspace: t.keyspace.clone(),
+        subject: subject.to_string(),
+        field: t.field.clone(),
+        value: value.to_string(),
+        format: pb::TokenFormat::Opaque as i32,
+        mode: if deterministic {
+            pb::TokenMode::Deterministic
+        } else {
+            pb::TokenMode::Random
+        } as i32,
+        keep_last: 0,
+        ttl_seconds: 0,
+    }
+}
+
+/// Makes `n` random tokens of the hot subject (set-up, not measured).
+async fn tokenize_all(
+    t: &Target,
+    ch: &Channel,
+    n: usize,
+    value: &str,
+) -> Result<Vec<String>, String> {
+    let mut client = pb::tokens_client::TokensClient::new(ch.clone())
+        .max_decoding_message_size(64 * 1024 * 1024);
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let k = (n - out.len()).min(1000);
+        let items = (0..k)
+            .map(|_| tok_req(t, HOT_SUBJECT, value, false))
+            .collect();
+        let r = client
+            .tokenize_batch(pb::TokenizeBatchRequest { items })
+            .await
+            .map_err(|s| format!("set-up TokenizeBatch: {:?} {}", s.code(), s.message()))?;
+        for res in r.into_inner().results {
+            match res.result {
+                Some(pb::tokenize_result::Result::Token(tok)) => out.push(tok.token),
+                Some(pb::tokenize_result::Result::Error(e)) => {
+                    return Err(format!("set-up TokenizeBatch item: {}", e.reason));
+                }
+                None => return Err("set-up TokenizeBatch: empty result".into()),
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Encrypts one field per subject through EncryptBatch (which also warms the server's cache)
 /// and returns the ciphertexts in order.
 pub async fn encrypt_all(
@@ -423,6 +483,42 @@ async fn build(
                 1,
                 true,
                 grpc_work(chs, "/piiguard.v1.Crypto/Encrypt", vec![body], None),
+            )
+        }
+        // Tokens of a 64-byte value of the hot subject: a random token per call (one store
+        // write each), a deterministic one (the same token every time), and detokenising
+        // 1,000 tokens made before the run.
+        "tokenize-random" | "tokenize-det" => {
+            encrypt_all(t, &chs[0], &[HOT_SUBJECT.to_string()], &pt).await?;
+            let value = String::from_utf8_lossy(&pt).into_owned();
+            let body = Bytes::from(
+                tok_req(t, HOT_SUBJECT, &value, name == "tokenize-det").encode_to_vec(),
+            );
+            piiguard(
+                1,
+                true,
+                grpc_work(chs, "/piiguard.v1.Tokens/Tokenize", vec![body], None),
+            )
+        }
+        "detokenize" => {
+            let value = String::from_utf8_lossy(&pt).into_owned();
+            let tokens = tokenize_all(t, &chs[0], 1000, &value).await?;
+            let bodies = tokens
+                .into_iter()
+                .map(|token| {
+                    Bytes::from(
+                        pb::DetokenizeRequest {
+                            keyspace: t.keyspace.clone(),
+                            token,
+                        }
+                        .encode_to_vec(),
+                    )
+                })
+                .collect();
+            piiguard(
+                1,
+                true,
+                grpc_work(chs, "/piiguard.v1.Tokens/Detokenize", bodies, None),
             )
         }
         "encrypt-warm" => {
