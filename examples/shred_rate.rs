@@ -72,6 +72,7 @@ async fn main() {
         .unwrap();
     std::fs::write(&rid, creds.role_id.as_bytes()).unwrap();
     std::fs::write(&sid, creds.secret_id.as_bytes()).unwrap();
+    piiguard::dev::write_dev_policy(&rid, "").unwrap();
     let mut server = Command::new("target/release/piiguard")
         .args(["serve", "--config"])
         .arg(&cfg_path)
@@ -92,10 +93,15 @@ async fn main() {
         .unwrap()
         .tls_config(tls)
         .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
     let ch = loop {
         if let Ok(ch) = ep.connect().await {
             break ch;
         }
+        if let Ok(Some(st)) = server.try_wait() {
+            panic!("piiguard exited: {st}");
+        }
+        assert!(Instant::now() < deadline, "piiguard did not start");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let mut crypto = pb::crypto_client::CryptoClient::new(ch.clone());
