@@ -185,7 +185,6 @@ pub async fn run(
         token_engine,
         keys.clone(),
         sentry.clone(),
-        cfg.server.max_batch_items,
     ))
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use crate::authz::Op;
-use crate::error::{Error, reason};
+use crate::error::Error;
 use crate::guard::{Guard, Sentry};
 use crate::keys::KeyManager;
 use crate::ops::check_field;
@@ -19,21 +19,14 @@ pub struct TokensService {
     engine: Arc<TokenEngine>,
     keys: Arc<KeyManager>,
     sentry: Arc<Sentry>,
-    max_batch: usize,
 }
 
 impl TokensService {
-    pub fn new(
-        engine: Arc<TokenEngine>,
-        keys: Arc<KeyManager>,
-        sentry: Arc<Sentry>,
-        max_batch: usize,
-    ) -> Self {
+    pub fn new(engine: Arc<TokenEngine>, keys: Arc<KeyManager>, sentry: Arc<Sentry>) -> Self {
         Self {
             engine,
             keys,
             sentry,
-            max_batch,
         }
     }
 }
@@ -118,23 +111,40 @@ impl TokensService {
         Ok(())
     }
 
-    /// Detokenises one token: the caller must hold `detokenize` in the keyspace before the
-    /// lookup (so an unauthorised caller cannot even probe which tokens exist) and on the
-    /// token's field before the value is released; the value counts against the budget.
+    /// Before a lookup: the caller must hold `detokenize` in the keyspace (so an unauthorised
+    /// caller cannot even probe which tokens exist); canary tokens alarm.
+    fn pre_detokenize(&self, g: &mut Guard, keyspace: &str, token: &str) -> Result<(), Error> {
+        g.note_token(token.as_bytes());
+        if self.keys.has_keyspace(keyspace) {
+            g.authorize(Op::Detokenize, Some(keyspace), None)?;
+        }
+        Ok(())
+    }
+
+    /// After a lookup: the caller must hold `detokenize` on the token's field before the value
+    /// is released, and the value counts against its volume budget.
+    fn release(
+        &self,
+        g: &mut Guard,
+        keyspace: &str,
+        d: Detokenized,
+    ) -> Result<pb::DetokenizeResponse, Error> {
+        g.authorize(Op::Detokenize, Some(keyspace), Some(&d.field))?;
+        g.reveal(1)?;
+        Ok(detokenized(d))
+    }
+
+    /// Detokenises one token (see [`pre_detokenize`](Self::pre_detokenize) and
+    /// [`release`](Self::release)).
     async fn detokenize_one(
         &self,
         g: &mut Guard,
         keyspace: &str,
         token: &str,
     ) -> Result<pb::DetokenizeResponse, Error> {
-        g.note_token(token.as_bytes());
-        if self.keys.has_keyspace(keyspace) {
-            g.authorize(Op::Detokenize, Some(keyspace), None)?;
-        }
+        self.pre_detokenize(g, keyspace, token)?;
         let d = self.engine.detokenize(keyspace, token).await?;
-        g.authorize(Op::Detokenize, Some(keyspace), Some(&d.field))?;
-        g.reveal(1)?;
-        Ok(detokenized(d))
+        self.release(g, keyspace, d)
     }
 }
 
@@ -225,21 +235,33 @@ impl Tokens for TokensService {
             .begin(&request, "DetokenizeBatch", Op::Detokenize)?;
         let r = request.into_inner();
         g.set_items(r.items.len());
-        if r.items.len() > self.max_batch {
-            return g.finish(Err(Error::invalid(
-                reason::BATCH_TOO_LARGE,
-                format!(
-                    "batch has {} items; the maximum is {}",
-                    r.items.len(),
-                    self.max_batch
-                ),
-            )));
-        }
+        // Keyspace-level check before any lookup (no probing), then the engine's concurrent
+        // batch (which enforces the batch size), then the field check and the budget per item.
+        let pre: Vec<Result<(), Error>> = r
+            .items
+            .iter()
+            .map(|i| self.pre_detokenize(&mut g, &i.keyspace, &i.token))
+            .collect();
+        let allowed: Vec<(&str, &str)> = r
+            .items
+            .iter()
+            .zip(&pre)
+            .filter(|(_, p)| p.is_ok())
+            .map(|(i, _)| (i.keyspace.as_str(), i.token.as_str()))
+            .collect();
+        let done = match self.engine.detokenize_batch(&allowed).await {
+            Ok(d) => d,
+            Err(e) => return g.finish(Err(e)),
+        };
+        let mut done = done.into_iter();
         let mut results = Vec::with_capacity(r.items.len());
-        for item in &r.items {
-            let res = self
-                .detokenize_one(&mut g, &item.keyspace, &item.token)
-                .await;
+        for (item, p) in r.items.iter().zip(pre) {
+            let res = p.and_then(|()| {
+                let d = done
+                    .next()
+                    .unwrap_or_else(|| Err(Error::internal("batch result missing")))?;
+                self.release(&mut g, &item.keyspace, d)
+            });
             g.item_result(&res);
             results.push(pb::DetokenizeResult {
                 result: Some(match res {
