@@ -40,31 +40,6 @@ pub mod reason {
     pub const UNSUPPORTED_FORMAT: &str = "UNSUPPORTED_FORMAT";
     /// RESOURCE_EXHAUSTED: no free token left in a (small) token space after retries.
     pub const TOKEN_SPACE_EXHAUSTED: &str = "TOKEN_SPACE_EXHAUSTED";
-
-    /// Every reason above.
-    pub const ALL: &[&str] = &[
-        INVALID_REQUEST,
-        UNKNOWN_KEYSPACE,
-        PAYLOAD_TOO_LARGE,
-        BATCH_TOO_LARGE,
-        MALFORMED_CIPHERTEXT,
-        UNSUPPORTED_VERSION,
-        KEYSPACE_MISMATCH,
-        DECRYPTION_FAILED,
-        UNKNOWN_KEY,
-        UNAUTHENTICATED,
-        KEY_USAGE_EXHAUSTED,
-        VAULT_UNAVAILABLE,
-        INTERNAL,
-        SUBJECT_SHREDDED,
-        SUBJECT_SHRED_SCHEDULED,
-        SHRED_NOT_SCHEDULED,
-        UNKNOWN_TOKEN,
-        TOKEN_EXPIRED,
-        MALFORMED_TOKEN,
-        UNSUPPORTED_FORMAT,
-        TOKEN_SPACE_EXHAUSTED,
-    ];
     pub const INTERNAL: &str = "INTERNAL";
     /// The access policy does not grant this caller the operation on this keyspace/field.
     pub const POLICY_DENIED: &str = "POLICY_DENIED";
@@ -145,26 +120,6 @@ impl Error {
         Error::BadCiphertext {
             reason,
             message: message.into(),
-        }
-    }
-
-    /// Rebuilds an error from a batch/stream item error (its code and reason are ours).
-    pub fn from_item(e: &crate::pb::ItemError) -> Self {
-        let code = Code::from_i32(e.code);
-        let reason = reason::ALL
-            .iter()
-            .copied()
-            .find(|r| *r == e.reason)
-            .unwrap_or(reason::INTERNAL);
-        let message = e.message.clone();
-        match code {
-            Code::InvalidArgument => Error::InvalidArgument { reason, message },
-            Code::FailedPrecondition => Error::FailedPrecondition { reason, message },
-            Code::NotFound => Error::NotFound { reason, message },
-            Code::ResourceExhausted => Error::ResourceExhausted { reason, message },
-            Code::Unavailable => Error::Unavailable { detail: message },
-            Code::Unauthenticated => Error::Unauthenticated,
-            _ => Error::Internal { detail: message },
         }
     }
 

@@ -74,12 +74,13 @@ fn authorized_keyspaces(
 }
 
 /// Shreds one (validated, authorised) request in each of `keyspaces`; never fails as a whole.
+/// Returns the response and the first failure, if any.
 async fn shred_one(
     erasure: &Erasure,
     r: &pb::ShredRequest,
     keyspaces: Result<Vec<String>, Error>,
     cid: &str,
-) -> pb::ShredResponse {
+) -> (pb::ShredResponse, Option<Error>) {
     let mut out = pb::ShredResponse {
         request_id: r.request_id.clone(),
         keyspaces: Vec::new(),
@@ -93,9 +94,10 @@ async fn shred_one(
                 error: Some(item_error(&e)),
                 ..Default::default()
             });
-            return out;
+            return (out, Some(e));
         }
     };
+    let mut failure = None;
     for ks in keyspaces {
         let mut k = pb::KeyspaceShred {
             keyspace: ks.clone(),
@@ -127,19 +129,12 @@ async fn shred_one(
                 if matches!(e, Error::Unavailable { .. } | Error::Internal { .. }) {
                     tracing::warn!(correlation_id = cid, reason = e.reason(), detail = ?e, "shred failed");
                 }
+                failure.get_or_insert(e);
             }
         }
         out.keyspaces.push(k);
     }
-    out
-}
-
-/// The first failure of a shred response, as an error.
-fn first_failure(resp: &pb::ShredResponse) -> Option<Error> {
-    resp.keyspaces
-        .iter()
-        .find_map(|k| k.error.as_ref())
-        .map(Error::from_item)
+    (out, failure)
 }
 
 fn status_pb(s: crate::erasure::Status) -> pb::SubjectStatus {
@@ -178,10 +173,10 @@ impl erasure_server::Erasure for ErasureService {
         if let Err(e) = keyspaces {
             return g.finish(Err(e));
         }
-        let resp = shred_one(&self.erasure, &r, keyspaces, g.correlation_id()).await;
+        let (resp, failure) = shred_one(&self.erasure, &r, keyspaces, g.correlation_id()).await;
         // A unary call reports a failed keyspace as the call's error (retry is safe:
         // keyspaces already shredded answer ALREADY_SHREDDED).
-        g.finish(match first_failure(&resp) {
+        g.finish(match failure {
             Some(e) => Err(e),
             None => Ok(resp),
         })
@@ -223,9 +218,9 @@ impl erasure_server::Erasure for ErasureService {
                             None => Err(Error::internal("stream guard gone")),
                         }
                     };
-                    let resp = shred_one(&erasure, &r, keyspaces, &cid).await;
+                    let (resp, failure) = shred_one(&erasure, &r, keyspaces, &cid).await;
                     if let Some(g) = guard.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
-                        g.item_result(&first_failure(&resp).map_or(Ok(()), Err));
+                        g.item_result(&failure.map_or(Ok(()), Err));
                     }
                     Ok(resp)
                 }
