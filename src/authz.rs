@@ -78,7 +78,7 @@ impl Op {
         matches!(self, Op::Decrypt | Op::Detokenize)
     }
 
-    fn bit(self) -> u16 {
+    pub(crate) fn bit(self) -> u16 {
         1 << (self as u16)
     }
 }

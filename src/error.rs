@@ -231,13 +231,59 @@ impl Error {
 /// Result alias used across the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// A fresh correlation id: 16 random hex characters.
-pub fn new_correlation_id() -> String {
-    let mut b = [0u8; 8];
-    // The OS CSPRNG failing is not recoverable in any meaningful way; an all-zero id is
-    // still a valid (if less useful) correlation id, so do not fail the request for it.
-    let _ = aws_lc_rs::rand::fill(&mut b);
-    hex::encode(b)
+/// A correlation id: 16 lowercase hex characters naming one call in logs, audit records and
+/// the error a caller sees. Not a secret: it must only be unique, so it is a counter run
+/// through a 64-bit bijection (the murmur3 finaliser) from a random per-process start. Unique
+/// for 2^64 calls of a process; replicas start at independent random points. Made without a
+/// CSPRNG call or an allocation, because every call gets one.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct CorrelationId([u8; 16]);
+
+impl CorrelationId {
+    pub fn new() -> Self {
+        use std::sync::OnceLock;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static START: OnceLock<u64> = OnceLock::new();
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let start = *START.get_or_init(|| {
+            let mut b = [0u8; 8];
+            // An RNG failure leaves a zero start: ids stay unique within the process.
+            let _ = aws_lc_rs::rand::fill(&mut b);
+            u64::from_le_bytes(b)
+        });
+        let mut x = start.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed));
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        x ^= x >> 33;
+        let mut out = [0u8; 16];
+        crate::audit::call::hex_into(&x.to_be_bytes(), &mut out);
+        Self(out)
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only ASCII hex digits are ever stored.
+        std::str::from_utf8(&self.0).unwrap_or("0000000000000000")
+    }
+}
+
+impl Default for CorrelationId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for CorrelationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for CorrelationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 #[cfg(test)]
@@ -256,6 +302,19 @@ mod tests {
             info.metadata.get("correlation_id").map(String::as_str),
             Some("cid1")
         );
+    }
+
+    #[test]
+    fn correlation_ids_are_distinct_hex() {
+        let ids: std::collections::HashSet<String> = (0..10_000)
+            .map(|_| CorrelationId::new().to_string())
+            .collect();
+        assert_eq!(ids.len(), 10_000);
+        assert!(ids.iter().all(|i| {
+            i.len() == 16
+                && i.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        }));
     }
 
     #[test]

@@ -20,13 +20,16 @@ use std::time::{Duration, Instant, SystemTime};
 use tonic::{Request, Response, Status};
 
 use crate::alarms::{Alarms, Severity, kinds};
-use crate::audit::{Auditor, Record, code_name, kind};
+use crate::audit::call::{CallRecord, ItemCounts, Name, Scopes};
+use crate::audit::{Auditor, Record, code_name};
 use crate::authz::{Op, Policy, PolicyStore};
 use crate::canary::Canaries;
 use crate::crypto::envelope::KeyId;
-use crate::error::{Error, Result, new_correlation_id, reason};
+use crate::error::{CorrelationId, Error, Result, reason};
 use crate::keys::manager::SubjectRef;
 use crate::limits::{Exceeded, Limits, Lockouts};
+use crate::metrics::ConnMetrics;
+use crate::tls::ConnInfo;
 
 /// Distinct keyspace/field pairs kept per call for the audit record.
 const MAX_SCOPES: usize = 32;
@@ -55,21 +58,21 @@ impl Sentry {
         method: &'static str,
         op: Op,
     ) -> Result<Guard, Status> {
-        let cid = new_correlation_id();
-        let caller = match crate::service::caller(req) {
-            Ok(c) => c.identity,
-            Err(e) => return Err(e.into_status(&cid)),
+        let cid = CorrelationId::new();
+        let Some(conn) = req.extensions().get::<ConnInfo>() else {
+            return Err(Error::Unauthenticated.into_status(cid.as_str()));
         };
         let mut g = Guard {
             sentry: self.clone(),
             policy: self.policy.current(),
-            caller,
+            caller: conn.caller.identity.clone(),
+            metrics: conn.metrics.clone(),
             cid,
             method,
             op,
             started: Instant::now(),
-            scopes: Vec::new(),
-            allowed: Vec::new(),
+            first_scope: None,
+            more_scopes: Vec::new(),
             subject_ref: Slot::Empty,
             key_id: Slot::Empty,
             items: None,
@@ -81,8 +84,9 @@ impl Sentry {
         };
         if !self.audit.is_healthy() {
             g.done = true;
-            metrics::counter!("piiguard_calls_total", "method" => method, "code" => "UNAVAILABLE", "caller" => g.caller.to_string()).increment(1);
-            return Err(Error::AuditUnavailable.into_status(&g.cid));
+            g.metrics
+                .call(&g.caller, method, "UNAVAILABLE", g.started.elapsed());
+            return Err(Error::AuditUnavailable.into_status(g.cid.as_str()));
         }
         if op != Op::Admin
             && let Some(until) = self.lockouts.locked_until(&g.caller)
@@ -120,7 +124,7 @@ impl Sentry {
                 alarm,
                 Severity::Warning,
                 Some(&g.caller),
-                Some(&g.cid),
+                Some(g.cid.as_str()),
                 message.clone(),
             );
         }
@@ -205,26 +209,45 @@ impl Sentry {
 }
 
 /// A value seen once, or several different ones (then the audit record omits it).
-#[derive(Debug, Clone)]
-enum Slot {
+#[derive(Debug, Clone, Copy)]
+enum Slot<T> {
     Empty,
-    One(String),
+    One(T),
     Many,
 }
 
-impl Slot {
-    fn note(&mut self, v: String) {
-        *self = match std::mem::replace(self, Slot::Empty) {
+impl<T: PartialEq + Copy> Slot<T> {
+    fn note(&mut self, v: T) {
+        *self = match *self {
             Slot::Empty => Slot::One(v),
             Slot::One(o) if o == v => Slot::One(o),
             _ => Slot::Many,
         };
     }
-    fn get(&self) -> Option<String> {
+    fn get(&self) -> Option<T> {
         match self {
-            Slot::One(v) => Some(v.clone()),
+            Slot::One(v) => Some(*v),
             _ => None,
         }
+    }
+}
+
+/// A keyspace/field pair the call touched, and the operations already allowed on it.
+struct Scope {
+    keyspace: Name,
+    field: Option<Name>,
+    /// Bits of the operations the policy allowed on this pair in this call.
+    allowed: u16,
+}
+
+impl Scope {
+    fn is(&self, keyspace: &str, field: Option<&str>) -> bool {
+        self.keyspace == *keyspace
+            && match (&self.field, field) {
+                (None, None) => true,
+                (Some(a), Some(b)) => *a == *b,
+                _ => false,
+            }
     }
 }
 
@@ -233,15 +256,16 @@ pub struct Guard {
     sentry: Arc<Sentry>,
     policy: Arc<Policy>,
     caller: Arc<str>,
-    cid: String,
+    metrics: Arc<ConnMetrics>,
+    cid: CorrelationId,
     method: &'static str,
     op: Op,
     started: Instant,
-    scopes: Vec<(String, Option<String>)>,
-    /// (op, keyspace, field) already allowed in this call.
-    allowed: Vec<(Op, String, Option<String>)>,
-    subject_ref: Slot,
-    key_id: Slot,
+    /// The pairs touched, in order (the first inline: most calls touch one).
+    first_scope: Option<Scope>,
+    more_scopes: Vec<Scope>,
+    subject_ref: Slot<[u8; 32]>,
+    key_id: Slot<[u8; crate::crypto::envelope::KEY_ID_LEN]>,
     items: Option<u32>,
     failed: u32,
     denied: u32,
@@ -258,34 +282,42 @@ impl Guard {
 
     /// This call's correlation id.
     pub fn correlation_id(&self) -> &str {
-        &self.cid
+        self.cid.as_str()
+    }
+
+    fn scope(&mut self, keyspace: &str, field: Option<&str>) -> Option<&mut Scope> {
+        let first = self.first_scope.as_mut()?;
+        if first.is(keyspace, field) {
+            return Some(first);
+        }
+        self.more_scopes.iter_mut().find(|s| s.is(keyspace, field))
     }
 
     /// Checks `op` on `keyspace` / `field` against the policy in force when the call began.
     /// Pass only validated names (they go into the audit record).
     pub fn authorize(&mut self, op: Op, keyspace: Option<&str>, field: Option<&str>) -> Result<()> {
         let ks = keyspace.unwrap_or_default();
-        if self
-            .allowed
-            .iter()
-            .any(|(o, k, f)| *o == op && k == ks && f.as_deref() == field)
-        {
-            return Ok(());
-        }
-        if self.scopes.len() < MAX_SCOPES
-            && !self
-                .scopes
-                .iter()
-                .any(|(k, f)| k == ks && f.as_deref() == field)
-        {
-            self.scopes
-                .push((ks.to_string(), field.map(str::to_string)));
+        let bit = op.bit();
+        match self.scope(ks, field) {
+            Some(s) if s.allowed & bit != 0 => return Ok(()),
+            Some(_) => {}
+            None => {
+                let s = Scope {
+                    keyspace: Name::new(ks),
+                    field: field.map(Name::new),
+                    allowed: 0,
+                };
+                if self.first_scope.is_none() {
+                    self.first_scope = Some(s);
+                } else if self.more_scopes.len() + 1 < MAX_SCOPES {
+                    self.more_scopes.push(s);
+                }
+            }
         }
         match self.policy.check(&self.caller, op, keyspace, field) {
             Ok(()) => {
-                if self.allowed.len() < MAX_SCOPES {
-                    self.allowed
-                        .push((op, ks.to_string(), field.map(str::to_string)));
+                if let Some(s) = self.scope(ks, field) {
+                    s.allowed |= bit;
                 }
                 Ok(())
             }
@@ -309,7 +341,7 @@ impl Guard {
 
     /// Notes the subject of the call (keyed hash only).
     pub fn note_subject(&mut self, keyspace: &str, subject: &SubjectRef) {
-        self.subject_ref.note(subject.to_hex());
+        self.subject_ref.note(subject.0);
         if self.op.reveals() && self.sentry.canaries.is_canary_subject(keyspace, subject) {
             self.canary_touched("subject");
         }
@@ -317,7 +349,7 @@ impl Guard {
 
     /// Notes the key a ciphertext names; alarms if it is a canary's and the call reveals.
     pub fn note_key(&mut self, keyspace: &str, key_id: &KeyId) {
-        self.key_id.note(key_id.to_hex());
+        self.key_id.note(key_id.0);
         if self.op.reveals() && self.sentry.canaries.is_canary_key(keyspace, key_id) {
             self.canary_touched("ciphertext");
         }
@@ -341,7 +373,7 @@ impl Guard {
             kinds::CANARY,
             Severity::Critical,
             Some(&self.caller),
-            Some(&self.cid),
+            Some(self.cid.as_str()),
             format!("{} called {} on a canary {what}", self.caller, self.method),
         );
         if s.canaries.lockout {
@@ -353,7 +385,7 @@ impl Guard {
                 kinds::LOCKOUT,
                 Severity::Critical,
                 Some(&self.caller),
-                Some(&self.cid),
+                Some(self.cid.as_str()),
                 format!(
                     "{} locked out until {}: {}",
                     info.identity,
@@ -432,10 +464,10 @@ impl Guard {
         let write = self
             .sentry
             .audit
-            .record(self.audit_record(outcome, code, why, latency));
+            .record_call(self.call_record(outcome, code, why, latency));
         match r {
-            Ok(()) => write.map_err(|e| e.into_status(&self.cid)),
-            Err(e) => Err(e.into_status(&self.cid)),
+            Ok(()) => write.map_err(|e| e.into_status(self.cid.as_str())),
+            Err(e) => Err(e.into_status(self.cid.as_str())),
         }
     }
 
@@ -446,10 +478,8 @@ impl Guard {
         why: Option<&'static str>,
         latency: Duration,
     ) {
-        let code_s = code_name(code);
-        metrics::counter!("piiguard_calls_total", "method" => self.method, "code" => code_s, "caller" => self.caller.to_string()).increment(1);
-        metrics::histogram!("piiguard_call_duration_seconds", "method" => self.method)
-            .record(latency.as_secs_f64());
+        self.metrics
+            .call(&self.caller, self.method, code_name(code), latency);
         if let Some(n) = self.items {
             metrics::counter!("piiguard_items_total", "method" => self.method, "outcome" => "ok")
                 .increment(u64::from(n - self.failed.min(n)));
@@ -462,7 +492,7 @@ impl Guard {
             micros = latency.as_micros() as u64,
             outcome,
             reason = why,
-            correlation_id = %self.cid
+            correlation_id = self.cid.as_str()
         );
         let failures = self.denied + self.probing;
         if failures > 0
@@ -472,7 +502,7 @@ impl Guard {
                 kinds::LOCKOUT,
                 Severity::Critical,
                 Some(&self.caller),
-                Some(&self.cid),
+                Some(self.cid.as_str()),
                 format!(
                     "{} locked out until {}: {}",
                     info.identity,
@@ -483,49 +513,45 @@ impl Guard {
         }
     }
 
-    fn audit_record(
+    fn call_record(
         &self,
         outcome: &'static str,
         code: tonic::Code,
         why: Option<&'static str>,
         latency: Duration,
-    ) -> Record {
-        let (keyspace, field, scopes) = match self.scopes.as_slice() {
-            [] => (None, None, None),
-            [(k, f)] => ((!k.is_empty()).then(|| k.clone()), f.clone(), None),
-            many => (
-                None,
-                None,
-                Some(
-                    many.iter()
-                        .map(|(k, f)| match f {
-                            Some(f) => format!("{k}/{f}"),
-                            None => k.clone(),
-                        })
-                        .collect(),
-                ),
+    ) -> CallRecord {
+        let scopes = match (&self.first_scope, self.more_scopes.as_slice()) {
+            (None, _) => Scopes::None,
+            (Some(s), []) => Scopes::One {
+                keyspace: (!s.keyspace.as_str().is_empty()).then(|| s.keyspace.clone()),
+                field: s.field.clone(),
+            },
+            (Some(first), more) => Scopes::Many(
+                std::iter::once(first)
+                    .chain(more)
+                    .map(|s| match &s.field {
+                        Some(f) => format!("{}/{}", s.keyspace.as_str(), f.as_str()),
+                        None => s.keyspace.as_str().to_string(),
+                    })
+                    .collect(),
             ),
         };
-        Record {
-            at: Some(SystemTime::now()),
-            kind: kind::CALL,
-            caller: Some(self.caller.clone()),
-            method: Some(self.method),
-            operation: Some(self.op.as_str()),
-            keyspace,
-            field,
+        CallRecord {
+            at: SystemTime::now(),
+            caller: self.caller.clone(),
+            method: self.method,
+            operation: self.op.as_str(),
             scopes,
             subject_ref: self.subject_ref.get(),
             key_id: self.key_id.get(),
-            items: self.items,
-            failed_items: self.items.map(|_| self.failed),
-            denied_items: self.items.map(|_| self.denied),
-            outcome: Some(outcome),
-            code: Some(code_name(code)),
+            items: self
+                .items
+                .map(|n| -> ItemCounts { [n, self.failed, self.denied] }),
+            outcome,
+            code: code_name(code),
             reason: why,
-            latency_us: Some(latency.as_micros() as u64),
-            correlation_id: Some(self.cid.clone()),
-            ..Record::default()
+            latency_us: latency.as_micros() as u64,
+            correlation_id: self.cid,
         }
     }
 }
@@ -536,8 +562,8 @@ impl Drop for Guard {
             // The handler's future was dropped (client cancelled or deadline): still audited.
             self.done = true;
             let latency = self.started.elapsed();
-            let rec = self.audit_record("cancelled", tonic::Code::Cancelled, None, latency);
-            self.sentry.audit.record_event(rec);
+            let rec = self.call_record("cancelled", tonic::Code::Cancelled, None, latency);
+            self.sentry.audit.record_call_event(rec);
         }
     }
 }

@@ -15,8 +15,10 @@
 //! - `piiguard_shreds_total{outcome}` ([`shred`], for the erasure service)
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
+
+use metrics::{Counter, Histogram};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -31,11 +33,65 @@ const LATENCY_BUCKETS: &[f64] = &[
 
 /// Installs the process-wide Prometheus recorder.
 pub fn install() -> Result<PrometheusHandle, String> {
-    PrometheusBuilder::new()
+    let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
         .map_err(|e| format!("metrics: {e}"))?
         .install_recorder()
-        .map_err(|e| format!("metrics: {e}"))
+        .map_err(|e| format!("metrics: {e}"))?;
+    let _ = DEK_CACHE.set([
+        metrics::counter!("piiguard_dek_cache_total", "result" => "miss"),
+        metrics::counter!("piiguard_dek_cache_total", "result" => "hit"),
+    ]);
+    Ok(handle)
+}
+
+/// The hit/miss counters, registered once when the recorder is installed.
+static DEK_CACHE: OnceLock<[Counter; 2]> = OnceLock::new();
+
+/// Metric handles of one connection (one caller), registered on first use instead of on
+/// every call: looking a labelled metric up in the registry costs an allocation and a hash
+/// per call, which matters at tens of thousands of calls a second.
+#[derive(Default)]
+pub struct ConnMetrics {
+    handles: Mutex<ConnHandles>,
+}
+
+#[derive(Default)]
+struct ConnHandles {
+    calls: Vec<(&'static str, &'static str, Counter)>,
+    durations: Vec<(&'static str, Histogram)>,
+}
+
+impl std::fmt::Debug for ConnMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnMetrics").finish_non_exhaustive()
+    }
+}
+
+impl ConnMetrics {
+    /// Counts one call of `caller` (`piiguard_calls_total`) and records its duration
+    /// (`piiguard_call_duration_seconds`).
+    pub fn call(&self, caller: &str, method: &'static str, code: &'static str, latency: Duration) {
+        let mut h = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+        match h.calls.iter().find(|(m, c, _)| *m == method && *c == code) {
+            Some((_, _, counter)) => counter.increment(1),
+            None => {
+                let counter = metrics::counter!("piiguard_calls_total", "method" => method, "code" => code, "caller" => caller.to_string());
+                counter.increment(1);
+                h.calls.push((method, code, counter));
+            }
+        }
+        let secs = latency.as_secs_f64();
+        match h.durations.iter().find(|(m, _)| *m == method) {
+            Some((_, hist)) => hist.record(secs),
+            None => {
+                let hist =
+                    metrics::histogram!("piiguard_call_duration_seconds", "method" => method);
+                hist.record(secs);
+                h.durations.push((method, hist));
+            }
+        }
+    }
 }
 
 /// Serves `GET /metrics` on `listener` until `stop` resolves. Gauges read from `keys` are
@@ -120,8 +176,13 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
 
 /// Records one DEK cache lookup.
 pub fn dek_cache(hit: bool) {
-    let result = if hit { "hit" } else { "miss" };
-    metrics::counter!("piiguard_dek_cache_total", "result" => result).increment(1);
+    match DEK_CACHE.get() {
+        Some(c) => c[usize::from(hit)].increment(1),
+        None => {
+            let result = if hit { "hit" } else { "miss" };
+            metrics::counter!("piiguard_dek_cache_total", "result" => result).increment(1);
+        }
+    }
 }
 
 /// Records one Vault-backed operation.

@@ -49,6 +49,8 @@ pub struct Caller {
 pub struct ConnInfo {
     pub caller: Caller,
     pub remote: SocketAddr,
+    /// Metric handles of this connection's calls.
+    pub metrics: Arc<crate::metrics::ConnMetrics>,
 }
 
 /// Reads every PEM certificate of a file.
@@ -316,6 +318,7 @@ pub fn incoming(
                         identity: identity.into(),
                     },
                     remote,
+                    metrics: Arc::default(),
                 };
                 let _ = tx
                     .send(Ok(TlsConn {

@@ -16,6 +16,7 @@
 //! the chain; checkpoints sign `(seq, hash)` of the head so that a rewritten chain does not
 //! verify either.
 
+pub mod call;
 pub mod verify;
 pub mod writer;
 
@@ -24,6 +25,7 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
+pub use call::CallRecord;
 pub use writer::Auditor;
 
 /// Hash of "nothing before": the `prev` of the very first record.
@@ -143,15 +145,25 @@ pub const HASH_SUFFIX_LEN: usize = 9 + 64 + 2;
 
 /// Turns a serialized record body (a JSON object) into a line (without `\n`) and its hash.
 pub fn seal_line(body: &[u8]) -> (Vec<u8>, [u8; 32]) {
-    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, body);
+    let mut line = Vec::with_capacity(body.len() + HASH_SUFFIX_LEN);
+    line.extend_from_slice(body);
+    let hash = seal_in_place(&mut line, 0);
+    (line, hash)
+}
+
+/// Turns the record body at `buf[start..]` (a JSON object) into a line (without `\n`) in
+/// place: hashes it and replaces its closing brace with the `"hash"` member. Returns the hash.
+pub fn seal_in_place(buf: &mut Vec<u8>, start: usize) -> [u8; 32] {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &buf[start..]);
     let mut hash = [0u8; 32];
     hash.copy_from_slice(d.as_ref());
-    let mut line = Vec::with_capacity(body.len() + HASH_SUFFIX_LEN);
-    line.extend_from_slice(&body[..body.len().saturating_sub(1)]);
-    line.extend_from_slice(b",\"hash\":\"");
-    line.extend_from_slice(hex::encode(hash).as_bytes());
-    line.extend_from_slice(b"\"}");
-    (line, hash)
+    if buf.len() > start {
+        buf.pop();
+    }
+    buf.extend_from_slice(b",\"hash\":\"");
+    call::push_hex(buf, &hash);
+    buf.extend_from_slice(b"\"}");
+    hash
 }
 
 /// Splits a line into its body (re-closed) and claimed hash, and checks the hash.

@@ -1,8 +1,10 @@
 //! The audit writer: a dedicated thread that chains, batches, writes, rotates, checkpoints and
 //! prunes audit files, so that no request ever waits on disk I/O.
 //!
-//! Durability contract: records are queued by the calls ([`Auditor::record`], never blocking),
-//! and the writer writes each batch it drains with one `write` (no fsync per record). The
+//! Durability contract: records are queued by the calls ([`Auditor::record_call`], never
+//! blocking), and the writer writes each batch it drains with one `write` (no fsync per record).
+//! Under load the writer drains every [`BUSY_POLL`] instead of being woken per record, so that a
+//! call never pays for a thread wake-up; when idle it blocks and the next record wakes it. The
 //! file is fsynced every `fsync_interval`, before each checkpoint is signed, at rotation and at
 //! shutdown. A process crash loses at most the records still queued (the last unflushed batch);
 //! a machine crash at most what was written since the last fsync. `verify` reports both as an
@@ -17,21 +19,26 @@ use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine as _;
 use serde::Serialize;
 
-use super::{GENESIS, Record, checkpoint_message, kind, open_line, rfc3339, seal_line};
+use super::{
+    CallRecord, GENESIS, Record, checkpoint_message, kind, open_line, rfc3339, seal_in_place,
+    seal_line,
+};
 use crate::alarms::Webhook;
 use crate::config::AuditConfig;
 use crate::error::Error;
 use crate::signing::Signer;
 
 const TICK: Duration = Duration::from_millis(200);
+/// Pause between drains while records keep coming (bounds how long a record waits in memory).
+pub const BUSY_POLL: Duration = Duration::from_millis(2);
 const MAX_BATCH: usize = 4096;
 /// Records kept in memory while the sink is failing; beyond this they are counted as lost.
 const MAX_PENDING: usize = 1_000_000;
@@ -48,8 +55,12 @@ pub fn is_audit_file(name: &str) -> bool {
     name.starts_with("audit-") && name.ends_with(".jsonl")
 }
 
+// `Call` is the per-call message and travels inline: boxing it would cost every call an
+// allocation freed on another thread.
+#[allow(clippy::large_enum_variant)]
 enum Msg {
     Rec(Box<Record>),
+    Call(CallRecord),
     Signed {
         covers_seq: u64,
         covers_hash: String,
@@ -60,7 +71,10 @@ enum Msg {
 
 /// The handle to the audit log.
 pub struct Auditor {
-    tx: SyncSender<Msg>,
+    tx: Sender<Msg>,
+    /// Records queued and not yet taken by the writer; bounded by `capacity`.
+    depth: Arc<AtomicUsize>,
+    capacity: usize,
     healthy: Arc<AtomicBool>,
     lost: Arc<AtomicU64>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -86,12 +100,18 @@ impl Auditor {
     ) -> Result<Arc<Self>, String> {
         std::fs::create_dir_all(&cfg.dir)
             .map_err(|e| format!("audit.dir {}: {e}", cfg.dir.display()))?;
-        let (tx, rx) = std::sync::mpsc::sync_channel(cfg.queue_capacity);
+        // Unbounded channel (memory grows with the backlog only), bounded by `depth`.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let depth = Arc::new(AtomicUsize::new(0));
+        let capacity = cfg.queue_capacity;
         let healthy = Arc::new(AtomicBool::new(true));
         let lost = Arc::new(AtomicU64::new(0));
         let head = previous_head(&cfg.dir);
         let mut w = Writer {
+            instance_json: serde_json::to_vec(&instance).unwrap_or_else(|_| b"\"\"".to_vec()),
             instance,
+            depth: depth.clone(),
+            buf: Vec::new(),
             file: None,
             file_name: String::new(),
             file_bytes: 0,
@@ -134,6 +154,8 @@ impl Auditor {
             .map_err(|e| format!("audit writer thread: {e}"))?;
         Ok(Arc::new(Self {
             tx,
+            depth,
+            capacity,
             healthy,
             lost,
             thread: Mutex::new(Some(thread)),
@@ -145,42 +167,48 @@ impl Auditor {
         self.healthy.load(Ordering::Relaxed)
     }
 
-    /// Queues a record without blocking. Fails (fail closed) if the sink is unhealthy or the
-    /// queue is full.
-    pub fn record(&self, r: Record) -> Result<(), Error> {
+    fn enqueue(&self, m: Msg, limit: usize) -> bool {
+        if self.depth.fetch_add(1, Ordering::Relaxed) >= limit {
+            self.depth.fetch_sub(1, Ordering::Relaxed);
+        } else if self.tx.send(m).is_ok() {
+            return true;
+        }
+        self.lost.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("piiguard_audit_lost_records_total").increment(1);
+        false
+    }
+
+    /// Queues a call's record without blocking. Fails (fail closed) if the sink is unhealthy
+    /// or the queue is full.
+    pub fn record_call(&self, r: CallRecord) -> Result<(), Error> {
         if !self.is_healthy() {
             self.lost.fetch_add(1, Ordering::Relaxed);
             return Err(Error::AuditUnavailable);
         }
-        match self.tx.try_send(Msg::Rec(Box::new(r))) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.lost.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("piiguard_audit_lost_records_total").increment(1);
-                Err(Error::AuditUnavailable)
-            }
+        if self.enqueue(Msg::Call(r), self.capacity) {
+            Ok(())
+        } else {
+            Err(Error::AuditUnavailable)
         }
+    }
+
+    /// Queues a call's record whatever the sink's health (a call cancelled by its client:
+    /// kept in memory and written when the sink recovers).
+    pub fn record_call_event(&self, r: CallRecord) {
+        self.enqueue(Msg::Call(r), self.capacity.saturating_mul(2));
     }
 
     /// Queues a record whatever the sink's health (security events: they are kept in memory
     /// and written when the sink recovers).
     pub fn record_event(&self, r: Record) {
-        if self.tx.try_send(Msg::Rec(Box::new(r))).is_err() {
-            self.lost.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("piiguard_audit_lost_records_total").increment(1);
-        }
+        self.enqueue(Msg::Rec(Box::new(r)), self.capacity.saturating_mul(2));
     }
 
     /// Writes a `stop` event and a final signed checkpoint, flushes, fsyncs and stops the
     /// writer. Idempotent.
     pub async fn shutdown(&self) {
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-        let tx = self.tx.clone();
-        // The queue may be full: a blocking send belongs on a blocking thread.
-        let sent = tokio::task::spawn_blocking(move || tx.send(Msg::Shutdown(done_tx)).is_ok())
-            .await
-            .unwrap_or(false);
-        if sent {
+        if self.tx.send(Msg::Shutdown(done_tx)).is_ok() {
             let _ = done_rx.await;
         }
         let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -275,9 +303,20 @@ struct Line<'a> {
     prev: &'a str,
 }
 
+/// A record waiting to be written.
+enum Entry {
+    Rec(Record),
+    Call(CallRecord),
+}
+
 struct Writer {
     cfg: AuditConfig,
     instance: String,
+    /// `instance` as a JSON string.
+    instance_json: Vec<u8>,
+    depth: Arc<AtomicUsize>,
+    /// Reused output buffer.
+    buf: Vec<u8>,
     file: Option<File>,
     file_name: String,
     file_bytes: u64,
@@ -285,7 +324,7 @@ struct Writer {
     dirty: bool,
     seq: u64,
     head: [u8; 32],
-    pending: VecDeque<Record>,
+    pending: VecDeque<Entry>,
     healthy: Arc<AtomicBool>,
     lost: Arc<AtomicU64>,
     failing: bool,
@@ -296,7 +335,7 @@ struct Writer {
     signing: bool,
     signer: Option<Arc<Signer>>,
     runtime: tokio::runtime::Handle,
-    tx: SyncSender<Msg>,
+    tx: Sender<Msg>,
     webhook: Option<Webhook>,
     prev_clean: bool,
     prev_file: Option<String>,
@@ -305,22 +344,27 @@ struct Writer {
 impl Writer {
     fn run(mut self, rx: Receiver<Msg>) {
         loop {
+            let mut taken = 0usize;
             match rx.recv_timeout(TICK) {
                 Ok(m) => {
-                    if let Some(done) = self.handle(m) {
+                    let stop = self.handle(m, &mut taken);
+                    let stop = stop.or_else(|| {
+                        for _ in 0..MAX_BATCH {
+                            match rx.try_recv() {
+                                Ok(m) => {
+                                    if let Some(done) = self.handle(m, &mut taken) {
+                                        return Some(done);
+                                    }
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                        None
+                    });
+                    self.depth.fetch_sub(taken, Ordering::Relaxed);
+                    if let Some(done) = stop {
                         self.finish(done);
                         return;
-                    }
-                    for _ in 0..MAX_BATCH {
-                        match rx.try_recv() {
-                            Ok(m) => {
-                                if let Some(done) = self.handle(m) {
-                                    self.finish(done);
-                                    return;
-                                }
-                            }
-                            Err(_) => break,
-                        }
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {}
@@ -328,18 +372,17 @@ impl Writer {
             }
             self.write_pending();
             self.maintenance();
+            if taken > 0 {
+                // Busy: let records gather instead of being woken for each one.
+                std::thread::sleep(BUSY_POLL);
+            }
         }
     }
 
-    fn handle(&mut self, m: Msg) -> Option<tokio::sync::oneshot::Sender<()>> {
+    fn handle(&mut self, m: Msg, taken: &mut usize) -> Option<tokio::sync::oneshot::Sender<()>> {
         match m {
-            Msg::Rec(r) => {
-                if self.pending.len() >= MAX_PENDING {
-                    self.lost.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    self.pending.push_back(*r);
-                }
-            }
+            Msg::Rec(r) => self.take(Entry::Rec(*r), taken),
+            Msg::Call(c) => self.take(Entry::Call(c), taken),
             Msg::Signed {
                 covers_seq,
                 covers_hash,
@@ -350,12 +393,12 @@ impl Writer {
                 match result {
                     Ok(sig) => {
                         self.checkpointed_seq = covers_seq;
-                        self.pending.push_back(checkpoint_record(
+                        self.pending.push_back(Entry::Rec(checkpoint_record(
                             covers_seq,
                             covers_hash,
                             &sig,
                             false,
-                        ));
+                        )));
                     }
                     Err(e) => self.alarm(
                         "audit_checkpoint_failed",
@@ -369,11 +412,20 @@ impl Writer {
         None
     }
 
+    fn take(&mut self, e: Entry, taken: &mut usize) {
+        *taken += 1;
+        if self.pending.len() >= MAX_PENDING {
+            self.lost.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.pending.push_back(e);
+        }
+    }
+
     /// Clean stop: `stop` event, final signed checkpoint, fsync.
     fn finish(&mut self, done: tokio::sync::oneshot::Sender<()>) {
         let mut stop = Record::event("stop", "piiguard stopping");
         stop.at = Some(SystemTime::now());
-        self.pending.push_back(stop);
+        self.pending.push_back(Entry::Rec(stop));
         self.write_pending();
         self.sync();
         if let (Some(signer), true) = (self.signer.clone(), self.file.is_some()) {
@@ -385,8 +437,12 @@ impl Writer {
             });
             match r {
                 Ok(Ok(sig)) => {
-                    self.pending
-                        .push_back(checkpoint_record(covers_seq, covers_hash, &sig, true));
+                    self.pending.push_back(Entry::Rec(checkpoint_record(
+                        covers_seq,
+                        covers_hash,
+                        &sig,
+                        true,
+                    )));
                 }
                 Ok(Err(e)) => {
                     tracing::error!(error = %e, "audit: final checkpoint not signed; verify will report an unsealed tail")
@@ -416,7 +472,7 @@ impl Writer {
         if let Some(w) = &self.webhook {
             w.send(&r, &self.instance);
         }
-        self.pending.push_back(r);
+        self.pending.push_back(Entry::Rec(r));
     }
 
     /// Serializes `r` as the next line of the chain.
@@ -481,7 +537,7 @@ impl Writer {
                 ),
             );
             r.severity = Some("warning");
-            self.pending.push_front(r);
+            self.pending.push_front(Entry::Rec(r));
         }
         self.healthy.store(ok, Ordering::Relaxed);
     }
@@ -500,17 +556,35 @@ impl Writer {
             }
             self.set_healthy(true);
         }
-        let mut buf = Vec::with_capacity(self.pending.len() * 400);
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
         let (mut seq, mut head) = (self.seq, self.head);
-        for r in &self.pending {
+        for e in &self.pending {
             seq += 1;
-            let (line, h) = self.line(seq, &head, r);
-            buf.extend_from_slice(&line);
+            head = match e {
+                Entry::Rec(r) => {
+                    let (line, h) = self.line(seq, &head, r);
+                    buf.extend_from_slice(&line);
+                    h
+                }
+                Entry::Call(c) => {
+                    let start = buf.len();
+                    c.write_body(&mut buf, seq, &self.instance_json, &head);
+                    seal_in_place(&mut buf, start)
+                }
+            };
             buf.push(b'\n');
-            head = h;
         }
+        self.write_buf(&buf, seq, head);
+        // Keep the buffer for the next batch unless a burst made it large.
+        if buf.capacity() <= 4 << 20 {
+            self.buf = buf;
+        }
+    }
+
+    fn write_buf(&mut self, buf: &[u8], seq: u64, head: [u8; 32]) {
         let Some(f) = self.file.as_mut() else { return };
-        match f.write_all(&buf) {
+        match f.write_all(buf) {
             Ok(()) => {
                 metrics::counter!("piiguard_audit_records_total")
                     .increment(self.pending.len() as u64);
@@ -587,9 +661,9 @@ impl Writer {
             file: Some(file_name(self.seq + 2)),
             ..Record::default()
         };
-        self.pending.push_front(end);
+        self.pending.push_front(Entry::Rec(end));
         // Only the segment end goes into this file; the rest follows in the next one.
-        let rest: VecDeque<Record> = self.pending.split_off(1);
+        let rest: VecDeque<Entry> = self.pending.split_off(1);
         self.write_pending();
         let wrote_end = self.pending.is_empty();
         self.pending.extend(rest);
@@ -620,7 +694,7 @@ impl Writer {
             let started = Instant::now();
             let result = signer.sign(msg.as_bytes()).await.map_err(|e| e.to_string());
             crate::metrics::vault_call("sign", started.elapsed(), result.is_ok());
-            let _ = tx.try_send(Msg::Signed {
+            let _ = tx.send(Msg::Signed {
                 covers_seq,
                 covers_hash,
                 result,
@@ -655,7 +729,7 @@ impl Writer {
                             format!("removed {name} (older than the retention period)"),
                         );
                         r.file = Some(name);
-                        self.pending.push_back(r);
+                        self.pending.push_back(Entry::Rec(r));
                     }
                     Err(err) => {
                         tracing::warn!(file = %name, error = %err, "audit: cannot remove old file")

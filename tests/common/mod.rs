@@ -425,8 +425,24 @@ impl Server {
         piiguard::audit::writer::list_files(&self.audit_dir)
     }
 
-    /// All audit records of this server, parsed.
+    /// All audit records of this server, parsed, once the writer has settled (it drains its
+    /// queue every few milliseconds under load, so a record may land just after the call).
     pub fn audit_records(&self) -> Vec<serde_json::Value> {
+        let size = || -> u64 {
+            self.audit_files()
+                .iter()
+                .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
+                .sum()
+        };
+        let mut last = size();
+        for _ in 0..100 {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            let now = size();
+            if now == last {
+                break;
+            }
+            last = now;
+        }
         self.audit_files()
             .iter()
             .flat_map(|f| {
