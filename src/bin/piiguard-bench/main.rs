@@ -66,6 +66,12 @@ pub struct Target {
     /// <dev-dir>/bao/root-token).
     #[arg(long)]
     pub vault_token_file: Option<PathBuf>,
+    /// Run the bao-* scenarios with a child token holding only this policy (e.g. `piiguard`,
+    /// the policy piiguard itself runs with) instead of the token of --vault-token-file:
+    /// the like-for-like anchor, since OpenBao evaluates a policy on every request and the
+    /// root token skips that.
+    #[arg(long)]
+    pub vault_policy: Option<String>,
     /// Transit mount.
     #[arg(long, default_value = "piiguard-transit")]
     pub transit_mount: String,

@@ -205,6 +205,30 @@ impl Vault {
         })
     }
 
+    /// Replaces the token by a child token that has only `policy` (what a real transit
+    /// client holds: OpenBao evaluates the policy on every request, the root token skips it).
+    async fn use_child_token(&mut self, policy: &str) -> Result<(), String> {
+        let body = serde_json::json!({
+            "policies": [policy],
+            "no_default_policy": true,
+            "ttl": "2h",
+        });
+        let r = self
+            .call(
+                0,
+                reqwest::Method::POST,
+                "auth/token/create",
+                Some(Bytes::from(body.to_string())),
+            )
+            .await?;
+        let v = ok_json("auth/token/create", r)?;
+        self.token = v["auth"]["client_token"]
+            .as_str()
+            .ok_or("auth/token/create: no client_token")?
+            .to_string();
+        Ok(())
+    }
+
     fn call(
         &self,
         worker: usize,
@@ -446,10 +470,14 @@ async fn build(
     let pt = plaintext(a.size);
     let warm: Vec<String> = (0..a.warm_subjects.max(1)).map(warm_subject).collect();
     let batch_subjects = |i: usize| warm[i % warm.len()].clone();
-    let mut vault_handle = || -> Result<Arc<Vault>, String> {
-        if vault.is_none() {
-            *vault = Some(Arc::new(Vault::new(t, a.connections)?));
+    if vault.is_none() && name.starts_with("bao-") {
+        let mut v = Vault::new(t, a.connections)?;
+        if let Some(policy) = &t.vault_policy {
+            v.use_child_token(policy).await?;
         }
+        *vault = Some(Arc::new(v));
+    }
+    let vault_handle = || -> Result<Arc<Vault>, String> {
         vault.clone().ok_or_else(|| "no vault client".to_string())
     };
     let transit = |op: &str| format!("{}/{op}/kek-{}", t.transit_mount, t.keyspace);
@@ -927,6 +955,8 @@ pub struct Report {
     pub batch_size: usize,
     pub bao_batch_size: usize,
     pub warm_subjects: usize,
+    /// Token of the bao-* scenarios: `token file` or `policy <name>` (a child token).
+    pub anchor_token: String,
     pub warmup_secs: f64,
     pub scenarios: Vec<ScenarioResult>,
     pub ratios: Vec<Ratio>,
@@ -1156,13 +1186,14 @@ pub fn text_report(rep: &Report) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "piiguard-bench {} | nproc {} | plaintext {} B | batch {} (transit batch {}) | warm set {} subjects",
+        "piiguard-bench {} | nproc {} | plaintext {} B | batch {} (transit batch {}) | warm set {} subjects | OpenBao token: {}",
         rep.label,
         rep.nproc,
         rep.plaintext_bytes,
         rep.batch_size,
         rep.bao_batch_size,
-        rep.warm_subjects
+        rep.warm_subjects,
+        rep.anchor_token
     );
     let _ = writeln!(
         s,
@@ -1243,6 +1274,10 @@ pub async fn run(a: RunArgs) -> Result<(), String> {
         batch_size: a.batch_size,
         bao_batch_size: a.bao_batch_size,
         warm_subjects: a.warm_subjects,
+        anchor_token: match &a.target.vault_policy {
+            Some(p) => format!("policy {p}"),
+            None => "token file".into(),
+        },
         warmup_secs: a.warmup,
         ratios: ratios(&results),
         scenarios: results,
@@ -1336,6 +1371,7 @@ mod tests {
             batch_size: 1000,
             bao_batch_size: 100,
             warm_subjects: 10,
+            anchor_token: "token file".into(),
             warmup_secs: 0.0,
             ratios: ratios(&rs),
             scenarios: rs,
