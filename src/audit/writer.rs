@@ -38,7 +38,7 @@ use crate::signing::Signer;
 
 const TICK: Duration = Duration::from_millis(200);
 /// Pause between drains while records keep coming (bounds how long a record waits in memory).
-pub const BUSY_POLL: Duration = Duration::from_millis(2);
+pub const BUSY_POLL: Duration = Duration::from_millis(5);
 const MAX_BATCH: usize = 4096;
 /// Records kept in memory while the sink is failing; beyond this they are counted as lost.
 const MAX_PENDING: usize = 1_000_000;
