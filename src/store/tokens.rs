@@ -92,11 +92,20 @@ pub enum TokenWrite<'a> {
     AddValue(AddValue<'a>),
 }
 
-fn insert_map_sql(rows: usize) -> String {
-    let mut sql = String::from(
+/// The multi-row inserts of a group. On SQLite they are `INSERT OR IGNORE`: with `ON
+/// CONFLICT DO NOTHING` a multi-row insert could still abort half-way (a NOT NULL column), so
+/// SQLite would copy every page it touches to a statement journal first; `OR IGNORE` cannot
+/// abort and needs none. The rows bound are never NULL where the schema says NOT NULL, so
+/// both forms skip exactly the rows whose key is taken.
+fn insert_map_sql(rows: usize, sqlite: bool) -> String {
+    let mut sql = String::from(if sqlite {
+        "INSERT OR IGNORE INTO token_map (keyspace, token_hash, field, format, value_hash,
+                                          attempt, state, created_at, updated_at, expires_at)
+         VALUES "
+    } else {
         "INSERT INTO token_map (keyspace, token_hash, field, format, value_hash, attempt,
-                                state, created_at, updated_at, expires_at) VALUES ",
-    );
+                                state, created_at, updated_at, expires_at) VALUES "
+    });
     for r in 0..rows {
         let b = r * 8;
         if r > 0 {
@@ -115,14 +124,22 @@ fn insert_map_sql(rows: usize) -> String {
             b + 8
         ));
     }
-    sql.push_str(" ON CONFLICT DO NOTHING RETURNING keyspace, token_hash");
+    if !sqlite {
+        sql.push_str(" ON CONFLICT DO NOTHING");
+    }
+    sql.push_str(" RETURNING keyspace, token_hash");
     sql
 }
 
-fn insert_values_sql(rows: usize) -> String {
-    let mut sql = String::from(
-        "INSERT INTO token_values (keyspace, token_hash, subject_ref, sealed, created_at) VALUES ",
-    );
+/// Values of tokens just inserted: there cannot be any row for them yet. On SQLite `OR
+/// IGNORE` (see above), and the caller checks that every row went in.
+fn insert_values_sql(rows: usize, sqlite: bool) -> String {
+    let mut sql = String::from(if sqlite {
+        "INSERT OR IGNORE INTO token_values (keyspace, token_hash, subject_ref, sealed,
+                                             created_at) VALUES "
+    } else {
+        "INSERT INTO token_values (keyspace, token_hash, subject_ref, sealed, created_at) VALUES "
+    });
     for r in 0..rows {
         let b = r * 5;
         if r > 0 {
@@ -235,9 +252,10 @@ impl Store {
             }
             inserts.push((i, t));
         }
+        let sqlite = self.is_sqlite();
         let mut tx = self.pool.begin().await.map_err(db)?;
         for chunk in inserts.chunks(ROWS_PER_STATEMENT) {
-            let sql = insert_map_sql(chunk.len());
+            let sql = insert_map_sql(chunk.len(), sqlite);
             // Only placeholders are generated; every value is bound.
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
             for (_, t) in chunk {
@@ -269,7 +287,7 @@ impl Store {
             if won.is_empty() {
                 continue;
             }
-            let sql = insert_values_sql(won.len());
+            let sql = insert_values_sql(won.len(), sqlite);
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
             for (_, t) in &won {
                 q = q
@@ -279,7 +297,13 @@ impl Store {
                     .bind(t.sealed)
                     .bind(t.now);
             }
-            q.execute(&mut *tx).await.map_err(db)?;
+            let r = q.execute(&mut *tx).await.map_err(db)?;
+            if r.rows_affected() != won.len() as u64 {
+                // Dropping `tx` rolls the whole group back.
+                return Err(crate::error::Error::internal(
+                    "store: a new token already had a value row",
+                ));
+            }
             for (i, _) in won {
                 out[*i] = true;
             }
@@ -363,14 +387,14 @@ impl Store {
         &self.pool
     }
 
+    fn is_sqlite(&self) -> bool {
+        self.pool.connect_options().database_url.scheme() == "sqlite"
+    }
+
     /// How many token writers may run at once: one on SQLite (one writer at a time anyway;
     /// more would only wait on its lock), a few on PostgreSQL.
     pub fn token_writers(&self) -> usize {
-        if self.pool.connect_options().database_url.scheme() == "sqlite" {
-            1
-        } else {
-            4
-        }
+        if self.is_sqlite() { 1 } else { 4 }
     }
 
     /// A token and its sealed values.
