@@ -4,6 +4,7 @@
 mod common;
 
 use common::Postgres;
+use piiguard::store::tokens::{AddValue, NewToken, TokenState, TokenWrite};
 use piiguard::store::{ShredClaim, Store, SubjectState};
 
 fn claim(intent: &str) -> ShredClaim<'_> {
@@ -109,6 +110,78 @@ async fn tombstones_and_eviction_feed(s: &Store) {
     assert_eq!(s.last_eviction_seq().await.unwrap(), ev[1].seq);
 }
 
+fn token<'a>(th: &'a str, vh: Option<&'a str>, sref: &'a str) -> NewToken<'a> {
+    NewToken {
+        keyspace: "ks",
+        token_hash: th,
+        field: "email",
+        format: "opaque",
+        value_hash: vh,
+        attempt: 0,
+        subject_ref: sref,
+        sealed: "pg1.sealed",
+        now: 10,
+        expires_at: None,
+    }
+}
+
+/// Token writes grouped in one transaction (multi-row inserts with RETURNING), read-first
+/// lookups, shred and expiry.
+async fn token_writes(s: &Store) {
+    let names: Vec<String> = (0..40).map(|i| format!("t{i}")).collect();
+    let mut ops: Vec<TokenWrite<'_>> = names
+        .iter()
+        .map(|n| TokenWrite::Insert(token(n, None, "a")))
+        .collect();
+    ops.push(TokenWrite::Insert(token("t1", None, "b"))); // duplicate token hash
+    ops.push(TokenWrite::Insert(token("d1", Some("v"), "a")));
+    ops.push(TokenWrite::Insert(token("d2", Some("v"), "b"))); // duplicate value hash
+    let out = s.write_tokens(&ops).await.unwrap();
+    assert!(out[..40].iter().all(|&ok| ok));
+    assert_eq!(&out[40..], &[false, true, false]);
+    // A second group: a stored token, a stored value, and a value added to a stored token.
+    let ops = [
+        TokenWrite::Insert(token("t5", None, "c")),
+        TokenWrite::Insert(token("d3", Some("v"), "c")),
+        TokenWrite::AddValue(AddValue {
+            keyspace: "ks",
+            token_hash: "d1",
+            subject_ref: "b",
+            sealed: "pg1.b",
+            now: 11,
+            expires_at: Some(50),
+        }),
+    ];
+    assert_eq!(
+        s.write_tokens(&ops).await.unwrap(),
+        vec![false, false, true]
+    );
+    assert_eq!(s.token_counts("ks").await.unwrap(), (42, 41));
+    let d = s.token_by_value("ks", "v", "b").await.unwrap().unwrap();
+    assert_eq!((d.token_hash.as_str(), d.mine), ("d1", true));
+    assert_eq!(d.expires_at, Some(50));
+    assert!(
+        !s.token_by_value("ks", "v", "c")
+            .await
+            .unwrap()
+            .unwrap()
+            .mine
+    );
+    assert_eq!(s.token("ks", "d1").await.unwrap().unwrap().sealed.len(), 2);
+    // Expiry, then a shred of "a": t* become tombstones.
+    assert_eq!(s.purge_expired_tokens(60, None).await.unwrap(), 1);
+    assert_eq!(
+        s.token("ks", "d1").await.unwrap().unwrap().state,
+        TokenState::Expired
+    );
+    assert_eq!(s.purge_subject_tokens("ks", "a", 70).await.unwrap(), 40);
+    assert_eq!(
+        s.token("ks", "t7").await.unwrap().unwrap().state,
+        TokenState::Shredded
+    );
+    assert_eq!(s.token_counts("ks").await.unwrap(), (0, 41));
+}
+
 async fn exercise(url: &str) {
     let s = Store::open(url).await.expect("open store");
     // Opening twice (a second replica, a restart) keeps the schema and the data.
@@ -120,6 +193,7 @@ async fn exercise(url: &str) {
     );
     schedule_cancel_and_due(&s).await;
     tombstones_and_eviction_feed(&s).await;
+    token_writes(&s).await;
 }
 
 #[tokio::test]

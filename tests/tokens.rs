@@ -258,6 +258,104 @@ async fn formats_round_trip_keep_their_shape_and_modes_hold() {
     }
 }
 
+/// Deterministic tokens are read first (no write when nothing changes); concurrent calls
+/// share group commits and each gets a token whose mapping is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deterministic_reads_first_and_concurrent_calls_share_commits() {
+    use pb::TokenFormat as F;
+    let env = TestEnv::start().await;
+    let server = env.server("s", "").await;
+    let mut c = tokens(&env, &server).await;
+    let counts = || async { store(&env).await.token_counts("orders").await.unwrap() };
+
+    let a = tokenize(
+        &mut c,
+        det("cust-rf-1", "email", "rf@example.com", F::Opaque),
+    )
+    .await;
+    let after_first = counts().await;
+    for _ in 0..5 {
+        assert_eq!(
+            a,
+            tokenize(
+                &mut c,
+                det("cust-rf-1", "email", "rf@example.com", F::Opaque)
+            )
+            .await
+        );
+    }
+    // A TTL does not shorten a token without expiry ("none beats any"): still no write.
+    let mut r = det("cust-rf-1", "email", "rf@example.com", F::Opaque);
+    r.ttl_seconds = 100;
+    let t = c.tokenize(r).await.unwrap().into_inner();
+    assert_eq!((t.token.as_str(), t.expires_at), (a.as_str(), 0));
+    assert_eq!(counts().await, after_first, "repeats wrote no rows");
+
+    // A later expiry is still written: the token keeps the later one.
+    let mut r = det("cust-rf-1", "email", "ttl-rf@example.com", F::Opaque);
+    r.ttl_seconds = 100;
+    let t1 = c.tokenize(r.clone()).await.unwrap().into_inner();
+    r.ttl_seconds = 5000;
+    let t2 = c.tokenize(r.clone()).await.unwrap().into_inner();
+    assert_eq!(t1.token, t2.token);
+    assert!(
+        t2.expires_at >= t1.expires_at + 4000,
+        "{} {}",
+        t1.expires_at,
+        t2.expires_at
+    );
+    r.ttl_seconds = 100;
+    let t3 = c.tokenize(r).await.unwrap().into_inner();
+    assert_eq!(t3.expires_at, t2.expires_at, "the later expiry wins");
+
+    // 40 concurrent calls: one new deterministic value from 10 subjects, and 20 random tokens.
+    let before = counts().await;
+    let mut calls = Vec::new();
+    for i in 0..40 {
+        let mut c = c.clone();
+        calls.push(tokio::spawn(async move {
+            let r = if i < 20 {
+                det(
+                    &format!("cust-rf-{}", i % 10),
+                    "email",
+                    "burst@example.com",
+                    F::Opaque,
+                )
+            } else {
+                rnd(
+                    &format!("cust-rf-{i}"),
+                    "email",
+                    &format!("v{i}@example.com"),
+                    F::Opaque,
+                )
+            };
+            (i, c.tokenize(r).await.unwrap().into_inner().token)
+        }));
+    }
+    let mut det_tokens = std::collections::HashSet::new();
+    let mut rnd_tokens = Vec::new();
+    for call in calls {
+        let (i, t) = call.await.unwrap();
+        if i < 20 {
+            det_tokens.insert(t);
+        } else {
+            rnd_tokens.push((i, t));
+        }
+    }
+    assert_eq!(det_tokens.len(), 1, "one token per deterministic value");
+    let burst = det_tokens.into_iter().next().unwrap();
+    assert_eq!(value_of(&mut c, &burst).await, "burst@example.com");
+    for (i, t) in &rnd_tokens {
+        assert_eq!(value_of(&mut c, t).await, format!("v{i}@example.com"));
+    }
+    let after = counts().await;
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (10 + 20, 1 + 20),
+        "one value per subject, one row per token"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_service_has_health_and_reflection() {
     use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};

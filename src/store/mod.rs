@@ -106,7 +106,10 @@ impl Store {
         };
         let mut opts = AnyPoolOptions::new()
             .max_connections(if sqlite { 4 } else { 16 })
-            .acquire_timeout(Duration::from_secs(10));
+            .acquire_timeout(Duration::from_secs(10))
+            // A SQLite connection is a local file: a ping before each use (a round trip to
+            // its worker thread) finds nothing the query itself would not.
+            .test_before_acquire(!sqlite);
         if sqlite {
             opts = opts.after_connect(|conn, _| {
                 Box::pin(async move {

@@ -10,10 +10,16 @@
 //! and turns tokens left without any value into `shredded` tombstones; expiry deletes the
 //! values and leaves `expired` tombstones, so Detokenize can still say why.
 
+use std::collections::HashSet;
+
 use sqlx::Row;
 
 use super::{Store, db};
 use crate::error::Result;
+
+/// Rows per multi-row `INSERT` (8 parameters each: far below SQLite's and PostgreSQL's
+/// parameter limits; a small set of statement shapes for the statement cache).
+const ROWS_PER_STATEMENT: usize = 32;
 
 /// State of a token row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +45,7 @@ impl TokenState {
 }
 
 /// A new token and its first sealed value.
+#[derive(Clone, Copy)]
 pub struct NewToken<'a> {
     pub keyspace: &'a str,
     pub token_hash: &'a str,
@@ -61,6 +68,93 @@ pub struct DeterministicRow {
     pub attempt: u32,
     pub state: TokenState,
     pub expires_at: Option<i64>,
+    /// Whether the asking subject already has its sealed value on this token.
+    pub mine: bool,
+}
+
+/// A subject's sealed value for an existing (deterministic) token.
+pub struct AddValue<'a> {
+    pub keyspace: &'a str,
+    pub token_hash: &'a str,
+    pub subject_ref: &'a str,
+    /// The value sealed under the subject's DEK (text form).
+    pub sealed: &'a str,
+    pub now: i64,
+    /// The token's new expiry (replaces the stored one).
+    pub expires_at: Option<i64>,
+}
+
+/// One token write; many of them share a transaction in [`Store::write_tokens`].
+pub enum TokenWrite<'a> {
+    /// A new token with its first value ([`Store::insert_token`]).
+    Insert(NewToken<'a>),
+    /// One more subject's value on an existing token ([`Store::add_token_value`]).
+    AddValue(AddValue<'a>),
+}
+
+/// The multi-row inserts of a group. On SQLite they are `INSERT OR IGNORE`: with `ON
+/// CONFLICT DO NOTHING` a multi-row insert could still abort half-way (a NOT NULL column), so
+/// SQLite would copy every page it touches to a statement journal first; `OR IGNORE` cannot
+/// abort and needs none. The rows bound are never NULL where the schema says NOT NULL, so
+/// both forms skip exactly the rows whose key is taken.
+fn insert_map_sql(rows: usize, sqlite: bool) -> String {
+    let mut sql = String::from(if sqlite {
+        "INSERT OR IGNORE INTO token_map (keyspace, token_hash, field, format, value_hash,
+                                          attempt, state, created_at, updated_at, expires_at)
+         VALUES "
+    } else {
+        "INSERT INTO token_map (keyspace, token_hash, field, format, value_hash, attempt,
+                                state, created_at, updated_at, expires_at) VALUES "
+    });
+    for r in 0..rows {
+        let b = r * 8;
+        if r > 0 {
+            sql.push(',');
+        }
+        sql.push_str(&format!(
+            "(${}, ${}, ${}, ${}, ${}, ${}, 'live', ${}, ${}, ${})",
+            b + 1,
+            b + 2,
+            b + 3,
+            b + 4,
+            b + 5,
+            b + 6,
+            b + 7,
+            b + 7,
+            b + 8
+        ));
+    }
+    if !sqlite {
+        sql.push_str(" ON CONFLICT DO NOTHING");
+    }
+    sql.push_str(" RETURNING keyspace, token_hash");
+    sql
+}
+
+/// Values of tokens just inserted: there cannot be any row for them yet. On SQLite `OR
+/// IGNORE` (see above), and the caller checks that every row went in.
+fn insert_values_sql(rows: usize, sqlite: bool) -> String {
+    let mut sql = String::from(if sqlite {
+        "INSERT OR IGNORE INTO token_values (keyspace, token_hash, subject_ref, sealed,
+                                             created_at) VALUES "
+    } else {
+        "INSERT INTO token_values (keyspace, token_hash, subject_ref, sealed, created_at) VALUES "
+    });
+    for r in 0..rows {
+        let b = r * 5;
+        if r > 0 {
+            sql.push(',');
+        }
+        sql.push_str(&format!(
+            "(${}, ${}, ${}, ${}, ${})",
+            b + 1,
+            b + 2,
+            b + 3,
+            b + 4,
+            b + 5
+        ));
+    }
+    sql
 }
 
 /// What Detokenize needs: the token row and every sealed copy of its value.
@@ -107,68 +201,8 @@ impl Store {
     /// token hash is taken (a collision: draw again) or a deterministic token of the same
     /// value appeared meanwhile (look it up again).
     pub async fn insert_token(&self, t: &NewToken<'_>) -> Result<bool> {
-        let mut tx = self.pool.begin().await.map_err(db)?;
-        let r = sqlx::query(
-            "INSERT INTO token_map (keyspace, token_hash, field, format, value_hash, attempt,
-                                    state, created_at, updated_at, expires_at)
-             VALUES ($1, $2, $3, $4, $5, $6, 'live', $7, $7, $8)
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(t.keyspace)
-        .bind(t.token_hash)
-        .bind(t.field)
-        .bind(t.format)
-        .bind(t.value_hash)
-        .bind(i64::from(t.attempt))
-        .bind(t.now)
-        .bind(t.expires_at)
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
-        if r.rows_affected() != 1 {
-            return Ok(false);
-        }
-        sqlx::query(
-            "INSERT INTO token_values (keyspace, token_hash, subject_ref, sealed, created_at)
-             VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(t.keyspace)
-        .bind(t.token_hash)
-        .bind(t.subject_ref)
-        .bind(t.sealed)
-        .bind(t.now)
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
-        tx.commit().await.map_err(db)?;
-        Ok(true)
-    }
-
-    /// The deterministic token of a value hash, if any.
-    pub async fn token_by_value(
-        &self,
-        keyspace: &str,
-        value_hash: &str,
-    ) -> Result<Option<DeterministicRow>> {
-        let r = sqlx::query(
-            "SELECT token_hash, attempt, state, expires_at FROM token_map
-             WHERE keyspace = $1 AND value_hash = $2",
-        )
-        .bind(keyspace)
-        .bind(value_hash)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db)?;
-        r.map(|r| {
-            Ok(DeterministicRow {
-                token_hash: r.try_get("token_hash").map_err(db)?,
-                attempt: u32::try_from(r.try_get::<i64, _>("attempt").map_err(db)?)
-                    .map_err(|_| crate::error::Error::internal("store: bad attempt"))?,
-                state: TokenState::parse(&r.try_get::<String, _>("state").map_err(db)?)?,
-                expires_at: r.try_get("expires_at").map_err(db)?,
-            })
-        })
-        .transpose()
+        let ops = [TokenWrite::Insert(*t)];
+        Ok(self.write_tokens(&ops).await?[0])
     }
 
     /// Adds a subject's sealed value to an existing (deterministic) token, keeping an existing
@@ -183,36 +217,184 @@ impl Store {
         now: i64,
         expires_at: Option<i64>,
     ) -> Result<bool> {
-        let mut tx = self.pool.begin().await.map_err(db)?;
-        let r = sqlx::query(
-            "UPDATE token_map SET state = 'live', expires_at = $3, updated_at = $4
-             WHERE keyspace = $1 AND token_hash = $2 AND state <> 'shredded'",
-        )
-        .bind(keyspace)
-        .bind(token_hash)
-        .bind(expires_at)
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
-        if r.rows_affected() != 1 {
-            return Ok(false);
+        let ops = [TokenWrite::AddValue(AddValue {
+            keyspace,
+            token_hash,
+            subject_ref,
+            sealed,
+            now,
+            expires_at,
+        })];
+        Ok(self.write_tokens(&ops).await?[0])
+    }
+
+    /// Applies many token writes in **one transaction** (group commit): all of them or, on
+    /// an error, none. Each write gets its own outcome, as [`Store::insert_token`] and
+    /// [`Store::add_token_value`] would give it: `false` changed nothing. Of several inserts
+    /// of one token hash, or of one deterministic value hash, only the first can succeed;
+    /// the others get `false`, as if they had come after it.
+    pub async fn write_tokens(&self, ops: &[TokenWrite<'_>]) -> Result<Vec<bool>> {
+        let mut out = vec![false; ops.len()];
+        // Inserts that can succeed: the first of each token hash and of each value hash.
+        let mut tokens = HashSet::new();
+        let mut values = HashSet::new();
+        let mut inserts: Vec<(usize, &NewToken<'_>)> = Vec::new();
+        for (i, op) in ops.iter().enumerate() {
+            let TokenWrite::Insert(t) = op else { continue };
+            let th = (t.keyspace, t.token_hash);
+            let vh = t.value_hash.map(|v| (t.keyspace, v));
+            if tokens.contains(&th) || vh.is_some_and(|v| values.contains(&v)) {
+                continue;
+            }
+            tokens.insert(th);
+            if let Some(v) = vh {
+                values.insert(v);
+            }
+            inserts.push((i, t));
         }
-        sqlx::query(
-            "INSERT INTO token_values (keyspace, token_hash, subject_ref, sealed, created_at)
-             VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (keyspace, token_hash, subject_ref) DO NOTHING",
+        let sqlite = self.is_sqlite();
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        for chunk in inserts.chunks(ROWS_PER_STATEMENT) {
+            let sql = insert_map_sql(chunk.len(), sqlite);
+            // Only placeholders are generated; every value is bound.
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (_, t) in chunk {
+                q = q
+                    .bind(t.keyspace)
+                    .bind(t.token_hash)
+                    .bind(t.field)
+                    .bind(t.format)
+                    .bind(t.value_hash)
+                    .bind(i64::from(t.attempt))
+                    .bind(t.now)
+                    .bind(t.expires_at);
+            }
+            let rows = q.fetch_all(&mut *tx).await.map_err(db)?;
+            let mut inserted = HashSet::with_capacity(rows.len());
+            for r in &rows {
+                let ks: String = r.try_get("keyspace").map_err(db)?;
+                let th: String = r.try_get("token_hash").map_err(db)?;
+                inserted.insert((ks, th));
+            }
+            // (keyspace, token_hash) is unique within the chunk, so each returned row is
+            // exactly one of our inserts.
+            let won: Vec<_> = chunk
+                .iter()
+                .filter(|(_, t)| {
+                    inserted.contains(&(t.keyspace.to_string(), t.token_hash.to_string()))
+                })
+                .collect();
+            if won.is_empty() {
+                continue;
+            }
+            let sql = insert_values_sql(won.len(), sqlite);
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (_, t) in &won {
+                q = q
+                    .bind(t.keyspace)
+                    .bind(t.token_hash)
+                    .bind(t.subject_ref)
+                    .bind(t.sealed)
+                    .bind(t.now);
+            }
+            let r = q.execute(&mut *tx).await.map_err(db)?;
+            if r.rows_affected() != won.len() as u64 {
+                // Dropping `tx` rolls the whole group back.
+                return Err(crate::error::Error::internal(
+                    "store: a new token already had a value row",
+                ));
+            }
+            for (i, _) in won {
+                out[*i] = true;
+            }
+        }
+        for (i, op) in ops.iter().enumerate() {
+            let TokenWrite::AddValue(a) = op else {
+                continue;
+            };
+            let r = sqlx::query(
+                "UPDATE token_map SET state = 'live', expires_at = $3, updated_at = $4
+                 WHERE keyspace = $1 AND token_hash = $2 AND state <> 'shredded'",
+            )
+            .bind(a.keyspace)
+            .bind(a.token_hash)
+            .bind(a.expires_at)
+            .bind(a.now)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+            if r.rows_affected() != 1 {
+                continue;
+            }
+            sqlx::query(
+                "INSERT INTO token_values (keyspace, token_hash, subject_ref, sealed, created_at)
+                 VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (keyspace, token_hash, subject_ref) DO NOTHING",
+            )
+            .bind(a.keyspace)
+            .bind(a.token_hash)
+            .bind(a.subject_ref)
+            .bind(a.sealed)
+            .bind(a.now)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+            out[i] = true;
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(out)
+    }
+
+    /// The deterministic token of a value hash, if any, and whether `subject_ref` already
+    /// has its value on it.
+    pub async fn token_by_value(
+        &self,
+        keyspace: &str,
+        value_hash: &str,
+        subject_ref: &str,
+    ) -> Result<Option<DeterministicRow>> {
+        let r = sqlx::query(
+            "SELECT m.token_hash, m.attempt, m.state, m.expires_at, v.subject_ref AS mine
+             FROM token_map m LEFT JOIN token_values v
+               ON v.keyspace = m.keyspace AND v.token_hash = m.token_hash AND v.subject_ref = $3
+             WHERE m.keyspace = $1 AND m.value_hash = $2",
         )
         .bind(keyspace)
-        .bind(token_hash)
+        .bind(value_hash)
         .bind(subject_ref)
-        .bind(sealed)
-        .bind(now)
-        .execute(&mut *tx)
+        .fetch_optional(&self.pool)
         .await
         .map_err(db)?;
-        tx.commit().await.map_err(db)?;
-        Ok(true)
+        r.map(|r| {
+            Ok(DeterministicRow {
+                token_hash: r.try_get("token_hash").map_err(db)?,
+                attempt: u32::try_from(r.try_get::<i64, _>("attempt").map_err(db)?)
+                    .map_err(|_| crate::error::Error::internal("store: bad attempt"))?,
+                state: TokenState::parse(&r.try_get::<String, _>("state").map_err(db)?)?,
+                expires_at: r.try_get("expires_at").map_err(db)?,
+                mine: r
+                    .try_get::<Option<String>, _>("mine")
+                    .map_err(db)?
+                    .is_some(),
+            })
+        })
+        .transpose()
+    }
+
+    /// The pool, for tests that break the store on purpose.
+    #[cfg(test)]
+    pub(crate) fn pool(&self) -> &sqlx::AnyPool {
+        &self.pool
+    }
+
+    fn is_sqlite(&self) -> bool {
+        self.pool.connect_options().database_url.scheme() == "sqlite"
+    }
+
+    /// How many token writers may run at once: one on SQLite (one writer at a time anyway;
+    /// more would only wait on its lock), a few on PostgreSQL.
+    pub fn token_writers(&self) -> usize {
+        if self.is_sqlite() { 1 } else { 4 }
     }
 
     /// A token and its sealed values.
@@ -399,8 +581,89 @@ mod tests {
             (2, 2),
             "failed inserts left nothing"
         );
-        let row = s.token_by_value("ks", "v").await.unwrap().unwrap();
+        let row = s.token_by_value("ks", "v", "a").await.unwrap().unwrap();
         assert_eq!(row.token_hash, "t2");
+    }
+
+    #[tokio::test]
+    async fn one_transaction_writes_many_and_answers_each() {
+        let (_d, s) = store().await;
+        assert!(
+            s.insert_token(&new("old", Some("vo"), "a", None))
+                .await
+                .unwrap()
+        );
+        let names: Vec<String> = (0..70).map(|i| format!("t{i}")).collect();
+        let mut ops: Vec<TokenWrite<'_>> = names
+            .iter()
+            .map(|n| TokenWrite::Insert(new(n, None, "a", None)))
+            .collect();
+        // A duplicate token hash and a duplicate value hash within the group, a collision
+        // with a stored token, a stored value hash, and values added to existing tokens.
+        ops.push(TokenWrite::Insert(new("t3", None, "b", None))); // 70: duplicate
+        ops.push(TokenWrite::Insert(new("d1", Some("v"), "a", None))); // 71
+        ops.push(TokenWrite::Insert(new("d2", Some("v"), "b", None))); // 72: same value
+        ops.push(TokenWrite::Insert(new("old", None, "b", None))); // 73: stored token
+        ops.push(TokenWrite::Insert(new("d3", Some("vo"), "b", None))); // 74: stored value
+        let add = |th, sref| {
+            TokenWrite::AddValue(AddValue {
+                keyspace: "ks",
+                token_hash: th,
+                subject_ref: sref,
+                sealed: "pg1.add",
+                now: 12,
+                expires_at: Some(99),
+            })
+        };
+        ops.push(add("old", "b")); // 75
+        ops.push(add("missing", "b")); // 76: no such token
+        let out = s.write_tokens(&ops).await.unwrap();
+        assert!(
+            out[..70].iter().all(|&ok| ok),
+            "70 new tokens over 3 statements"
+        );
+        assert_eq!(
+            &out[70..],
+            &[false, true, false, false, false, true, false],
+            "duplicates, collisions and a missing token change nothing"
+        );
+        assert_eq!(s.token("ks", "t3").await.unwrap().unwrap().sealed.len(), 1);
+        let old = s.token("ks", "old").await.unwrap().unwrap();
+        assert_eq!((old.sealed.len(), old.expires_at), (2, Some(99)));
+        assert_eq!(s.token_counts("ks").await.unwrap(), (73, 72));
+    }
+
+    #[tokio::test]
+    async fn token_by_value_tells_whether_the_subject_holds_a_value() {
+        let (_d, s) = store().await;
+        s.insert_token(&new("t1", Some("v"), "a", None))
+            .await
+            .unwrap();
+        assert!(
+            s.token_by_value("ks", "v", "a")
+                .await
+                .unwrap()
+                .unwrap()
+                .mine
+        );
+        assert!(
+            !s.token_by_value("ks", "v", "b")
+                .await
+                .unwrap()
+                .unwrap()
+                .mine
+        );
+        s.add_token_value("ks", "t1", "b", "pg1.b", 11, None)
+            .await
+            .unwrap();
+        assert!(
+            s.token_by_value("ks", "v", "b")
+                .await
+                .unwrap()
+                .unwrap()
+                .mine
+        );
+        assert!(s.token_by_value("ks", "w", "a").await.unwrap().is_none());
     }
 
     #[tokio::test]
@@ -428,7 +691,7 @@ mod tests {
             TokenState::Shredded
         );
         assert!(
-            s.token_by_value("ks", "v").await.unwrap().is_none(),
+            s.token_by_value("ks", "v", "a").await.unwrap().is_none(),
             "value hash dropped"
         );
         assert!(

@@ -11,6 +11,7 @@ use zeroize::Zeroizing;
 
 use super::derive::{self, Stream};
 use super::format::{self, Ff1Params, Format, FormatError, Mode};
+use super::writer::{GroupWriter, Write};
 use crate::crypto::envelope;
 use crate::error::{Error, Result, reason};
 use crate::keys::KeyManager;
@@ -69,6 +70,8 @@ struct SpaceKeys {
 pub struct TokenEngine {
     keys: Arc<KeyManager>,
     store: Arc<Store>,
+    /// Group commit of token writes.
+    writer: GroupWriter,
     spaces: HashMap<String, SpaceKeys>,
     max_value: usize,
     max_batch: usize,
@@ -127,6 +130,7 @@ impl TokenEngine {
         }
         Ok(Self {
             store: keys.store().clone(),
+            writer: GroupWriter::new(keys.store().clone()),
             keys,
             spaces,
             max_value,
@@ -262,7 +266,7 @@ impl TokenEngine {
                 now,
                 expires_at,
             };
-            if self.store.insert_token(&row).await? {
+            if self.writer.write(Write::insert(&row)).await? {
                 return Ok(Tokenized { token, expires_at });
             }
             tracing::debug!(
@@ -298,7 +302,7 @@ impl TokenEngine {
         // Rounds: an existing token may be shredded, or a concurrent call may insert the
         // same value's token, between our read and our write; then look again.
         for _round in 0..4 {
-            if let Some(row) = self.store.token_by_value(i.keyspace, &vh).await? {
+            if let Some(row) = self.store.token_by_value(i.keyspace, &vh, sref).await? {
                 let token = token_of(row.attempt)?;
                 let th = derive::token_hash(&sp.lookup, &token);
                 if th != row.token_hash {
@@ -314,12 +318,24 @@ impl TokenEngine {
                     (true, None, _) | (true, _, None) => None,
                     (true, Some(a), Some(b)) => Some(a.max(b)),
                 };
+                // Read first: when the token is alive, already holds this subject's value
+                // and keeps its expiry, a write would change nothing.
+                if alive && row.mine && new_exp == row.expires_at {
+                    return Ok(Tokenized {
+                        token,
+                        expires_at: new_exp,
+                    });
+                }
                 let sealed = self.seal(dek, i.field, &th, i.value)?;
-                if self
-                    .store
-                    .add_token_value(i.keyspace, &th, sref, &sealed, now, new_exp)
-                    .await?
-                {
+                let add = Write::AddValue {
+                    keyspace: i.keyspace.into(),
+                    token_hash: th,
+                    subject_ref: sref.into(),
+                    sealed,
+                    now,
+                    expires_at: new_exp,
+                };
+                if self.writer.write(add).await? {
                     return Ok(Tokenized {
                         token,
                         expires_at: new_exp,
@@ -347,10 +363,15 @@ impl TokenEngine {
                     now,
                     expires_at,
                 };
-                if self.store.insert_token(&row).await? {
+                if self.writer.write(Write::insert(&row)).await? {
                     return Ok(Tokenized { token, expires_at });
                 }
-                if self.store.token_by_value(i.keyspace, &vh).await?.is_some() {
+                if self
+                    .store
+                    .token_by_value(i.keyspace, &vh, sref)
+                    .await?
+                    .is_some()
+                {
                     raced = true;
                     break;
                 }

@@ -1,0 +1,335 @@
+//! Group commit of token writes.
+//!
+//! Each Tokenize that writes hands its row to a writer task and waits for the outcome. The
+//! writer takes every write queued at that moment (up to [`MAX_GROUP`]) and applies them in
+//! one store transaction ([`Store::write_tokens`]): one commit, one set of WAL pages and one
+//! round of statements for many calls, instead of a transaction per call. No timer: a write
+//! that arrives alone is committed at once; writes that arrive while a commit runs form the
+//! next group.
+//!
+//! Guarantees: a caller gets `Ok` only after the transaction holding its row has committed;
+//! the transaction is all-or-nothing, so a failure never leaves a half-written mapping. When
+//! a group's transaction fails, each of its writes is retried alone, so one bad write fails
+//! only its own call. A writer that stops (or panics) drops its callers' reply channels:
+//! they get an error, never a token.
+
+use std::sync::{Arc, OnceLock};
+
+use tokio::sync::{Mutex, mpsc, oneshot};
+
+use crate::error::{Error, Result};
+use crate::store::Store;
+use crate::store::tokens::{AddValue, NewToken, TokenWrite};
+
+/// Most writes committed in one transaction.
+pub const MAX_GROUP: usize = 64;
+/// Writes queued before callers wait for room.
+const QUEUE: usize = 1024;
+
+/// An owned token write (it crosses to the writer task).
+pub enum Write {
+    Insert {
+        keyspace: String,
+        token_hash: String,
+        field: String,
+        format: String,
+        value_hash: Option<String>,
+        attempt: u32,
+        subject_ref: String,
+        sealed: String,
+        now: i64,
+        expires_at: Option<i64>,
+    },
+    AddValue {
+        keyspace: String,
+        token_hash: String,
+        subject_ref: String,
+        sealed: String,
+        now: i64,
+        expires_at: Option<i64>,
+    },
+}
+
+impl Write {
+    /// An owned copy of a new token row.
+    pub fn insert(t: &NewToken<'_>) -> Self {
+        Self::Insert {
+            keyspace: t.keyspace.into(),
+            token_hash: t.token_hash.into(),
+            field: t.field.into(),
+            format: t.format.into(),
+            value_hash: t.value_hash.map(Into::into),
+            attempt: t.attempt,
+            subject_ref: t.subject_ref.into(),
+            sealed: t.sealed.into(),
+            now: t.now,
+            expires_at: t.expires_at,
+        }
+    }
+
+    fn as_store(&self) -> TokenWrite<'_> {
+        match self {
+            Self::Insert {
+                keyspace,
+                token_hash,
+                field,
+                format,
+                value_hash,
+                attempt,
+                subject_ref,
+                sealed,
+                now,
+                expires_at,
+            } => TokenWrite::Insert(NewToken {
+                keyspace,
+                token_hash,
+                field,
+                format,
+                value_hash: value_hash.as_deref(),
+                attempt: *attempt,
+                subject_ref,
+                sealed,
+                now: *now,
+                expires_at: *expires_at,
+            }),
+            Self::AddValue {
+                keyspace,
+                token_hash,
+                subject_ref,
+                sealed,
+                now,
+                expires_at,
+            } => TokenWrite::AddValue(AddValue {
+                keyspace,
+                token_hash,
+                subject_ref,
+                sealed,
+                now: *now,
+                expires_at: *expires_at,
+            }),
+        }
+    }
+}
+
+struct Job {
+    write: Write,
+    done: oneshot::Sender<Result<bool>>,
+}
+
+/// The handle callers submit writes through. The writer tasks stop when it is dropped.
+pub struct GroupWriter {
+    store: Arc<Store>,
+    tx: OnceLock<mpsc::Sender<Job>>,
+}
+
+fn stopped() -> Error {
+    Error::Unavailable {
+        detail: "token writer stopped".into(),
+    }
+}
+
+impl GroupWriter {
+    /// A writer on `store`; its tasks start with the first write (inside the runtime).
+    pub fn new(store: Arc<Store>) -> Self {
+        Self {
+            store,
+            tx: OnceLock::new(),
+        }
+    }
+
+    fn sender(&self) -> &mpsc::Sender<Job> {
+        self.tx.get_or_init(|| {
+            let (tx, rx) = mpsc::channel(QUEUE);
+            let rx = Arc::new(Mutex::new(rx));
+            for _ in 0..self.store.token_writers().max(1) {
+                tokio::spawn(run(self.store.clone(), rx.clone()));
+            }
+            tx
+        })
+    }
+
+    /// Applies one write as part of the next group; returns its outcome once the group's
+    /// transaction committed (`false`: it changed nothing, as in [`Store::write_tokens`]).
+    pub async fn write(&self, write: Write) -> Result<bool> {
+        let (done, rx) = oneshot::channel();
+        self.sender()
+            .send(Job { write, done })
+            .await
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+}
+
+async fn run(store: Arc<Store>, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
+    let mut jobs = Vec::with_capacity(MAX_GROUP);
+    loop {
+        {
+            let mut rx = rx.lock().await;
+            if rx.recv_many(&mut jobs, MAX_GROUP).await == 0 {
+                return; // every sender is gone
+            }
+        }
+        commit_group(&store, &mut jobs).await;
+    }
+}
+
+/// Writes `jobs` in one transaction and answers each; empties `jobs`.
+async fn commit_group(store: &Store, jobs: &mut Vec<Job>) {
+    let ops: Vec<TokenWrite<'_>> = jobs.iter().map(|j| j.write.as_store()).collect();
+    let outcome = store.write_tokens(&ops).await;
+    drop(ops);
+    match outcome {
+        Ok(done) => {
+            for (job, ok) in jobs.drain(..).zip(done) {
+                let _ = job.done.send(Ok(ok));
+            }
+        }
+        Err(e) if jobs.len() == 1 => {
+            if let Some(job) = jobs.pop() {
+                let _ = job.done.send(Err(e));
+            }
+        }
+        Err(e) => {
+            // Nothing of the group was written; find the culprit by writing each alone.
+            tracing::debug!(error = %e, writes = jobs.len(), "token group failed; writing one by one");
+            for job in jobs.drain(..) {
+                let r = store
+                    .write_tokens(&[job.write.as_store()])
+                    .await
+                    .map(|v| v[0]);
+                let _ = job.done.send(r);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn store() -> (tempfile::TempDir, Arc<Store>) {
+        let d = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", d.path().join("t.db").display());
+        (d, Arc::new(Store::open(&url).await.unwrap()))
+    }
+
+    fn ins(th: &str, vh: Option<&str>, sref: &str) -> Write {
+        Write::insert(&NewToken {
+            keyspace: "ks",
+            token_hash: th,
+            field: "f",
+            format: "opaque",
+            value_hash: vh,
+            attempt: 0,
+            subject_ref: sref,
+            sealed: "pg1.x",
+            now: 1,
+            expires_at: None,
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writes_are_grouped_and_each_gets_its_own_outcome() {
+        let (_d, s) = store().await;
+        let w = Arc::new(GroupWriter::new(s.clone()));
+        // 200 distinct tokens, 50 writes of one token hash and 50 of one value hash.
+        let mut calls = Vec::new();
+        for i in 0..300 {
+            let w = w.clone();
+            calls.push(tokio::spawn(async move {
+                let write = match i {
+                    0..200 => ins(&format!("t{i}"), None, "a"),
+                    200..250 => ins("same-token", None, &format!("s{i}")),
+                    _ => ins(&format!("d{i}"), Some("same-value"), "a"),
+                };
+                (i, w.write(write).await.unwrap())
+            }));
+        }
+        let mut won_token = 0;
+        let mut won_value = 0;
+        for c in calls {
+            let (i, ok) = c.await.unwrap();
+            match i {
+                0..200 => assert!(ok, "distinct token {i} must be written"),
+                200..250 => won_token += usize::from(ok),
+                _ => won_value += usize::from(ok),
+            }
+        }
+        assert_eq!(
+            (won_token, won_value),
+            (1, 1),
+            "one winner per token / value"
+        );
+        assert_eq!(s.token_counts("ks").await.unwrap(), (202, 202));
+        // Every reported success is stored, with its sealed value.
+        for i in 0..200 {
+            let row = s.token("ks", &format!("t{i}")).await.unwrap().unwrap();
+            assert_eq!(row.sealed, vec!["pg1.x".to_string()]);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_write_fails_alone_and_leaves_nothing_half_written() {
+        let (_d, s) = store().await;
+        // A stray value row makes the insert of token "bad" fail half-way (its token_map
+        // row is written first, then its token_values row conflicts).
+        sqlx::query(
+            "INSERT INTO token_values (keyspace, token_hash, subject_ref, sealed, created_at)
+             VALUES ('ks', 'bad', 'a', 'pg1.stray', 0)",
+        )
+        .execute(s.pool())
+        .await
+        .unwrap();
+        let w = Arc::new(GroupWriter::new(s.clone()));
+        let mut calls = Vec::new();
+        for i in 0..40 {
+            let w = w.clone();
+            calls.push(tokio::spawn(async move {
+                let th = if i == 17 {
+                    "bad".to_string()
+                } else {
+                    format!("t{i}")
+                };
+                (i, w.write(ins(&th, None, "a")).await)
+            }));
+        }
+        for c in calls {
+            let (i, r) = c.await.unwrap();
+            if i == 17 {
+                assert!(r.is_err(), "the failed write must not report a token");
+            } else {
+                assert!(r.unwrap(), "write {i} must not fail with its group");
+            }
+        }
+        assert!(
+            s.token("ks", "bad").await.unwrap().is_none(),
+            "no token_map row without its value"
+        );
+        assert_eq!(s.token_counts("ks").await.unwrap(), (40, 39));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_broken_store_returns_errors_never_success() {
+        let (_d, s) = store().await;
+        sqlx::query("DROP TABLE token_values")
+            .execute(s.pool())
+            .await
+            .unwrap();
+        let w = Arc::new(GroupWriter::new(s.clone()));
+        let mut calls = Vec::new();
+        for i in 0..20 {
+            let w = w.clone();
+            calls.push(tokio::spawn(async move {
+                w.write(ins(&format!("t{i}"), None, "a")).await
+            }));
+        }
+        for c in calls {
+            assert!(c.await.unwrap().is_err());
+        }
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM token_map")
+            .fetch_one(s.pool())
+            .await
+            .unwrap();
+        assert_eq!(n, 0, "every group rolled back");
+    }
+}
