@@ -9,7 +9,7 @@
 //! Memory (bench/RESULTS.md, `examples/cache_memory.rs`): one `Arc<DekEntry>` per DEK (the
 //! entry carries its own index keys, so each index slot is one pointer), two indexes of
 //! 8-byte slots, and a shard count chosen so that a full cache fills its hash tables to
-//! ~7/8 instead of just over half.
+//! ~3/4 instead of just over half.
 
 use std::borrow::Borrow;
 use std::collections::HashSet;
