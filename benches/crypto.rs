@@ -12,7 +12,7 @@ use std::time::Duration;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use piiguard::crypto::aead::Algorithm;
 use piiguard::crypto::envelope::{self, DerivedKeys, KeyId};
-use piiguard::keys::cache::{DekEntry, ShardedCache};
+use piiguard::keys::cache::{BySubject, DekEntry, ShardedCache, SubjectTag};
 
 const SIZES: &[usize] = &[16, 64, 256, 1024, 4096, 16384, 65536];
 /// Entries in the cache benchmarks (a warm working set; the cache itself is sharded).
@@ -94,15 +94,15 @@ fn key_derivation(c: &mut Criterion) {
     g.finish();
 }
 
-fn subject_key(i: u32) -> (u16, [u8; 32]) {
-    let mut k = [0u8; 32];
+fn subject_key(i: u32) -> SubjectTag {
+    let mut k = [0u8; 16];
     k[..4].copy_from_slice(&i.to_le_bytes());
     k[4..8].copy_from_slice(&i.wrapping_mul(2_654_435_761).to_le_bytes());
-    (0, k)
+    SubjectTag(k)
 }
 
 fn cache(c: &mut Criterion) {
-    let cache: ShardedCache<(u16, [u8; 32])> = ShardedCache::new(
+    let cache: ShardedCache<BySubject> = ShardedCache::new(
         1_000_000,
         Duration::from_secs(600),
         Duration::from_secs(3600),
@@ -111,10 +111,13 @@ fn cache(c: &mut Criterion) {
     drop(k);
     for i in 0..CACHED {
         let (dk, _) = keys();
-        cache.insert(
+        cache.insert(Arc::new(DekEntry::with_subject(
+            "orders".into(),
+            kid,
+            1,
+            dk,
             subject_key(i),
-            Arc::new(DekEntry::new("orders".into(), kid, 1, dk)),
-        );
+        )));
     }
     let mut g = c.benchmark_group("cache");
     g.bench_function("get/hit", |b| {

@@ -11,7 +11,7 @@ use aws_lc_rs::hmac;
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
-use super::cache::{DekEntry, ShardedCache};
+use super::cache::{ByKeyId, BySubject, DekEntry, ShardedCache, SubjectTag, Tick};
 use crate::config::{AfterShred, CacheConfig, KeyspaceConfig};
 use crate::crypto::aead::Algorithm;
 use crate::crypto::envelope::{DerivedKeys, KeyId};
@@ -102,9 +102,13 @@ pub struct KeyManager {
     vault: Arc<Vault>,
     store: Arc<Store>,
     evicted: Mutex<HashMap<Evicted, Instant>>,
-    keyspaces: HashMap<String, Keyspace>,
-    by_subject: ShardedCache<SubjectKey>,
-    by_key: ShardedCache<DekKey>,
+    /// Sorted by name: a few keyspaces, looked up by binary search (a couple of short string
+    /// compares, cheaper than hashing the name on every item of a batch).
+    keyspaces: Vec<Keyspace>,
+    /// The two indexes share one `Arc<DekEntry>` per DEK: by subject tag (the current key of a
+    /// subject, for encryption) and by key id (for decryption).
+    by_subject: ShardedCache<BySubject>,
+    by_key: ShardedCache<ByKeyId>,
     subject_flight: SingleFlight<SubjectKey>,
     key_flight: SingleFlight<DekKey>,
     hard_ttl: Duration,
@@ -176,7 +180,7 @@ impl KeyManager {
         keyspaces: &std::collections::BTreeMap<String, KeyspaceConfig>,
         cache: &CacheConfig,
     ) -> Result<Self> {
-        let mut out = HashMap::new();
+        let mut out = Vec::new();
         for (i, (name, ks)) in keyspaces.iter().enumerate() {
             let kek = kek_name(name);
             let index_key = Self::load_index_key(&vault, name, &kek).await.map_err(|e| {
@@ -189,19 +193,18 @@ impl KeyManager {
                     other => other,
                 }
             })?;
-            out.insert(
-                name.clone(),
-                Keyspace {
-                    idx: u16::try_from(i).map_err(|_| Error::internal("too many keyspaces"))?,
-                    name: name.as_str().into(),
-                    alg: ks.algorithm,
-                    kek,
-                    index_key,
-                    after_shred: ks.after_shred,
-                    default_retention: ks.default_retention,
-                },
-            );
+            out.push(Keyspace {
+                idx: u16::try_from(i).map_err(|_| Error::internal("too many keyspaces"))?,
+                name: name.as_str().into(),
+                alg: ks.algorithm,
+                kek,
+                index_key,
+                after_shred: ks.after_shred,
+                default_retention: ks.default_retention,
+            });
         }
+        // `keyspaces` is a BTreeMap: already sorted by name, as `keyspace()` requires.
+        debug_assert!(out.windows(2).all(|w| w[0].name < w[1].name));
         Ok(Self {
             vault,
             store,
@@ -250,11 +253,18 @@ impl KeyManager {
 
     /// The names of the configured keyspaces.
     pub fn keyspace_names(&self) -> impl Iterator<Item = &str> {
-        self.keyspaces.keys().map(String::as_str)
+        self.keyspaces.iter().map(|k| &*k.name)
+    }
+
+    fn find_keyspace(&self, name: &str) -> Option<&Keyspace> {
+        self.keyspaces
+            .binary_search_by(|k| (*k.name).cmp(name))
+            .ok()
+            .map(|i| &self.keyspaces[i])
     }
 
     fn keyspace(&self, name: &str) -> Result<&Keyspace> {
-        self.keyspaces.get(name).ok_or_else(|| {
+        self.find_keyspace(name).ok_or_else(|| {
             Error::invalid(
                 reason::UNKNOWN_KEYSPACE,
                 format!("unknown keyspace {:?}", truncate_for_message(name)),
@@ -264,7 +274,56 @@ impl KeyManager {
 
     /// Whether `name` is a configured keyspace.
     pub fn has_keyspace(&self, name: &str) -> bool {
-        self.keyspaces.contains_key(name)
+        self.find_keyspace(name).is_some()
+    }
+
+    /// A cached entry of the subject index, if it is this keyspace's. The subject tag is 128
+    /// bits of an HMAC under the keyspace's own index key, and all keyspaces share the index:
+    /// an entry of another keyspace is treated as a miss (then replaced by the load).
+    fn subject_hit(&self, ks: &Keyspace, sref: &SubjectRef, now: Tick) -> Option<Arc<DekEntry>> {
+        let e = self.by_subject.get_at(&SubjectTag::of(&sref.0), now)?;
+        (Arc::ptr_eq(&e.keyspace, &ks.name) || e.keyspace == ks.name).then_some(e)
+    }
+
+    /// A cached entry of the key-id index, if it has this keyspace and DEK version (the index
+    /// holds one version per key id; DEKs have a single version today).
+    fn key_hit(
+        &self,
+        ks: &Keyspace,
+        key_id: &KeyId,
+        dek_version: u32,
+        now: Tick,
+    ) -> Option<Arc<DekEntry>> {
+        let e = self.by_key.get_at(key_id, now)?;
+        (e.dek_version == dek_version
+            && (Arc::ptr_eq(&e.keyspace, &ks.name) || e.keyspace == ks.name))
+            .then_some(e)
+    }
+
+    /// The subject's DEK if it is cached, without Vault and without waiting: `Ok(None)` on a
+    /// miss (then use [`key_for_subject`](Self::key_for_subject)). Batches look every item up
+    /// here first and send only the misses through the async path.
+    pub fn cached_key_for_subject(
+        &self,
+        keyspace: &str,
+        subject: &str,
+        now: Tick,
+    ) -> Result<Option<Arc<DekEntry>>> {
+        let ks = self.keyspace(keyspace)?;
+        Ok(self.subject_hit(ks, &ks.subject_ref(subject), now))
+    }
+
+    /// The DEK a ciphertext names if it is cached: `Ok(None)` on a miss (then use
+    /// [`key_by_id`](Self::key_by_id)).
+    pub fn cached_key_by_id(
+        &self,
+        keyspace: &str,
+        key_id: &KeyId,
+        dek_version: u32,
+        now: Tick,
+    ) -> Result<Option<Arc<DekEntry>>> {
+        let ks = self.keyspace(keyspace)?;
+        Ok(self.key_hit(ks, key_id, dek_version, now))
     }
 
     /// The subject reference of a subject id in a keyspace.
@@ -293,14 +352,14 @@ impl KeyManager {
         let ks = self.keyspace(keyspace)?;
         let sref = ks.subject_ref(subject);
         let ck = (ks.idx, sref.0);
-        if let Some(e) = self.by_subject.get(&ck) {
+        if let Some(e) = self.subject_hit(ks, &sref, Tick::now()) {
             return Ok(e);
         }
         let lock = self.subject_flight.lock_for(&ck);
         let started = Instant::now();
         let result = {
             let _g = lock.lock().await;
-            match self.by_subject.get(&ck) {
+            match self.subject_hit(ks, &sref, Tick::now()) {
                 Some(e) => Ok(e),
                 None => self.load_subject(ks, &sref, started).await,
             }
@@ -339,9 +398,8 @@ impl KeyManager {
                 _ => {}
             }
         }
-        self.by_subject.insert(ck, e.clone());
-        self.by_key
-            .insert((ks.idx, e.key_id, e.dek_version), e.clone());
+        self.by_subject.insert(e.clone());
+        self.by_key.insert(e.clone());
         Ok(e)
     }
 
@@ -352,17 +410,18 @@ impl KeyManager {
 
     /// Drops a subject's keys from this replica's cache (shred, scheduled shred).
     pub fn evict(&self, keyspace: &str, subject_ref_hex: &str, keys: &[(KeyId, u32)]) {
-        let Some(ks) = self.keyspaces.get(keyspace) else {
+        let Some(ks) = self.find_keyspace(keyspace) else {
             return;
         };
         let now = Instant::now();
         let mut g = self.evicted.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(sref) = SubjectRef::from_hex(subject_ref_hex) {
-            self.by_subject.remove(&(ks.idx, sref.0));
+            self.by_subject.remove(&SubjectTag::of(&sref.0));
             g.insert(Evicted::Subject((ks.idx, sref.0)), now);
         }
-        for (kid, ver) in keys {
-            self.by_key.remove(&(ks.idx, *kid, *ver));
+        for (kid, _version) in keys {
+            // The key-id index holds one entry per key id, whatever its version: drop it.
+            self.by_key.remove(kid);
             g.insert(Evicted::Key(ks.idx, *kid), now);
         }
     }
@@ -377,14 +436,14 @@ impl KeyManager {
     ) -> Result<Arc<DekEntry>> {
         let ks = self.keyspace(keyspace)?;
         let ck = (ks.idx, key_id, dek_version);
-        if let Some(e) = self.by_key.get(&ck) {
+        if let Some(e) = self.key_hit(ks, &key_id, dek_version, Tick::now()) {
             return Ok(e);
         }
         let lock = self.key_flight.lock_for(&ck);
         let started = Instant::now();
         let result = {
             let _g = lock.lock().await;
-            match self.by_key.get(&ck) {
+            match self.key_hit(ks, &key_id, dek_version, Tick::now()) {
                 Some(e) => Ok(e),
                 None => self.load_by_id(ks, key_id, dek_version, alg).await,
             }
@@ -394,7 +453,7 @@ impl KeyManager {
         if self.evicted_since(&Evicted::Key(ks.idx, key_id), started) {
             return Err(Error::shredded());
         }
-        self.by_key.insert(ck, e.clone());
+        self.by_key.insert(e.clone());
         Ok(e)
     }
 
@@ -442,7 +501,10 @@ impl KeyManager {
             ));
         }
         let wrapped = entry.data["wrapped"].as_str().ok_or_else(bad)?;
-        self.unwrap_entry(ks, key_id, dek_version, rec_alg, wrapped)
+        let subject = SubjectRef::from_hex(sref)
+            .map(|r| SubjectTag::of(&r.0))
+            .unwrap_or_default();
+        self.unwrap_entry(ks, key_id, dek_version, rec_alg, wrapped, subject)
             .await
     }
 
@@ -453,15 +515,17 @@ impl KeyManager {
         dek_version: u32,
         alg: Algorithm,
         wrapped: &str,
+        subject: SubjectTag,
     ) -> Result<Arc<DekEntry>> {
         let dek = self.vault.transit_decrypt(&ks.kek, wrapped).await?;
         let keys = DerivedKeys::derive(alg, &dek, &ks.name, &key_id, dek_version)
             .map_err(|_| Error::internal("stored DEK has the wrong length"))?;
-        Ok(Arc::new(DekEntry::new(
+        Ok(Arc::new(DekEntry::with_subject(
             ks.name.clone(),
             key_id,
             dek_version,
             keys,
+            subject,
         )))
     }
 
@@ -482,7 +546,14 @@ impl KeyManager {
                     self.register(ks, &href, created).await?;
                 }
                 return self
-                    .unwrap_entry(ks, rec.key_id, rec.dek_version, rec.alg, &rec.wrapped)
+                    .unwrap_entry(
+                        ks,
+                        rec.key_id,
+                        rec.dek_version,
+                        rec.alg,
+                        &rec.wrapped,
+                        SubjectTag::of(&sref.0),
+                    )
                     .await;
             }
             // New subject: DEK from the OS CSPRNG, wrapped by the KEK. The DEK record is
@@ -519,11 +590,12 @@ impl KeyManager {
                     self.register(ks, &href, created_at as i64).await?;
                     let keys = DerivedKeys::derive(ks.alg, &dek, &ks.name, &key_id, dek_version)
                         .map_err(|_| Error::internal("DEK derivation failed"))?;
-                    return Ok(Arc::new(DekEntry::new(
+                    return Ok(Arc::new(DekEntry::with_subject(
                         ks.name.clone(),
                         key_id,
                         dek_version,
                         keys,
+                        SubjectTag::of(&sref.0),
                     )));
                 }
                 CasOutcome::Mismatch => {
