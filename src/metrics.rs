@@ -176,11 +176,22 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
 
 /// Records one DEK cache lookup.
 pub fn dek_cache(hit: bool) {
+    dek_cache_count(hit, 1);
+}
+
+/// Records `n` DEK cache hits (a batch counts its hits with one call).
+pub fn dek_cache_hits(n: u64) {
+    if n > 0 {
+        dek_cache_count(true, n);
+    }
+}
+
+fn dek_cache_count(hit: bool, n: u64) {
     match DEK_CACHE.get() {
-        Some(c) => c[usize::from(hit)].increment(1),
+        Some(c) => c[usize::from(hit)].increment(n),
         None => {
             let result = if hit { "hit" } else { "miss" };
-            metrics::counter!("piiguard_dek_cache_total", "result" => result).increment(1);
+            metrics::counter!("piiguard_dek_cache_total", "result" => result).increment(n);
         }
     }
 }

@@ -120,15 +120,6 @@ where
     }
 }
 
-/// Counts `n` DEK cache hits with one metrics call (a batch looks up to 1,000 keys; a
-/// `counter!` lookup per hit showed at ~2% of EncryptBatch). Same series as
-/// `crate::metrics::dek_cache(true)`.
-fn dek_cache_hits(n: u64) {
-    if n > 0 {
-        metrics::counter!("piiguard_dek_cache_total", "result" => "hit").increment(n);
-    }
-}
-
 /// A run of consecutive batch items that need one key (`want`), and that key once found:
 /// `None` until looked up or loaded.
 struct KeyRun<W> {
@@ -335,7 +326,7 @@ impl Engine {
             });
             prepared.push(p);
         }
-        dek_cache_hits(hits);
+        crate::metrics::dek_cache_hits(hits);
         self.load_missing(&mut runs, |(ks, subj)| self.keys.key_for_subject(ks, subj))
             .await;
         let valid = prepared.iter().filter(|p| p.is_ok()).count();
@@ -459,7 +450,7 @@ impl Engine {
                 Ok(runs.len() - 1)
             })
             .collect();
-        dek_cache_hits(hits);
+        crate::metrics::dek_cache_hits(hits);
         self.load_missing(&mut runs, |w: KeyWant<'_>| {
             let alg = crate::crypto::aead::Algorithm::from_byte(w.3)
                 .unwrap_or(crate::crypto::aead::Algorithm::Aes256Gcm);
