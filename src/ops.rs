@@ -225,8 +225,9 @@ impl Engine {
         self.check_encrypt(i)?;
         let ctx = check_context(i.context)?;
         g.authorize(Op::Encrypt, Some(i.keyspace), Some(i.field))?;
-        g.note_subject(i.keyspace, &self.keys.subject_ref(i.keyspace, i.subject)?);
-        let key = observed(self.keys.key_for_subject(i.keyspace, i.subject)).await?;
+        let sref = self.keys.subject_ref(i.keyspace, i.subject)?;
+        g.note_subject(i.keyspace, &sref);
+        let key = observed(self.keys.key_for_subject_ref(i.keyspace, &sref)).await?;
         g.note_key(i.keyspace, &key.key_id);
         seal_item(&key, None, i, &ctx)
     }

@@ -349,8 +349,20 @@ impl KeyManager {
 
     /// The current DEK of a subject, created on first use.
     pub async fn key_for_subject(&self, keyspace: &str, subject: &str) -> Result<Arc<DekEntry>> {
+        let sref = self.subject_ref(keyspace, subject)?;
+        self.key_for_subject_ref(keyspace, &sref).await
+    }
+
+    /// [`key_for_subject`](Self::key_for_subject) for a subject reference already computed
+    /// (by [`subject_ref`](Self::subject_ref) for this keyspace): saves the caller that also
+    /// needs the reference a second HMAC.
+    pub async fn key_for_subject_ref(
+        &self,
+        keyspace: &str,
+        sref: &SubjectRef,
+    ) -> Result<Arc<DekEntry>> {
         let ks = self.keyspace(keyspace)?;
-        let sref = ks.subject_ref(subject);
+        let sref = *sref;
         let ck = (ks.idx, sref.0);
         if let Some(e) = self.subject_hit(ks, &sref, Tick::now()) {
             return Ok(e);

@@ -219,8 +219,12 @@ impl TokenEngine {
     pub async fn tokenize(&self, i: &TokenizeInput<'_>) -> Result<Tokenized> {
         self.check(i)?;
         let sp = self.space(i.keyspace)?;
-        let dek = self.keys.key_for_subject(i.keyspace, i.subject).await?;
-        let sref = self.keys.subject_ref(i.keyspace, i.subject)?.to_hex();
+        let subject_ref = self.keys.subject_ref(i.keyspace, i.subject)?;
+        let dek = self
+            .keys
+            .key_for_subject_ref(i.keyspace, &subject_ref)
+            .await?;
+        let sref = subject_ref.to_hex();
         let now = now_i64();
         let expires_at = (i.ttl_secs > 0)
             .then(|| now.saturating_add(i64::try_from(i.ttl_secs).unwrap_or(i64::MAX)));
