@@ -461,9 +461,17 @@ impl KeyManager {
             }
         };
         self.key_flight.done(&ck, &lock);
-        let e = result?;
+        let mut e = result?;
         if self.evicted_since(&Evicted::Key(ks.idx, key_id), started) {
-            return Err(Error::shredded());
+            // An eviction reached this replica while we loaded: a shred (then the record is
+            // gone or the store says so), a scheduled shred, or a late echo of an eviction
+            // that a cancelled schedule already undid. Load again: that asks Vault and the
+            // store for the current state instead of guessing "shredded".
+            let again = Instant::now();
+            e = self.load_by_id(ks, key_id, dek_version, alg).await?;
+            if self.evicted_since(&Evicted::Key(ks.idx, key_id), again) {
+                return Err(Error::shredded());
+            }
         }
         self.by_key.insert(e.clone());
         Ok(e)
