@@ -49,6 +49,15 @@ path "{kv}/data/*" {{
 path "{kv}/metadata/*" {{
   capabilities = ["read", "delete"]
 }}
+
+# Keep its own token alive. The AppRole issues tokens without the `default` policy: OpenBao
+# parses every policy of a token on every request, and `default` is most of that cost.
+path "auth/token/renew-self" {{
+  capabilities = ["update"]
+}}
+path "auth/token/lookup-self" {{
+  capabilities = ["read"]
+}}
 "#,
         signing = SIGNING_KEY,
     )
@@ -211,6 +220,7 @@ pub async fn bootstrap(
             format!("auth/{approle_mount}/role/{ROLE}"),
             Some(json!({
                 "token_policies": [ROLE],
+                "token_no_default_policy": true,
                 "token_ttl": "1h",
                 "token_max_ttl": "4h",
                 "token_type": "service",

@@ -27,3 +27,12 @@ path "piiguard-kv/data/*" {
 path "piiguard-kv/metadata/*" {
   capabilities = ["read", "delete"]
 }
+
+# Keep its own token alive. The AppRole issues tokens without the `default` policy: OpenBao
+# parses every policy of a token on every request, and `default` is most of that cost.
+path "auth/token/renew-self" {
+  capabilities = ["update"]
+}
+path "auth/token/lookup-self" {
+  capabilities = ["read"]
+}
