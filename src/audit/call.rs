@@ -13,21 +13,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use super::{Record, kind};
 use crate::error::CorrelationId;
 
-const HEX: &[u8; 16] = b"0123456789abcdef";
-
-/// Writes the lowercase hex of `bytes` into `out` (`out.len() == 2 * bytes.len()`).
-pub fn hex_into(bytes: &[u8], out: &mut [u8]) {
-    for (b, o) in bytes.iter().zip(out.chunks_exact_mut(2)) {
-        o[0] = HEX[(b >> 4) as usize];
-        o[1] = HEX[(b & 0xf) as usize];
-    }
-}
-
 /// Appends the lowercase hex of `bytes` to `buf`.
 pub fn push_hex(buf: &mut Vec<u8>, bytes: &[u8]) {
     let start = buf.len();
     buf.resize(start + 2 * bytes.len(), 0);
-    hex_into(bytes, &mut buf[start..]);
+    // The slice is exactly twice as long as the input, the only way this can fail.
+    let _ = hex::encode_to_slice(bytes, &mut buf[start..]);
 }
 
 /// Longest name kept inline (keyspace names are at most 63 bytes, field names 64).
@@ -115,18 +106,9 @@ fn push_str(buf: &mut Vec<u8>, s: &str) {
 }
 
 fn push_u64(buf: &mut Vec<u8>, n: u64) {
-    let mut b = [0u8; 20];
-    let mut i = b.len();
-    let mut n = n;
-    loop {
-        i -= 1;
-        b[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    buf.extend_from_slice(&b[i..]);
+    use std::io::Write as _;
+    // Writing into a Vec cannot fail.
+    let _ = write!(buf, "{n}");
 }
 
 fn member(buf: &mut Vec<u8>, name: &str) {

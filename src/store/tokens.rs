@@ -92,6 +92,26 @@ pub enum TokenWrite<'a> {
     AddValue(AddValue<'a>),
 }
 
+/// Appends `rows` comma-separated copies of the tuple `row`, whose placeholders `$1..$width`
+/// are numbered within one row, renumbered so that row `r` uses `$(r*width+1)..`.
+fn push_rows(sql: &mut String, rows: usize, width: usize, row: &str) {
+    for r in 0..rows {
+        if r > 0 {
+            sql.push(',');
+        }
+        let mut rest = row;
+        while let Some(i) = rest.find('$') {
+            sql.push_str(&rest[..=i]);
+            rest = &rest[i + 1..];
+            let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+            let k: usize = rest[..digits].parse().unwrap_or(0);
+            sql.push_str(&(r * width + k).to_string());
+            rest = &rest[digits..];
+        }
+        sql.push_str(rest);
+    }
+}
+
 /// The multi-row inserts of a group. On SQLite they are `INSERT OR IGNORE`: with `ON
 /// CONFLICT DO NOTHING` a multi-row insert could still abort half-way (a NOT NULL column), so
 /// SQLite would copy every page it touches to a statement journal first; `OR IGNORE` cannot
@@ -106,24 +126,12 @@ fn insert_map_sql(rows: usize, sqlite: bool) -> String {
         "INSERT INTO token_map (keyspace, token_hash, field, format, value_hash, attempt,
                                 state, created_at, updated_at, expires_at) VALUES "
     });
-    for r in 0..rows {
-        let b = r * 8;
-        if r > 0 {
-            sql.push(',');
-        }
-        sql.push_str(&format!(
-            "(${}, ${}, ${}, ${}, ${}, ${}, 'live', ${}, ${}, ${})",
-            b + 1,
-            b + 2,
-            b + 3,
-            b + 4,
-            b + 5,
-            b + 6,
-            b + 7,
-            b + 7,
-            b + 8
-        ));
-    }
+    push_rows(
+        &mut sql,
+        rows,
+        8,
+        "($1, $2, $3, $4, $5, $6, 'live', $7, $7, $8)",
+    );
     if !sqlite {
         sql.push_str(" ON CONFLICT DO NOTHING");
     }
@@ -140,20 +148,7 @@ fn insert_values_sql(rows: usize, sqlite: bool) -> String {
     } else {
         "INSERT INTO token_values (keyspace, token_hash, subject_ref, sealed, created_at) VALUES "
     });
-    for r in 0..rows {
-        let b = r * 5;
-        if r > 0 {
-            sql.push(',');
-        }
-        sql.push_str(&format!(
-            "(${}, ${}, ${}, ${}, ${})",
-            b + 1,
-            b + 2,
-            b + 3,
-            b + 4,
-            b + 5
-        ));
-    }
+    push_rows(&mut sql, rows, 5, "($1, $2, $3, $4, $5)");
     sql
 }
 
@@ -534,6 +529,18 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn multi_row_placeholders_are_numbered_per_row() {
+        let mut sql = String::new();
+        push_rows(&mut sql, 3, 2, "($1, 'x', $2, $2)");
+        assert_eq!(sql, "($1, 'x', $2, $2),($3, 'x', $4, $4),($5, 'x', $6, $6)");
+        let map = insert_map_sql(2, false);
+        assert!(map.contains(
+            "($1, $2, $3, $4, $5, $6, 'live', $7, $7, $8),($9, $10, $11, $12, $13, $14, 'live', $15, $15, $16)"
+        ));
+        assert!(insert_values_sql(2, true).ends_with("($1, $2, $3, $4, $5),($6, $7, $8, $9, $10)"));
+    }
 
     async fn store() -> (tempfile::TempDir, Store) {
         let d = tempfile::tempdir().unwrap();
