@@ -127,6 +127,32 @@ struct KeyRun<W> {
     key: Option<Result<Arc<DekEntry>>>,
 }
 
+/// The key of run `run`, and its expanded AES key: expanded again only when the run changes
+/// (the previous run's expanded key is dropped, and cleared, first).
+fn run_key<'k, 'p, W>(
+    runs: &'k [KeyRun<W>],
+    run: usize,
+    prep: &'p mut Option<(usize, envelope::PreparedKeys<'k>)>,
+) -> Result<(&'k DekEntry, &'p envelope::PreparedKeys<'k>)> {
+    let key = match &runs[run].key {
+        Some(Ok(k)) => k,
+        Some(Err(e)) => return Err(e.clone()),
+        None => return Err(Error::internal("batch key missing")),
+    };
+    if prep.as_ref().is_none_or(|(r, _)| *r != run) {
+        *prep = None;
+        let pk = key
+            .keys
+            .prepare()
+            .map_err(|_| Error::internal("key preparation failed"))?;
+        *prep = Some((run, pk));
+    }
+    match prep {
+        Some((_, pk)) => Ok((key, pk)),
+        None => Err(Error::internal("batch key missing")),
+    }
+}
+
 /// What a decryption item needs: keyspace, key id, DEK version, algorithm byte.
 type KeyWant<'a> = (&'a str, envelope::KeyId, u32, u8);
 
@@ -343,23 +369,7 @@ impl Engine {
                     let nonce = nonces
                         .next()
                         .ok_or_else(|| Error::internal("batch nonce missing"))?;
-                    let key = match &runs[run].key {
-                        Some(Ok(k)) => k,
-                        Some(Err(e)) => return Err(e.clone()),
-                        None => return Err(Error::internal("batch key missing")),
-                    };
-                    if prep.as_ref().is_none_or(|(r, _)| *r != run) {
-                        prep = None; // the previous run's expanded key is freed (and cleared)
-                        let pk = key
-                            .keys
-                            .prepare()
-                            .map_err(|_| Error::internal("envelope seal failed"))?;
-                        prep = Some((run, pk));
-                    }
-                    let pk = prep
-                        .as_ref()
-                        .map(|(_, pk)| pk)
-                        .ok_or_else(|| Error::internal("batch key missing"))?;
+                    let (key, pk) = run_key(&runs, run, &mut prep)?;
                     seal_item(key, Some((pk, nonce)), i, &ctx)
                 });
                 g.item_result(&r);
@@ -466,26 +476,10 @@ impl Engine {
             .map(|((i, p), run)| {
                 let r = p.and_then(|(p, ctx)| {
                     let run = run?;
-                    let key = match &runs[run].key {
-                        Some(Ok(k)) => k,
-                        Some(Err(e)) => return Err(e.clone()),
-                        None => return Err(Error::internal("batch key missing")),
-                    };
+                    let (key, pk) = run_key(&runs, run, &mut prep)?;
                     if key.keys.algorithm() != p.header.alg {
                         return Err(envelope_error(EnvelopeError::Authentication));
                     }
-                    if prep.as_ref().is_none_or(|(r, _)| *r != run) {
-                        prep = None;
-                        let pk = key
-                            .keys
-                            .prepare()
-                            .map_err(|_| Error::internal("key preparation failed"))?;
-                        prep = Some((run, pk));
-                    }
-                    let pk = prep
-                        .as_ref()
-                        .map(|(_, pk)| pk)
-                        .ok_or_else(|| Error::internal("batch key missing"))?;
                     p.open_prepared(pk, i.field, &ctx).map_err(envelope_error)
                 });
                 g.item_result(&r);
