@@ -35,24 +35,24 @@ async fn main() {
         .unwrap_or(2000);
     piiguard::tls::install_default_provider();
     let dir = tempfile::tempdir().unwrap();
-    let pki = piiguard::certs::generate_dev_pki(
+    let pki = piiguard::setup::pki::generate_dev_pki(
         &dir.path().join("pki"),
-        piiguard::certs::DEFAULT_CLIENTS,
+        piiguard::setup::pki::DEFAULT_CLIENTS,
     )
     .unwrap();
-    let bin = piiguard::dev::find_bao(None).expect("bao (PIIGUARD_BAO_BIN)");
+    let bin = piiguard::setup::dev::find_bao(None).expect("bao (PIIGUARD_BAO_BIN)");
     let mut vport = free_port();
     while std::net::TcpListener::bind(("127.0.0.1", vport + 1)).is_err() {
         vport = free_port();
     }
-    let bao = piiguard::dev::Bao::start(&bin, &dir.path().join("bao"), vport, &pki)
+    let bao = piiguard::setup::dev::Bao::start(&bin, &dir.path().join("bao"), vport, &pki)
         .await
         .unwrap();
     let rid = dir.path().join("role-id");
     let sid = dir.path().join("secret-id");
     let (port, hport) = (free_port(), free_port());
     let store = format!("sqlite://{}", dir.path().join("piiguard.db").display());
-    let toml = piiguard::dev::dev_config_toml(
+    let toml = piiguard::setup::dev::dev_config_toml(
         &format!("127.0.0.1:{port}"),
         &format!("127.0.0.1:{hport}"),
         &pki,
@@ -67,12 +67,12 @@ async fn main() {
     std::fs::write(&cfg_path, &toml).unwrap();
     let cfg = piiguard::config::load(&cfg_path, Vec::new()).unwrap();
     let admin = bao.client().unwrap();
-    let creds = piiguard::bootstrap::bootstrap(&admin, bao.root_token(), &cfg)
+    let creds = piiguard::setup::bootstrap::bootstrap(&admin, bao.root_token(), &cfg)
         .await
         .unwrap();
     std::fs::write(&rid, creds.role_id.as_bytes()).unwrap();
     std::fs::write(&sid, creds.secret_id.as_bytes()).unwrap();
-    piiguard::dev::write_dev_policy(&rid, "").unwrap();
+    piiguard::setup::dev::write_dev_policy(&rid, "").unwrap();
     let mut server = Command::new("target/release/piiguard")
         .args(["serve", "--config"])
         .arg(&cfg_path)

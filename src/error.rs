@@ -13,44 +13,133 @@ use tonic_types::{ErrorDetails, StatusExt};
 /// The `ErrorInfo.domain` of every error piiguard returns.
 pub const ERROR_DOMAIN: &str = "piiguard.dev";
 
-/// Stable reasons. Callers match on these strings; never rename one.
-pub mod reason {
-    pub const INVALID_REQUEST: &str = "INVALID_REQUEST";
-    pub const UNKNOWN_KEYSPACE: &str = "UNKNOWN_KEYSPACE";
-    pub const PAYLOAD_TOO_LARGE: &str = "PAYLOAD_TOO_LARGE";
-    pub const BATCH_TOO_LARGE: &str = "BATCH_TOO_LARGE";
-    pub const MALFORMED_CIPHERTEXT: &str = "MALFORMED_CIPHERTEXT";
-    pub const UNSUPPORTED_VERSION: &str = "UNSUPPORTED_CIPHERTEXT_VERSION";
-    pub const KEYSPACE_MISMATCH: &str = "KEYSPACE_MISMATCH";
-    pub const DECRYPTION_FAILED: &str = "DECRYPTION_FAILED";
-    pub const UNKNOWN_KEY: &str = "UNKNOWN_KEY";
-    pub const UNAUTHENTICATED: &str = "UNAUTHENTICATED";
-    pub const KEY_USAGE_EXHAUSTED: &str = "KEY_USAGE_EXHAUSTED";
-    pub const VAULT_UNAVAILABLE: &str = "VAULT_UNAVAILABLE";
-    pub const SUBJECT_SHREDDED: &str = "SUBJECT_SHREDDED";
-    pub const SUBJECT_SHRED_SCHEDULED: &str = "SUBJECT_SHRED_SCHEDULED";
-    pub const SHRED_NOT_SCHEDULED: &str = "SHRED_NOT_SCHEDULED";
+/// Stable reasons (`google.rpc.ErrorInfo.reason`). Callers match on these strings; never rename
+/// one. Each names the gRPC code it comes with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Reason {
+    /// INVALID_ARGUMENT: the request is malformed (missing or bad name, bad context, ...).
+    InvalidRequest,
+    /// INVALID_ARGUMENT: the keyspace is not configured.
+    UnknownKeyspace,
+    /// INVALID_ARGUMENT: a plaintext or value is over the configured size limit.
+    PayloadTooLarge,
+    /// INVALID_ARGUMENT: a batch has more items than allowed.
+    BatchTooLarge,
+    /// INVALID_ARGUMENT: the bytes are not a piiguard ciphertext.
+    MalformedCiphertext,
+    /// INVALID_ARGUMENT: the ciphertext has a format version this server does not know.
+    UnsupportedVersion,
+    /// INVALID_ARGUMENT: the ciphertext belongs to another keyspace than the one named.
+    KeyspaceMismatch,
+    /// INVALID_ARGUMENT: the ciphertext does not open (tampered, or wrong field or context).
+    DecryptionFailed,
+    /// INVALID_ARGUMENT: the ciphertext names a key that never existed.
+    UnknownKey,
+    /// UNAUTHENTICATED: the caller presented no usable identity.
+    Unauthenticated,
+    /// RESOURCE_EXHAUSTED: the DEK reached its safe number of encryptions.
+    KeyUsageExhausted,
+    /// UNAVAILABLE: Vault or the store cannot be reached; retryable.
+    VaultUnavailable,
+    /// FAILED_PRECONDITION: the subject has been shredded; its data is permanently unreadable.
+    SubjectShredded,
+    /// FAILED_PRECONDITION: a shred of the subject is scheduled (grace window).
+    SubjectShredScheduled,
+    /// FAILED_PRECONDITION: there is no scheduled shred to cancel.
+    ShredNotScheduled,
     /// NOT_FOUND: no such token in this keyspace.
-    pub const UNKNOWN_TOKEN: &str = "UNKNOWN_TOKEN";
+    UnknownToken,
     /// NOT_FOUND: the token existed but its TTL has passed.
-    pub const TOKEN_EXPIRED: &str = "TOKEN_EXPIRED";
+    TokenExpired,
     /// INVALID_ARGUMENT: the string cannot be a piiguard token.
-    pub const MALFORMED_TOKEN: &str = "MALFORMED_TOKEN";
+    MalformedToken,
     /// INVALID_ARGUMENT: the value does not fit the requested token format.
-    pub const UNSUPPORTED_FORMAT: &str = "UNSUPPORTED_FORMAT";
+    UnsupportedFormat,
     /// RESOURCE_EXHAUSTED: no free token left in a (small) token space after retries.
-    pub const TOKEN_SPACE_EXHAUSTED: &str = "TOKEN_SPACE_EXHAUSTED";
-    pub const INTERNAL: &str = "INTERNAL";
+    TokenSpaceExhausted,
+    /// INTERNAL: a bug or an unexpected answer; details only in the server log.
+    Internal,
     /// The access policy does not grant this caller the operation on this keyspace/field.
-    pub const POLICY_DENIED: &str = "POLICY_DENIED";
+    PolicyDenied,
     /// A per-identity call-rate limit was reached.
-    pub const RATE_LIMITED: &str = "RATE_LIMITED";
+    RateLimited,
     /// A per-identity budget of decrypted / detokenised items was reached.
-    pub const VOLUME_BUDGET_EXCEEDED: &str = "VOLUME_BUDGET_EXCEEDED";
+    VolumeBudgetExceeded,
     /// The caller is locked out (repeated denied/failed calls, or a canary was touched).
-    pub const LOCKED_OUT: &str = "LOCKED_OUT";
+    LockedOut,
     /// The audit log cannot be written: data calls fail closed.
-    pub const AUDIT_UNAVAILABLE: &str = "AUDIT_UNAVAILABLE";
+    AuditUnavailable,
+}
+
+impl Reason {
+    /// Every reason, for documentation and tests.
+    pub const ALL: &'static [Reason] = &[
+        Reason::InvalidRequest,
+        Reason::UnknownKeyspace,
+        Reason::PayloadTooLarge,
+        Reason::BatchTooLarge,
+        Reason::MalformedCiphertext,
+        Reason::UnsupportedVersion,
+        Reason::KeyspaceMismatch,
+        Reason::DecryptionFailed,
+        Reason::UnknownKey,
+        Reason::Unauthenticated,
+        Reason::KeyUsageExhausted,
+        Reason::VaultUnavailable,
+        Reason::SubjectShredded,
+        Reason::SubjectShredScheduled,
+        Reason::ShredNotScheduled,
+        Reason::UnknownToken,
+        Reason::TokenExpired,
+        Reason::MalformedToken,
+        Reason::UnsupportedFormat,
+        Reason::TokenSpaceExhausted,
+        Reason::Internal,
+        Reason::PolicyDenied,
+        Reason::RateLimited,
+        Reason::VolumeBudgetExceeded,
+        Reason::LockedOut,
+        Reason::AuditUnavailable,
+    ];
+
+    /// The stable string a caller sees.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Reason::InvalidRequest => "INVALID_REQUEST",
+            Reason::UnknownKeyspace => "UNKNOWN_KEYSPACE",
+            Reason::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
+            Reason::BatchTooLarge => "BATCH_TOO_LARGE",
+            Reason::MalformedCiphertext => "MALFORMED_CIPHERTEXT",
+            Reason::UnsupportedVersion => "UNSUPPORTED_CIPHERTEXT_VERSION",
+            Reason::KeyspaceMismatch => "KEYSPACE_MISMATCH",
+            Reason::DecryptionFailed => "DECRYPTION_FAILED",
+            Reason::UnknownKey => "UNKNOWN_KEY",
+            Reason::Unauthenticated => "UNAUTHENTICATED",
+            Reason::KeyUsageExhausted => "KEY_USAGE_EXHAUSTED",
+            Reason::VaultUnavailable => "VAULT_UNAVAILABLE",
+            Reason::SubjectShredded => "SUBJECT_SHREDDED",
+            Reason::SubjectShredScheduled => "SUBJECT_SHRED_SCHEDULED",
+            Reason::ShredNotScheduled => "SHRED_NOT_SCHEDULED",
+            Reason::UnknownToken => "UNKNOWN_TOKEN",
+            Reason::TokenExpired => "TOKEN_EXPIRED",
+            Reason::MalformedToken => "MALFORMED_TOKEN",
+            Reason::UnsupportedFormat => "UNSUPPORTED_FORMAT",
+            Reason::TokenSpaceExhausted => "TOKEN_SPACE_EXHAUSTED",
+            Reason::Internal => "INTERNAL",
+            Reason::PolicyDenied => "POLICY_DENIED",
+            Reason::RateLimited => "RATE_LIMITED",
+            Reason::VolumeBudgetExceeded => "VOLUME_BUDGET_EXCEEDED",
+            Reason::LockedOut => "LOCKED_OUT",
+            Reason::AuditUnavailable => "AUDIT_UNAVAILABLE",
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// An error of a piiguard operation.
@@ -59,30 +148,18 @@ pub mod reason {
 pub enum Error {
     /// The request is malformed (missing field, bad name, ...). `reason` is one of [`reason`].
     #[error("{message}")]
-    InvalidArgument {
-        reason: &'static str,
-        message: String,
-    },
+    InvalidArgument { reason: Reason, message: String },
     /// A ciphertext could not be opened: tampered, truncated, wrong field/context/keyspace.
     /// Deliberately one reason for every authentication failure so a caller learns nothing
     /// about which part was wrong.
     #[error("{message}")]
-    BadCiphertext {
-        reason: &'static str,
-        message: String,
-    },
+    BadCiphertext { reason: Reason, message: String },
     /// The subject's data cannot be used in its current state (shredded, shred scheduled).
     #[error("{message}")]
-    FailedPrecondition {
-        reason: &'static str,
-        message: String,
-    },
+    FailedPrecondition { reason: Reason, message: String },
     /// The thing asked for does not exist (unknown or expired token).
     #[error("{message}")]
-    NotFound {
-        reason: &'static str,
-        message: String,
-    },
+    NotFound { reason: Reason, message: String },
     /// The caller presented no usable identity.
     #[error("caller identity missing")]
     Unauthenticated,
@@ -95,10 +172,7 @@ pub enum Error {
     AuditUnavailable,
     /// A resource limit was reached.
     #[error("{message}")]
-    ResourceExhausted {
-        reason: &'static str,
-        message: String,
-    },
+    ResourceExhausted { reason: Reason, message: String },
     /// Vault (or another backing service) cannot be reached or answered with a server error.
     /// Retryable. `detail` is logged, never sent.
     #[error("key store unavailable")]
@@ -109,14 +183,14 @@ pub enum Error {
 }
 
 impl Error {
-    pub fn invalid(reason: &'static str, message: impl Into<String>) -> Self {
+    pub fn invalid(reason: Reason, message: impl Into<String>) -> Self {
         Error::InvalidArgument {
             reason,
             message: message.into(),
         }
     }
 
-    pub fn bad_ciphertext(reason: &'static str, message: impl Into<String>) -> Self {
+    pub fn bad_ciphertext(reason: Reason, message: impl Into<String>) -> Self {
         Error::BadCiphertext {
             reason,
             message: message.into(),
@@ -126,7 +200,7 @@ impl Error {
     /// The subject's keys are destroyed.
     pub fn shredded() -> Self {
         Error::FailedPrecondition {
-            reason: reason::SUBJECT_SHREDDED,
+            reason: Reason::SubjectShredded,
             message: "the data subject has been shredded; its data is permanently unreadable"
                 .into(),
         }
@@ -135,12 +209,12 @@ impl Error {
     /// A shred of the subject is scheduled; its data is refused until it is cancelled.
     pub fn shred_scheduled() -> Self {
         Error::FailedPrecondition {
-            reason: reason::SUBJECT_SHRED_SCHEDULED,
+            reason: Reason::SubjectShredScheduled,
             message: "a shred of the data subject is scheduled; its data is refused".into(),
         }
     }
 
-    pub fn not_found(reason: &'static str, message: impl Into<String>) -> Self {
+    pub fn not_found(reason: Reason, message: impl Into<String>) -> Self {
         Error::NotFound {
             reason,
             message: message.into(),
@@ -175,18 +249,18 @@ impl Error {
     }
 
     /// Stable reason string of this error.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
             Error::InvalidArgument { reason, .. }
             | Error::BadCiphertext { reason, .. }
             | Error::ResourceExhausted { reason, .. }
             | Error::FailedPrecondition { reason, .. }
-            | Error::NotFound { reason, .. } => reason,
-            Error::Unauthenticated => reason::UNAUTHENTICATED,
-            Error::PermissionDenied { .. } => reason::POLICY_DENIED,
-            Error::AuditUnavailable => reason::AUDIT_UNAVAILABLE,
-            Error::Unavailable { .. } => reason::VAULT_UNAVAILABLE,
-            Error::Internal { .. } => reason::INTERNAL,
+            | Error::NotFound { reason, .. } => *reason,
+            Error::Unauthenticated => Reason::Unauthenticated,
+            Error::PermissionDenied { .. } => Reason::PolicyDenied,
+            Error::AuditUnavailable => Reason::AuditUnavailable,
+            Error::Unavailable { .. } => Reason::VaultUnavailable,
+            Error::Internal { .. } => Reason::Internal,
         }
     }
 
@@ -210,16 +284,16 @@ impl Error {
     pub fn into_status(self, correlation_id: &str) -> Status {
         match &self {
             Error::Unavailable { detail } => {
-                tracing::warn!(correlation_id, reason = self.reason(), detail = %detail, "request failed: backend unavailable");
+                tracing::warn!(correlation_id, reason = %self.reason(), detail = %detail, "request failed: backend unavailable");
             }
             Error::Internal { detail } => {
-                tracing::error!(correlation_id, reason = self.reason(), detail = %detail, "request failed: internal error");
+                tracing::error!(correlation_id, reason = %self.reason(), detail = %detail, "request failed: internal error");
             }
             _ => {}
         }
         let mut info = std::collections::HashMap::new();
         info.insert("correlation_id".to_string(), correlation_id.to_string());
-        let details = ErrorDetails::with_error_info(self.reason(), ERROR_DOMAIN, info);
+        let details = ErrorDetails::with_error_info(self.reason().as_str(), ERROR_DOMAIN, info);
         let mut status = Status::with_error_details(self.code(), self.public_message(), details);
         if let Ok(v) = correlation_id.parse() {
             status.metadata_mut().insert("x-correlation-id", v);
@@ -298,7 +372,7 @@ mod tests {
         assert_eq!(status.code(), Code::Internal);
         assert!(!status.message().contains("secret-token-abc"));
         let info = status.get_details_error_info().expect("error info");
-        assert_eq!(info.reason, reason::INTERNAL);
+        assert_eq!(info.reason, Reason::Internal.as_str());
         assert_eq!(
             info.metadata.get("correlation_id").map(String::as_str),
             Some("cid1")
@@ -320,7 +394,7 @@ mod tests {
 
     #[test]
     fn bad_ciphertext_is_invalid_argument() {
-        let s = Error::bad_ciphertext(reason::DECRYPTION_FAILED, "x").into_status("c");
+        let s = Error::bad_ciphertext(Reason::DecryptionFailed, "x").into_status("c");
         assert_eq!(s.code(), Code::InvalidArgument);
     }
 }

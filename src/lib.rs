@@ -1,34 +1,52 @@
 //! piiguard: field-level encryption of PII with keys in Vault/OpenBao, served over mutual TLS.
 //!
+//! The crate is layered; a module may use the modules of its own layer and of the layers below,
+//! never one above (checked by `tests/it/architecture.rs`). From the bottom up:
+//!
+//! | layer | modules | what lives there |
+//! |---|---|---|
+//! | 0 | [`domain`], [`error`], [`pb`] | names, identities, time; errors and their one gRPC mapping; generated protobuf |
+//! | 1 | [`crypto`] | pure byte transformations: envelope, AEAD seam, token formats, signatures |
+//! | 2 | [`config`] | raw (file + environment) configuration, validated into typed sections |
+//! | 3 | [`metrics`] | metric names and handles |
+//! | 4 | [`vault`], [`store`], [`tls`], [`audit`] | adapters: Vault/OpenBao, the SQL store, rustls, the audit chain |
+//! | 5 | [`keys`] | the DEK cache and the key manager |
+//! | 6 | [`access`] | policy, limits, lockouts, canaries, alarms, the per-call guard |
+//! | 7 | [`ops`] | the operations, one file each, independent of gRPC |
+//! | 8 | [`service`] | tonic services: protobuf in, an operation, protobuf out |
+//! | 9 | [`app`] | start-up order, listeners, reload, drain |
+//! | 10 | [`cli`], [`setup`] | client commands over one mTLS client; dev, bootstrap, dev PKI |
+//!
 //! See docs/ARCHITECTURE.md for the map of this crate.
 
 #![forbid(unsafe_code)]
 
-pub mod admin_cli;
-pub mod alarms;
-pub mod audit;
-pub mod authz;
-pub mod bootstrap;
-pub mod canary;
-pub mod certs;
-pub mod cli;
-pub mod config;
-pub mod crypto;
-pub mod dev;
-pub mod erasure;
+pub mod domain;
 pub mod error;
-pub mod guard;
-pub mod keys;
-pub mod limits;
+
+pub mod crypto;
+
+pub mod config;
+
 pub mod metrics;
-pub mod ops;
-pub mod server;
-pub mod service;
-pub mod signing;
+
+pub mod audit;
 pub mod store;
 pub mod tls;
-pub mod tokens;
 pub mod vault;
+
+pub mod keys;
+
+pub mod access;
+
+pub mod ops;
+
+pub mod service;
+
+pub mod app;
+
+pub mod cli;
+pub mod setup;
 
 /// Generated protobuf and gRPC code of `piiguard.v1`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

@@ -8,9 +8,10 @@
 //! `audit verify` and every reader see one format.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use super::{Record, kind};
+use crate::domain::time::push_rfc3339;
 use crate::error::CorrelationId;
 
 /// Appends the lowercase hex of `bytes` to `buf`.
@@ -233,45 +234,10 @@ impl CallRecord {
     }
 }
 
-/// Appends `t` as RFC 3339 UTC with microseconds (`2023-11-14T22:13:20.123456Z`), the same
-/// text as [`super::rfc3339`], without going through a format description.
-pub fn push_rfc3339(buf: &mut Vec<u8>, t: SystemTime) {
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs();
-    let micros = d.subsec_micros();
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    let mut out = *b"0000-00-00T00:00:00.000000Z";
-    let mut put = |at: usize, width: usize, mut v: u64| {
-        for i in (at..at + width).rev() {
-            out[i] = b'0' + (v % 10) as u8;
-            v /= 10;
-        }
-    };
-    put(0, 4, year.clamp(0, 9999) as u64);
-    put(5, 2, month as u64);
-    put(8, 2, day as u64);
-    put(11, 2, rem / 3600);
-    put(14, 2, rem / 60 % 60);
-    put(17, 2, rem % 60);
-    put(20, 6, u64::from(micros));
-    buf.extend_from_slice(&out);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+    use std::time::{Duration, UNIX_EPOCH};
 
     fn sample(
         scopes: Scopes,
@@ -307,7 +273,7 @@ mod tests {
 
     fn via_serde(c: &CallRecord, seq: u64, instance: &str, prev: &[u8; 32]) -> Vec<u8> {
         let r = c.to_record();
-        let ts = super::super::rfc3339(c.at);
+        let ts = crate::domain::time::rfc3339(c.at);
         let prev = hex::encode(prev);
         serde_json::to_vec(&Line {
             seq,
@@ -365,32 +331,6 @@ mod tests {
                 String::from_utf8_lossy(&want),
                 "case {i}"
             );
-        }
-    }
-
-    #[test]
-    fn timestamps_equal_the_time_crate() {
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        let check = |micros: u64| {
-            let t = UNIX_EPOCH + Duration::from_micros(micros);
-            let mut b = Vec::new();
-            push_rfc3339(&mut b, t);
-            assert_eq!(String::from_utf8(b).unwrap(), super::super::rfc3339(t));
-        };
-        for m in [
-            0,
-            951_782_400_000_000,   // 2000-02-29
-            4_107_542_399_999_999, // 2100-02-28T23:59:59.999999
-            4_107_542_400_000_000, // 2100-03-01
-            253_402_300_799_999_999,
-        ] {
-            check(m);
-        }
-        for _ in 0..20_000 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            check(x % 253_402_300_800_000_000);
         }
     }
 

@@ -18,6 +18,7 @@
 
 pub mod call;
 pub mod verify;
+pub mod webhook;
 pub mod writer;
 
 use std::sync::Arc;
@@ -186,16 +187,6 @@ pub fn open_line(line: &[u8]) -> Option<(Vec<u8>, [u8; 32], bool)> {
     Some((body, hash, ok))
 }
 
-/// RFC 3339 UTC time with microseconds.
-pub fn rfc3339(t: SystemTime) -> String {
-    let dt = time::OffsetDateTime::from(t);
-    let fmt = time::macros::format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
-    );
-    dt.format(&fmt)
-        .unwrap_or_else(|_| "1970-01-01T00:00:00.000000Z".into())
-}
-
 /// The gRPC code name of a status code (as in the gRPC spec).
 pub fn code_name(c: tonic::Code) -> &'static str {
     use tonic::Code::*;
@@ -237,11 +228,5 @@ mod tests {
         assert!(open_line(b"{}").is_none());
         let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
         assert_eq!(v["hash"].as_str().unwrap(), hex::encode(hash));
-    }
-
-    #[test]
-    fn time_format() {
-        let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(1_700_000_000_123_456);
-        assert_eq!(rfc3339(t), "2023-11-14T22:13:20.123456Z");
     }
 }

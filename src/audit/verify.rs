@@ -272,7 +272,7 @@ impl State<'_> {
                 .opts
                 .public_keys
                 .iter()
-                .any(|k| crate::signing::verify(k, msg.as_bytes(), &sig).is_ok());
+                .any(|k| crate::crypto::signature::verify(k, msg.as_bytes(), &sig).is_ok());
             if !good {
                 self.find(
                     Severity::Error,

@@ -27,14 +27,14 @@ use std::time::{Duration, Instant, SystemTime};
 use base64::Engine as _;
 use serde::Serialize;
 
+use super::webhook::Webhook;
 use super::{
-    CallRecord, GENESIS, Record, checkpoint_message, kind, open_line, rfc3339, seal_in_place,
-    seal_line,
+    CallRecord, GENESIS, Record, checkpoint_message, kind, open_line, seal_in_place, seal_line,
 };
-use crate::alarms::Webhook;
 use crate::config::AuditConfig;
+use crate::domain::time::rfc3339;
 use crate::error::Error;
-use crate::signing::Signer;
+use crate::vault::signer::Signer;
 
 const TICK: Duration = Duration::from_millis(200);
 /// Pause between drains while records keep coming (bounds how long a record waits in memory).
@@ -64,7 +64,7 @@ enum Msg {
     Signed {
         covers_seq: u64,
         covers_hash: String,
-        result: Result<crate::signing::Signature, String>,
+        result: Result<crate::crypto::signature::Signature, String>,
     },
     Shutdown(tokio::sync::oneshot::Sender<()>),
 }
@@ -743,7 +743,7 @@ impl Writer {
 fn checkpoint_record(
     covers_seq: u64,
     covers_hash: String,
-    sig: &crate::signing::Signature,
+    sig: &crate::crypto::signature::Signature,
     final_seal: bool,
 ) -> Record {
     Record {

@@ -35,7 +35,7 @@ pub const KEY_ID_LEN: usize = 16;
 /// Length of the key commitment.
 pub const COMMITMENT_LEN: usize = 32;
 /// Longest keyspace name.
-pub const MAX_KEYSPACE_LEN: usize = 63;
+pub use crate::domain::names::MAX_KEYSPACE_LEN;
 /// Prefix of the text form.
 pub const TEXT_PREFIX: &str = "pg1.";
 

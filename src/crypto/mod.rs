@@ -1,7 +1,11 @@
 //! Pure cryptography: no I/O, no Vault, no clocks.
 //!
+//! May use: `domain`, `error`, `secret`. Nothing above.
+//!
 //! **Architecture Invariant:** nothing under `crypto/` performs I/O or knows about gRPC; it maps
 //! bytes to bytes and returns typed errors.
 
 pub mod aead;
 pub mod envelope;
+pub mod signature;
+pub mod tokens;

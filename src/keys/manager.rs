@@ -15,7 +15,7 @@ use super::cache::{ByKeyId, BySubject, DekEntry, ShardedCache, SubjectTag, Tick}
 use crate::config::{AfterShred, CacheConfig, KeyspaceConfig};
 use crate::crypto::aead::Algorithm;
 use crate::crypto::envelope::{DerivedKeys, KeyId};
-use crate::error::{Error, Result, reason};
+use crate::error::{Error, Reason, Result};
 use crate::store::{Store, SubjectState};
 use crate::vault::{CasOutcome, Vault};
 
@@ -125,6 +125,9 @@ fn now_secs() -> u64 {
 pub fn now_i64() -> i64 {
     now_secs() as i64
 }
+
+/// Transit RSA-2048 key that signs certificates of destruction and audit checkpoints.
+pub const SIGNING_KEY: &str = "piiguard-signing";
 
 /// Name of the transit KEK of a keyspace.
 pub fn kek_name(keyspace: &str) -> String {
@@ -266,7 +269,7 @@ impl KeyManager {
     fn keyspace(&self, name: &str) -> Result<&Keyspace> {
         self.find_keyspace(name).ok_or_else(|| {
             Error::invalid(
-                reason::UNKNOWN_KEYSPACE,
+                Reason::UnknownKeyspace,
                 format!("unknown keyspace {:?}", truncate_for_message(name)),
             )
         })
@@ -495,7 +498,7 @@ impl KeyManager {
                 return Err(Error::shredded());
             }
             return Err(Error::bad_ciphertext(
-                reason::UNKNOWN_KEY,
+                Reason::UnknownKey,
                 "the ciphertext names a key that does not exist",
             ));
         };
@@ -516,7 +519,7 @@ impl KeyManager {
             .map_err(|_| bad())?;
         if rec_alg != alg {
             return Err(Error::bad_ciphertext(
-                reason::DECRYPTION_FAILED,
+                Reason::DecryptionFailed,
                 "ciphertext does not authenticate",
             ));
         }

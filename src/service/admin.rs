@@ -5,16 +5,16 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tonic::{Request, Response, Status};
 
-use crate::audit::rfc3339;
-use crate::authz::Op;
-use crate::canary::CanaryEntry;
-use crate::error::{Error, reason};
-use crate::guard::{Guard, Sentry};
+use crate::access::canary::CanaryEntry;
+use crate::access::guard::{Guard, Sentry};
+use crate::access::policy::Op;
+use crate::domain::time::rfc3339;
+use crate::error::{Error, Reason};
 use crate::ops::{EncryptInput, Engine};
 use crate::pb;
 use crate::pb::admin_server::Admin;
-use crate::signing::Signer;
 use crate::vault::Vault;
+use crate::vault::signer::Signer;
 
 /// The Admin service.
 pub struct AdminService {
@@ -107,7 +107,7 @@ impl Admin for AdminService {
         let result = async {
             if r.label.len() > 256 {
                 return Err(Error::invalid(
-                    reason::INVALID_REQUEST,
+                    Reason::InvalidRequest,
                     "label is over 256 bytes",
                 ));
             }

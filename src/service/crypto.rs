@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use crate::authz::Op;
-use crate::guard::Sentry;
+use crate::access::guard::Sentry;
+use crate::access::policy::Op;
 use crate::ops::{DecryptInput, EncryptInput, Engine};
 use crate::pb;
 use crate::pb::crypto_server::Crypto;

@@ -7,11 +7,11 @@ use std::sync::{Arc, Mutex};
 use futures_util::{Stream, StreamExt as _};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::authz::Op;
-use crate::erasure::{Erasure, Outcome, State};
-use crate::error::{Error, reason};
-use crate::guard::{Guard, Sentry};
-use crate::ops::MAX_SUBJECT_LEN;
+use crate::access::guard::{Guard, Sentry};
+use crate::access::policy::Op;
+use crate::domain::names::SubjectId;
+use crate::error::{Error, Reason};
+use crate::ops::erasure::{Erasure, Outcome, State};
 use crate::pb;
 use crate::pb::erasure_server;
 use crate::service::item_error;
@@ -33,21 +33,11 @@ impl ErasureService {
     }
 }
 
-fn check_subject(subject: &str) -> Result<(), Error> {
-    if subject.is_empty() || subject.len() > MAX_SUBJECT_LEN {
-        return Err(Error::invalid(
-            reason::INVALID_REQUEST,
-            format!("subject must be 1-{MAX_SUBJECT_LEN} bytes"),
-        ));
-    }
-    Ok(())
-}
-
 fn check_shred(r: &pb::ShredRequest) -> Result<(), Error> {
-    check_subject(&r.subject)?;
+    SubjectId::parse(&r.subject)?;
     if r.reason.len() > MAX_TEXT || r.request_id.len() > MAX_TEXT {
         return Err(Error::invalid(
-            reason::INVALID_REQUEST,
+            Reason::InvalidRequest,
             format!("reason and request_id must be at most {MAX_TEXT} bytes"),
         ));
     }
@@ -62,7 +52,7 @@ fn authorized_keyspaces(
     subject: &str,
     keyspace: &str,
 ) -> Result<Vec<String>, Error> {
-    check_subject(subject)?;
+    SubjectId::parse(subject)?;
     let keyspaces = erasure.keyspaces(keyspace)?;
     for ks in &keyspaces {
         g.authorize(op, Some(ks), None)?;
@@ -127,7 +117,7 @@ async fn shred_one(
                 k.outcome = pb::ShredOutcome::Failed as i32;
                 k.error = Some(item_error(&e));
                 if matches!(e, Error::Unavailable { .. } | Error::Internal { .. }) {
-                    tracing::warn!(correlation_id = cid, reason = e.reason(), detail = ?e, "shred failed");
+                    tracing::warn!(correlation_id = cid, reason = %e.reason(), detail = ?e, "shred failed");
                 }
                 failure.get_or_insert(e);
             }
@@ -137,7 +127,7 @@ async fn shred_one(
     (out, failure)
 }
 
-fn status_pb(s: crate::erasure::Status) -> pb::SubjectStatus {
+fn status_pb(s: crate::ops::erasure::Status) -> pb::SubjectStatus {
     pb::SubjectStatus {
         keyspace: s.keyspace,
         state: match s.state {
@@ -295,7 +285,7 @@ impl erasure_server::Erasure for ErasureService {
         let result = async {
             if r.retain_until < 0 {
                 return Err(Error::invalid(
-                    reason::INVALID_REQUEST,
+                    Reason::InvalidRequest,
                     "retain_until must be >= 0",
                 ));
             }

@@ -4,15 +4,16 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use crate::authz::Op;
-use crate::error::Error;
-use crate::guard::{Guard, Sentry};
+use crate::access::guard::{Guard, Sentry};
+use crate::access::policy::Op;
+use crate::crypto::tokens::{Format, Mode};
+use crate::domain::names::Field;
+use crate::error::{Error, Reason};
 use crate::keys::KeyManager;
-use crate::ops::check_field;
+use crate::ops::tokens::{Detokenized, TokenEngine, TokenizeInput, Tokenized};
 use crate::pb;
 use crate::pb::tokens_server::Tokens;
 use crate::service::item_error;
-use crate::tokens::{Detokenized, Format, Mode, TokenEngine, TokenizeInput, Tokenized};
 
 /// The Tokens service.
 pub struct TokensService {
@@ -33,12 +34,8 @@ impl TokensService {
 
 fn format_of(r: &pb::TokenizeRequest) -> Result<Format, Error> {
     let keep = || {
-        u8::try_from(r.keep_last).map_err(|_| {
-            Error::invalid(
-                crate::error::reason::UNSUPPORTED_FORMAT,
-                "keep_last is too large",
-            )
-        })
+        u8::try_from(r.keep_last)
+            .map_err(|_| Error::invalid(Reason::UnsupportedFormat, "keep_last is too large"))
     };
     match pb::TokenFormat::try_from(r.format) {
         Ok(pb::TokenFormat::Unspecified | pb::TokenFormat::Opaque) => Ok(Format::Opaque),
@@ -46,14 +43,14 @@ fn format_of(r: &pb::TokenizeRequest) -> Result<Format, Error> {
         Ok(pb::TokenFormat::Email) => Ok(Format::Email),
         Ok(pb::TokenFormat::Ff1) => Ok(Format::Ff1),
         Err(_) => Err(Error::invalid(
-            crate::error::reason::UNSUPPORTED_FORMAT,
+            Reason::UnsupportedFormat,
             "unknown token format",
         )),
     }
     .and_then(|f| {
         if r.keep_last != 0 && !matches!(f, Format::Digits { .. }) {
             Err(Error::invalid(
-                crate::error::reason::UNSUPPORTED_FORMAT,
+                Reason::UnsupportedFormat,
                 "keep_last applies to the DIGITS format only",
             ))
         } else {
@@ -66,10 +63,7 @@ fn mode_of(r: &pb::TokenizeRequest) -> Result<Mode, Error> {
     match pb::TokenMode::try_from(r.mode) {
         Ok(pb::TokenMode::Unspecified | pb::TokenMode::Random) => Ok(Mode::Random),
         Ok(pb::TokenMode::Deterministic) => Ok(Mode::Deterministic),
-        Err(_) => Err(Error::invalid(
-            crate::error::reason::INVALID_REQUEST,
-            "unknown token mode",
-        )),
+        Err(_) => Err(Error::invalid(Reason::InvalidRequest, "unknown token mode")),
     }
 }
 
@@ -103,7 +97,7 @@ impl TokensService {
     /// Authorises tokenising one item (after validating the names that go into the audit
     /// record) and notes its subject. Unknown keyspaces are left to the engine's error.
     fn authorize_tokenize(&self, g: &mut Guard, i: &TokenizeInput<'_>) -> Result<(), Error> {
-        check_field(i.field)?;
+        Field::parse(i.field)?;
         if let Ok(sref) = self.keys.subject_ref(i.keyspace, i.subject) {
             g.authorize(Op::Tokenize, Some(i.keyspace), Some(i.field))?;
             g.note_subject(i.keyspace, &sref);

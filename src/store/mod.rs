@@ -6,6 +6,7 @@
 //! engines accept. Nothing stored here lets anyone recover a key: subjects appear only as keyed
 //! hashes (`subject_ref`), keys only as their random ids.
 
+pub mod token_writer;
 pub mod tokens;
 
 use std::str::FromStr;

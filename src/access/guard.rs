@@ -1,0 +1,569 @@
+//! The per-call guard: every gRPC handler (crypto, and later tokens, erasure, admin) starts a
+//! [`Guard`] with [`Sentry::begin`], asks it to [`Guard::authorize`] each operation on each
+//! keyspace/field, and ends with [`Guard::finish`], which writes the call's one audit record,
+//! counts failures towards lockout, updates metrics and maps the error to a status.
+//!
+//! ```ignore
+//! let mut g = self.sentry.begin(&request, "Shred", Op::Shred)?;
+//! let r = async { g.authorize(Op::Shred, Some(ks), None)?; /* ... */ Ok(resp) }.await;
+//! g.finish(r)
+//! ```
+//!
+//! [`Sentry::begin`] refuses, before any work: a sink that cannot write (`AUDIT_UNAVAILABLE`,
+//! fail closed), a locked-out caller (`LOCKED_OUT`), a caller over its call-rate limit
+//! (`RATE_LIMITED`). A guard dropped without `finish` (the client went away) still writes its
+//! record, as `CANCELLED`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tonic::{Request, Response, Status};
+
+use crate::access::alarms::{Alarms, Severity, kinds};
+use crate::access::canary::Canaries;
+use crate::access::limits::{Exceeded, Limits, Lockouts};
+use crate::access::policy::{Op, Policy, PolicyStore};
+use crate::audit::call::{CallRecord, ItemCounts, Name, Scopes};
+use crate::audit::{Auditor, Record, code_name};
+use crate::crypto::envelope::KeyId;
+use crate::error::{CorrelationId, Error, Reason, Result};
+use crate::keys::manager::SubjectRef;
+use crate::metrics::ConnMetrics;
+use crate::tls::ConnInfo;
+
+/// Distinct keyspace/field pairs kept per call for the audit record.
+const MAX_SCOPES: usize = 32;
+
+/// Everything a guard consults: policy, audit, limits, lockouts, canaries, alarms.
+pub struct Sentry {
+    pub policy: Arc<PolicyStore>,
+    pub audit: Arc<Auditor>,
+    pub alarms: Alarms,
+    pub limits: Limits,
+    pub lockouts: Arc<Lockouts>,
+    pub canaries: Arc<Canaries>,
+}
+
+fn exhausted(reason: Reason, message: String) -> Error {
+    Error::ResourceExhausted { reason, message }
+}
+
+impl Sentry {
+    /// Starts guarding a call: identifies the caller and applies the checks that come before
+    /// any work. On refusal the call's audit record is already written.
+    #[allow(clippy::result_large_err)]
+    pub fn begin<T>(
+        self: &Arc<Self>,
+        req: &Request<T>,
+        method: &'static str,
+        op: Op,
+    ) -> Result<Guard, Status> {
+        let cid = CorrelationId::new();
+        let Some(conn) = req.extensions().get::<ConnInfo>() else {
+            return Err(Error::Unauthenticated.into_status(cid.as_str()));
+        };
+        let mut g = Guard {
+            sentry: self.clone(),
+            policy: self.policy.current(),
+            caller: conn.caller.identity.clone(),
+            metrics: conn.metrics.clone(),
+            cid,
+            method,
+            op,
+            started: Instant::now(),
+            first_scope: None,
+            more_scopes: Vec::new(),
+            subject_ref: Slot::Empty,
+            key_id: Slot::Empty,
+            items: None,
+            failed: 0,
+            denied: 0,
+            probing: 0,
+            canary: false,
+            done: false,
+        };
+        if !self.audit.is_healthy() {
+            g.done = true;
+            g.metrics
+                .call(&g.caller, method, "UNAVAILABLE", g.started.elapsed());
+            return Err(Error::AuditUnavailable.into_status(g.cid.as_str()));
+        }
+        if op != Op::Admin
+            && let Some(until) = self.lockouts.locked_until(&g.caller)
+        {
+            let e = exhausted(
+                Reason::LockedOut,
+                format!(
+                    "{} is locked out until {} (repeated denied or failed calls); an administrator can lift it",
+                    g.caller,
+                    crate::domain::time::rfc3339(until)
+                ),
+            );
+            return Err(g.refuse(e));
+        }
+        if let Err(x) = self.limits.call(&g.caller) {
+            let e = self.exceeded(&g, x);
+            return Err(g.refuse(e));
+        }
+        Ok(g)
+    }
+
+    fn exceeded(&self, g: &Guard, x: Exceeded) -> Error {
+        let (alarm, why) = match x.what {
+            "calls" => (kinds::RATE_LIMIT, Reason::RateLimited),
+            _ => (kinds::VOLUME_BUDGET, Reason::VolumeBudgetExceeded),
+        };
+        let message = format!(
+            "{} exceeded its limit of {} {}",
+            g.caller,
+            x.window.describe(),
+            x.what.replace('_', " ")
+        );
+        if x.first {
+            self.alarms.raise(
+                alarm,
+                Severity::Warning,
+                Some(&g.caller),
+                Some(g.cid.as_str()),
+                message.clone(),
+            );
+        }
+        exhausted(why, message)
+    }
+
+    /// Writes a security event record (start, stop, reloads, admin actions, ...).
+    pub fn event(&self, event: &'static str, caller: Option<&Arc<str>>, detail: String) {
+        let mut r = Record::event(event, detail);
+        r.caller = caller.cloned();
+        self.audit.record_event(r);
+    }
+
+    /// Re-reads the policy file if it changed (`force`: even if it did not). A broken file
+    /// keeps the policy in force, logs the error and raises an alarm.
+    pub fn reload_policy(&self, force: bool) {
+        let r = if force {
+            Some(self.policy.reload())
+        } else {
+            self.policy.reload_if_changed()
+        };
+        match r {
+            None => {}
+            Some(Ok(p)) => {
+                metrics::counter!("piiguard_policy_reloads_total", "result" => "ok").increment(1);
+                tracing::info!(grants = p.grant_count, digest = %p.digest, "access policy reloaded");
+                self.event(
+                    "policy_reload",
+                    None,
+                    format!(
+                        "policy reloaded: {} grants, sha256 {}",
+                        p.grant_count, p.digest
+                    ),
+                );
+            }
+            Some(Err(e)) => {
+                metrics::counter!("piiguard_policy_reloads_total", "result" => "error")
+                    .increment(1);
+                self.alarms.raise(
+                    kinds::POLICY_RELOAD_FAILED,
+                    Severity::Warning,
+                    None,
+                    None,
+                    format!("new access policy refused, the previous one stays in force: {e}"),
+                );
+            }
+        }
+    }
+
+    /// Reloads the policy on SIGHUP and whenever its file changes (checked every `interval`).
+    pub fn spawn_policy_reloader(self: &Arc<Self>, interval: Option<Duration>) {
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            #[cfg(unix)]
+            let mut hup =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+            let mut tick = tokio::time::interval(interval.unwrap_or(Duration::from_secs(3600)));
+            tick.tick().await;
+            loop {
+                #[cfg(unix)]
+                let hup_fut = async {
+                    match hup.as_mut() {
+                        Some(h) => {
+                            h.recv().await;
+                        }
+                        None => std::future::pending::<()>().await,
+                    }
+                };
+                #[cfg(not(unix))]
+                let hup_fut = std::future::pending::<()>();
+                let forced = tokio::select! {
+                    _ = hup_fut => true,
+                    _ = tick.tick() => false,
+                };
+                let Some(s) = me.upgrade() else { return };
+                if forced || interval.is_some() {
+                    s.reload_policy(forced);
+                }
+            }
+        });
+    }
+}
+
+/// A value seen once, or several different ones (then the audit record omits it).
+#[derive(Debug, Clone, Copy)]
+enum Slot<T> {
+    Empty,
+    One(T),
+    Many,
+}
+
+impl<T: PartialEq + Copy> Slot<T> {
+    fn note(&mut self, v: T) {
+        *self = match *self {
+            Slot::Empty => Slot::One(v),
+            Slot::One(o) if o == v => Slot::One(o),
+            _ => Slot::Many,
+        };
+    }
+    fn get(&self) -> Option<T> {
+        match self {
+            Slot::One(v) => Some(*v),
+            _ => None,
+        }
+    }
+}
+
+/// A keyspace/field pair the call touched, and the operations already allowed on it.
+struct Scope {
+    keyspace: Name,
+    field: Option<Name>,
+    /// Bits of the operations the policy allowed on this pair in this call.
+    allowed: u16,
+}
+
+impl Scope {
+    fn is(&self, keyspace: &str, field: Option<&str>) -> bool {
+        self.keyspace == *keyspace
+            && match (&self.field, field) {
+                (None, None) => true,
+                (Some(a), Some(b)) => *a == *b,
+                _ => false,
+            }
+    }
+}
+
+/// The guard of one call. See the module doc.
+pub struct Guard {
+    sentry: Arc<Sentry>,
+    policy: Arc<Policy>,
+    caller: Arc<str>,
+    metrics: Arc<ConnMetrics>,
+    cid: CorrelationId,
+    method: &'static str,
+    op: Op,
+    started: Instant,
+    /// The pairs touched, in order (the first inline: most calls touch one).
+    first_scope: Option<Scope>,
+    more_scopes: Vec<Scope>,
+    subject_ref: Slot<[u8; 32]>,
+    key_id: Slot<[u8; crate::crypto::envelope::KEY_ID_LEN]>,
+    items: Option<u32>,
+    failed: u32,
+    denied: u32,
+    probing: u32,
+    canary: bool,
+    done: bool,
+}
+
+impl Guard {
+    /// The caller's identity.
+    pub fn caller(&self) -> &Arc<str> {
+        &self.caller
+    }
+
+    /// This call's correlation id.
+    pub fn correlation_id(&self) -> &str {
+        self.cid.as_str()
+    }
+
+    fn scope(&mut self, keyspace: &str, field: Option<&str>) -> Option<&mut Scope> {
+        let first = self.first_scope.as_mut()?;
+        if first.is(keyspace, field) {
+            return Some(first);
+        }
+        self.more_scopes.iter_mut().find(|s| s.is(keyspace, field))
+    }
+
+    /// Checks `op` on `keyspace` / `field` against the policy in force when the call began.
+    /// Pass only validated names (they go into the audit record).
+    pub fn authorize(&mut self, op: Op, keyspace: Option<&str>, field: Option<&str>) -> Result<()> {
+        let ks = keyspace.unwrap_or_default();
+        let bit = op.bit();
+        match self.scope(ks, field) {
+            Some(s) if s.allowed & bit != 0 => return Ok(()),
+            Some(_) => {}
+            None => {
+                let s = Scope {
+                    keyspace: Name::new(ks),
+                    field: field.map(Name::new),
+                    allowed: 0,
+                };
+                if self.first_scope.is_none() {
+                    self.first_scope = Some(s);
+                } else if self.more_scopes.len() + 1 < MAX_SCOPES {
+                    self.more_scopes.push(s);
+                }
+            }
+        }
+        match self.policy.check(&self.caller, op, keyspace, field) {
+            Ok(()) => {
+                if let Some(s) = self.scope(ks, field) {
+                    s.allowed |= bit;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.denied += 1;
+                metrics::counter!("piiguard_denied_total", "caller" => self.caller.to_string())
+                    .increment(1);
+                Err(e)
+            }
+        }
+    }
+
+    /// Counts `n` items about to be revealed (decrypted / detokenised) against the caller's
+    /// volume budget.
+    pub fn reveal(&mut self, n: u64) -> Result<()> {
+        match self.sentry.limits.reveal(&self.caller, n) {
+            Ok(()) => Ok(()),
+            Err(x) => Err(self.sentry.exceeded(self, x)),
+        }
+    }
+
+    /// Notes the subject of the call (keyed hash only).
+    pub fn note_subject(&mut self, keyspace: &str, subject: &SubjectRef) {
+        self.subject_ref.note(subject.0);
+        if self.op.reveals() && self.sentry.canaries.is_canary_subject(keyspace, subject) {
+            self.canary_touched("subject");
+        }
+    }
+
+    /// Notes the key a ciphertext names; alarms if it is a canary's and the call reveals.
+    pub fn note_key(&mut self, keyspace: &str, key_id: &KeyId) {
+        self.key_id.note(key_id.0);
+        if self.op.reveals() && self.sentry.canaries.is_canary_key(keyspace, key_id) {
+            self.canary_touched("ciphertext");
+        }
+    }
+
+    /// Alarms if `token` is a canary token (for the token service).
+    pub fn note_token(&mut self, token: &[u8]) {
+        if self.op.reveals() && self.sentry.canaries.is_canary_token(token) {
+            self.canary_touched("token");
+        }
+    }
+
+    fn canary_touched(&mut self, what: &str) {
+        if self.canary {
+            return;
+        }
+        self.canary = true;
+        let s = &self.sentry;
+        metrics::counter!("piiguard_canary_access_total").increment(1);
+        s.alarms.raise(
+            kinds::CANARY,
+            Severity::Critical,
+            Some(&self.caller),
+            Some(self.cid.as_str()),
+            format!("{} called {} on a canary {what}", self.caller, self.method),
+        );
+        if s.canaries.lockout {
+            let info = s.lockouts.lock(
+                &self.caller,
+                format!("canary {what} accessed ({})", self.method),
+            );
+            s.alarms.raise(
+                kinds::LOCKOUT,
+                Severity::Critical,
+                Some(&self.caller),
+                Some(self.cid.as_str()),
+                format!(
+                    "{} locked out until {}: {}",
+                    info.identity,
+                    crate::domain::time::rfc3339(info.until),
+                    info.reason
+                ),
+            );
+        }
+    }
+
+    /// Sets the number of items of a batch call.
+    pub fn set_items(&mut self, n: usize) {
+        self.items = Some(u32::try_from(n).unwrap_or(u32::MAX));
+    }
+
+    /// Counts the outcome of one batch item (denials are counted by `authorize`).
+    pub fn item_result<T>(&mut self, r: &Result<T>) {
+        if let Err(e) = r {
+            self.failed += 1;
+            if matches!(e, Error::BadCiphertext { .. }) {
+                self.probing += 1;
+            }
+        }
+    }
+
+    fn refuse(mut self, e: Error) -> Status {
+        match self.record(Err(e)) {
+            Err(s) => s,
+            // A refusal is never turned into success.
+            Ok(()) => Status::internal("refusal lost"),
+        }
+    }
+
+    /// Ends the call: audit record, lockout accounting, metrics, status mapping. A successful
+    /// result is released only if its audit record was accepted (fail closed).
+    #[allow(clippy::result_large_err)]
+    pub fn finish<T>(mut self, r: Result<T>) -> Result<Response<T>, Status> {
+        match r {
+            Ok(v) => self.record(Ok(())).map(|()| Response::new(v)),
+            Err(e) => Err(self
+                .record(Err(e))
+                .err()
+                .unwrap_or_else(|| Status::internal("error lost"))),
+        }
+    }
+
+    #[allow(clippy::result_large_err)]
+    fn record(&mut self, r: Result<()>) -> Result<(), Status> {
+        self.done = true;
+        let latency = self.started.elapsed();
+        let (outcome, code, why) = match &r {
+            Ok(()) if self.failed > 0 => ("partial", tonic::Code::Ok, None),
+            Ok(()) => ("ok", tonic::Code::Ok, None),
+            Err(e) => {
+                if self.items.is_none() && matches!(e, Error::BadCiphertext { .. }) {
+                    self.probing += 1;
+                }
+                let outcome = match e {
+                    Error::PermissionDenied { .. } => "denied",
+                    Error::ResourceExhausted { reason: rs, .. }
+                        if [
+                            Reason::RateLimited,
+                            Reason::VolumeBudgetExceeded,
+                            Reason::LockedOut,
+                        ]
+                        .contains(rs) =>
+                    {
+                        "refused"
+                    }
+                    _ => "error",
+                };
+                (outcome, e.code(), Some(e.reason().as_str()))
+            }
+        };
+        self.account(code, outcome, why, latency);
+        let write = self
+            .sentry
+            .audit
+            .record_call(self.call_record(outcome, code, why, latency));
+        match r {
+            Ok(()) => write.map_err(|e| e.into_status(self.cid.as_str())),
+            Err(e) => Err(e.into_status(self.cid.as_str())),
+        }
+    }
+
+    fn account(
+        &self,
+        code: tonic::Code,
+        outcome: &'static str,
+        why: Option<&'static str>,
+        latency: Duration,
+    ) {
+        self.metrics
+            .call(&self.caller, self.method, code_name(code), latency);
+        if let Some(n) = self.items {
+            metrics::counter!("piiguard_items_total", "method" => self.method, "outcome" => "ok")
+                .increment(u64::from(n - self.failed.min(n)));
+            metrics::counter!("piiguard_items_total", "method" => self.method, "outcome" => "failed")
+                .increment(u64::from(self.failed));
+        }
+        tracing::debug!(
+            method = self.method,
+            caller = &*self.caller,
+            micros = latency.as_micros() as u64,
+            outcome,
+            reason = why,
+            correlation_id = self.cid.as_str()
+        );
+        let failures = self.denied + self.probing;
+        if failures > 0
+            && let Some(info) = self.sentry.lockouts.failures(&self.caller, failures)
+        {
+            self.sentry.alarms.raise(
+                kinds::LOCKOUT,
+                Severity::Critical,
+                Some(&self.caller),
+                Some(self.cid.as_str()),
+                format!(
+                    "{} locked out until {}: {}",
+                    info.identity,
+                    crate::domain::time::rfc3339(info.until),
+                    info.reason
+                ),
+            );
+        }
+    }
+
+    fn call_record(
+        &self,
+        outcome: &'static str,
+        code: tonic::Code,
+        why: Option<&'static str>,
+        latency: Duration,
+    ) -> CallRecord {
+        let scopes = match (&self.first_scope, self.more_scopes.as_slice()) {
+            (None, _) => Scopes::None,
+            (Some(s), []) => Scopes::One {
+                keyspace: (!s.keyspace.as_str().is_empty()).then(|| s.keyspace.clone()),
+                field: s.field.clone(),
+            },
+            (Some(first), more) => Scopes::Many(
+                std::iter::once(first)
+                    .chain(more)
+                    .map(|s| match &s.field {
+                        Some(f) => format!("{}/{}", s.keyspace.as_str(), f.as_str()),
+                        None => s.keyspace.as_str().to_string(),
+                    })
+                    .collect(),
+            ),
+        };
+        CallRecord {
+            at: SystemTime::now(),
+            caller: self.caller.clone(),
+            method: self.method,
+            operation: self.op.as_str(),
+            scopes,
+            subject_ref: self.subject_ref.get(),
+            key_id: self.key_id.get(),
+            items: self
+                .items
+                .map(|n| -> ItemCounts { [n, self.failed, self.denied] }),
+            outcome,
+            code: code_name(code),
+            reason: why,
+            latency_us: latency.as_micros() as u64,
+            correlation_id: self.cid,
+        }
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if !self.done {
+            // The handler's future was dropped (client cancelled or deadline): still audited.
+            self.done = true;
+            let latency = self.started.elapsed();
+            let rec = self.call_record("cancelled", tonic::Code::Cancelled, None, latency);
+            self.sentry.audit.record_call_event(rec);
+        }
+    }
+}

@@ -1,0 +1,606 @@
+//! The access policy: which caller identity may do which operation on which keyspaces and
+//! fields. Default deny: a call is allowed only if some grant of the caller's identity names
+//! the operation, the keyspace and the field.
+//!
+//! The policy is a TOML file (docs/POLICY.md):
+//!
+//! ```toml
+//! [[grant]]
+//! identity = "spiffe://shop.local/shipping"   # exact, or a prefix ending in `*`
+//! operations = ["decrypt"]
+//! keyspaces = ["orders"]                      # required for keyspace operations; "*" = all
+//! fields = ["address", "name"]                # default ["*"]
+//! ```
+//!
+//! [`PolicyStore`] holds the policy in force and swaps it on reload; a broken new file keeps the
+//! old policy (the caller of [`PolicyStore::reload_if_changed`] logs and alarms).
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::{Arc, RwLock};
+use std::time::SystemTime;
+
+use serde::Deserialize;
+
+use crate::domain::identity::IdentityPattern;
+use crate::domain::names::{Field, Keyspace};
+use crate::error::Error;
+
+/// Every operation the policy can grant. Services of later features (tokens, erasure) use the
+/// same names; the list is deliberately complete before they exist.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Op {
+    Encrypt,
+    Decrypt,
+    Rewrap,
+    Tokenize,
+    Detokenize,
+    Shred,
+    ShredStatus,
+    Admin,
+}
+
+impl Op {
+    /// All operations, in policy-file spelling order.
+    pub const ALL: [Op; 8] = [
+        Op::Encrypt,
+        Op::Decrypt,
+        Op::Rewrap,
+        Op::Tokenize,
+        Op::Detokenize,
+        Op::Shred,
+        Op::ShredStatus,
+        Op::Admin,
+    ];
+
+    /// The policy-file and audit spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Encrypt => "encrypt",
+            Op::Decrypt => "decrypt",
+            Op::Rewrap => "rewrap",
+            Op::Tokenize => "tokenize",
+            Op::Detokenize => "detokenize",
+            Op::Shred => "shred",
+            Op::ShredStatus => "shred_status",
+            Op::Admin => "admin",
+        }
+    }
+
+    /// Whether the operation acts on a keyspace (everything but `admin`).
+    pub fn keyspaced(self) -> bool {
+        !matches!(self, Op::Admin)
+    }
+
+    /// Whether the operation releases PII (counted against the volume budget, and what a
+    /// canary alarms on).
+    pub fn reveals(self) -> bool {
+        matches!(self, Op::Decrypt | Op::Detokenize)
+    }
+
+    pub(crate) fn bit(self) -> u16 {
+        1 << (self as u16)
+    }
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Op {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Op::ALL
+            .into_iter()
+            .find(|o| o.as_str() == s)
+            .ok_or_else(|| {
+                let names: Vec<_> = Op::ALL.iter().map(|o| o.as_str()).collect();
+                format!(
+                    "unknown operation {s:?} (expected one of {})",
+                    names.join(", ")
+                )
+            })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    #[serde(default, rename = "grant")]
+    grants: Vec<RawGrant>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGrant {
+    #[serde(default)]
+    identity: Option<String>,
+    #[serde(default)]
+    identities: Vec<String>,
+    operations: Vec<String>,
+    #[serde(default)]
+    keyspaces: Option<Vec<String>>,
+    #[serde(default)]
+    fields: Option<Vec<String>>,
+    /// Free text for reviewers; ignored.
+    #[serde(default)]
+    #[allow(dead_code)]
+    comment: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+enum Scope {
+    Any,
+    Only(Vec<Box<str>>),
+}
+
+impl Scope {
+    fn parse(what: &str, items: Vec<String>, valid: impl Fn(&str) -> bool) -> Result<Self, String> {
+        if items.is_empty() {
+            return Err(format!("{what} is empty (use [\"*\"] for all)"));
+        }
+        if items.iter().any(|i| i == "*") {
+            if items.len() > 1 {
+                return Err(format!("{what}: \"*\" already includes the others"));
+            }
+            return Ok(Scope::Any);
+        }
+        for i in &items {
+            if !valid(i) {
+                return Err(format!("{what}: invalid name {i:?}"));
+            }
+        }
+        Ok(Scope::Only(
+            items.into_iter().map(String::into_boxed_str).collect(),
+        ))
+    }
+
+    fn allows(&self, v: Option<&str>) -> bool {
+        match (self, v) {
+            (Scope::Any, _) | (_, None) => true,
+            (Scope::Only(list), Some(v)) => list.iter().any(|x| &**x == v),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Grant {
+    ops: u16,
+    keyspaces: Scope,
+    fields: Scope,
+}
+
+/// A validated policy.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    exact: HashMap<String, Vec<Grant>>,
+    prefixes: Vec<(String, Grant)>,
+    /// Number of grants (for logs and `policy check`).
+    pub grant_count: usize,
+    /// Hex SHA-256 of the file text (names the policy version in audit records).
+    pub digest: String,
+    /// Warnings found while validating (e.g. a grant to every identity).
+    pub warnings: Vec<String>,
+}
+
+impl Policy {
+    /// Parses and validates policy text. `known_keyspaces`, if given, must contain every
+    /// keyspace the policy names (a typo would otherwise silently grant nothing).
+    pub fn parse(text: &str, known_keyspaces: Option<&BTreeSet<String>>) -> Result<Self, String> {
+        let raw: RawPolicy = toml::from_str(text).map_err(|e| format!("TOML: {e}"))?;
+        let mut p = Policy {
+            digest: hex::encode(aws_lc_rs::digest::digest(
+                &aws_lc_rs::digest::SHA256,
+                text.as_bytes(),
+            )),
+            ..Policy::default()
+        };
+        for (n, g) in raw.grants.into_iter().enumerate() {
+            let at = |m: String| format!("grant #{}: {m}", n + 1);
+            let mut ids = g.identities;
+            if let Some(i) = g.identity {
+                ids.push(i);
+            }
+            if ids.is_empty() {
+                return Err(at("needs `identity` or `identities`".into()));
+            }
+            if g.operations.is_empty() {
+                return Err(at("`operations` is empty".into()));
+            }
+            let mut ops = 0u16;
+            let mut keyspaced = false;
+            for o in &g.operations {
+                let op: Op = o.parse().map_err(at)?;
+                keyspaced |= op.keyspaced();
+                ops |= op.bit();
+            }
+            let keyspaces = match g.keyspaces {
+                Some(k) => Scope::parse("keyspaces", k, Keyspace::is_valid).map_err(at)?,
+                None if keyspaced => {
+                    return Err(at(
+                        "`keyspaces` is required for keyspace operations (use [\"*\"] for all)"
+                            .into(),
+                    ));
+                }
+                None => Scope::Any,
+            };
+            if let (Scope::Only(list), Some(known)) = (&keyspaces, known_keyspaces) {
+                for k in list {
+                    if !known.contains(&**k) {
+                        return Err(at(format!("keyspace {k:?} is not configured")));
+                    }
+                }
+            }
+            let fields = Scope::parse(
+                "fields",
+                g.fields.unwrap_or_else(|| vec!["*".into()]),
+                Field::is_valid,
+            )
+            .map_err(at)?;
+            let grant = Grant {
+                ops,
+                keyspaces,
+                fields,
+            };
+            for id in ids {
+                match IdentityPattern::parse(&id).map_err(at)? {
+                    IdentityPattern::Exact(e) => p.exact.entry(e).or_default().push(grant.clone()),
+                    IdentityPattern::Prefix(pre) => {
+                        if pre.is_empty() || pre == "spiffe://" {
+                            p.warnings.push(at(format!(
+                                "identity {id:?} matches every client certificate"
+                            )));
+                        }
+                        p.prefixes.push((pre, grant.clone()));
+                    }
+                }
+                p.grant_count += 1;
+            }
+        }
+        Ok(p)
+    }
+
+    /// Reads and parses a policy file.
+    pub fn load(path: &Path, known_keyspaces: Option<&BTreeSet<String>>) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Self::parse(&text, known_keyspaces).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    fn grants_of<'a>(&'a self, identity: &'a str) -> impl Iterator<Item = &'a Grant> + 'a {
+        self.exact.get(identity).into_iter().flatten().chain(
+            self.prefixes
+                .iter()
+                .filter(move |(p, _)| identity.starts_with(p.as_str()))
+                .map(|(_, g)| g),
+        )
+    }
+
+    /// Whether `identity` may do `op` on `keyspace` / `field` (`None` = not applicable).
+    pub fn allows(
+        &self,
+        identity: &str,
+        op: Op,
+        keyspace: Option<&str>,
+        field: Option<&str>,
+    ) -> bool {
+        self.grants_of(identity).any(|g| {
+            g.ops & op.bit() != 0 && g.keyspaces.allows(keyspace) && g.fields.allows(field)
+        })
+    }
+
+    /// Checks a call; the error names what was missing (never request data).
+    pub fn check(
+        &self,
+        identity: &str,
+        op: Op,
+        keyspace: Option<&str>,
+        field: Option<&str>,
+    ) -> Result<(), Error> {
+        if self.allows(identity, op, keyspace, field) {
+            return Ok(());
+        }
+        let grants: Vec<&Grant> = self.grants_of(identity).collect();
+        let with_op: Vec<&&Grant> = grants.iter().filter(|g| g.ops & op.bit() != 0).collect();
+        let message = if grants.is_empty() {
+            format!("the access policy grants nothing to {identity}")
+        } else if with_op.is_empty() {
+            format!("the access policy does not grant {op} to {identity}")
+        } else if !with_op.iter().any(|g| g.keyspaces.allows(keyspace)) {
+            format!(
+                "the access policy does not grant {op} in keyspace {:?} to {identity}",
+                keyspace.unwrap_or_default()
+            )
+        } else {
+            format!(
+                "the access policy does not grant {op} of field {:?} in keyspace {:?} to {identity}",
+                field.unwrap_or_default(),
+                keyspace.unwrap_or_default()
+            )
+        };
+        Err(Error::PermissionDenied { message })
+    }
+}
+
+/// The policy in force, its file, and reload.
+pub struct PolicyStore {
+    path: PathBuf,
+    known_keyspaces: BTreeSet<String>,
+    current: RwLock<Arc<Policy>>,
+    stamp: RwLock<Option<(SystemTime, u64)>>,
+}
+
+fn stamp_of(path: &Path) -> Option<(SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+impl PolicyStore {
+    /// Loads the policy file; an error here stops the start-up.
+    pub fn load(path: PathBuf, known_keyspaces: BTreeSet<String>) -> Result<Self, String> {
+        let stamp = stamp_of(&path);
+        let p = Policy::load(&path, Some(&known_keyspaces))?;
+        Ok(Self {
+            path,
+            known_keyspaces,
+            current: RwLock::new(Arc::new(p)),
+            stamp: RwLock::new(stamp),
+        })
+    }
+
+    /// The policy in force.
+    pub fn current(&self) -> Arc<Policy> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Checks a call against the policy in force.
+    pub fn check(
+        &self,
+        identity: &str,
+        op: Op,
+        keyspace: Option<&str>,
+        field: Option<&str>,
+    ) -> Result<(), Error> {
+        let p = self.current.read().unwrap_or_else(|p| p.into_inner());
+        p.check(identity, op, keyspace, field)
+    }
+
+    /// The policy file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Re-reads the file. On error the policy in force stays.
+    pub fn reload(&self) -> Result<Arc<Policy>, String> {
+        let stamp = stamp_of(&self.path);
+        *self.stamp.write().unwrap_or_else(|p| p.into_inner()) = stamp;
+        let p = Arc::new(Policy::load(&self.path, Some(&self.known_keyspaces))?);
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = p.clone();
+        Ok(p)
+    }
+
+    /// Reloads if the file's modification time or size changed since the last (attempted) load.
+    pub fn reload_if_changed(&self) -> Option<Result<Arc<Policy>, String>> {
+        let now = stamp_of(&self.path);
+        let last = *self.stamp.read().unwrap_or_else(|p| p.into_inner());
+        (now != last).then(|| self.reload())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICY: &str = r#"
+[[grant]]
+identity = "spiffe://shop/orders"
+operations = ["encrypt", "decrypt"]
+keyspaces = ["orders", "crm"]
+
+[[grant]]
+identity = "spiffe://shop/shipping"
+operations = ["decrypt"]
+keyspaces = ["orders"]
+fields = ["address", "name"]
+
+[[grant]]
+identity = "spiffe://shop/erasure"
+operations = ["shred", "shred_status"]
+keyspaces = ["*"]
+
+[[grant]]
+identities = ["spiffe://shop/batch/*", "reports.shop.local"]
+operations = ["encrypt"]
+keyspaces = ["crm"]
+fields = ["email"]
+
+[[grant]]
+identity = "spiffe://shop/admin"
+operations = ["admin"]
+"#;
+
+    fn p() -> Policy {
+        let known: BTreeSet<String> = ["orders", "crm"].iter().map(|s| s.to_string()).collect();
+        Policy::parse(POLICY, Some(&known)).unwrap()
+    }
+
+    #[test]
+    fn grants_per_operation_keyspace_and_field() {
+        let p = p();
+        let o = "spiffe://shop/orders";
+        assert!(p.allows(o, Op::Encrypt, Some("orders"), Some("email")));
+        assert!(p.allows(o, Op::Decrypt, Some("crm"), Some("card_number")));
+        assert!(!p.allows(o, Op::Shred, Some("orders"), None));
+        assert!(!p.allows(o, Op::Admin, None, None));
+        let s = "spiffe://shop/shipping";
+        assert!(p.allows(s, Op::Decrypt, Some("orders"), Some("address")));
+        assert!(p.allows(s, Op::Decrypt, Some("orders"), Some("name")));
+        assert!(!p.allows(s, Op::Decrypt, Some("orders"), Some("card_number")));
+        assert!(!p.allows(s, Op::Decrypt, Some("crm"), Some("name")));
+        assert!(!p.allows(s, Op::Encrypt, Some("orders"), Some("name")));
+        let e = "spiffe://shop/erasure";
+        assert!(p.allows(e, Op::Shred, Some("crm"), None));
+        assert!(p.allows(e, Op::ShredStatus, Some("orders"), None));
+        assert!(!p.allows(e, Op::Decrypt, Some("orders"), Some("name")));
+        assert!(p.allows("spiffe://shop/admin", Op::Admin, None, None));
+        assert!(!p.allows(
+            "spiffe://shop/nobody",
+            Op::Encrypt,
+            Some("crm"),
+            Some("email")
+        ));
+    }
+
+    #[test]
+    fn wildcard_identities_match_prefixes_only() {
+        let p = p();
+        assert!(p.allows(
+            "spiffe://shop/batch/nightly",
+            Op::Encrypt,
+            Some("crm"),
+            Some("email")
+        ));
+        assert!(p.allows(
+            "reports.shop.local",
+            Op::Encrypt,
+            Some("crm"),
+            Some("email")
+        ));
+        assert!(!p.allows(
+            "spiffe://shop/batchx",
+            Op::Encrypt,
+            Some("crm"),
+            Some("email")
+        ));
+        assert!(!p.allows(
+            "spiffe://shop/batch/nightly",
+            Op::Encrypt,
+            Some("crm"),
+            Some("name")
+        ));
+        assert!(!p.allows(
+            "x.reports.shop.local",
+            Op::Encrypt,
+            Some("crm"),
+            Some("email")
+        ));
+    }
+
+    #[test]
+    fn denial_names_what_was_missing() {
+        let p = p();
+        let msg = |id: &str, op, ks, f| match p.check(id, op, ks, f) {
+            Err(Error::PermissionDenied { message }) => message,
+            other => panic!("{other:?}"),
+        };
+        assert!(
+            msg("spiffe://x", Op::Encrypt, Some("orders"), Some("a")).contains("grants nothing")
+        );
+        assert!(
+            msg(
+                "spiffe://shop/shipping",
+                Op::Encrypt,
+                Some("orders"),
+                Some("name")
+            )
+            .contains("does not grant encrypt to")
+        );
+        assert!(
+            msg(
+                "spiffe://shop/shipping",
+                Op::Decrypt,
+                Some("crm"),
+                Some("name")
+            )
+            .contains("in keyspace \"crm\"")
+        );
+        assert!(
+            msg(
+                "spiffe://shop/shipping",
+                Op::Decrypt,
+                Some("orders"),
+                Some("card_number")
+            )
+            .contains("of field \"card_number\"")
+        );
+    }
+
+    #[test]
+    fn shipped_example_policies_are_valid() {
+        let known: BTreeSet<String> = ["orders", "crm"].iter().map(|s| s.to_string()).collect();
+        for text in [
+            include_str!("../../deploy/policy/policy.example.toml"),
+            crate::setup::dev::DEV_POLICY,
+        ] {
+            let p = Policy::parse(text, Some(&known)).unwrap();
+            assert!(p.warnings.is_empty());
+            assert!(!p.allows(
+                "spiffe://shop.local/shipping",
+                Op::Decrypt,
+                Some("orders"),
+                Some("card_number")
+            ));
+            assert!(p.allows(
+                "spiffe://shop.local/shipping",
+                Op::Decrypt,
+                Some("orders"),
+                Some("address")
+            ));
+            assert!(!p.allows(
+                "spiffe://shop.local/erasure",
+                Op::Decrypt,
+                Some("orders"),
+                Some("name")
+            ));
+            assert!(p.allows("spiffe://shop.local/erasure", Op::Shred, Some("crm"), None));
+        }
+    }
+
+    #[test]
+    fn bad_policies_are_refused() {
+        let known: BTreeSet<String> = ["orders"].iter().map(|s| s.to_string()).collect();
+        for (text, needle) in [
+            (
+                "[[grant]]\nidentity = \"a\"\noperations = [\"peek\"]\nkeyspaces=[\"*\"]",
+                "unknown operation",
+            ),
+            (
+                "[[grant]]\nidentity = \"a\"\noperations = [\"decrypt\"]",
+                "`keyspaces` is required",
+            ),
+            (
+                "[[grant]]\nidentity = \"a\"\noperations = [\"decrypt\"]\nkeyspaces=[\"shop\"]",
+                "not configured",
+            ),
+            (
+                "[[grant]]\nidentity = \"a*b\"\noperations = [\"admin\"]",
+                "only at the end",
+            ),
+            ("[[grant]]\noperations = [\"admin\"]", "needs `identity`"),
+            (
+                "[[grant]]\nidentity = \"a\"\noperations = [\"decrypt\"]\nkeyspaces=[\"orders\"]\nfields=[]",
+                "fields is empty",
+            ),
+            (
+                "[[grant]]\nidentity = \"a\"\noperations = [\"admin\"]\nextra = 1",
+                "extra",
+            ),
+            ("[[grant]\n", "TOML"),
+        ] {
+            let e = Policy::parse(text, Some(&known)).unwrap_err();
+            assert!(e.contains(needle), "{needle}: {e}");
+        }
+        let p = Policy::parse(
+            "[[grant]]\nidentity = \"*\"\noperations = [\"admin\"]",
+            None,
+        )
+        .unwrap();
+        assert_eq!(p.warnings.len(), 1);
+    }
+}

@@ -1,0 +1,350 @@
+//! Assembles and runs the service: TLS, Vault, keys, gRPC services, health listener.
+//!
+//! Start-up order: TLS files are loaded and Vault is logged into and every keyspace's index
+//! key is loaded *before* any port is bound, so nothing serves before it can answer.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tonic::transport::Server;
+
+use crate::access::alarms::{Alarms, Webhook};
+use crate::access::canary::Canaries;
+use crate::access::guard::Sentry;
+use crate::access::limits::{Limits, Lockouts};
+use crate::access::policy::PolicyStore;
+use crate::audit::Auditor;
+use crate::config::Config;
+use crate::error::Error;
+use crate::keys::KeyManager;
+use crate::keys::manager::SIGNING_KEY;
+use crate::ops::Engine;
+use crate::ops::erasure::Erasure;
+use crate::ops::tokens::TokenEngine;
+use crate::pb;
+use crate::service::admin::AdminService;
+use crate::service::crypto::CryptoService;
+use crate::service::erasure::ErasureService;
+use crate::service::tokens::TokensService;
+use crate::store::Store;
+use crate::tls::{self, TlsState};
+use crate::vault::Vault;
+use crate::vault::signer::Signer;
+
+/// Largest gRPC message accepted (batches of many fields).
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// How often expired tokens are purged (Detokenize also purges an expired token it meets).
+const TOKEN_PURGE_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Connects to Vault and loads the keyspaces, retrying while Vault is unavailable.
+/// A permanent error (bad credentials, missing KEK, policy) is returned at once.
+async fn connect_keys(
+    cfg: &Config,
+    vault: Arc<Vault>,
+    store: Arc<Store>,
+) -> Result<KeyManager, Error> {
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let attempt = async {
+            vault.login().await?;
+            KeyManager::init(vault.clone(), store.clone(), &cfg.keyspaces, &cfg.cache).await
+        };
+        match attempt.await {
+            Ok(k) => return Ok(k),
+            Err(Error::Unavailable { detail }) => {
+                tracing::warn!(detail = %detail, retry_in_ms = backoff.as_millis() as u64, "Vault unavailable at start; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Runs the server until `shutdown` resolves, then drains in-flight calls.
+pub async fn run(
+    cfg: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
+    tls::install_default_provider();
+    let tls_state = TlsState::load(cfg.tls.clone())?;
+    let policy = Arc::new(PolicyStore::load(
+        cfg.policy.file.clone(),
+        cfg.keyspaces.keys().cloned().collect(),
+    )?);
+    let vault = Arc::new(Vault::new(cfg.vault.clone()).map_err(|e| detail_of(&e))?);
+    let store = Arc::new(
+        Store::open(&cfg.store.url)
+            .await
+            .map_err(|e| format!("cannot start: {}", detail_of(&e)))?,
+    );
+    let keys = Arc::new(
+        connect_keys(&cfg, vault.clone(), store)
+            .await
+            .map_err(|e| format!("cannot start: {}", detail_of(&e)))?,
+    );
+    vault.spawn_renewal();
+    keys.spawn_sweeper();
+    tls_state.spawn_reloader(cfg.server.tls_reload_interval);
+
+    let engine = Arc::new(Engine {
+        keys: keys.clone(),
+        max_plaintext: cfg.server.max_plaintext_bytes,
+        max_batch: cfg.server.max_batch_items,
+    });
+
+    // Metrics, audit, alarms, limits, canaries: all ready before any port is bound.
+    let prometheus = match cfg.metrics_listen {
+        Some(_) => Some(crate::metrics::install()?),
+        None => None,
+    };
+    let runtime = tokio::runtime::Handle::current();
+    let webhook = match cfg.alarms.webhook_url {
+        Some(_) => Some(Webhook::start(&cfg.alarms, &runtime)?),
+        None => None,
+    };
+    let signer = Arc::new(Signer::new(vault.clone(), SIGNING_KEY));
+    let audit = Auditor::start(
+        cfg.audit.clone(),
+        cfg.server.instance.clone(),
+        Some(signer.clone()),
+        runtime.clone(),
+        webhook.clone(),
+    )?;
+    let lockouts = Arc::new(Lockouts::new(cfg.lockout.clone()));
+    let canaries = Arc::new(Canaries::new(cfg.canaries.lockout));
+    for c in &cfg.canaries.subjects {
+        canaries
+            .add_subject(&keys, &c.keyspace, &c.subject, &c.label)
+            .await
+            .map_err(|e| format!("canary subject in {}: {}", c.keyspace, detail_of(&e)))?;
+    }
+    for t in &cfg.canaries.tokens {
+        canaries.add_token(t.as_bytes());
+    }
+    match canaries.refresh(&vault).await {
+        Ok(n) => tracing::info!(
+            created = n,
+            configured = cfg.canaries.subjects.len(),
+            "canaries loaded"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %detail_of(&e), "canary registry not readable at start; retrying in the background")
+        }
+    }
+    canaries.spawn_refresh(vault.clone(), cfg.canaries.refresh);
+    let sentry = Arc::new(Sentry {
+        policy: policy.clone(),
+        audit: audit.clone(),
+        alarms: Alarms::new(audit.clone(), webhook, cfg.server.instance.clone()),
+        limits: Limits::new(cfg.limits.clone()),
+        lockouts: lockouts.clone(),
+        canaries,
+    });
+    sentry.spawn_policy_reloader(cfg.policy.reload_interval);
+    let p = policy.current();
+    sentry.event(
+        "start",
+        None,
+        format!(
+            "piiguard {} starting; access policy {} ({} grants, sha256 {})",
+            env!("CARGO_PKG_VERSION"),
+            policy.path().display(),
+            p.grant_count,
+            p.digest
+        ),
+    );
+    for w in &p.warnings {
+        tracing::warn!(warning = %w, "access policy");
+    }
+
+    let crypto =
+        pb::crypto_server::CryptoServer::new(CryptoService::new(engine.clone(), sentry.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let admin = pb::admin_server::AdminServer::new(AdminService::new(
+        sentry.clone(),
+        engine,
+        vault.clone(),
+        signer,
+    ));
+
+    let token_engine = Arc::new(
+        TokenEngine::new(
+            keys.clone(),
+            cfg.server.max_plaintext_bytes,
+            cfg.server.max_batch_items,
+        )
+        .map_err(|e| format!("cannot start: {}", detail_of(&e)))?,
+    );
+    token_engine.spawn_purger(TOKEN_PURGE_INTERVAL);
+    let tokens_svc = pb::tokens_server::TokensServer::new(TokensService::new(
+        token_engine,
+        keys.clone(),
+        sentry.clone(),
+    ))
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+
+    let erasure = Arc::new(Erasure::new(
+        keys.clone(),
+        Signer::new(vault.clone(), SIGNING_KEY),
+        &cfg,
+    ));
+    erasure.spawn_background();
+    let erasure_svc =
+        pb::erasure_server::ErasureServer::new(ErasureService::new(erasure, sentry.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_serving::<pb::crypto_server::CryptoServer<CryptoService>>()
+        .await;
+    reporter
+        .set_serving::<pb::erasure_server::ErasureServer<ErasureService>>()
+        .await;
+    reporter
+        .set_serving::<pb::admin_server::AdminServer<AdminService>>()
+        .await;
+    reporter
+        .set_serving::<pb::tokens_server::TokensServer<TokensService>>()
+        .await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| format!("reflection: {e}"))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| format!("reflection: {e}"))?;
+
+    let listener = TcpListener::bind(cfg.server.listen)
+        .await
+        .map_err(|e| format!("cannot bind {}: {e}", cfg.server.listen))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let metrics_task = match (cfg.metrics_listen, prometheus) {
+        (Some(addr), Some(handle)) => {
+            let ml = crate::metrics::bind(addr).await?;
+            let maddr = ml.local_addr().map_err(|e| e.to_string())?;
+            tracing::info!(address = %maddr, "metrics listener (plaintext, GET /metrics only)");
+            let (keys, lockouts) = (keys.clone(), lockouts);
+            let refresh: crate::metrics::Refresh = Arc::new(move || {
+                let (subjects, _) = keys.cached();
+                metrics::gauge!("piiguard_dek_cache_entries").set(subjects as f64);
+                metrics::gauge!("piiguard_lockouts_active").set(lockouts.list().len() as f64);
+            });
+            Some(tokio::spawn(crate::metrics::serve(
+                ml,
+                handle,
+                refresh,
+                stop_rx.clone(),
+            )))
+        }
+        _ => None,
+    };
+    let health_task = match cfg.server.health_listen {
+        Some(addr) => {
+            let hl = TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot bind health listener {addr}: {e}"))?;
+            let haddr = hl.local_addr().map_err(|e| e.to_string())?;
+            tracing::info!(address = %haddr, "health-only listener (plaintext, grpc.health.v1 only)");
+            let mut rx = stop_rx.clone();
+            let health = health.clone();
+            Some(tokio::spawn(async move {
+                let incoming = tokio_stream::wrappers::TcpListenerStream::new(hl);
+                let _ = Server::builder()
+                    .add_service(health)
+                    .serve_with_incoming_shutdown(incoming, async move {
+                        let _ = rx.wait_for(|s| *s).await;
+                    })
+                    .await;
+            }))
+        }
+        None => None,
+    };
+
+    tracing::info!(
+        address = %local,
+        instance = %cfg.server.instance,
+        keyspaces = ?keys.keyspace_names().collect::<Vec<_>>(),
+        cache_hard_ttl_secs = keys.hard_ttl().as_secs(),
+        "piiguard serving (mutual TLS 1.2/1.3, client certificate required)"
+    );
+    let incoming = tls::incoming(listener, tls_state, cfg.server.handshake_timeout);
+    let mut rx = stop_rx;
+    let serve = Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .initial_connection_window_size(Some(4 * 1024 * 1024))
+        .initial_stream_window_size(Some(1024 * 1024))
+        .add_service(crypto)
+        .add_service(erasure_svc)
+        .add_service(admin)
+        .add_service(tokens_svc)
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = rx.wait_for(|s| *s).await;
+        });
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("shutting down: draining in-flight calls");
+        reporter
+            .set_not_serving::<pb::crypto_server::CryptoServer<CryptoService>>()
+            .await;
+        reporter
+            .set_not_serving::<pb::erasure_server::ErasureServer<ErasureService>>()
+            .await;
+        reporter
+            .set_not_serving::<pb::tokens_server::TokensServer<TokensService>>()
+            .await;
+        let _ = stop_tx.send(true);
+    });
+    let r = serve.await.map_err(|e| format!("server: {e}"));
+    if let Some(h) = health_task {
+        let _ = h.await;
+    }
+    if let Some(h) = metrics_task {
+        let _ = h.await;
+    }
+    // Last: the `stop` record and the final signed checkpoint.
+    audit.shutdown().await;
+    tracing::info!("stopped");
+    r
+}
+
+fn detail_of(e: &Error) -> String {
+    match e {
+        Error::Unavailable { detail } | Error::Internal { detail } => detail.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}

@@ -1,0 +1,27 @@
+//! RSA-PSS-SHA256 signatures (salt length = hash length) made by Vault transit, and their
+//! offline verification with a PEM public key, as `openssl dgst -sigopt rsa_padding_mode:pss`
+//! does.
+
+use aws_lc_rs::signature::{RSA_PSS_2048_8192_SHA256, UnparsedPublicKey};
+use rustls_pki_types::SubjectPublicKeyInfoDer;
+use rustls_pki_types::pem::PemObject as _;
+
+/// A signature and the version of the transit key that made it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signature {
+    pub key_version: u32,
+    pub bytes: Vec<u8>,
+}
+
+/// Verifies an RSA-PSS-SHA256 signature with a PEM (SubjectPublicKeyInfo) public key.
+pub fn verify(public_key_pem: &str, message: &[u8], signature: &[u8]) -> Result<(), String> {
+    let spki = SubjectPublicKeyInfoDer::from_pem_slice(public_key_pem.as_bytes())
+        .map_err(|e| format!("public key: {e}"))?;
+    // aws-lc-rs takes the RSAPublicKey inside the SubjectPublicKeyInfo.
+    use x509_parser::prelude::FromDer as _;
+    let (_, info) = x509_parser::x509::SubjectPublicKeyInfo::from_der(spki.as_ref())
+        .map_err(|e| format!("public key: {e}"))?;
+    UnparsedPublicKey::new(&RSA_PSS_2048_8192_SHA256, &info.subject_public_key.data[..])
+        .verify(message, signature)
+        .map_err(|_| "signature does not verify".to_string())
+}

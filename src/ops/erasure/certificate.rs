@@ -1,0 +1,175 @@
+//! The certificate of destruction: a small canonical JSON document, signed by the RSA-2048
+//! key in Vault transit (RSA-PSS, SHA-256, salt length 32), verifiable offline by anyone with
+//! the public key and plain OpenSSL.
+//!
+//! Layout of the file: `{"payload": "<canonical JSON>", "signature": {...}}`. The signature is
+//! over the exact bytes of `payload` (a JSON string, so there is nothing to canonicalise when
+//! verifying: take the string, verify the bytes).
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde::{Deserialize, Serialize};
+
+/// Format tag of v1 certificates.
+pub const FORMAT_V1: &str = "piiguard-certificate-of-destruction/v1";
+/// The erasure method certified.
+pub const METHOD: &str = "cryptographic erase, NIST SP 800-88 Rev. 1";
+/// The signature algorithm.
+pub const SIGNATURE_ALG: &str = "RSASSA-PSS-SHA256-SALT32";
+
+/// One destroyed key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DestroyedKey {
+    pub dek_version: u32,
+    pub key_id: String,
+}
+
+/// What the certificate states. Fields are in alphabetical order, so the serialisation is
+/// canonical (sorted keys, no whitespace).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Payload {
+    /// The backup retention the operator configured: the longest a wrapped copy of a key can
+    /// survive in a Vault backup.
+    pub backup_retention_days: u64,
+    /// The longest an unwrapped copy can survive in a replica that missed the eviction.
+    pub cache_max_survival_secs: u64,
+    pub certificate_id: String,
+    pub destroyed_keys: Vec<DestroyedKey>,
+    /// Vault paths whose metadata (every version) was deleted.
+    pub destroyed_vault_paths: Vec<String>,
+    pub executed_at: String,
+    pub format: String,
+    pub instance: String,
+    pub keyspace: String,
+    pub method: String,
+    pub reason: String,
+    pub request_id: String,
+    pub requested_at: String,
+    /// Keyed hash of the subject id (HMAC-SHA256 under the keyspace's index key).
+    pub subject_ref: String,
+    /// How the destruction was checked before certifying.
+    pub verification: String,
+}
+
+/// The signature block.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignatureBlock {
+    pub algorithm: String,
+    /// Transit key name.
+    pub key: String,
+    pub key_version: u32,
+    /// Base64 of the raw signature.
+    pub value: String,
+}
+
+/// A signed certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Certificate {
+    pub payload: String,
+    pub signature: SignatureBlock,
+}
+
+impl Payload {
+    /// The canonical bytes that get signed.
+    pub fn canonical(&self) -> String {
+        // Serialising a struct of strings, numbers and vectors cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+impl Certificate {
+    /// Assembles a certificate from a payload and its signature.
+    pub fn new(payload: String, key: &str, key_version: u32, signature: &[u8]) -> Self {
+        Self {
+            payload,
+            signature: SignatureBlock {
+                algorithm: SIGNATURE_ALG.into(),
+                key: key.into(),
+                key_version,
+                value: B64.encode(signature),
+            },
+        }
+    }
+
+    /// The document as stored and returned (pretty-printed JSON).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// Parses a certificate document.
+    pub fn parse(json: &str) -> Result<Self, String> {
+        serde_json::from_str(json).map_err(|e| format!("not a certificate: {e}"))
+    }
+
+    /// The raw signature bytes.
+    pub fn signature_bytes(&self) -> Result<Vec<u8>, String> {
+        B64.decode(&self.signature.value)
+            .map_err(|_| "signature is not base64".to_string())
+    }
+
+    /// Verifies the signature with a PEM public key and returns the parsed payload.
+    pub fn verify(&self, public_key_pem: &str) -> Result<Payload, String> {
+        if self.signature.algorithm != SIGNATURE_ALG {
+            return Err(format!(
+                "unknown signature algorithm {}",
+                self.signature.algorithm
+            ));
+        }
+        crate::crypto::signature::verify(
+            public_key_pem,
+            self.payload.as_bytes(),
+            &self.signature_bytes()?,
+        )?;
+        let p: Payload =
+            serde_json::from_str(&self.payload).map_err(|e| format!("payload: {e}"))?;
+        if p.format != FORMAT_V1 {
+            return Err(format!("unknown certificate format {}", p.format));
+        }
+        if p.canonical() != self.payload {
+            return Err("payload is not in canonical form".into());
+        }
+        Ok(p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::time::rfc3339_secs;
+
+    fn payload() -> Payload {
+        Payload {
+            backup_retention_days: 35,
+            cache_max_survival_secs: 3600,
+            certificate_id: "cod-1".into(),
+            destroyed_keys: vec![DestroyedKey {
+                dek_version: 1,
+                key_id: "ab".into(),
+            }],
+            destroyed_vault_paths: vec!["kv/metadata/x".into()],
+            executed_at: rfc3339_secs(1_700_000_000),
+            format: FORMAT_V1.into(),
+            instance: "i".into(),
+            keyspace: "orders".into(),
+            method: METHOD.into(),
+            reason: "gdpr".into(),
+            request_id: "r".into(),
+            requested_at: rfc3339_secs(1_699_999_999),
+            subject_ref: "cd".into(),
+            verification: "v".into(),
+        }
+    }
+
+    #[test]
+    fn canonical_form_has_sorted_keys_and_round_trips() {
+        let p = payload();
+        let c = p.canonical();
+        assert!(c.starts_with("{\"backup_retention_days\":35,\"cache_max_survival_secs\""));
+        assert!(!c.contains(' ') || c.contains("Rev. 1"));
+        let back: Payload = serde_json::from_str(&c).unwrap();
+        assert_eq!(back, p);
+    }
+}

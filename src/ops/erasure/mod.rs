@@ -1,0 +1,543 @@
+//! Crypto-shredding: destroying a subject's DEKs in Vault so that every ciphertext of that
+//! subject, wherever it is stored, becomes unreadable; proving it with a signed certificate.
+//!
+//! A shred is a small state machine kept in the store (see `store`):
+//! `active` → (`scheduled` during a grace window) → `shredding` → `shredded`.
+//! 1. The intent (which key ids will be destroyed) is recorded and the subject moved to
+//!    `shredding` in one atomic statement: only one process wins it.
+//! 2. Tombstones are written for the key ids; this replica's cache is emptied and an
+//!    eviction is published for every other replica.
+//! 3. The Vault KV metadata of each DEK record and of the subject record is deleted (all
+//!    versions destroyed), then read back to check it is gone.
+//! 4. A certificate is signed by Vault transit and stored with the `shredded` state.
+//!
+//! A crash anywhere leaves the subject `shredding` with its intent recorded: data is already
+//! refused, and the next start (or another replica, once the row is stale) completes steps 2-4,
+//! which are idempotent. There is never "key destroyed but no record" (the intent is written
+//! first) and never "certified but key still in Vault" (step 3 is verified before step 4).
+
+pub mod certificate;
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::config::{Config, ErasureConfig};
+use crate::crypto::envelope::KeyId;
+use crate::error::{Error, Reason, Result};
+use crate::keys::KeyManager;
+use crate::keys::manager::{dek_path, now_i64, subject_path, subject_record_key};
+use crate::store::{ShredClaim, Store, SubjectState};
+use crate::vault::signer::Signer;
+use certificate::{Certificate, DestroyedKey, Payload};
+
+/// Result of a shred request for one keyspace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Destroyed now; the signed certificate.
+    Shredded(String),
+    /// Destroyed before; the certificate of that shred.
+    AlreadyShredded(String),
+    /// Will be destroyed at this Unix time unless cancelled.
+    Scheduled(i64),
+    /// No key ever existed for this subject in this keyspace.
+    NotFound,
+}
+
+/// Shred state as reported to callers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Unknown,
+    Active,
+    Scheduled,
+    Shredding,
+    Shredded,
+}
+
+/// Status of a subject in one keyspace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    pub keyspace: String,
+    pub state: State,
+    pub scheduled_for: Option<i64>,
+    pub shredded_at: Option<i64>,
+    pub retain_until: Option<i64>,
+    pub certificate: Option<String>,
+}
+
+/// The erasure engine.
+pub struct Erasure {
+    keys: Arc<KeyManager>,
+    store: Arc<Store>,
+    signer: Signer,
+    grace: HashMap<String, Duration>,
+    cfg: ErasureConfig,
+    instance: String,
+    kv_mount: String,
+}
+
+/// Test hook: `PIIGUARD_FAILPOINT=<name>` makes the process abort at that point, exactly as
+/// a `kill -9` would, so that crash recovery can be tested. Unset in production.
+fn fail_point(name: &str) {
+    static POINT: OnceLock<Option<String>> = OnceLock::new();
+    let p = POINT.get_or_init(|| std::env::var("PIIGUARD_FAILPOINT").ok());
+    if p.as_deref() == Some(name) {
+        tracing::error!(failpoint = name, "failpoint reached: aborting the process");
+        std::process::abort();
+    }
+}
+
+fn parse_intent(intent: &str) -> Result<Vec<(KeyId, u32)>> {
+    let v: serde_json::Value =
+        serde_json::from_str(intent).map_err(|e| Error::internal(format!("shred intent: {e}")))?;
+    let bad = || Error::internal("malformed shred intent");
+    v.as_array()
+        .ok_or_else(bad)?
+        .iter()
+        .map(|k| {
+            Ok((
+                KeyId::from_hex(k["key_id"].as_str().ok_or_else(bad)?).ok_or_else(bad)?,
+                k["dek_version"]
+                    .as_u64()
+                    .and_then(|x| u32::try_from(x).ok())
+                    .ok_or_else(bad)?,
+            ))
+        })
+        .collect()
+}
+
+fn intent_json(keys: &[(KeyId, u32)]) -> String {
+    serde_json::Value::Array(
+        keys.iter()
+            .map(|(k, v)| json!({"key_id": k.to_hex(), "dek_version": v}))
+            .collect(),
+    )
+    .to_string()
+}
+
+impl Erasure {
+    pub fn new(keys: Arc<KeyManager>, signer: Signer, config: &Config) -> Self {
+        Self {
+            store: keys.store().clone(),
+            keys,
+            signer,
+            grace: config
+                .keyspaces
+                .iter()
+                .map(|(k, v)| (k.clone(), v.grace))
+                .collect(),
+            cfg: config.erasure.clone(),
+            instance: config.server.instance.clone(),
+            kv_mount: config.vault.kv_mount.clone(),
+        }
+    }
+
+    /// The keyspaces a request names: one, or all when `keyspace` is empty.
+    pub fn keyspaces(&self, keyspace: &str) -> Result<Vec<String>> {
+        if keyspace.is_empty() {
+            let mut all: Vec<String> = self.keys.keyspace_names().map(str::to_string).collect();
+            all.sort();
+            Ok(all)
+        } else if self.keys.has_keyspace(keyspace) {
+            Ok(vec![keyspace.to_string()])
+        } else {
+            Err(Error::invalid(
+                Reason::UnknownKeyspace,
+                format!(
+                    "unknown keyspace {:?}",
+                    crate::keys::manager::truncate_for_message(keyspace)
+                ),
+            ))
+        }
+    }
+
+    /// The keyed reference of a subject in a keyspace.
+    pub fn subject_ref(&self, keyspace: &str, subject: &str) -> Result<crate::keys::SubjectRef> {
+        self.keys.subject_ref(keyspace, subject)
+    }
+
+    /// Shreds a subject in one keyspace (grace window applies).
+    pub async fn shred(
+        &self,
+        keyspace: &str,
+        subject: &str,
+        reason_text: &str,
+        request_id: &str,
+    ) -> Result<Outcome> {
+        let sref = self.keys.subject_ref(keyspace, subject)?.to_hex();
+        self.shred_ref(keyspace, &sref, reason_text, request_id, false)
+            .await
+    }
+
+    async fn shred_ref(
+        &self,
+        ks: &str,
+        sref: &str,
+        reason_text: &str,
+        request_id: &str,
+        immediate: bool,
+    ) -> Result<Outcome> {
+        let vault = self.keys.vault();
+        for _ in 0..5 {
+            let row = self.store.subject(ks, sref).await?;
+            match row.as_ref().map(|r| r.state) {
+                Some(SubjectState::Shredded) => {
+                    let cert = row.and_then(|r| r.certificate).unwrap_or_default();
+                    return Ok(Outcome::AlreadyShredded(cert));
+                }
+                Some(SubjectState::Scheduled) if !immediate => {
+                    let at = row.and_then(|r| r.shred_at).unwrap_or_default();
+                    return Ok(Outcome::Scheduled(at));
+                }
+                Some(SubjectState::Scheduled) => {
+                    let now = now_i64();
+                    // Retention ran out during a grace window: execute now.
+                    if self
+                        .store
+                        .claim_pending(ks, sref, i64::MAX, now + 1)
+                        .await?
+                    {
+                        return self.execute(ks, sref).await.map(Outcome::Shredded);
+                    }
+                    continue;
+                }
+                Some(SubjectState::Shredding) => {
+                    return self.execute(ks, sref).await.map(Outcome::Shredded);
+                }
+                Some(SubjectState::Active) | None => {}
+            }
+            let keys: Vec<(KeyId, u32)> = match vault.kv_read(&subject_path(ks, sref), None).await?
+            {
+                Some(e) => vec![subject_record_key(&e.data)?],
+                None if row.is_none() => return Ok(Outcome::NotFound),
+                // Registered (e.g. a retention was set) but no key was ever made.
+                None => Vec::new(),
+            };
+            let now = now_i64();
+            let intent = intent_json(&keys);
+            let claim = ShredClaim {
+                intent: &intent,
+                request_id,
+                reason: reason_text,
+                requested_at: now,
+            };
+            let grace = self.grace.get(ks).copied().unwrap_or_default();
+            if !immediate && !grace.is_zero() {
+                let at = now + grace.as_secs() as i64;
+                if self.store.schedule(ks, sref, at, &claim, now).await? {
+                    self.evict_everywhere(ks, sref, &intent, &keys).await?;
+                    tracing::info!(
+                        keyspace = ks,
+                        subject_ref = &sref[..16],
+                        shred_at = at,
+                        "shred scheduled"
+                    );
+                    return Ok(Outcome::Scheduled(at));
+                }
+            } else if self.store.claim_shred(ks, sref, &claim, now).await? {
+                return self.execute(ks, sref).await.map(Outcome::Shredded);
+            }
+            // The state changed under us (another request or replica): look again.
+        }
+        Err(Error::internal("shred: subject state kept changing"))
+    }
+
+    async fn evict_everywhere(
+        &self,
+        ks: &str,
+        sref: &str,
+        intent: &str,
+        keys: &[(KeyId, u32)],
+    ) -> Result<()> {
+        self.keys.evict(ks, sref, keys);
+        self.store
+            .publish_eviction(ks, sref, intent, now_i64())
+            .await
+    }
+
+    /// Steps 2-4 of a shred whose intent is recorded (state `shredding`). Idempotent.
+    async fn execute(&self, ks: &str, sref: &str) -> Result<String> {
+        let row = self
+            .store
+            .subject(ks, sref)
+            .await?
+            .ok_or_else(|| Error::internal("shred: subject row vanished"))?;
+        match row.state {
+            SubjectState::Shredding => {}
+            SubjectState::Shredded => return Ok(row.certificate.unwrap_or_default()),
+            other => {
+                return Err(Error::internal(format!(
+                    "shred: unexpected state {other:?}"
+                )));
+            }
+        }
+        let intent = row.intent.clone().unwrap_or_else(|| "[]".into());
+        let keys = parse_intent(&intent)?;
+        fail_point("shred-after-intent");
+
+        let now = now_i64();
+        let key_hex: Vec<String> = keys.iter().map(|(k, _)| k.to_hex()).collect();
+        self.store.add_tombstones(ks, sref, &key_hex, now).await?;
+        self.evict_everywhere(ks, sref, &intent, &keys).await?;
+
+        let vault = self.keys.vault();
+        let mut paths: Vec<String> = keys.iter().map(|(k, _)| dek_path(ks, k)).collect();
+        paths.push(subject_path(ks, sref));
+        for p in &paths {
+            vault.kv_delete_metadata(p).await?;
+        }
+        fail_point("shred-after-vault-delete");
+        for p in &paths {
+            if vault.kv_read(p, None).await?.is_some() {
+                return Err(Error::internal(format!(
+                    "shred: {p} still readable after deletion"
+                )));
+            }
+        }
+        self.store.touch(ks, sref, now_i64()).await?;
+        self.store.purge_subject_tokens(ks, sref, now_i64()).await?;
+
+        let executed_at = now_i64();
+        let mut id = [0u8; 16];
+        aws_lc_rs::rand::fill(&mut id).map_err(|_| Error::internal("CSPRNG failed"))?;
+        let certificate_id = format!("cod-{}", hex::encode(id));
+        let request_id = row.request_id.clone().unwrap_or_default();
+        let payload = Payload {
+            backup_retention_days: self.cfg.backup_retention_days,
+            cache_max_survival_secs: self.keys.hard_ttl().as_secs(),
+            certificate_id: certificate_id.clone(),
+            destroyed_keys: keys
+                .iter()
+                .map(|(k, v)| DestroyedKey {
+                    dek_version: *v,
+                    key_id: k.to_hex(),
+                })
+                .collect(),
+            destroyed_vault_paths: paths
+                .iter()
+                .map(|p| format!("{}/metadata/{p}", self.kv_mount))
+                .collect(),
+            executed_at: crate::domain::time::rfc3339_secs(executed_at),
+            format: certificate::FORMAT_V1.into(),
+            instance: self.instance.clone(),
+            keyspace: ks.to_string(),
+            method: certificate::METHOD.into(),
+            reason: row.reason.clone().unwrap_or_default(),
+            request_id: request_id.clone(),
+            requested_at: crate::domain::time::rfc3339_secs(
+                row.requested_at.unwrap_or(executed_at),
+            ),
+            subject_ref: sref.to_string(),
+            verification: "every destroyed path read back as not found from Vault before signing"
+                .into(),
+        }
+        .canonical();
+        let sig = self.signer.sign(payload.as_bytes()).await?;
+        let doc =
+            Certificate::new(payload, self.signer.key(), sig.key_version, &sig.bytes).to_json();
+        if self
+            .store
+            .finish_shred(ks, sref, &certificate_id, &request_id, &doc, executed_at)
+            .await?
+        {
+            tracing::info!(
+                keyspace = ks,
+                subject_ref = &sref[..16.min(sref.len())],
+                certificate_id,
+                "subject shredded"
+            );
+            Ok(doc)
+        } else {
+            // Another process finished first: its certificate is the one.
+            let row = self.store.subject(ks, sref).await?;
+            row.and_then(|r| r.certificate)
+                .ok_or_else(|| Error::internal("shred finished elsewhere without a certificate"))
+        }
+    }
+
+    /// The transit key that signs certificates and its public keys by version.
+    pub async fn verification_keys(&self) -> Result<(String, Vec<(u32, String)>)> {
+        Ok((
+            self.signer.key().to_string(),
+            self.signer.public_keys().await?,
+        ))
+    }
+
+    /// The shred status of a subject in one keyspace.
+    pub async fn status(&self, keyspace: &str, subject: &str) -> Result<Status> {
+        let sref = self.keys.subject_ref(keyspace, subject)?.to_hex();
+        let row = self.store.subject(keyspace, &sref).await?;
+        let mut st = Status {
+            keyspace: keyspace.to_string(),
+            state: State::Unknown,
+            scheduled_for: None,
+            shredded_at: None,
+            retain_until: None,
+            certificate: None,
+        };
+        match row {
+            Some(r) => {
+                st.retain_until = r.retain_until;
+                st.state = match r.state {
+                    SubjectState::Active => State::Active,
+                    SubjectState::Scheduled => {
+                        st.scheduled_for = r.shred_at;
+                        State::Scheduled
+                    }
+                    SubjectState::Shredding => State::Shredding,
+                    SubjectState::Shredded => {
+                        st.shredded_at = r.executed_at;
+                        st.certificate = r.certificate;
+                        State::Shredded
+                    }
+                };
+            }
+            None => {
+                let exists = self
+                    .keys
+                    .vault()
+                    .kv_read(&subject_path(keyspace, &sref), None)
+                    .await?
+                    .is_some();
+                if exists {
+                    st.state = State::Active;
+                }
+            }
+        }
+        Ok(st)
+    }
+
+    /// Cancels a scheduled shred.
+    pub async fn cancel(&self, keyspace: &str, subject: &str) -> Result<Status> {
+        let sref = self.keys.subject_ref(keyspace, subject)?.to_hex();
+        if !self.store.cancel(keyspace, &sref, now_i64()).await? {
+            return Err(Error::FailedPrecondition {
+                reason: Reason::ShredNotScheduled,
+                message: "no shred of this subject is scheduled in this keyspace".into(),
+            });
+        }
+        tracing::info!(
+            keyspace,
+            subject_ref = &sref[..16],
+            "scheduled shred cancelled"
+        );
+        self.status(keyspace, subject).await
+    }
+
+    /// Sets (or clears, with `None`) a subject's retention deadline.
+    pub async fn set_retention(
+        &self,
+        keyspace: &str,
+        subject: &str,
+        retain_until: Option<i64>,
+    ) -> Result<Status> {
+        let sref = self.keys.subject_ref(keyspace, subject)?.to_hex();
+        self.store
+            .set_retention(keyspace, &sref, retain_until, now_i64())
+            .await?;
+        self.status(keyspace, subject).await
+    }
+
+    /// One pass of the reaper: due scheduled shreds, expired retentions, interrupted shreds.
+    /// `take_over_all` also takes over fresh `shredding` rows (at start-up). Returns how many
+    /// subjects were shredded.
+    pub async fn reap(&self, take_over_all: bool) -> Result<usize> {
+        let now = now_i64();
+        let stale_before = if take_over_all {
+            now + 1
+        } else {
+            now - self.cfg.stale_shred.as_secs() as i64
+        };
+        // Evictions are read within a poll interval; a day (or the hard TTL, if longer) is
+        // far past any replica's need.
+        let keep = self
+            .keys
+            .hard_ttl()
+            .max(Duration::from_secs(86_400))
+            .as_secs() as i64;
+        self.store.prune_evictions(now - keep).await?;
+        let mut done = 0;
+        for (ks, sref, state) in self.store.due(now, stale_before, 500).await? {
+            if !self.keys.has_keyspace(&ks) {
+                continue;
+            }
+            let r = match state {
+                SubjectState::Active => self
+                    .shred_ref(
+                        &ks,
+                        &sref,
+                        "retention period expired",
+                        &format!("retention-{now}"),
+                        true,
+                    )
+                    .await
+                    .map(|_| ()),
+                _ => {
+                    if self
+                        .store
+                        .claim_pending(&ks, &sref, now, stale_before)
+                        .await?
+                    {
+                        self.execute(&ks, &sref).await.map(|_| ())
+                    } else {
+                        Ok(())
+                    }
+                }
+            };
+            match r {
+                Ok(()) => done += 1,
+                Err(e) => {
+                    tracing::warn!(keyspace = %ks, error = %e, detail = ?e, "reaper: shred failed; will retry");
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    /// Runs the reaper (first pass at once, taking over interrupted shreds) and the eviction
+    /// feed listener.
+    pub fn spawn_background(self: &Arc<Self>) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut first = true;
+            loop {
+                match me.reap(first).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(shredded = n, "reaper pass"),
+                    Err(e) => tracing::warn!(error = %e, detail = ?e, "reaper pass failed"),
+                }
+                first = false;
+                tokio::time::sleep(me.cfg.reaper_interval).await;
+            }
+        });
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut seq = loop {
+                match me.store.last_eviction_seq().await {
+                    Ok(s) => break s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "eviction feed: cannot read; retrying");
+                        tokio::time::sleep(me.cfg.eviction_poll).await;
+                    }
+                }
+            };
+            loop {
+                tokio::time::sleep(me.cfg.eviction_poll).await;
+                match me.store.evictions_since(seq, 1000).await {
+                    Ok(evs) => {
+                        for ev in evs {
+                            seq = seq.max(ev.seq);
+                            match parse_intent(&ev.intent) {
+                                Ok(keys) => me.keys.evict(&ev.keyspace, &ev.subject_ref, &keys),
+                                Err(e) => tracing::warn!(error = %e, "eviction feed: bad entry"),
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "eviction feed: read failed"),
+                }
+            }
+        });
+    }
+}

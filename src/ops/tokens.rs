@@ -1,0 +1,498 @@
+//! Tokenize / Detokenize: validation, keys, derivation and the store, independent of gRPC.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use aws_lc_rs::hmac;
+use futures_util::StreamExt as _;
+use zeroize::Zeroizing;
+
+use crate::crypto::envelope;
+use crate::crypto::tokens::derive::{self, Stream};
+use crate::crypto::tokens::format::{self, Ff1Params, Format, FormatError, Mode};
+use crate::domain::names::{Field, SubjectId};
+use crate::error::{Error, Reason, Result};
+use crate::keys::KeyManager;
+use crate::keys::cache::DekEntry;
+use crate::keys::manager::{MAX_USES_PER_DEK, now_i64, truncate_for_message};
+use crate::store::Store;
+use crate::store::token_writer::{GroupWriter, Write};
+use crate::store::tokens::{NewToken, TokenState};
+
+/// Draws per token before giving up (a collision needs a full 128-bit match for opaque
+/// tokens; only small DIGITS/FF1 spaces ever retry).
+const MAX_ATTEMPTS: u32 = 32;
+/// Batch items processed concurrently.
+const BATCH_CONCURRENCY: usize = 16;
+/// Longest subject id and field name (as for Encrypt).
+/// Context key binding a sealed value to its token row.
+const CTX_TOKEN: &str = "piiguard.token";
+
+/// One Tokenize request (no `Debug`: it carries the value).
+#[derive(Clone, Copy)]
+pub struct TokenizeInput<'a> {
+    pub keyspace: &'a str,
+    pub subject: &'a str,
+    pub field: &'a str,
+    pub value: &'a str,
+    pub format: Format,
+    pub mode: Mode,
+    /// Lifetime in seconds; 0 = no expiry.
+    pub ttl_secs: u64,
+}
+
+/// A token (no `Debug`: tokens are not logged).
+pub struct Tokenized {
+    pub token: String,
+    pub expires_at: Option<i64>,
+}
+
+/// The value behind a token.
+pub struct Detokenized {
+    pub value: Zeroizing<String>,
+    pub field: String,
+}
+
+/// Per-keyspace token keys, derived from the keyspace index key (which lives in Vault).
+struct SpaceKeys {
+    /// HMAC key of token hashes (the store's lookup key).
+    lookup: hmac::Key,
+    /// HMAC key of deterministic seeds and value hashes.
+    det: hmac::Key,
+    /// HMAC key from which each field's FF1 AES-256 key is derived.
+    ff1: hmac::Key,
+}
+
+/// The tokenisation engine.
+pub struct TokenEngine {
+    keys: Arc<KeyManager>,
+    store: Arc<Store>,
+    /// Group commit of token writes.
+    writer: GroupWriter,
+    spaces: HashMap<String, SpaceKeys>,
+    max_value: usize,
+    max_batch: usize,
+}
+
+fn format_error(e: FormatError) -> Error {
+    match e {
+        FormatError::Unsupported(m) => Error::invalid(Reason::UnsupportedFormat, m),
+        FormatError::MalformedToken => Error::invalid(
+            Reason::MalformedToken,
+            "not a piiguard token (empty, too long, or not printable ASCII)",
+        ),
+    }
+}
+
+fn expired() -> Error {
+    Error::not_found(Reason::TokenExpired, "the token has expired")
+}
+
+impl TokenEngine {
+    /// Derives each keyspace's token keys. `max_value` bounds values in bytes.
+    pub fn new(keys: Arc<KeyManager>, max_value: usize, max_batch: usize) -> Result<Self> {
+        let mut spaces = HashMap::new();
+        for ks in keys.keyspace_names() {
+            let k = |p: &str| -> Result<hmac::Key> {
+                let raw = keys.keyspace_subkey(ks, p)?;
+                Ok(hmac::Key::new(hmac::HMAC_SHA256, &raw[..]))
+            };
+            spaces.insert(
+                ks.to_string(),
+                SpaceKeys {
+                    lookup: k("tokens/lookup")?,
+                    det: k("tokens/deterministic")?,
+                    ff1: k("tokens/ff1")?,
+                },
+            );
+        }
+        Ok(Self {
+            store: keys.store().clone(),
+            writer: GroupWriter::new(keys.store().clone()),
+            keys,
+            spaces,
+            max_value,
+            max_batch,
+        })
+    }
+
+    fn space(&self, keyspace: &str) -> Result<&SpaceKeys> {
+        self.spaces.get(keyspace).ok_or_else(|| {
+            Error::invalid(
+                Reason::UnknownKeyspace,
+                format!("unknown keyspace {:?}", truncate_for_message(keyspace)),
+            )
+        })
+    }
+
+    fn check(&self, i: &TokenizeInput<'_>) -> Result<()> {
+        self.space(i.keyspace)?;
+        SubjectId::parse(i.subject)?;
+        Field::parse(i.field)?;
+        format::check_value(i.format, i.value, self.max_value).map_err(format_error)
+    }
+
+    /// Renders the token of `i` for one attempt. `stream` is random (random mode) or derived
+    /// from the value (deterministic mode); FF1's tweak carries the subject's DEK-derived
+    /// secret, plus the attempt (deterministic) or random bytes (random).
+    fn render(
+        &self,
+        i: &TokenizeInput<'_>,
+        sp: &SpaceKeys,
+        dek: &DekEntry,
+        stream: &mut Stream,
+        attempt: u32,
+    ) -> Result<String> {
+        let mut ff1_key = Zeroizing::new([0u8; 32]);
+        let mut tweak = Zeroizing::new(Vec::new());
+        let use_ff1 = i.format == Format::Ff1 && format::ff1_applies(i.value);
+        if use_ff1 {
+            ff1_key.copy_from_slice(hmac::sign(&sp.ff1, i.field.as_bytes()).as_ref());
+            let mut label = b"tokens/ff1-tweak/".to_vec();
+            label.extend_from_slice(i.field.as_bytes());
+            let subject_secret = dek.keys.subkey(&label);
+            tweak.extend_from_slice(&subject_secret[..16]);
+            match i.mode {
+                Mode::Deterministic => tweak.extend_from_slice(&attempt.to_be_bytes()),
+                Mode::Random => {
+                    let mut r = [0u8; 16];
+                    stream.fill(&mut r);
+                    tweak.extend_from_slice(&r);
+                }
+            }
+        }
+        let params = Ff1Params {
+            key: &ff1_key,
+            tweak: &tweak,
+        };
+        format::render(i.format, i.value, stream, use_ff1.then_some(&params)).map_err(format_error)
+    }
+
+    fn seal(&self, dek: &DekEntry, field: &str, token_hash: &str, value: &str) -> Result<String> {
+        if dek.uses.fetch_add(1, Ordering::Relaxed) >= MAX_USES_PER_DEK {
+            return Err(Error::ResourceExhausted {
+                reason: Reason::KeyUsageExhausted,
+                message: "this subject's data key reached its encryption limit".into(),
+            });
+        }
+        let ctx = BTreeMap::from([(CTX_TOKEN, token_hash)]);
+        let ct = envelope::seal(
+            &dek.keys,
+            &dek.keyspace,
+            &dek.key_id,
+            dek.dek_version,
+            field,
+            &ctx,
+            value.as_bytes(),
+        )
+        .map_err(|_| Error::internal("envelope seal failed"))?;
+        Ok(envelope::to_text(&ct))
+    }
+
+    /// Tokenises one value.
+    pub async fn tokenize(&self, i: &TokenizeInput<'_>) -> Result<Tokenized> {
+        self.check(i)?;
+        let sp = self.space(i.keyspace)?;
+        let subject_ref = self.keys.subject_ref(i.keyspace, i.subject)?;
+        let dek = self
+            .keys
+            .key_for_subject_ref(i.keyspace, &subject_ref)
+            .await?;
+        let sref = subject_ref.to_hex();
+        let now = now_i64();
+        let expires_at = (i.ttl_secs > 0)
+            .then(|| now.saturating_add(i64::try_from(i.ttl_secs).unwrap_or(i64::MAX)));
+        match i.mode {
+            Mode::Random => {
+                self.tokenize_random(i, sp, &dek, &sref, now, expires_at)
+                    .await
+            }
+            Mode::Deterministic => {
+                self.tokenize_deterministic(i, sp, &dek, &sref, now, expires_at)
+                    .await
+            }
+        }
+    }
+
+    async fn tokenize_random(
+        &self,
+        i: &TokenizeInput<'_>,
+        sp: &SpaceKeys,
+        dek: &DekEntry,
+        sref: &str,
+        now: i64,
+        expires_at: Option<i64>,
+    ) -> Result<Tokenized> {
+        let tag = i.format.tag();
+        for attempt in 0..MAX_ATTEMPTS {
+            let mut stream = Stream::random().map_err(|_| Error::internal("CSPRNG failed"))?;
+            let token = self.render(i, sp, dek, &mut stream, attempt)?;
+            if token == i.value {
+                continue; // never hand out the value itself as its token
+            }
+            let th = derive::token_hash(&sp.lookup, &token);
+            let sealed = self.seal(dek, i.field, &th, i.value)?;
+            let row = NewToken {
+                keyspace: i.keyspace,
+                token_hash: &th,
+                field: i.field,
+                format: &tag,
+                value_hash: None,
+                attempt,
+                subject_ref: sref,
+                sealed: &sealed,
+                now,
+                expires_at,
+            };
+            if self.writer.write(Write::insert(&row)).await? {
+                return Ok(Tokenized { token, expires_at });
+            }
+            tracing::debug!(
+                keyspace = i.keyspace,
+                attempt,
+                "token collision; drawing again"
+            );
+        }
+        Err(exhausted())
+    }
+
+    async fn tokenize_deterministic(
+        &self,
+        i: &TokenizeInput<'_>,
+        sp: &SpaceKeys,
+        dek: &DekEntry,
+        sref: &str,
+        now: i64,
+        expires_at: Option<i64>,
+    ) -> Result<Tokenized> {
+        let tag = i.format.tag();
+        // FF1 tokens carry the subject's secret in the tweak: deterministic per subject.
+        let scope: &[u8] = if i.format == Format::Ff1 {
+            sref.as_bytes()
+        } else {
+            b""
+        };
+        let vh = derive::value_hash(&sp.det, i.field, &tag, scope, i.value);
+        let token_of = |attempt: u32| -> Result<String> {
+            let seed = derive::deterministic_seed(&sp.det, i.field, &tag, scope, i.value, attempt);
+            self.render(i, sp, dek, &mut Stream::from_seed(&seed), attempt)
+        };
+        // Rounds: an existing token may be shredded, or a concurrent call may insert the
+        // same value's token, between our read and our write; then look again.
+        for _round in 0..4 {
+            if let Some(row) = self.store.token_by_value(i.keyspace, &vh, sref).await? {
+                let token = token_of(row.attempt)?;
+                let th = derive::token_hash(&sp.lookup, &token);
+                if th != row.token_hash {
+                    return Err(Error::internal(
+                        "deterministic token does not match its stored hash",
+                    ));
+                }
+                let alive =
+                    row.state == TokenState::Live && row.expires_at.is_none_or(|e| e >= now);
+                // The later expiry wins while the token is alive; a dead one restarts.
+                let new_exp = match (alive, row.expires_at, expires_at) {
+                    (false, _, e) => e,
+                    (true, None, _) | (true, _, None) => None,
+                    (true, Some(a), Some(b)) => Some(a.max(b)),
+                };
+                // Read first: when the token is alive, already holds this subject's value
+                // and keeps its expiry, a write would change nothing.
+                if alive && row.mine && new_exp == row.expires_at {
+                    return Ok(Tokenized {
+                        token,
+                        expires_at: new_exp,
+                    });
+                }
+                let sealed = self.seal(dek, i.field, &th, i.value)?;
+                let add = Write::AddValue {
+                    keyspace: i.keyspace.into(),
+                    token_hash: th,
+                    subject_ref: sref.into(),
+                    sealed,
+                    now,
+                    expires_at: new_exp,
+                };
+                if self.writer.write(add).await? {
+                    return Ok(Tokenized {
+                        token,
+                        expires_at: new_exp,
+                    });
+                }
+                continue;
+            }
+            let mut raced = false;
+            for attempt in 0..MAX_ATTEMPTS {
+                let token = token_of(attempt)?;
+                if token == i.value {
+                    continue;
+                }
+                let th = derive::token_hash(&sp.lookup, &token);
+                let sealed = self.seal(dek, i.field, &th, i.value)?;
+                let row = NewToken {
+                    keyspace: i.keyspace,
+                    token_hash: &th,
+                    field: i.field,
+                    format: &tag,
+                    value_hash: Some(&vh),
+                    attempt,
+                    subject_ref: sref,
+                    sealed: &sealed,
+                    now,
+                    expires_at,
+                };
+                if self.writer.write(Write::insert(&row)).await? {
+                    return Ok(Tokenized { token, expires_at });
+                }
+                if self
+                    .store
+                    .token_by_value(i.keyspace, &vh, sref)
+                    .await?
+                    .is_some()
+                {
+                    raced = true;
+                    break;
+                }
+                tracing::debug!(
+                    keyspace = i.keyspace,
+                    attempt,
+                    "token collision; next attempt"
+                );
+            }
+            if !raced {
+                return Err(exhausted());
+            }
+        }
+        Err(Error::internal("deterministic token kept changing"))
+    }
+
+    /// Returns the value behind a token.
+    pub async fn detokenize(&self, keyspace: &str, token: &str) -> Result<Detokenized> {
+        let sp = self.space(keyspace)?;
+        format::check_token(token).map_err(format_error)?;
+        let th = derive::token_hash(&sp.lookup, token);
+        let row = self
+            .store
+            .token(keyspace, &th)
+            .await?
+            .ok_or_else(|| Error::not_found(Reason::UnknownToken, "no such token"))?;
+        let now = now_i64();
+        match row.state {
+            TokenState::Shredded => return Err(Error::shredded()),
+            TokenState::Expired => return Err(expired()),
+            TokenState::Live => {}
+        }
+        if row.expires_at.is_some_and(|e| e < now) {
+            // Purge it now rather than at the next sweep.
+            if let Err(e) = self
+                .store
+                .purge_expired_tokens(now, Some((keyspace, &th)))
+                .await
+            {
+                tracing::warn!(error = %e, "could not purge an expired token");
+            }
+            return Err(expired());
+        }
+        let mut last = Error::shredded();
+        for sealed in &row.sealed {
+            match self.open(keyspace, &row.field, &th, sealed).await {
+                Ok(value) => {
+                    return Ok(Detokenized {
+                        value,
+                        field: row.field,
+                    });
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    async fn open(
+        &self,
+        keyspace: &str,
+        field: &str,
+        token_hash: &str,
+        sealed: &str,
+    ) -> Result<Zeroizing<String>> {
+        let bad = || Error::internal("stored token value does not open");
+        let mut scratch = Vec::new();
+        let parsed = envelope::parse(sealed.as_bytes(), &mut scratch).map_err(|_| bad())?;
+        let h = &parsed.header;
+        if h.keyspace != keyspace {
+            return Err(bad());
+        }
+        let key = self
+            .keys
+            .key_by_id(h.keyspace, h.key_id, h.dek_version, h.alg)
+            .await?;
+        let ctx = BTreeMap::from([(CTX_TOKEN, token_hash)]);
+        let pt = parsed.open(&key.keys, field, &ctx).map_err(|_| bad())?;
+        let s = std::str::from_utf8(&pt).map_err(|_| bad())?;
+        Ok(Zeroizing::new(s.to_string()))
+    }
+
+    fn check_batch_len(&self, n: usize) -> Result<()> {
+        if n > self.max_batch {
+            return Err(Error::invalid(
+                Reason::BatchTooLarge,
+                format!("batch has {n} items; the maximum is {}", self.max_batch),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Tokenises many values; each gets its own result, in order.
+    pub async fn tokenize_batch(
+        &self,
+        items: &[TokenizeInput<'_>],
+    ) -> Result<Vec<Result<Tokenized>>> {
+        self.check_batch_len(items.len())?;
+        // Collected first: a lazy `map` here trips the higher-ranked `Send` check of tonic's
+        // boxed futures.
+        let calls: Vec<_> = items.iter().map(|i| self.tokenize(i)).collect();
+        Ok(futures_util::stream::iter(calls)
+            .buffered(BATCH_CONCURRENCY)
+            .collect()
+            .await)
+    }
+
+    /// Detokenises many tokens; each gets its own result, in order.
+    pub async fn detokenize_batch(
+        &self,
+        items: &[(&str, &str)],
+    ) -> Result<Vec<Result<Detokenized>>> {
+        self.check_batch_len(items.len())?;
+        let calls: Vec<_> = items.iter().map(|(ks, t)| self.detokenize(ks, t)).collect();
+        Ok(futures_util::stream::iter(calls)
+            .buffered(BATCH_CONCURRENCY)
+            .collect()
+            .await)
+    }
+
+    /// Spawns the periodic purge of expired tokens.
+    pub fn spawn_purger(self: &Arc<Self>, every: Duration) {
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(every);
+            loop {
+                t.tick().await;
+                let Some(m) = me.upgrade() else { return };
+                match m.store.purge_expired_tokens(now_i64(), None).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(expired = n, "expired tokens purged"),
+                    Err(e) => tracing::warn!(error = %e, "token purge failed; will retry"),
+                }
+            }
+        });
+    }
+}
+
+fn exhausted() -> Error {
+    Error::ResourceExhausted {
+        reason: Reason::TokenSpaceExhausted,
+        message: "no free token of this format for this value; use a longer format".into(),
+    }
+}

@@ -1,0 +1,490 @@
+//! The audit log of a real server: one record per call, hash chain, signed checkpoints,
+//! rotation, crash and restart, fail closed, and `verify` against every kind of tampering.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+use piiguard::audit::verify::{Options, Report, verify_files};
+use serde_json::Value;
+use tonic::Code;
+
+fn env_of(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Waits until a record matching `pred` is in the server's audit files.
+async fn wait_for_record(server: &Server, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(r) = server.audit_records().into_iter().find(|r| pred(r)) {
+            return r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {what} record in the audit log"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn copy_files(files: &[PathBuf], to: &Path) -> Vec<PathBuf> {
+    std::fs::create_dir_all(to).unwrap();
+    files
+        .iter()
+        .map(|f| {
+            let d = to.join(f.file_name().unwrap());
+            std::fs::copy(f, &d).unwrap();
+            d
+        })
+        .collect()
+}
+
+fn lines(f: &Path) -> Vec<String> {
+    std::fs::read_to_string(f)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+fn write_lines(f: &Path, l: &[String]) {
+    std::fs::write(f, l.join("\n") + "\n").unwrap();
+}
+
+fn errors(r: &Report) -> String {
+    r.errors()
+        .map(|f| f.to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Re-hashes lines `from..` of a file so that the chain is consistent again (what a careful
+/// forger would do), optionally also fixing the `covers_hash` of checkpoints.
+fn rechain(l: &mut [String], from: usize, fix_checkpoints: bool) {
+    use std::collections::HashMap;
+    let mut prev = {
+        let v: Value = serde_json::from_str(&l[from - 1]).unwrap();
+        v["hash"].as_str().unwrap().to_string()
+    };
+    let mut new_hash: HashMap<u64, String> = HashMap::new();
+    for line in l.iter_mut().skip(from) {
+        let mut v: Value = serde_json::from_str(line).unwrap();
+        v.as_object_mut().unwrap().remove("hash");
+        v["prev"] = Value::String(prev.clone());
+        if fix_checkpoints
+            && let Some(c) = v["covers_seq"].as_u64()
+            && let Some(h) = new_hash.get(&c)
+        {
+            v["covers_hash"] = Value::String(h.clone());
+        }
+        let body = serde_json::to_vec(&v).unwrap();
+        let (sealed, h) = piiguard::audit::seal_line(&body);
+        prev = hex::encode(h);
+        new_hash.insert(v["seq"].as_u64().unwrap(), prev.clone());
+        *line = String::from_utf8(sealed).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chain_checkpoints_and_verify_detects_each_kind_of_tampering() {
+    let env = TestEnv::start().await;
+    let mut server = env
+        .server_env("a", "", env_of(&[("PIIGUARD_AUDIT__CHECKPOINT_SECS", "1")]))
+        .await;
+    let mut c = env.client(&server, "orders").await;
+    let mut shipping = env.client(&server, "shipping").await;
+    let ct = c
+        .encrypt(enc("orders", "cust-a1", "address", b"1 Main St"))
+        .await
+        .unwrap()
+        .into_inner()
+        .ciphertext;
+    for _ in 0..5 {
+        c.decrypt(dec("address", &ct)).await.unwrap();
+    }
+    assert_eq!(
+        shipping
+            .encrypt(enc("orders", "cust-a1", "address", b"x"))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+    // A signed checkpoint appears while the server runs.
+    let cp = wait_for_record(&server, "checkpoint", |r| r["kind"] == "checkpoint").await;
+    assert!(cp["signature"].as_str().unwrap().len() > 300);
+    for _ in 0..5 {
+        c.decrypt(dec("address", &ct)).await.unwrap();
+    }
+
+    // One record per call, with the fields the issue lists and no request content.
+    let recs = server.audit_records();
+    let calls: Vec<&Value> = recs.iter().filter(|r| r["kind"] == "call").collect();
+    assert_eq!(calls.len(), 12, "{calls:#?}");
+    let e = calls[0];
+    assert_eq!(e["method"], "Encrypt");
+    assert_eq!(e["operation"], "encrypt");
+    assert_eq!(e["caller"], "spiffe://shop.local/orders");
+    assert_eq!(e["keyspace"], "orders");
+    assert_eq!(e["field"], "address");
+    assert_eq!(e["outcome"], "ok");
+    assert_eq!(e["code"], "OK");
+    assert_eq!(e["subject_ref"].as_str().unwrap().len(), 64);
+    assert_eq!(e["correlation_id"].as_str().unwrap().len(), 16);
+    assert!(e["latency_us"].as_u64().is_some());
+    assert!(e["ts"].as_str().unwrap().ends_with('Z'));
+    let d = calls[1];
+    assert_eq!(d["method"], "Decrypt");
+    assert_eq!(d["key_id"], e["key_id"], "decrypt names the same key id");
+    let denied = calls
+        .iter()
+        .find(|r| r["outcome"] == "denied")
+        .expect("denial audited");
+    assert_eq!(denied["caller"], "spiffe://shop.local/shipping");
+    assert_eq!(denied["reason"], "POLICY_DENIED");
+    assert_eq!(denied["code"], "PERMISSION_DENIED");
+    assert!(recs.iter().any(|r| r["event"] == "start"));
+
+    // Verifying a running server's log: the chain is fine, the tail is (rightly) unsealed.
+    let keys = env.signing_public_keys().await;
+    let live = verify_files(
+        &server.audit_files(),
+        &Options {
+            public_keys: keys.clone(),
+            allow_open_tail: false,
+        },
+    );
+    assert!(!live.ok());
+    assert!(errors(&live).contains("unsealed tail"), "{}", errors(&live));
+    let live_ok = verify_files(
+        &server.audit_files(),
+        &Options {
+            public_keys: keys.clone(),
+            allow_open_tail: true,
+        },
+    );
+    assert!(live_ok.ok(), "{}", errors(&live_ok));
+
+    // The signing keys, as an administrator gets them (CLI over mTLS).
+    let (cert, key) = env.pki.client("admin");
+    let out = Command::new(env!("CARGO_BIN_EXE_piiguard"))
+        .arg("admin")
+        .args(["--address", &server.addr.to_string()])
+        .arg("--ca")
+        .arg(&env.pki.ca)
+        .arg("--cert")
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .arg("signing-keys")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pem = env.dir.path().join("signing.pem");
+    std::fs::write(&pem, &out.stdout).unwrap();
+
+    // Clean stop: `stop` event and a final seal; the whole log verifies.
+    server.stop();
+    let files = server.audit_files();
+    let opts = Options {
+        public_keys: keys.clone(),
+        allow_open_tail: false,
+    };
+    let clean = verify_files(&files, &opts);
+    assert!(clean.ok(), "{}", errors(&clean));
+    assert!(clean.checkpoints_verified >= 2, "{clean:?}");
+    let all = server.audit_records();
+    assert_eq!(all.last().unwrap()["final_seal"], true);
+    assert!(all.iter().any(|r| r["event"] == "stop"));
+
+    // The CLI agrees, with the public key file from `piiguard admin signing-keys`.
+    let out = Command::new(env!("CARGO_BIN_EXE_piiguard"))
+        .args(["audit", "verify", "--public-key"])
+        .arg(&pem)
+        .args(&files)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains(": OK"), "{text}");
+
+    // Tampering, each on a fresh copy. The file has one segment here.
+    assert_eq!(files.len(), 1);
+    let orig = lines(&files[0]);
+    let n = orig.len();
+    let mid = orig
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.contains("\"method\":\"Decrypt\"") && l.contains("\"outcome\":\"ok\""))
+        .nth(2)
+        .unwrap()
+        .0;
+    assert!(mid + 3 < n);
+    let case = |name: &str, f: &dyn Fn(&mut Vec<String>)| -> (Report, PathBuf) {
+        let dir = env.dir.path().join(format!("tamper-{name}"));
+        let copy = copy_files(&files, &dir);
+        let mut l = orig.clone();
+        f(&mut l);
+        write_lines(&copy[0], &l);
+        (verify_files(&copy, &opts), copy[0].clone())
+    };
+    let at = |file: &Path, line: usize| format!("{}:{line}", file.display());
+
+    let (r, f) = case("edit", &|l| {
+        l[mid] = l[mid].replace("\"outcome\":\"ok\"", "\"outcome\":\"error\"");
+    });
+    let e = errors(&r);
+    assert!(!r.ok() && e.contains("record edited"), "{e}");
+    assert!(e.contains(&at(&f, mid + 1)), "edit located: {e}");
+
+    let (r, f) = case("delete", &|l| {
+        l.remove(mid);
+    });
+    let e = errors(&r);
+    assert!(!r.ok() && e.contains("records missing"), "{e}");
+    assert!(e.contains(&at(&f, mid + 1)), "deletion located: {e}");
+
+    let (r, f) = case("insert", &|l| {
+        let dup = l[mid].clone();
+        l.insert(mid + 1, dup);
+    });
+    let e = errors(&r);
+    assert!(!r.ok() && e.contains("inserted"), "{e}");
+    assert!(e.contains(&at(&f, mid + 2)), "insertion located: {e}");
+
+    let (r, f) = case("reorder", &|l| l.swap(mid, mid + 1));
+    let e = errors(&r);
+    assert!(!r.ok(), "reorder undetected");
+    assert!(e.contains(&at(&f, mid + 1)), "reorder located: {e}");
+
+    let (r, _) = case("truncate", &|l| l.truncate(n - 3));
+    let e = errors(&r);
+    assert!(!r.ok() && e.contains("unsealed tail"), "{e}");
+    assert!(e.contains(&format!("ends at seq {}", n - 3)), "{e}");
+
+    // A forger who re-hashes the whole chain after an edit is caught by the checkpoints...
+    let (r, _) = case("rechain", &|l| {
+        l[mid] = l[mid].replace("\"outcome\":\"ok\"", "\"outcome\":\"error\"");
+        rechain(l, mid, false);
+    });
+    let e = errors(&r);
+    assert!(!r.ok() && e.contains("were rewritten"), "{e}");
+    // ... and one who also rewrites what the checkpoints cover, by their signatures.
+    let (r, _) = case("rechain-sig", &|l| {
+        l[mid] = l[mid].replace("\"outcome\":\"ok\"", "\"outcome\":\"error\"");
+        rechain(l, mid, true);
+    });
+    let e = errors(&r);
+    assert!(!r.ok() && e.contains("signature does not verify"), "{e}");
+    // Without the public key the chain alone cannot tell (and verify says so).
+    let (r, _) = {
+        let dir = env.dir.path().join("tamper-nokey");
+        let copy = copy_files(&files, &dir);
+        let mut l = orig.clone();
+        l[mid] = l[mid].replace("\"outcome\":\"ok\"", "\"outcome\":\"error\"");
+        rechain(&mut l, mid, true);
+        write_lines(&copy[0], &l);
+        (verify_files(&copy, &Options::default()), ())
+    };
+    assert!(
+        r.findings
+            .iter()
+            .any(|f| f.message.contains("signatures not checked"))
+    );
+
+    // The CLI fails on a tampered file and names the line.
+    let out = Command::new(env!("CARGO_BIN_EXE_piiguard"))
+        .args(["audit", "verify"])
+        .arg(
+            env.dir
+                .path()
+                .join("tamper-edit")
+                .join(files[0].file_name().unwrap()),
+        )
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!(":{} (", mid + 1)) && text.contains("FAILED"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_crash_restart_and_fail_closed() {
+    let env = TestEnv::start().await;
+    let small = env_of(&[
+        ("PIIGUARD_AUDIT__ROTATE_BYTES", "2048"),
+        ("PIIGUARD_AUDIT__CHECKPOINT_SECS", "1"),
+    ]);
+    let mut server = env.server_env("r", "", small.clone()).await;
+    let mut c = env.client(&server, "orders").await;
+    for i in 0..20 {
+        c.encrypt(enc("crm", &format!("cust-r{i}"), "email", b"r@example.com"))
+            .await
+            .unwrap();
+    }
+    wait_for_record(&server, "checkpoint", |r| r["kind"] == "checkpoint").await;
+    // Crash: no final seal.
+    let pid = server.pid();
+    Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    server.stop();
+    server.start().await;
+    let mut c = env.client(&server, "orders").await;
+    for i in 0..5 {
+        c.encrypt(enc("crm", &format!("cust-s{i}"), "email", b"s@example.com"))
+            .await
+            .unwrap();
+    }
+    let files = server.audit_files();
+    assert!(files.len() >= 3, "rotation made several files: {files:?}");
+    let recs = server.audit_records();
+    let restart = recs
+        .iter()
+        .find(|r| r["kind"] == "segment_start" && r["prev_clean"] == false)
+        .expect("the restart records the unclean end of the previous run");
+    assert!(
+        restart["detail"]
+            .as_str()
+            .unwrap()
+            .contains("without a final checkpoint")
+    );
+
+    // Fail closed: the audit folder becomes unwritable (replaced by a file), so the next
+    // rotation fails; data calls are refused with UNAVAILABLE / AUDIT_UNAVAILABLE.
+    let moved = env.dir.path().join("audit-r.moved");
+    std::fs::rename(&server.audit_dir, &moved).unwrap();
+    std::fs::write(&server.audit_dir, b"not a folder").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let refused = loop {
+        match c
+            .encrypt(enc("crm", "cust-f", "email", b"f@example.com"))
+            .await
+        {
+            Ok(_) => {}
+            Err(e) => break e,
+        }
+        assert!(Instant::now() < deadline, "calls never failed closed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert_eq!(reason(&refused), "AUDIT_UNAVAILABLE");
+    assert!(server.log_text().contains("audit_unavailable"));
+
+    // The folder comes back: writing resumes, calls succeed again, the chain continues.
+    std::fs::remove_file(&server.audit_dir).unwrap();
+    std::fs::create_dir(&server.audit_dir).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c
+        .encrypt(enc("crm", "cust-g", "email", b"g@example.com"))
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "calls never resumed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    server.stop();
+    let mut all = piiguard::audit::writer::list_files(&moved);
+    all.extend(server.audit_files());
+    let opts = Options {
+        public_keys: env.signing_public_keys().await,
+        allow_open_tail: false,
+    };
+    let r = verify_files(&all, &opts);
+    assert!(r.ok(), "{}", errors(&r));
+    // verify reports the crash (warning) and where.
+    assert!(
+        r.findings.iter().any(|f| f
+            .message
+            .contains("previous file ended without a final checkpoint")),
+        "{:?}",
+        r.findings
+    );
+    let records: Vec<Value> = all
+        .iter()
+        .flat_map(|f| lines(f))
+        .map(|l| serde_json::from_str(&l).unwrap())
+        .collect();
+    assert!(
+        records
+            .iter()
+            .any(|r| r["kind"] == "alarm" && r["event"] == "audit_unavailable")
+    );
+    assert!(records.iter().any(|r| r["event"] == "audit_recovered"));
+
+    // A whole file missing from the middle is found.
+    let mut gap = all.clone();
+    gap.remove(1);
+    let r = verify_files(&gap, &opts);
+    assert!(errors(&r).contains("records missing"), "{}", errors(&r));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_removes_old_files_and_verify_notes_the_cut() {
+    let env = TestEnv::start().await;
+    let short = env_of(&[
+        ("PIIGUARD_AUDIT__RETENTION_DAYS", "1"),
+        ("PIIGUARD_AUDIT__ALLOW_RETENTION_UNDER_90_DAYS", "true"),
+    ]);
+    let mut server = env.server_env("t", "", short.clone()).await;
+    let mut c = env.client(&server, "orders").await;
+    c.encrypt(enc("crm", "cust-t", "email", b"t@example.com"))
+        .await
+        .unwrap();
+    server.stop();
+    let first = server.audit_files();
+    assert_eq!(first.len(), 1);
+    // Make the first file three days old; the next start prunes it.
+    let st = Command::new("touch")
+        .args(["-d", "3 days ago"])
+        .arg(&first[0])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    server.start().await;
+    wait_for_record(&server, "audit_retention", |r| {
+        r["event"] == "audit_retention"
+    })
+    .await;
+    assert!(!first[0].exists(), "old file removed");
+    server.stop();
+    let r = verify_files(
+        &server.audit_files(),
+        &Options {
+            public_keys: env.signing_public_keys().await,
+            allow_open_tail: false,
+        },
+    );
+    assert!(r.ok(), "{}", errors(&r));
+    assert!(
+        r.findings
+            .iter()
+            .any(|f| f.message.contains("not at its beginning")),
+        "{:?}",
+        r.findings
+    );
+
+    // Under 90 days without the override: refused before binding any port (exit 78).
+    let cfg = env.dir.path().join("t.toml");
+    let out = Command::new(env!("CARGO_BIN_EXE_piiguard"))
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .env("PIIGUARD_AUDIT__RETENTION_DAYS", "30")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("under the 90 days"));
+}

@@ -1,0 +1,221 @@
+//! Keys survive restarts, Vault outages are reported and recovered from, and concurrent first
+//! use of a subject creates exactly one DEK, also across two piiguard processes.
+
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+use piiguard::crypto::envelope;
+use tonic::Code;
+
+fn key_id(ct: &[u8]) -> [u8; 16] {
+    let mut s = Vec::new();
+    envelope::parse(ct, &mut s).unwrap().header.key_id.0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_loses_no_key() {
+    let env = TestEnv::start().await;
+    let mut server = env.server("r", "").await;
+    let mut c = env.client(&server, "orders").await;
+    let ct = c
+        .encrypt(enc("orders", "cust-restart", "email", b"r@example.com"))
+        .await
+        .unwrap()
+        .into_inner()
+        .ciphertext;
+    server.stop();
+    server.start().await;
+    let mut c = env.client(&server, "orders").await;
+    assert_eq!(
+        c.decrypt(dec("email", &ct))
+            .await
+            .unwrap()
+            .into_inner()
+            .plaintext,
+        b"r@example.com"
+    );
+    // Same subject after restart: same DEK (loaded from Vault, not recreated).
+    let ct2 = c
+        .encrypt(enc("orders", "cust-restart", "email", b"r2@example.com"))
+        .await
+        .unwrap()
+        .into_inner()
+        .ciphertext;
+    assert_eq!(key_id(&ct), key_id(&ct2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vault_outage_gives_unavailable_then_recovers() {
+    let mut env = TestEnv::start().await;
+    let server = env.server("v", "").await;
+    let mut c = env.client(&server, "orders").await;
+    let warm = c
+        .encrypt(enc("orders", "cust-warm", "email", b"w@example.com"))
+        .await
+        .unwrap()
+        .into_inner()
+        .ciphertext;
+
+    env.bao.stop();
+    // Cached subjects keep working while Vault is down (bounded by the cache TTLs).
+    assert_eq!(
+        c.decrypt(dec("email", &warm))
+            .await
+            .unwrap()
+            .into_inner()
+            .plaintext,
+        b"w@example.com"
+    );
+    assert!(
+        c.encrypt(enc("orders", "cust-warm", "email", b"x"))
+            .await
+            .is_ok()
+    );
+    // A new subject needs Vault: UNAVAILABLE with a stable reason, nothing leaked.
+    let e = c
+        .encrypt(enc("orders", "cust-cold", "email", b"c@example.com"))
+        .await
+        .expect_err("Vault is down");
+    assert_eq!(e.code(), Code::Unavailable);
+    assert_eq!(reason(&e), "VAULT_UNAVAILABLE");
+    assert!(
+        !e.message().contains("127.0.0.1"),
+        "internal detail leaked: {}",
+        e.message()
+    );
+
+    env.bao.restart().await.expect("restart OpenBao");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let ct = loop {
+        match c
+            .encrypt(enc("orders", "cust-cold", "email", b"c@example.com"))
+            .await
+        {
+            Ok(r) => break r.into_inner().ciphertext,
+            Err(e) => {
+                assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+                assert!(Instant::now() < deadline, "did not recover: {e:?}");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    };
+    assert_eq!(
+        c.decrypt(dec("email", &ct))
+            .await
+            .unwrap()
+            .into_inner()
+            .plaintext,
+        b"c@example.com"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_use_creates_one_dek_across_processes() {
+    let env = TestEnv::start().await;
+    let a = env.server("a", "").await;
+    let b = env.server("b", "").await;
+    let ca = env.client(&a, "orders").await;
+    let cb = env.client(&b, "orders").await;
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let mut c = if i % 2 == 0 { ca.clone() } else { cb.clone() };
+        tasks.push(tokio::spawn(async move {
+            c.encrypt(enc(
+                "orders",
+                "cust-race",
+                "email",
+                format!("v{i}").as_bytes(),
+            ))
+            .await
+            .map(|r| r.into_inner().ciphertext)
+        }));
+    }
+    let mut cts = Vec::new();
+    for t in tasks {
+        cts.push(t.await.unwrap().expect("encrypt"));
+    }
+    let first = key_id(&cts[0]);
+    assert!(
+        cts.iter().all(|c| key_id(c) == first),
+        "more than one key id used"
+    );
+    // Every ciphertext decrypts on either process.
+    for (i, ct) in cts.iter().enumerate() {
+        let mut c = if i % 2 == 0 { cb.clone() } else { ca.clone() };
+        assert_eq!(
+            c.decrypt(dec("email", ct))
+                .await
+                .unwrap()
+                .into_inner()
+                .plaintext,
+            format!("v{i}").as_bytes()
+        );
+    }
+    // Vault holds exactly one DEK record for the keyspace (losers' records were removed).
+    let recs = env.list_dek_records("orders").await;
+    assert_eq!(
+        recs,
+        vec![hex::encode(first)],
+        "DEK records in Vault: {recs:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_file_auth_is_renewed_before_it_expires() {
+    let env = TestEnv::start().await;
+    // A renewable token with piiguard's policy and a 6 s TTL, as a Vault Agent sink would
+    // write it.
+    let admin = env.bao.client().unwrap();
+    let (status, v) = admin
+        .raw(
+            reqwest::Method::POST,
+            "auth/token/create",
+            Some(&serde_json::json!({
+                "policies": ["piiguard"],
+                "ttl": "6s",
+                "explicit_max_ttl": "10m",
+                "renewable": true,
+                "no_parent": true,
+            })),
+            Some(env.bao.root_token()),
+        )
+        .await
+        .unwrap();
+    assert!(status.is_success(), "{v}");
+    let token_file = env.dir.path().join("vault-token");
+    piiguard::setup::pki::write_file(
+        &token_file,
+        v["auth"]["client_token"].as_str().unwrap().as_bytes(),
+        true,
+    )
+    .unwrap();
+    let server = env
+        .server_custom("tokenfile", "", Vec::new(), |toml| {
+            let start = toml.find("[vault.auth]").unwrap();
+            let end = start + toml[start..].find("\n\n").unwrap();
+            format!(
+                "{}[vault.auth]\nmethod = \"token_file\"\ntoken_file = \"{}\"{}",
+                &toml[..start],
+                token_file.display(),
+                &toml[end..]
+            )
+        })
+        .await;
+    let mut c = env.client(&server, "orders").await;
+    assert!(
+        c.encrypt(enc("orders", "tok-0", "email", b"a"))
+            .await
+            .is_ok()
+    );
+    // Past the token's first TTL: a new subject needs Vault, so this works only if the
+    // renewal task kept the token alive.
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    let r = c.encrypt(enc("orders", "tok-1", "email", b"b")).await;
+    assert!(
+        r.is_ok(),
+        "token expired: {:?}\n{}",
+        r.err(),
+        server.log_text()
+    );
+    assert!(server.log_text().contains("using Vault token from file"));
+}

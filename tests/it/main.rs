@@ -1,0 +1,19 @@
+//! The one integration test binary: real OpenBao (HTTPS, Raft), real PostgreSQL and real
+//! `piiguard serve` processes over mutual TLS on 127.0.0.1, plus the architecture check.
+//! Each suite is a module; `common` starts the parts they share.
+
+mod common;
+
+mod alarms;
+mod architecture;
+mod audit;
+mod crypto_api;
+mod erasure;
+mod golden_vectors;
+mod lifecycle;
+mod mtls;
+mod policy;
+mod shred_stream;
+mod signing;
+mod store;
+mod tokens;

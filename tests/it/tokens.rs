@@ -1,0 +1,891 @@
+//! Tokenisation end to end: real OpenBao, real SQLite store, real `piiguard serve` over mTLS.
+
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+use piiguard::pb;
+use piiguard::pb::tokens_client::TokensClient;
+use piiguard::store::Store;
+use tonic::Code;
+use tonic::transport::Channel;
+
+type Client = TokensClient<Channel>;
+
+async fn tokens(env: &TestEnv, server: &Server) -> Client {
+    TokensClient::new(env.channel(server, "orders").await)
+        .max_decoding_message_size(64 * 1024 * 1024)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn req(
+    ks: &str,
+    subject: &str,
+    field: &str,
+    value: &str,
+    format: pb::TokenFormat,
+    mode: pb::TokenMode,
+    keep_last: u32,
+    ttl: u64,
+) -> pb::TokenizeRequest {
+    pb::TokenizeRequest {
+        keyspace: ks.into(),
+        subject: subject.into(),
+        field: field.into(),
+        value: value.into(),
+        format: format as i32,
+        mode: mode as i32,
+        keep_last,
+        ttl_seconds: ttl,
+    }
+}
+
+fn det(subject: &str, field: &str, value: &str, format: pb::TokenFormat) -> pb::TokenizeRequest {
+    req(
+        "orders",
+        subject,
+        field,
+        value,
+        format,
+        pb::TokenMode::Deterministic,
+        0,
+        0,
+    )
+}
+
+fn rnd(subject: &str, field: &str, value: &str, format: pb::TokenFormat) -> pb::TokenizeRequest {
+    req(
+        "orders",
+        subject,
+        field,
+        value,
+        format,
+        pb::TokenMode::Random,
+        0,
+        0,
+    )
+}
+
+async fn tokenize(c: &mut Client, r: pb::TokenizeRequest) -> String {
+    c.tokenize(r).await.unwrap().into_inner().token
+}
+
+async fn detokenize(c: &mut Client, token: &str) -> Result<pb::DetokenizeResponse, tonic::Status> {
+    c.detokenize(pb::DetokenizeRequest {
+        keyspace: "orders".into(),
+        token: token.into(),
+    })
+    .await
+    .map(|r| r.into_inner())
+}
+
+async fn value_of(c: &mut Client, token: &str) -> String {
+    detokenize(c, token).await.unwrap().value
+}
+
+/// The error of a call that must fail (responses carry values, so they have no `Debug`).
+fn err<T>(r: Result<T, tonic::Status>) -> tonic::Status {
+    match r {
+        Ok(_) => panic!("the call succeeded; an error was expected"),
+        Err(e) => e,
+    }
+}
+
+async fn store(env: &TestEnv) -> Store {
+    let url = format!("sqlite://{}", env.dir.path().join("piiguard.db").display());
+    Store::open(&url).await.unwrap()
+}
+
+/// Every byte of the store's files (database and WAL).
+fn store_bytes(env: &TestEnv) -> Vec<u8> {
+    let mut all = Vec::new();
+    for entry in std::fs::read_dir(env.dir.path()).unwrap() {
+        let p = entry.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        if name.starts_with("piiguard.db") {
+            all.extend(std::fs::read(&p).unwrap());
+        }
+    }
+    all
+}
+
+fn contains(hay: &[u8], needle: &str) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn formats_round_trip_keep_their_shape_and_modes_hold() {
+    use pb::TokenFormat as F;
+    let env = TestEnv::start().await;
+    let server = env.server("s", "").await;
+    let mut c = tokens(&env, &server).await;
+
+    // Opaque.
+    let t = tokenize(&mut c, rnd("cust-tok-1", "name", "Alice Smith", F::Opaque)).await;
+    assert!(t.starts_with("pgt_") && t.len() == 26, "{t}");
+    let back = detokenize(&mut c, &t).await.unwrap();
+    assert_eq!(
+        (back.value.as_str(), back.field.as_str()),
+        ("Alice Smith", "name")
+    );
+    // Unspecified format is opaque.
+    let t0 = tokenize(
+        &mut c,
+        rnd("cust-tok-1", "name", "Alice Smith", F::Unspecified),
+    )
+    .await;
+    assert!(t0.starts_with("pgt_"));
+
+    // Digits: a 16-digit card keeps its length and last 4.
+    let card = "4111111111111111";
+    let mut r = rnd("cust-tok-1", "card_number", card, F::Digits);
+    r.keep_last = 4;
+    let t = tokenize(&mut c, r).await;
+    assert_eq!(t.len(), 16);
+    assert!(t.bytes().all(|b| b.is_ascii_digit()), "{t}");
+    assert!(t.ends_with("1111") && t != card);
+    assert_eq!(value_of(&mut c, &t).await, card);
+    // A phone number keeps its length.
+    let t = tokenize(
+        &mut c,
+        rnd("cust-tok-1", "phone", "4915112345678", F::Digits),
+    )
+    .await;
+    assert!(t.len() == 13 && t.bytes().all(|b| b.is_ascii_digit()));
+    assert_eq!(value_of(&mut c, &t).await, "4915112345678");
+
+    // Email: a valid address with the same domain.
+    let t = tokenize(
+        &mut c,
+        rnd("cust-tok-1", "email", "alice.smith@example.com", F::Email),
+    )
+    .await;
+    let (local, domain) = t.split_once('@').unwrap();
+    assert_eq!(domain, "example.com");
+    assert!(!local.is_empty() && local.bytes().all(|b| b.is_ascii_alphanumeric()));
+    assert_ne!(local, "alice.smith");
+    assert_eq!(value_of(&mut c, &t).await, "alice.smith@example.com");
+
+    // FF1: same shape, separators kept; short values get a stored random token of that shape.
+    let iban = "DE89-3704-0044-0532-0130-00";
+    let t = tokenize(&mut c, rnd("cust-tok-1", "iban", iban, F::Ff1)).await;
+    assert_eq!(t.len(), iban.len());
+    assert_ne!(t, iban);
+    for (a, b) in t.bytes().zip(iban.bytes()) {
+        assert_eq!(
+            a.is_ascii_digit() || a.is_ascii_uppercase(),
+            b.is_ascii_alphanumeric()
+        );
+        if b == b'-' {
+            assert_eq!(a, b'-');
+        }
+    }
+    assert_eq!(value_of(&mut c, &t).await, iban);
+    let t = tokenize(&mut c, rnd("cust-tok-1", "pin", "12-34", F::Ff1)).await;
+    assert!(t.len() == 5 && &t[2..3] == "-", "{t}");
+    assert_eq!(value_of(&mut c, &t).await, "12-34");
+
+    // Deterministic: same keyspace + field + value -> same token, whoever the subject.
+    for f in [F::Opaque, F::Digits, F::Email] {
+        let v = if f == F::Email {
+            "bob@example.org"
+        } else {
+            "5500000000000004"
+        };
+        let a = tokenize(&mut c, det("cust-tok-2", "pii", v, f)).await;
+        let b = tokenize(&mut c, det("cust-tok-2", "pii", v, f)).await;
+        let other_subject = tokenize(&mut c, det("cust-tok-3", "pii", v, f)).await;
+        assert_eq!(a, b, "{f:?}");
+        assert_eq!(a, other_subject, "{f:?}");
+        assert_eq!(value_of(&mut c, &a).await, v);
+        // Another field, or random mode, gives another token.
+        assert_ne!(a, tokenize(&mut c, det("cust-tok-2", "pii2", v, f)).await);
+        let r1 = tokenize(&mut c, rnd("cust-tok-2", "pii", v, f)).await;
+        let r2 = tokenize(&mut c, rnd("cust-tok-2", "pii", v, f)).await;
+        assert_ne!(r1, r2, "{f:?}");
+        assert_ne!(r1, a, "{f:?}");
+    }
+    // FF1 is deterministic per subject (the subject's key is in the tweak).
+    let a = tokenize(&mut c, det("cust-tok-2", "acct", "ACCT-00123456", F::Ff1)).await;
+    assert_eq!(
+        a,
+        tokenize(&mut c, det("cust-tok-2", "acct", "ACCT-00123456", F::Ff1)).await
+    );
+    assert_ne!(
+        a,
+        tokenize(&mut c, det("cust-tok-3", "acct", "ACCT-00123456", F::Ff1)).await
+    );
+
+    // The store holds no value, no raw subject id and no token.
+    let bytes = store_bytes(&env);
+    assert!(!bytes.is_empty());
+    for needle in [
+        "Alice Smith",
+        "alice.smith",
+        card,
+        "4915112345678",
+        iban,
+        "ACCT-00123456",
+        "cust-tok-1",
+        "cust-tok-2",
+        a.as_str(),
+        t0.as_str(),
+    ] {
+        assert!(!contains(&bytes, needle), "store contains {needle:?}");
+    }
+    // Nor does the server log (debug level here): no value, subject id or token.
+    let log = server.log_text();
+    assert!(
+        log.contains("\"method\":\"Tokenize\""),
+        "debug call log present"
+    );
+    assert!(
+        log.contains("\"method\":\"Detokenize\""),
+        "debug call log present"
+    );
+    for needle in [
+        "Alice Smith",
+        "alice.smith",
+        card,
+        iban,
+        "ACCT-00123456",
+        "cust-tok-1",
+        a.as_str(),
+        t0.as_str(),
+    ] {
+        assert!(!log.contains(needle), "log contains {needle:?}");
+    }
+}
+
+/// Deterministic tokens are read first (no write when nothing changes); concurrent calls
+/// share group commits and each gets a token whose mapping is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deterministic_reads_first_and_concurrent_calls_share_commits() {
+    use pb::TokenFormat as F;
+    let env = TestEnv::start().await;
+    let server = env.server("s", "").await;
+    let mut c = tokens(&env, &server).await;
+    let counts = || async { store(&env).await.token_counts("orders").await.unwrap() };
+
+    let a = tokenize(
+        &mut c,
+        det("cust-rf-1", "email", "rf@example.com", F::Opaque),
+    )
+    .await;
+    let after_first = counts().await;
+    for _ in 0..5 {
+        assert_eq!(
+            a,
+            tokenize(
+                &mut c,
+                det("cust-rf-1", "email", "rf@example.com", F::Opaque)
+            )
+            .await
+        );
+    }
+    // A TTL does not shorten a token without expiry ("none beats any"): still no write.
+    let mut r = det("cust-rf-1", "email", "rf@example.com", F::Opaque);
+    r.ttl_seconds = 100;
+    let t = c.tokenize(r).await.unwrap().into_inner();
+    assert_eq!((t.token.as_str(), t.expires_at), (a.as_str(), 0));
+    assert_eq!(counts().await, after_first, "repeats wrote no rows");
+
+    // A later expiry is still written: the token keeps the later one.
+    let mut r = det("cust-rf-1", "email", "ttl-rf@example.com", F::Opaque);
+    r.ttl_seconds = 100;
+    let t1 = c.tokenize(r.clone()).await.unwrap().into_inner();
+    r.ttl_seconds = 5000;
+    let t2 = c.tokenize(r.clone()).await.unwrap().into_inner();
+    assert_eq!(t1.token, t2.token);
+    assert!(
+        t2.expires_at >= t1.expires_at + 4000,
+        "{} {}",
+        t1.expires_at,
+        t2.expires_at
+    );
+    r.ttl_seconds = 100;
+    let t3 = c.tokenize(r).await.unwrap().into_inner();
+    assert_eq!(t3.expires_at, t2.expires_at, "the later expiry wins");
+
+    // 40 concurrent calls: one new deterministic value from 10 subjects, and 20 random tokens.
+    let before = counts().await;
+    let mut calls = Vec::new();
+    for i in 0..40 {
+        let mut c = c.clone();
+        calls.push(tokio::spawn(async move {
+            let r = if i < 20 {
+                det(
+                    &format!("cust-rf-{}", i % 10),
+                    "email",
+                    "burst@example.com",
+                    F::Opaque,
+                )
+            } else {
+                rnd(
+                    &format!("cust-rf-{i}"),
+                    "email",
+                    &format!("v{i}@example.com"),
+                    F::Opaque,
+                )
+            };
+            (i, c.tokenize(r).await.unwrap().into_inner().token)
+        }));
+    }
+    let mut det_tokens = std::collections::HashSet::new();
+    let mut rnd_tokens = Vec::new();
+    for call in calls {
+        let (i, t) = call.await.unwrap();
+        if i < 20 {
+            det_tokens.insert(t);
+        } else {
+            rnd_tokens.push((i, t));
+        }
+    }
+    assert_eq!(det_tokens.len(), 1, "one token per deterministic value");
+    let burst = det_tokens.into_iter().next().unwrap();
+    assert_eq!(value_of(&mut c, &burst).await, "burst@example.com");
+    for (i, t) in &rnd_tokens {
+        assert_eq!(value_of(&mut c, t).await, format!("v{i}@example.com"));
+    }
+    let after = counts().await;
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (10 + 20, 1 + 20),
+        "one value per subject, one row per token"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_service_has_health_and_reflection() {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let env = TestEnv::start().await;
+    let server = env.server("s", "").await;
+    let ch = env.channel(&server, "orders").await;
+    let st = tonic_health::pb::health_client::HealthClient::new(ch.clone())
+        .check(HealthCheckRequest {
+            service: "piiguard.v1.Tokens".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(st.status, ServingStatus::Serving as i32);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::FileContainingSymbol(
+            "piiguard.v1.Tokens".into(),
+        )),
+    };
+    let mut stream = ServerReflectionClient::new(ch)
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let resp = stream.message().await.unwrap().unwrap();
+    let Some(MessageResponse::FileDescriptorResponse(fd)) = resp.message_response else {
+        panic!("reflection does not know piiguard.v1.Tokens");
+    };
+    assert!(!fd.file_descriptor_proto.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_malformed_bad_input_and_expired_tokens() {
+    use pb::TokenFormat as F;
+    let env = TestEnv::start().await;
+    let server = env.server("s", "").await;
+    let mut c = tokens(&env, &server).await;
+
+    let e = err(detokenize(&mut c, "pgt_AAAAAAAAAAAAAAAAAAAAAA").await);
+    assert_eq!(
+        (e.code(), reason(&e).as_str()),
+        (Code::NotFound, "UNKNOWN_TOKEN")
+    );
+    let e = err(detokenize(&mut c, "4111222233334444").await);
+    assert_eq!(reason(&e), "UNKNOWN_TOKEN");
+    let long = "x".repeat(400);
+    for bad in ["", "pgt_short", "tab\there", "caf\u{e9}", long.as_str()] {
+        let e = err(detokenize(&mut c, bad).await);
+        assert_eq!(
+            (e.code(), reason(&e).as_str()),
+            (Code::InvalidArgument, "MALFORMED_TOKEN"),
+            "{bad:?}"
+        );
+    }
+    // A token of another keyspace is unknown here.
+    let t = tokenize(&mut c, rnd("cust-x", "name", "Zed", F::Opaque)).await;
+    let e = err(c
+        .detokenize(pb::DetokenizeRequest {
+            keyspace: "crm".into(),
+            token: t.clone(),
+        })
+        .await);
+    assert_eq!(reason(&e), "UNKNOWN_TOKEN");
+
+    // Values that do not fit their format are refused and change nothing.
+    let before = store(&env).await.token_counts("orders").await.unwrap();
+    let mut r = rnd("cust-x", "card", "4111-1111", F::Digits);
+    r.keep_last = 0;
+    for (r, want) in [
+        (r, "UNSUPPORTED_FORMAT"),
+        (
+            req(
+                "orders",
+                "cust-x",
+                "card",
+                "1234",
+                F::Digits,
+                pb::TokenMode::Random,
+                4,
+                0,
+            ),
+            "UNSUPPORTED_FORMAT",
+        ),
+        (
+            rnd("cust-x", "email", "not-an-address", F::Email),
+            "UNSUPPORTED_FORMAT",
+        ),
+        (
+            rnd("cust-x", "email", "a@localhost", F::Email),
+            "UNSUPPORTED_FORMAT",
+        ),
+        (rnd("cust-x", "x", "---", F::Ff1), "UNSUPPORTED_FORMAT"),
+        (rnd("cust-x", "x", "", F::Opaque), "UNSUPPORTED_FORMAT"),
+        (
+            req(
+                "orders",
+                "cust-x",
+                "x",
+                "v",
+                F::Opaque,
+                pb::TokenMode::Random,
+                2,
+                0,
+            ),
+            "UNSUPPORTED_FORMAT",
+        ),
+        (rnd("", "x", "v", F::Opaque), "INVALID_REQUEST"),
+        (
+            rnd("cust-x", "bad field!", "v", F::Opaque),
+            "INVALID_REQUEST",
+        ),
+        (
+            req(
+                "nope",
+                "cust-x",
+                "x",
+                "v",
+                F::Opaque,
+                pb::TokenMode::Random,
+                0,
+                0,
+            ),
+            "UNKNOWN_KEYSPACE",
+        ),
+    ] {
+        let e = err(c.tokenize(r).await);
+        assert_eq!(
+            (e.code(), reason(&e).as_str()),
+            (Code::InvalidArgument, want)
+        );
+    }
+    let mut r = rnd("cust-x", "x", "v", F::Opaque);
+    r.format = 99;
+    assert_eq!(reason(&err(c.tokenize(r).await)), "UNSUPPORTED_FORMAT");
+    assert_eq!(
+        store(&env).await.token_counts("orders").await.unwrap(),
+        before
+    );
+
+    // TTL: the short-lived token expires (NOT_FOUND TOKEN_EXPIRED) and its value is purged;
+    // the long-lived one still works.
+    let long = c
+        .tokenize(req(
+            "orders",
+            "cust-ttl",
+            "email",
+            "ttl@example.com",
+            F::Email,
+            pb::TokenMode::Random,
+            0,
+            3600,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    // Counted before the short-lived token exists, so whoever purges it (the periodic purge
+    // or Detokenize) the count below is the same.
+    let (values_before, _) = store(&env).await.token_counts("orders").await.unwrap();
+    let short = c
+        .tokenize(req(
+            "orders",
+            "cust-ttl",
+            "email",
+            "ttl@example.com",
+            F::Email,
+            pb::TokenMode::Random,
+            0,
+            1,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(short.expires_at > 0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let e = loop {
+        match detokenize(&mut c, &short.token).await {
+            Ok(v) => assert_eq!(v.value, "ttl@example.com"),
+            Err(e) => break e,
+        }
+        assert!(Instant::now() < deadline, "token never expired");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(
+        (e.code(), reason(&e).as_str()),
+        (Code::NotFound, "TOKEN_EXPIRED")
+    );
+    let e = err(detokenize(&mut c, &short.token).await);
+    assert_eq!(reason(&e), "TOKEN_EXPIRED", "still expired after the purge");
+    let (values_after, _) = store(&env).await.token_counts("orders").await.unwrap();
+    assert_eq!(values_after, values_before, "the expired value was purged");
+    assert_eq!(value_of(&mut c, &long.token).await, "ttl@example.com");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shred_kills_a_subjects_tokens_and_purges_its_rows() {
+    use pb::TokenFormat as F;
+    let env = TestEnv::start().await;
+    let server = env.server("s", "").await;
+    let mut c = tokens(&env, &server).await;
+    let mut e = env.erasure(&server).await;
+
+    let mut card = rnd("cust-shred", "card", "4111111111111111", F::Digits);
+    card.keep_last = 4;
+    let mine = vec![
+        tokenize(&mut c, rnd("cust-shred", "name", "Carol", F::Opaque)).await,
+        tokenize(&mut c, card).await,
+        tokenize(
+            &mut c,
+            det("cust-shred", "email", "carol@example.com", F::Email),
+        )
+        .await,
+        tokenize(&mut c, rnd("cust-shred", "acct", "ACCT-99887766", F::Ff1)).await,
+    ];
+    // A deterministic token that another subject shares, and one of another subject only.
+    let shared = tokenize(&mut c, det("cust-shred", "city", "Berlin", F::Opaque)).await;
+    assert_eq!(
+        shared,
+        tokenize(&mut c, det("cust-keep", "city", "Berlin", F::Opaque)).await
+    );
+    let other = tokenize(&mut c, rnd("cust-keep", "name", "Dave", F::Opaque)).await;
+    for t in &mine {
+        detokenize(&mut c, t).await.unwrap();
+    }
+    let (values_before, _) = store(&env).await.token_counts("orders").await.unwrap();
+
+    let r = e
+        .shred(pb::ShredRequest {
+            subject: "cust-shred".into(),
+            keyspace: "orders".into(),
+            reason: "GDPR art. 17".into(),
+            request_id: "tok-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.keyspaces[0].outcome, pb::ShredOutcome::Shredded as i32);
+
+    for t in &mine {
+        let err = err(detokenize(&mut c, t).await);
+        assert_eq!(
+            (err.code(), reason(&err).as_str()),
+            (Code::FailedPrecondition, "SUBJECT_SHREDDED")
+        );
+    }
+    // Batch answers the same, item by item.
+    let b = c
+        .detokenize_batch(pb::DetokenizeBatchRequest {
+            items: mine
+                .iter()
+                .map(|t| pb::DetokenizeRequest {
+                    keyspace: "orders".into(),
+                    token: t.clone(),
+                })
+                .collect(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for r in b.results {
+        match r.result.unwrap() {
+            pb::detokenize_result::Result::Error(e) => assert_eq!(e.reason, "SUBJECT_SHREDDED"),
+            pb::detokenize_result::Result::Value(_) => panic!("a shredded token detokenised"),
+        }
+    }
+    // The other subject keeps its data, including the value it shares.
+    assert_eq!(value_of(&mut c, &shared).await, "Berlin");
+    assert_eq!(value_of(&mut c, &other).await, "Dave");
+    // The shredded subject's five sealed values are gone from the store.
+    let (values_after, _) = store(&env).await.token_counts("orders").await.unwrap();
+    assert_eq!(values_after, values_before - 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_with_bad_items_and_a_deterministic_batch_without_collisions() {
+    use pb::TokenFormat as F;
+    let env = TestEnv::start().await;
+    let server = env.server("s", "").await;
+    let mut c = tokens(&env, &server).await;
+
+    let mut bad_format = rnd("cust-b", "x", "v", F::Opaque);
+    bad_format.format = 42;
+    let items = vec![
+        rnd("cust-b", "name", "Erin", F::Opaque),
+        rnd("cust-b", "card", "12ab", F::Digits),
+        req(
+            "nope",
+            "cust-b",
+            "name",
+            "Erin",
+            F::Opaque,
+            pb::TokenMode::Random,
+            0,
+            0,
+        ),
+        bad_format,
+        rnd("cust-b", "email", "erin@example.net", F::Email),
+        rnd("", "name", "Erin", F::Opaque),
+    ];
+    let res = c
+        .tokenize_batch(pb::TokenizeBatchRequest { items })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(res.len(), 6);
+    let mut good = Vec::new();
+    for (i, want) in [
+        None,
+        Some("UNSUPPORTED_FORMAT"),
+        Some("UNKNOWN_KEYSPACE"),
+        Some("UNSUPPORTED_FORMAT"),
+        None,
+        Some("INVALID_REQUEST"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        match (res[i].result.clone().unwrap(), want) {
+            (pb::tokenize_result::Result::Token(t), None) => good.push(t.token),
+            (pb::tokenize_result::Result::Error(e), Some(w)) => {
+                assert_eq!(e.reason, w, "item {i}");
+                assert_eq!(e.code, Code::InvalidArgument as i32);
+            }
+            _ => panic!("item {i}: unexpected result, wanted {want:?}"),
+        }
+    }
+    let items: Vec<_> = [
+        good[0].as_str(),
+        "pgt_!!",
+        "pgt_BBBBBBBBBBBBBBBBBBBBBA",
+        good[1].as_str(),
+    ]
+    .iter()
+    .map(|t| pb::DetokenizeRequest {
+        keyspace: "orders".into(),
+        token: t.to_string(),
+    })
+    .collect();
+    let res = c
+        .detokenize_batch(pb::DetokenizeBatchRequest { items })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    let outcome: Vec<String> = res
+        .into_iter()
+        .map(|r| match r.result.unwrap() {
+            pb::detokenize_result::Result::Value(v) => v.value,
+            pb::detokenize_result::Result::Error(e) => e.reason,
+        })
+        .collect();
+    assert_eq!(
+        outcome,
+        [
+            "Erin",
+            "MALFORMED_TOKEN",
+            "UNKNOWN_TOKEN",
+            "erin@example.net"
+        ]
+    );
+
+    // 1,000 distinct card numbers, deterministic DIGITS keeping the last 4: 1,000 distinct
+    // tokens, the same again on a second batch, each detokenising to its own value.
+    let cards: Vec<String> = (0..1000).map(|i| format!("4000{:012}", i * 7919)).collect();
+    let batch = |subject: &str| pb::TokenizeBatchRequest {
+        items: cards
+            .iter()
+            .map(|v| {
+                let mut r = det(subject, "card_number", v, F::Digits);
+                r.keep_last = 4;
+                r
+            })
+            .collect(),
+    };
+    let tokens_of = |res: pb::TokenizeBatchResponse| -> Vec<String> {
+        res.results
+            .into_iter()
+            .map(|r| match r.result.unwrap() {
+                pb::tokenize_result::Result::Token(t) => t.token,
+                pb::tokenize_result::Result::Error(e) => panic!("{}", e.reason),
+            })
+            .collect()
+    };
+    let first = tokens_of(
+        c.tokenize_batch(batch("cust-many"))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let distinct: std::collections::HashSet<_> = first.iter().collect();
+    assert_eq!(distinct.len(), 1000, "collision among deterministic tokens");
+    for (t, v) in first.iter().zip(&cards) {
+        assert_eq!(t.len(), 16);
+        assert_eq!(&t[12..], &v[12..]);
+    }
+    let second = tokens_of(
+        c.tokenize_batch(batch("cust-many-2"))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert_eq!(first, second, "deterministic across calls and subjects");
+    let res = c
+        .detokenize_batch(pb::DetokenizeBatchRequest {
+            items: first
+                .iter()
+                .map(|t| pb::DetokenizeRequest {
+                    keyspace: "orders".into(),
+                    token: t.clone(),
+                })
+                .collect(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for (r, v) in res.results.into_iter().zip(&cards) {
+        match r.result.unwrap() {
+            pb::detokenize_result::Result::Value(d) => assert_eq!(&d.value, v),
+            pb::detokenize_result::Result::Error(e) => panic!("{}", e.reason),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_authorised_per_keyspace_and_field_and_audited() {
+    let env = TestEnv::start().await;
+    // Shipping may detokenise names in orders (and nothing else).
+    env.write_policy(
+        r#"
+[[grant]]
+identity = "spiffe://shop.local/shipping"
+operations = ["detokenize"]
+keyspaces = ["orders"]
+fields = ["name"]
+"#,
+    );
+    let server = env.server("tokauth", "").await;
+    let mut orders = tokens(&env, &server).await;
+    let mut shipping = TokensClient::new(env.channel(&server, "shipping").await);
+    let name = orders
+        .tokenize(det(
+            "cust-auth",
+            "name",
+            "Zoë Ünal",
+            pb::TokenFormat::Opaque,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let email = orders
+        .tokenize(det(
+            "cust-auth",
+            "email",
+            "zoe@example.com",
+            pb::TokenFormat::Email,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let dreq = |t: &str| pb::DetokenizeRequest {
+        keyspace: "orders".into(),
+        token: t.into(),
+    };
+    // Allowed field.
+    assert_eq!(
+        shipping
+            .detokenize(dreq(&name))
+            .await
+            .unwrap()
+            .into_inner()
+            .value,
+        "Zoë Ünal"
+    );
+    // Other field: denied, value not released.
+    let e = shipping
+        .detokenize(dreq(&email))
+        .await
+        .err()
+        .expect("denied");
+    assert_eq!(
+        (e.code(), reason(&e).as_str()),
+        (Code::PermissionDenied, "POLICY_DENIED")
+    );
+    assert!(!e.message().contains("zoe@example.com"));
+    // No tokenize grant at all; and the erasure identity cannot probe tokens.
+    let e = shipping
+        .tokenize(det("cust-auth", "name", "x", pb::TokenFormat::Opaque))
+        .await
+        .err()
+        .expect("denied");
+    assert_eq!(reason(&e), "POLICY_DENIED");
+    let mut erasure = TokensClient::new(env.channel(&server, "erasure").await);
+    let e = erasure
+        .detokenize(dreq("pgt_doesnotexist"))
+        .await
+        .err()
+        .expect("denied");
+    assert_eq!(
+        reason(&e),
+        "POLICY_DENIED",
+        "a caller without the grant cannot probe tokens"
+    );
+    // Every call is in the audit log, without values or tokens.
+    let records = server.audit_records();
+    let outcomes: Vec<_> = records
+        .iter()
+        .filter(|r| r["method"] == "Detokenize")
+        .map(|r| r["outcome"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert!(
+        outcomes.contains(&"ok".to_string()) && outcomes.contains(&"denied".to_string()),
+        "{outcomes:?}"
+    );
+    let audit: String = server
+        .audit_files()
+        .iter()
+        .map(|f| std::fs::read_to_string(f).unwrap())
+        .collect();
+    for needle in [
+        "Zoë Ünal",
+        "zoe@example.com",
+        name.as_str(),
+        email.as_str(),
+        "cust-auth",
+    ] {
+        assert!(!audit.contains(needle), "{needle:?} in the audit log");
+    }
+}
