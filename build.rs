@@ -29,6 +29,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ".piiguard.v1.DetokenizeResult",
             ".piiguard.v1.DetokenizeBatchRequest",
             ".piiguard.v1.DetokenizeBatchResponse",
+            // Erasure requests carry raw subject ids (personal data): no Debug either.
+            ".piiguard.v1.ShredRequest",
+            ".piiguard.v1.GetShredStatusRequest",
+            ".piiguard.v1.CancelShredRequest",
+            ".piiguard.v1.SetRetentionRequest",
         ])
         .compile_protos(
             &[

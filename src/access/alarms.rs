@@ -24,6 +24,8 @@ pub mod kinds {
     pub const POLICY_RELOAD_FAILED: &str = "policy_reload_failed";
     /// The audit sink cannot write (data calls fail closed).
     pub const AUDIT_UNAVAILABLE: &str = "audit_unavailable";
+    /// A break-glass identity called Admin while locked out.
+    pub const BREAK_GLASS: &str = "break_glass_used";
 }
 
 /// How urgent an alarm is.

@@ -88,9 +88,22 @@ impl Sentry {
                 .call(&g.caller, method, "UNAVAILABLE", g.started.elapsed());
             return Err(Error::AuditUnavailable.into_status(g.cid.as_str()));
         }
-        if op != Op::Admin
-            && let Some(until) = self.lockouts.locked_until(&g.caller)
-        {
+        if let Some(until) = self.lockouts.locked_until(&g.caller) {
+            // Only a configured break-glass identity gets through, and only to Admin; every
+            // such call is a critical alarm.
+            if op == Op::Admin && self.lockouts.is_break_glass(&g.caller) {
+                self.alarms.raise(
+                    kinds::BREAK_GLASS,
+                    Severity::Critical,
+                    Some(&g.caller),
+                    Some(g.cid.as_str()),
+                    format!(
+                        "break-glass identity {} used Admin while locked out",
+                        g.caller
+                    ),
+                );
+                return Ok(g);
+            }
             let e = exhausted(
                 Reason::LockedOut,
                 format!(
@@ -296,6 +309,23 @@ impl Guard {
     /// Checks `op` on `keyspace` / `field` against the policy in force when the call began.
     /// Pass only validated names (they go into the audit record).
     pub fn authorize(&mut self, op: Op, keyspace: Option<&str>, field: Option<&str>) -> Result<()> {
+        self.authorize_scoped(op, keyspace, field, false)
+    }
+
+    /// Checks that the caller holds `op` in `keyspace` on at least one field: for a lookup
+    /// whose field is known only after it (Detokenize), which is then checked again with
+    /// [`Guard::authorize`] on the field.
+    pub fn authorize_some_field(&mut self, op: Op, keyspace: &str) -> Result<()> {
+        self.authorize_scoped(op, Some(keyspace), None, true)
+    }
+
+    fn authorize_scoped(
+        &mut self,
+        op: Op,
+        keyspace: Option<&str>,
+        field: Option<&str>,
+        some_field: bool,
+    ) -> Result<()> {
         let ks = keyspace.unwrap_or_default();
         let bit = op.bit();
         match self.scope(ks, field) {
@@ -314,9 +344,16 @@ impl Guard {
                 }
             }
         }
-        match self.policy.check(&self.caller, op, keyspace, field) {
+        let checked = if some_field {
+            self.policy.check_some_field(&self.caller, op, keyspace)
+        } else {
+            self.policy.check(&self.caller, op, keyspace, field)
+        };
+        match checked {
             Ok(()) => {
-                if let Some(s) = self.scope(ks, field) {
+                // A some-field check proves less than a check of (keyspace, no field): it is
+                // not remembered for the scope.
+                if !some_field && let Some(s) = self.scope(ks, field) {
                     s.allowed |= bit;
                 }
                 Ok(())
@@ -327,6 +364,15 @@ impl Guard {
                     .increment(1);
                 Err(e)
             }
+        }
+    }
+
+    /// Counts one item of a stream against the caller's call-rate limit, as if it were a call
+    /// of its own (a stream must not be a way around the limit).
+    pub fn count_item_as_call(&mut self) -> Result<()> {
+        match self.sentry.limits.call(&self.caller) {
+            Ok(()) => Ok(()),
+            Err(x) => Err(self.sentry.exceeded(self, x)),
         }
     }
 

@@ -197,6 +197,11 @@ impl Lockouts {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Whether `id` is a configured break-glass identity (may call Admin while locked out).
+    pub fn is_break_glass(&self, id: &str) -> bool {
+        self.cfg.break_glass.iter().any(|b| b == id)
+    }
+
     /// If `id` is locked out: until when.
     pub fn locked_until(&self, id: &str) -> Option<SystemTime> {
         if self.locked.load(Ordering::Relaxed) == 0 {
@@ -366,6 +371,7 @@ mod tests {
             max_failures: 3,
             window: Duration::from_secs(60),
             cooldown: Duration::from_secs(600),
+            break_glass: Vec::new(),
         });
         let id: Arc<str> = "spiffe://x".into();
         assert!(l.failures(&id, 2).is_none());

@@ -91,19 +91,46 @@ impl fmt::Display for Op {
     }
 }
 
+/// A policy file that cannot be used; the message names the grant and what is wrong with it,
+/// never file content beyond names.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// The file cannot be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The policy file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The text is not valid TOML of the policy's shape.
+    #[error("TOML: {0}")]
+    Toml(#[from] toml::de::Error),
+    /// A grant breaks a rule.
+    #[error("{0}")]
+    Invalid(String),
+    /// The policy of a named file is not valid.
+    #[error("{path}: {source}")]
+    InFile {
+        /// The policy file.
+        path: PathBuf,
+        /// What is wrong in it.
+        source: Box<PolicyError>,
+    },
+}
+
+/// An operation name that is not one of [`Op::ALL`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown operation {0:?} (expected one of {names})", names = Op::ALL.iter().map(|o| o.as_str()).collect::<Vec<_>>().join(", "))]
+pub struct UnknownOp(pub String);
+
 impl FromStr for Op {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownOp;
+    fn from_str(s: &str) -> Result<Self, UnknownOp> {
         Op::ALL
             .into_iter()
             .find(|o| o.as_str() == s)
-            .ok_or_else(|| {
-                let names: Vec<_> = Op::ALL.iter().map(|o| o.as_str()).collect();
-                format!(
-                    "unknown operation {s:?} (expected one of {})",
-                    names.join(", ")
-                )
-            })
+            .ok_or_else(|| UnknownOp(s.to_string()))
     }
 }
 
@@ -139,19 +166,24 @@ enum Scope {
 }
 
 impl Scope {
-    fn parse(what: &str, items: Vec<String>, valid: impl Fn(&str) -> bool) -> Result<Self, String> {
+    fn parse(
+        what: &str,
+        items: Vec<String>,
+        valid: impl Fn(&str) -> bool,
+    ) -> Result<Self, PolicyError> {
+        let bad = |m: String| Err(PolicyError::Invalid(m));
         if items.is_empty() {
-            return Err(format!("{what} is empty (use [\"*\"] for all)"));
+            return bad(format!("{what} is empty (use [\"*\"] for all)"));
         }
         if items.iter().any(|i| i == "*") {
             if items.len() > 1 {
-                return Err(format!("{what}: \"*\" already includes the others"));
+                return bad(format!("{what}: \"*\" already includes the others"));
             }
             return Ok(Scope::Any);
         }
         for i in &items {
             if !valid(i) {
-                return Err(format!("{what}: invalid name {i:?}"));
+                return bad(format!("{what}: invalid name {i:?}"));
             }
         }
         Ok(Scope::Only(
@@ -159,12 +191,24 @@ impl Scope {
         ))
     }
 
+    /// Fails closed: a scope limited to some names never allows a call that names none (a
+    /// shred across every keyspace is not allowed by a grant for one keyspace).
     fn allows(&self, v: Option<&str>) -> bool {
         match (self, v) {
-            (Scope::Any, _) | (_, None) => true,
+            (Scope::Any, _) => true,
+            (Scope::Only(_), None) => false,
             (Scope::Only(list), Some(v)) => list.iter().any(|x| &**x == v),
         }
     }
+}
+
+/// Which fields a check is about.
+#[derive(Clone, Copy)]
+enum FieldCheck<'a> {
+    /// This field, or none (`None`: the call names no field).
+    One(Option<&'a str>),
+    /// At least one field (the field is not known yet).
+    Some,
 }
 
 #[derive(Debug, Clone)]
@@ -190,8 +234,11 @@ pub struct Policy {
 impl Policy {
     /// Parses and validates policy text. `known_keyspaces`, if given, must contain every
     /// keyspace the policy names (a typo would otherwise silently grant nothing).
-    pub fn parse(text: &str, known_keyspaces: Option<&BTreeSet<String>>) -> Result<Self, String> {
-        let raw: RawPolicy = toml::from_str(text).map_err(|e| format!("TOML: {e}"))?;
+    pub fn parse(
+        text: &str,
+        known_keyspaces: Option<&BTreeSet<String>>,
+    ) -> Result<Self, PolicyError> {
+        let raw: RawPolicy = toml::from_str(text)?;
         let mut p = Policy {
             digest: hex::encode(aws_lc_rs::digest::digest(
                 &aws_lc_rs::digest::SHA256,
@@ -200,7 +247,8 @@ impl Policy {
             ..Policy::default()
         };
         for (n, g) in raw.grants.into_iter().enumerate() {
-            let at = |m: String| format!("grant #{}: {m}", n + 1);
+            let at = |m: String| PolicyError::Invalid(format!("grant #{}: {m}", n + 1));
+            let at_err = |e: &dyn std::fmt::Display| at(e.to_string());
             let mut ids = g.identities;
             if let Some(i) = g.identity {
                 ids.push(i);
@@ -214,12 +262,14 @@ impl Policy {
             let mut ops = 0u16;
             let mut keyspaced = false;
             for o in &g.operations {
-                let op: Op = o.parse().map_err(at)?;
+                let op: Op = o.parse().map_err(|e| at_err(&e))?;
                 keyspaced |= op.keyspaced();
                 ops |= op.bit();
             }
             let keyspaces = match g.keyspaces {
-                Some(k) => Scope::parse("keyspaces", k, Keyspace::is_valid).map_err(at)?,
+                Some(k) => {
+                    Scope::parse("keyspaces", k, Keyspace::is_valid).map_err(|e| at_err(&e))?
+                }
                 None if keyspaced => {
                     return Err(at(
                         "`keyspaces` is required for keyspace operations (use [\"*\"] for all)"
@@ -240,20 +290,21 @@ impl Policy {
                 g.fields.unwrap_or_else(|| vec!["*".into()]),
                 Field::is_valid,
             )
-            .map_err(at)?;
+            .map_err(|e| at_err(&e))?;
             let grant = Grant {
                 ops,
                 keyspaces,
                 fields,
             };
             for id in ids {
-                match IdentityPattern::parse(&id).map_err(at)? {
+                match IdentityPattern::parse(&id).map_err(|e| at_err(&e))? {
                     IdentityPattern::Exact(e) => p.exact.entry(e).or_default().push(grant.clone()),
                     IdentityPattern::Prefix(pre) => {
                         if pre.is_empty() || pre == "spiffe://" {
-                            p.warnings.push(at(format!(
-                                "identity {id:?} matches every client certificate"
-                            )));
+                            p.warnings.push(format!(
+                                "grant #{}: identity {id:?} matches every client certificate",
+                                n + 1
+                            ));
                         }
                         p.prefixes.push((pre, grant.clone()));
                     }
@@ -265,9 +316,18 @@ impl Policy {
     }
 
     /// Reads and parses a policy file.
-    pub fn load(path: &Path, known_keyspaces: Option<&BTreeSet<String>>) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        Self::parse(&text, known_keyspaces).map_err(|e| format!("{}: {e}", path.display()))
+    pub fn load(
+        path: &Path,
+        known_keyspaces: Option<&BTreeSet<String>>,
+    ) -> Result<Self, PolicyError> {
+        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, known_keyspaces).map_err(|e| PolicyError::InFile {
+            path: path.to_path_buf(),
+            source: Box::new(e),
+        })
     }
 
     fn grants_of<'a>(&'a self, identity: &'a str) -> impl Iterator<Item = &'a Grant> + 'a {
@@ -279,7 +339,9 @@ impl Policy {
         )
     }
 
-    /// Whether `identity` may do `op` on `keyspace` / `field` (`None` = not applicable).
+    /// Whether `identity` may do `op` on `keyspace` / `field`. `None` means the call names no
+    /// keyspace or field; only a grant for every keyspace (or field) allows that: the policy
+    /// fails closed.
     pub fn allows(
         &self,
         identity: &str,
@@ -287,8 +349,29 @@ impl Policy {
         keyspace: Option<&str>,
         field: Option<&str>,
     ) -> bool {
+        self.allows_fields(identity, op, keyspace, FieldCheck::One(field))
+    }
+
+    /// Whether `identity` may do `op` in `keyspace` on at least one field: the check made
+    /// before a lookup whose field is not yet known (Detokenize), repeated on the field after.
+    pub fn allows_some_field(&self, identity: &str, op: Op, keyspace: Option<&str>) -> bool {
+        self.allows_fields(identity, op, keyspace, FieldCheck::Some)
+    }
+
+    fn allows_fields(
+        &self,
+        identity: &str,
+        op: Op,
+        keyspace: Option<&str>,
+        field: FieldCheck<'_>,
+    ) -> bool {
         self.grants_of(identity).any(|g| {
-            g.ops & op.bit() != 0 && g.keyspaces.allows(keyspace) && g.fields.allows(field)
+            g.ops & op.bit() != 0
+                && g.keyspaces.allows(keyspace)
+                && match field {
+                    FieldCheck::One(f) => g.fields.allows(f),
+                    FieldCheck::Some => true,
+                }
         })
     }
 
@@ -300,9 +383,33 @@ impl Policy {
         keyspace: Option<&str>,
         field: Option<&str>,
     ) -> Result<(), Error> {
-        if self.allows(identity, op, keyspace, field) {
+        self.check_fields(identity, op, keyspace, FieldCheck::One(field))
+    }
+
+    /// Like [`Policy::check`] with [`Policy::allows_some_field`].
+    pub fn check_some_field(
+        &self,
+        identity: &str,
+        op: Op,
+        keyspace: Option<&str>,
+    ) -> Result<(), Error> {
+        self.check_fields(identity, op, keyspace, FieldCheck::Some)
+    }
+
+    fn check_fields(
+        &self,
+        identity: &str,
+        op: Op,
+        keyspace: Option<&str>,
+        field_check: FieldCheck<'_>,
+    ) -> Result<(), Error> {
+        if self.allows_fields(identity, op, keyspace, field_check) {
             return Ok(());
         }
+        let field = match field_check {
+            FieldCheck::One(f) => f,
+            FieldCheck::Some => None,
+        };
         let grants: Vec<&Grant> = self.grants_of(identity).collect();
         let with_op: Vec<&&Grant> = grants.iter().filter(|g| g.ops & op.bit() != 0).collect();
         let message = if grants.is_empty() {
@@ -340,7 +447,7 @@ fn stamp_of(path: &Path) -> Option<(SystemTime, u64)> {
 
 impl PolicyStore {
     /// Loads the policy file; an error here stops the start-up.
-    pub fn load(path: PathBuf, known_keyspaces: BTreeSet<String>) -> Result<Self, String> {
+    pub fn load(path: PathBuf, known_keyspaces: BTreeSet<String>) -> Result<Self, PolicyError> {
         let stamp = stamp_of(&path);
         let p = Policy::load(&path, Some(&known_keyspaces))?;
         Ok(Self {
@@ -377,7 +484,7 @@ impl PolicyStore {
     }
 
     /// Re-reads the file. On error the policy in force stays.
-    pub fn reload(&self) -> Result<Arc<Policy>, String> {
+    pub fn reload(&self) -> Result<Arc<Policy>, PolicyError> {
         let stamp = stamp_of(&self.path);
         *self.stamp.write().unwrap_or_else(|p| p.into_inner()) = stamp;
         let p = Arc::new(Policy::load(&self.path, Some(&self.known_keyspaces))?);
@@ -386,7 +493,7 @@ impl PolicyStore {
     }
 
     /// Reloads if the file's modification time or size changed since the last (attempted) load.
-    pub fn reload_if_changed(&self) -> Option<Result<Arc<Policy>, String>> {
+    pub fn reload_if_changed(&self) -> Option<Result<Arc<Policy>, PolicyError>> {
         let now = stamp_of(&self.path);
         let last = *self.stamp.read().unwrap_or_else(|p| p.into_inner());
         (now != last).then(|| self.reload())
@@ -396,6 +503,24 @@ impl PolicyStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scopes_fail_closed_when_a_call_names_no_keyspace_or_field() {
+        let p = Policy::parse(
+            "[[grant]]\nidentity = \"a\"\noperations = [\"shred\", \"detokenize\"]\nkeyspaces = [\"orders\"]\nfields = [\"email\"]\n\n[[grant]]\nidentity = \"all\"\noperations = [\"shred\"]\nkeyspaces = [\"*\"]",
+            None,
+        )
+        .unwrap();
+        // A grant for one keyspace / one field never covers a call that names none.
+        assert!(!p.allows("a", Op::Shred, None, None));
+        assert!(!p.allows("a", Op::Detokenize, Some("orders"), None));
+        assert!(p.allows("a", Op::Detokenize, Some("orders"), Some("email")));
+        // "*" does, and a lookup whose field is not known yet needs some field granted.
+        assert!(p.allows("all", Op::Shred, None, None));
+        assert!(p.allows_some_field("a", Op::Detokenize, Some("orders")));
+        assert!(!p.allows_some_field("a", Op::Detokenize, Some("crm")));
+        assert!(p.check_some_field("a", Op::Shred, Some("crm")).is_err());
+    }
 
     const POLICY: &str = r#"
 [[grant]]
@@ -594,7 +719,7 @@ operations = ["admin"]
             ("[[grant]\n", "TOML"),
         ] {
             let e = Policy::parse(text, Some(&known)).unwrap_err();
-            assert!(e.contains(needle), "{needle}: {e}");
+            assert!(e.to_string().contains(needle), "{needle}: {e}");
         }
         let p = Policy::parse(
             "[[grant]]\nidentity = \"*\"\noperations = [\"admin\"]",

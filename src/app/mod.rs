@@ -71,10 +71,13 @@ pub async fn run(
 ) -> Result<(), String> {
     tls::install_default_provider();
     let tls_state = TlsState::load(cfg.tls.clone())?;
-    let policy = Arc::new(PolicyStore::load(
-        cfg.policy.file.clone(),
-        cfg.keyspaces.keys().cloned().collect(),
-    )?);
+    let policy = Arc::new(
+        PolicyStore::load(
+            cfg.policy.file.clone(),
+            cfg.keyspaces.keys().cloned().collect(),
+        )
+        .map_err(|e| e.to_string())?,
+    );
     let vault = Arc::new(Vault::new(cfg.vault.clone()).map_err(|e| detail_of(&e))?);
     let store = Arc::new(
         Store::open(&cfg.store.url)
@@ -98,7 +101,7 @@ pub async fn run(
 
     // Metrics, audit, alarms, limits, canaries: all ready before any port is bound.
     let prometheus = match cfg.metrics_listen {
-        Some(_) => Some(crate::metrics::install()?),
+        Some(_) => Some(crate::metrics::install().map_err(|e| e.to_string())?),
         None => None,
     };
     let runtime = tokio::runtime::Handle::current();
@@ -232,7 +235,9 @@ pub async fn run(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let metrics_task = match (cfg.metrics_listen, prometheus) {
         (Some(addr), Some(handle)) => {
-            let ml = crate::metrics::bind(addr).await?;
+            let ml = crate::metrics::bind(addr)
+                .await
+                .map_err(|e| e.to_string())?;
             let maddr = ml.local_addr().map_err(|e| e.to_string())?;
             tracing::info!(address = %maddr, "metrics listener (plaintext, GET /metrics only)");
             let (keys, lockouts) = (keys.clone(), lockouts);

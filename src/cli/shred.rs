@@ -186,8 +186,8 @@ pub fn verify_certificate(cert_path: &Path, public_key: &Path) -> Result<String,
         std::fs::read_to_string(cert_path).map_err(|e| format!("{}: {e}", cert_path.display()))?;
     let pem = std::fs::read_to_string(public_key)
         .map_err(|e| format!("{}: {e}", public_key.display()))?;
-    let cert = Certificate::parse(&doc)?;
-    let p = cert.verify(&pem)?;
+    let cert = Certificate::parse(&doc).map_err(|e| e.to_string())?;
+    let p = cert.verify(&pem).map_err(|e| e.to_string())?;
     Ok(format!(
         "OK: certificate {} verified (key {} v{}).\n  keyspace {}, subject_ref {}\n  {} key(s) destroyed at {} ({}), requested {} by request {:?}: {:?}\n  cached copies survive at most {} s; backups at most {} days",
         p.certificate_id,

@@ -5,6 +5,17 @@ use std::time::Duration;
 
 use crate::domain::identity::IdentityPattern;
 
+/// Why a limit text such as `100/1s` is not valid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WindowError {
+    /// Not of the form `N/DURATION`.
+    #[error("limit {0:?}: expected N/DURATION such as 100/1s, 5000/1m, 1000000/1d")]
+    Syntax(String),
+    /// A zero count or length.
+    #[error("limit {0:?}: must be positive (omit it for no limit)")]
+    Zero(String),
+}
+
 /// One window: at most `max` per `len`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Window {
@@ -14,9 +25,8 @@ pub struct Window {
 
 impl Window {
     /// Parses `N/1s`, `N/10m`, `N/1h`, `N/1d` (a unit without a number means 1).
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let bad =
-            || format!("limit {s:?}: expected N/DURATION such as 100/1s, 5000/1m, 1000000/1d");
+    pub fn parse(s: &str) -> Result<Self, WindowError> {
+        let bad = || WindowError::Syntax(s.to_string());
         let (n, d) = s.split_once('/').ok_or_else(bad)?;
         let max: u64 = n.trim().replace('_', "").parse().map_err(|_| bad())?;
         let d = d.trim();
@@ -35,9 +45,7 @@ impl Window {
             _ => return Err(bad()),
         };
         if max == 0 || num == 0 {
-            return Err(format!(
-                "limit {s:?}: must be positive (omit it for no limit)"
-            ));
+            return Err(WindowError::Zero(s.to_string()));
         }
         Ok(Window {
             max,
@@ -88,4 +96,6 @@ pub struct LockoutConfig {
     pub max_failures: u32,
     pub window: Duration,
     pub cooldown: Duration,
+    /// Exact identities that may use the Admin service while locked out (alarmed).
+    pub break_glass: Vec<String>,
 }

@@ -9,6 +9,7 @@
 pub mod limits;
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -151,8 +152,14 @@ pub struct RawLimits {
 pub struct RawLockout {
     /// Denied or failed calls within `window_secs` that lock an identity out (0 = off).
     pub max_failures: u32,
+    /// The window over which failures are counted.
     pub window_secs: u64,
+    /// How long a lockout lasts.
     pub cooldown_secs: u64,
+    /// Exact identities that may still call the Admin service while locked out (to lift a
+    /// lockout when every administrator is locked out). Each such call raises a critical
+    /// alarm. Empty by default: a locked-out identity is refused everything.
+    pub break_glass: Vec<String>,
 }
 
 impl Default for RawLockout {
@@ -161,6 +168,7 @@ impl Default for RawLockout {
             max_failures: 50,
             window_secs: 60,
             cooldown_secs: 900,
+            break_glass: Vec::new(),
         }
     }
 }
@@ -209,11 +217,45 @@ pub struct RawAlarms {
     pub webhook_ca: Option<PathBuf>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawStore {
-    /// `sqlite://PATH` (default, one file) or `postgres://…` (several replicas).
+    /// `sqlite://PATH` (default, one file) or `postgres://…` (several replicas). May hold a
+    /// database password (from `PIIGUARD_STORE__URL`): never Debug-printed in clear.
     pub url: String,
+}
+
+impl fmt::Debug for RawStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RawStore")
+            .field("url", &redact_url(&self.url))
+            .finish()
+    }
+}
+
+/// A database URL with its password (`user:PASSWORD@`, `password=...`) replaced by `***`, for
+/// Debug output and logs.
+pub fn redact_url(url: &str) -> String {
+    let mut out = url.to_string();
+    if let Some(scheme_end) = out.find("://") {
+        let rest_start = scheme_end + 3;
+        let authority_end = out[rest_start..]
+            .find(['/', '?', '#'])
+            .map_or(out.len(), |i| rest_start + i);
+        if let Some(at) = out[rest_start..authority_end].rfind('@') {
+            let userinfo = &out[rest_start..rest_start + at];
+            if let Some(colon) = userinfo.find(':') {
+                out.replace_range(rest_start + colon + 1..rest_start + at, "***");
+            }
+        }
+    }
+    let lower = out.to_ascii_lowercase();
+    if let Some(i) = lower.find("password=") {
+        let start = i + "password=".len();
+        let end = out[start..].find('&').map_or(out.len(), |j| start + j);
+        out.replace_range(start..end, "***");
+    }
+    out
 }
 
 impl Default for RawStore {
@@ -456,9 +498,18 @@ pub struct AlarmsConfig {
     pub webhook_ca: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct StoreConfig {
+    /// The database URL; may hold a password, so its Debug is redacted ([`redact_url`]).
     pub url: String,
+}
+
+impl fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("url", &redact_url(&self.url))
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -828,7 +879,16 @@ impl RawConfig {
             max_failures: self.lockout.max_failures,
             window: Duration::from_secs(self.lockout.window_secs),
             cooldown: Duration::from_secs(self.lockout.cooldown_secs),
+            break_glass: self.lockout.break_glass.clone(),
         };
+        if self
+            .lockout
+            .break_glass
+            .iter()
+            .any(|b| b.is_empty() || b.contains('*'))
+        {
+            return err("lockout.break_glass lists exact identities (no empty name, no `*`)");
+        }
         if lockout.max_failures > 0
             && (self.lockout.window_secs == 0 || self.lockout.cooldown_secs == 0)
         {
@@ -994,6 +1054,29 @@ file = "policy.toml"
 [audit]
 dir = "audit"
 "#;
+
+    #[test]
+    fn debug_output_never_shows_the_database_password() {
+        let env = vec![(
+            "PIIGUARD_STORE__URL".to_string(),
+            "postgres://piiguard:s3cr3t-pw@db.internal:5432/piiguard?sslmode=verify-full"
+                .to_string(),
+        )];
+        let c = parse(include_str!("../../piiguard.example.toml"), env).unwrap();
+        assert!(
+            c.store.url.contains("s3cr3t-pw"),
+            "the real URL is kept for use"
+        );
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("s3cr3t-pw"), "{shown}");
+        assert!(shown.contains("postgres://piiguard:***@db.internal:5432/piiguard"));
+        assert_eq!(
+            redact_url("postgres://db/x?user=a&password=hunter2&sslmode=require"),
+            "postgres://db/x?user=a&password=***&sslmode=require"
+        );
+        assert_eq!(redact_url("sqlite://piiguard.db"), "sqlite://piiguard.db");
+        assert_eq!(redact_url("postgres://u@h/d"), "postgres://u@h/d");
+    }
 
     fn no_env() -> Vec<(String, String)> {
         Vec::new()

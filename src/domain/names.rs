@@ -119,6 +119,34 @@ impl fmt::Debug for SubjectId<'_> {
     }
 }
 
+/// Longest request id of a shred (it is written into the signed certificate).
+pub const MAX_REQUEST_ID_LEN: usize = 128;
+/// Longest reason of a shred (written into the signed certificate).
+pub const MAX_REASON_LEN: usize = 256;
+
+/// Checks the caller's `request_id` and `reason` of a shred. Both are written verbatim into a
+/// permanent, signed certificate of destruction, so they are bounded and restricted: the
+/// request id to 1-128 characters of `A-Z a-z 0-9 . _ : / -` (or empty), the reason to 256
+/// bytes of printable text without control characters. Neither may carry personal data
+/// (docs/ERASURE.md): a ticket number, not a customer's name or email.
+pub fn check_shred_notes(request_id: &str, reason: &str) -> Result<(), Error> {
+    if request_id.len() > MAX_REQUEST_ID_LEN
+        || !request_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'/' | b'-'))
+    {
+        return Err(invalid(format!(
+            "request_id must be at most {MAX_REQUEST_ID_LEN} characters of A-Z a-z 0-9 . _ : / -"
+        )));
+    }
+    if reason.len() > MAX_REASON_LEN || reason.chars().any(char::is_control) {
+        return Err(invalid(format!(
+            "reason must be at most {MAX_REASON_LEN} bytes of printable text"
+        )));
+    }
+    Ok(())
+}
+
 /// Parses a caller's context map: at most 32 entries, keys 1-128 bytes, values at most 1 KiB.
 /// Returns it in canonical (sorted) order, as the ciphertext's AAD binds it.
 pub fn parse_context(ctx: &HashMap<String, String>) -> Result<BTreeMap<&str, &str>, Error> {
@@ -170,6 +198,17 @@ mod tests {
         assert!(SubjectId::parse("").is_err());
         assert!(SubjectId::parse(&"s".repeat(MAX_SUBJECT_LEN + 1)).is_err());
         assert!(SubjectId::parse(&"s".repeat(MAX_SUBJECT_LEN)).is_ok());
+    }
+
+    #[test]
+    fn shred_notes_are_bounded_and_plain() {
+        assert!(check_shred_notes("", "").is_ok());
+        assert!(check_shred_notes("TICKET-2024/07:42_a.b", "GDPR art. 17 request").is_ok());
+        assert!(check_shred_notes(&"r".repeat(MAX_REQUEST_ID_LEN + 1), "").is_err());
+        assert!(check_shred_notes("a b", "").is_err());
+        assert!(check_shred_notes("x", &"r".repeat(MAX_REASON_LEN + 1)).is_err());
+        assert!(check_shred_notes("x", "line\nbreak").is_err());
+        assert!(check_shred_notes("x", "bell\u{7}").is_err());
     }
 
     #[test]

@@ -29,13 +29,27 @@ const LATENCY_BUCKETS: &[f64] = &[
     1.0, 2.5, 5.0, 10.0,
 ];
 
+/// Why metrics could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    /// The Prometheus recorder could not be built or installed.
+    #[error("metrics: {0}")]
+    Recorder(#[from] metrics_exporter_prometheus::BuildError),
+    /// The metrics listener could not be bound.
+    #[error("cannot bind metrics listener {addr}: {source}")]
+    Bind {
+        /// The configured address.
+        addr: SocketAddr,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+}
+
 /// Installs the process-wide Prometheus recorder.
-pub fn install() -> Result<PrometheusHandle, String> {
+pub fn install() -> Result<PrometheusHandle, MetricsError> {
     let handle = PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
-        .map_err(|e| format!("metrics: {e}"))?
-        .install_recorder()
-        .map_err(|e| format!("metrics: {e}"))?;
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)?
+        .install_recorder()?;
     let _ = DEK_CACHE.set([
         metrics::counter!("piiguard_dek_cache_total", "result" => "miss"),
         metrics::counter!("piiguard_dek_cache_total", "result" => "hit"),
@@ -166,10 +180,10 @@ pub async fn serve(
 }
 
 /// Binds the metrics listener.
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
     TcpListener::bind(addr)
         .await
-        .map_err(|e| format!("cannot bind metrics listener {addr}: {e}"))
+        .map_err(|source| MetricsError::Bind { addr, source })
 }
 
 /// Records one DEK cache lookup.

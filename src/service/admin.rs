@@ -86,6 +86,11 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::LiftLockoutResponse>, Status> {
         let g = self.begin(&request, "LiftLockout")?;
         let id = request.into_inner().identity;
+        if id == **g.caller() {
+            return g.finish(Err(Error::PermissionDenied {
+                message: "an identity cannot lift its own lockout".into(),
+            }));
+        }
         let lifted = self.sentry.lockouts.lift(&id);
         if lifted {
             tracing::warn!(identity = %id, by = &**g.caller(), "lockout lifted");

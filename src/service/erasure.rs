@@ -9,15 +9,13 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::access::guard::{Guard, Sentry};
 use crate::access::policy::Op;
-use crate::domain::names::SubjectId;
+use crate::domain::names::{SubjectId, check_shred_notes};
 use crate::error::{Error, Reason};
 use crate::ops::erasure::{Erasure, Outcome, State};
 use crate::pb;
 use crate::pb::erasure_server;
 use crate::service::item_error;
 
-/// Longest reason / request id accepted.
-const MAX_TEXT: usize = 1024;
 /// Shreds of one stream processed concurrently (responses stay in request order).
 const STREAM_CONCURRENCY: usize = 16;
 
@@ -35,13 +33,7 @@ impl ErasureService {
 
 fn check_shred(r: &pb::ShredRequest) -> Result<(), Error> {
     SubjectId::parse(&r.subject)?;
-    if r.reason.len() > MAX_TEXT || r.request_id.len() > MAX_TEXT {
-        return Err(Error::invalid(
-            Reason::InvalidRequest,
-            format!("reason and request_id must be at most {MAX_TEXT} bytes"),
-        ));
-    }
-    Ok(())
+    check_shred_notes(&r.request_id, &r.reason)
 }
 
 /// The keyspaces a shred request names, validated and authorised (`Op::Shred` on each).
@@ -198,13 +190,17 @@ impl erasure_server::Erasure for ErasureService {
                     let keyspaces = {
                         let mut lock = guard.lock().unwrap_or_else(|p| p.into_inner());
                         match lock.as_mut() {
-                            Some(g) => authorized_keyspaces(
-                                &erasure,
-                                g,
-                                Op::Shred,
-                                &r.subject,
-                                &r.keyspace,
-                            ),
+                            // Every item of a stream counts against the caller's call-rate
+                            // limit, as a unary Shred would.
+                            Some(g) => g.count_item_as_call().and_then(|()| {
+                                authorized_keyspaces(
+                                    &erasure,
+                                    g,
+                                    Op::Shred,
+                                    &r.subject,
+                                    &r.keyspace,
+                                )
+                            }),
                             None => Err(Error::internal("stream guard gone")),
                         }
                     };

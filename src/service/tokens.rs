@@ -110,7 +110,7 @@ impl TokensService {
     fn pre_detokenize(&self, g: &mut Guard, keyspace: &str, token: &str) -> Result<(), Error> {
         g.note_token(token.as_bytes());
         if self.keys.has_keyspace(keyspace) {
-            g.authorize(Op::Detokenize, Some(keyspace), None)?;
+            g.authorize_some_field(Op::Detokenize, keyspace)?;
         }
         Ok(())
     }

@@ -13,6 +13,7 @@ mod golden_vectors;
 mod lifecycle;
 mod mtls;
 mod policy;
+mod review;
 mod shred_stream;
 mod signing;
 mod store;

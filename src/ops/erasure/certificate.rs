@@ -10,6 +10,34 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize};
 
+use crate::crypto::signature::SignatureError;
+
+/// Why a certificate of destruction is not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum CertificateError {
+    /// The document is not a certificate's JSON.
+    #[error("not a certificate: {0}")]
+    NotACertificate(serde_json::Error),
+    /// The signature value is not base64.
+    #[error("signature is not base64")]
+    SignatureEncoding,
+    /// The signature algorithm is not the one piiguard uses.
+    #[error("unknown signature algorithm {0}")]
+    UnknownAlgorithm(String),
+    /// The signature does not verify (or the key is unusable).
+    #[error(transparent)]
+    Signature(#[from] SignatureError),
+    /// The signed payload is not the payload's JSON.
+    #[error("payload: {0}")]
+    Payload(serde_json::Error),
+    /// The payload's format is unknown.
+    #[error("unknown certificate format {0}")]
+    UnknownFormat(String),
+    /// The payload is not in its canonical form (so its bytes could mean two things).
+    #[error("payload is not in canonical form")]
+    NotCanonical,
+}
+
 /// Format tag of v1 certificates.
 pub const FORMAT_V1: &str = "piiguard-certificate-of-destruction/v1";
 /// The erasure method certified.
@@ -100,22 +128,21 @@ impl Certificate {
     }
 
     /// Parses a certificate document.
-    pub fn parse(json: &str) -> Result<Self, String> {
-        serde_json::from_str(json).map_err(|e| format!("not a certificate: {e}"))
+    pub fn parse(json: &str) -> Result<Self, CertificateError> {
+        serde_json::from_str(json).map_err(CertificateError::NotACertificate)
     }
 
     /// The raw signature bytes.
-    pub fn signature_bytes(&self) -> Result<Vec<u8>, String> {
+    pub fn signature_bytes(&self) -> Result<Vec<u8>, CertificateError> {
         B64.decode(&self.signature.value)
-            .map_err(|_| "signature is not base64".to_string())
+            .map_err(|_| CertificateError::SignatureEncoding)
     }
 
     /// Verifies the signature with a PEM public key and returns the parsed payload.
-    pub fn verify(&self, public_key_pem: &str) -> Result<Payload, String> {
+    pub fn verify(&self, public_key_pem: &str) -> Result<Payload, CertificateError> {
         if self.signature.algorithm != SIGNATURE_ALG {
-            return Err(format!(
-                "unknown signature algorithm {}",
-                self.signature.algorithm
+            return Err(CertificateError::UnknownAlgorithm(
+                self.signature.algorithm.clone(),
             ));
         }
         crate::crypto::signature::verify(
@@ -123,13 +150,12 @@ impl Certificate {
             self.payload.as_bytes(),
             &self.signature_bytes()?,
         )?;
-        let p: Payload =
-            serde_json::from_str(&self.payload).map_err(|e| format!("payload: {e}"))?;
+        let p: Payload = serde_json::from_str(&self.payload).map_err(CertificateError::Payload)?;
         if p.format != FORMAT_V1 {
-            return Err(format!("unknown certificate format {}", p.format));
+            return Err(CertificateError::UnknownFormat(p.format));
         }
         if p.canonical() != self.payload {
-            return Err("payload is not in canonical form".into());
+            return Err(CertificateError::NotCanonical);
         }
         Ok(p)
     }
