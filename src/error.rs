@@ -148,41 +148,76 @@ impl fmt::Display for Reason {
 pub enum Error {
     /// The request is malformed (missing field, bad name, ...). `reason` is one of [`reason`].
     #[error("{message}")]
-    InvalidArgument { reason: Reason, message: String },
+    InvalidArgument {
+        /// The stable reason.
+        reason: Reason,
+        /// What is wrong, for the caller.
+        message: String,
+    },
     /// A ciphertext could not be opened: tampered, truncated, wrong field/context/keyspace.
     /// Deliberately one reason for every authentication failure so a caller learns nothing
     /// about which part was wrong.
     #[error("{message}")]
-    BadCiphertext { reason: Reason, message: String },
+    BadCiphertext {
+        /// The stable reason.
+        reason: Reason,
+        /// What happened, for the caller.
+        message: String,
+    },
     /// The subject's data cannot be used in its current state (shredded, shred scheduled).
     #[error("{message}")]
-    FailedPrecondition { reason: Reason, message: String },
+    FailedPrecondition {
+        /// The stable reason.
+        reason: Reason,
+        /// What happened, for the caller.
+        message: String,
+    },
     /// The thing asked for does not exist (unknown or expired token).
     #[error("{message}")]
-    NotFound { reason: Reason, message: String },
+    NotFound {
+        /// The stable reason.
+        reason: Reason,
+        /// What happened, for the caller.
+        message: String,
+    },
     /// The caller presented no usable identity.
     #[error("caller identity missing")]
     Unauthenticated,
     /// The access policy does not allow the call. `message` names what was missing (identity,
     /// operation, keyspace, field), never request data.
     #[error("{message}")]
-    PermissionDenied { message: String },
+    PermissionDenied {
+        /// What was missing (identity, operation, keyspace, field).
+        message: String,
+    },
     /// The audit sink cannot accept records; data calls fail closed. Retryable.
     #[error("audit log unavailable")]
     AuditUnavailable,
     /// A resource limit was reached.
     #[error("{message}")]
-    ResourceExhausted { reason: Reason, message: String },
+    ResourceExhausted {
+        /// The stable reason.
+        reason: Reason,
+        /// What happened, for the caller.
+        message: String,
+    },
     /// Vault (or another backing service) cannot be reached or answered with a server error.
     /// Retryable. `detail` is logged, never sent.
     #[error("key store unavailable")]
-    Unavailable { detail: String },
+    Unavailable {
+        /// What failed; logged with the correlation id, never sent.
+        detail: String,
+    },
     /// A bug or an unexpected answer. `detail` is logged, never sent.
     #[error("internal error")]
-    Internal { detail: String },
+    Internal {
+        /// What failed; logged with the correlation id, never sent.
+        detail: String,
+    },
 }
 
 impl Error {
+    /// INVALID_ARGUMENT with `reason`.
     pub fn invalid(reason: Reason, message: impl Into<String>) -> Self {
         Error::InvalidArgument {
             reason,
@@ -190,6 +225,7 @@ impl Error {
         }
     }
 
+    /// A ciphertext that does not open (INVALID_ARGUMENT).
     pub fn bad_ciphertext(reason: Reason, message: impl Into<String>) -> Self {
         Error::BadCiphertext {
             reason,
@@ -214,6 +250,7 @@ impl Error {
         }
     }
 
+    /// NOT_FOUND with `reason`.
     pub fn not_found(reason: Reason, message: impl Into<String>) -> Self {
         Error::NotFound {
             reason,
@@ -221,12 +258,14 @@ impl Error {
         }
     }
 
+    /// UNAVAILABLE (retryable); `detail` is only logged.
     pub fn unavailable(detail: impl fmt::Display) -> Self {
         Error::Unavailable {
             detail: detail.to_string(),
         }
     }
 
+    /// INTERNAL; `detail` is only logged.
     pub fn internal(detail: impl fmt::Display) -> Self {
         Error::Internal {
             detail: detail.to_string(),
@@ -314,6 +353,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub struct CorrelationId([u8; 16]);
 
 impl CorrelationId {
+    /// The next id of this process.
     pub fn new() -> Self {
         use std::sync::OnceLock;
         use std::sync::atomic::{AtomicU64, Ordering};
@@ -337,6 +377,7 @@ impl CorrelationId {
         Self(out)
     }
 
+    /// The 16 hex digits.
     pub fn as_str(&self) -> &str {
         // Only ASCII hex digits are ever stored.
         std::str::from_utf8(&self.0).unwrap_or("0000000000000000")

@@ -31,11 +31,14 @@ pub mod kinds {
 /// How urgent an alarm is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Severity {
+    /// Worth a look (a limit reached).
     Warning,
+    /// Act now (lockout, canary, audit sink failing).
     Critical,
 }
 
 impl Severity {
+    /// The name in audit records and metrics.
     pub fn as_str(self) -> &'static str {
         match self {
             Severity::Warning => "warning",
@@ -52,6 +55,7 @@ pub struct Alarms {
 }
 
 impl Alarms {
+    /// Alarms into `audit`, and to `webhook` if one is configured.
     pub fn new(audit: Arc<Auditor>, webhook: Option<Webhook>, instance: String) -> Self {
         Self {
             audit,

@@ -29,13 +29,16 @@ pub const REGISTRY_PATH: &str = "canaries/registry";
 /// One canary as stored in the registry (no raw subject id: it is random and unused anyway).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CanaryEntry {
+    /// Keyspace of the canary subject.
     pub keyspace: String,
     /// Hex key id of the canary subject's DEK.
     pub key_id: String,
     /// Hex subject reference.
     pub subject_ref: String,
+    /// Where it was planted.
     #[serde(default)]
     pub label: String,
+    /// Unix seconds of creation.
     #[serde(default)]
     pub created_at: u64,
 }
@@ -66,6 +69,7 @@ fn sha256(b: &[u8]) -> [u8; 32] {
 }
 
 impl Canaries {
+    /// No canaries yet; `lockout`: touching one locks the caller out.
     pub fn new(lockout: bool) -> Self {
         Self {
             sets: RwLock::new(Sets::default()),

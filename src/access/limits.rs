@@ -23,6 +23,7 @@ const SHARDS: usize = 16;
 pub struct Exceeded {
     /// `calls` or `revealed_items`.
     pub what: &'static str,
+    /// The window that was exceeded.
     pub window: Window,
     /// True for the first refusal in this window (raise the alarm once per window).
     pub first: bool,
@@ -100,6 +101,7 @@ pub struct Limits {
 }
 
 impl Limits {
+    /// Limits from their configuration, with empty counters.
     pub fn new(cfg: LimitsConfig) -> Self {
         let any = !cfg.default.is_empty() || cfg.overrides.iter().any(|(_, s)| !s.is_empty());
         Self {
@@ -164,9 +166,13 @@ impl Limits {
 /// A current lockout.
 #[derive(Debug, Clone)]
 pub struct LockInfo {
+    /// The locked-out identity.
     pub identity: Arc<str>,
+    /// When the lockout began.
     pub since: SystemTime,
+    /// When it ends by itself.
     pub until: SystemTime,
+    /// Why (written by piiguard: counts, or the canary touched).
     pub reason: String,
 }
 
@@ -185,6 +191,7 @@ pub struct Lockouts {
 }
 
 impl Lockouts {
+    /// No lockouts yet.
     pub fn new(cfg: LockoutConfig) -> Self {
         Self {
             cfg,

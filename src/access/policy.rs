@@ -32,13 +32,21 @@ use crate::error::Error;
 /// same names; the list is deliberately complete before they exist.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Op {
+    /// Crypto.Encrypt and EncryptBatch.
     Encrypt,
+    /// Crypto.Decrypt and DecryptBatch.
     Decrypt,
+    /// Moving ciphertexts to newer keys without plaintext (planned: no RPC yet).
     Rewrap,
+    /// Tokens.Tokenize and TokenizeBatch.
     Tokenize,
+    /// Tokens.Detokenize and DetokenizeBatch.
     Detokenize,
+    /// Erasure.Shred, ShredStream, CancelShred, SetRetention.
     Shred,
+    /// Erasure.GetShredStatus.
     ShredStatus,
+    /// The Admin service.
     Admin,
 }
 

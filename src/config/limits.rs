@@ -19,7 +19,9 @@ pub enum WindowError {
 /// One window: at most `max` per `len`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Window {
+    /// Most calls or items per window.
     pub max: u64,
+    /// Length of the window.
     pub len: Duration,
 }
 
@@ -72,7 +74,9 @@ impl Window {
 /// The limits of one identity.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LimitSet {
+    /// Call-rate windows.
     pub calls: Vec<Window>,
+    /// Volume budget windows (revealed items).
     pub revealed_items: Vec<Window>,
 }
 
@@ -86,15 +90,20 @@ impl LimitSet {
 /// Configured limits: a default and overrides by identity pattern (first match wins).
 #[derive(Debug, Clone, Default)]
 pub struct LimitsConfig {
+    /// Limits of every identity without an override.
     pub default: LimitSet,
+    /// Overrides, first match wins.
     pub overrides: Vec<(IdentityPattern, LimitSet)>,
 }
 
 /// Lockout settings. `max_failures == 0` disables automatic lockout.
 #[derive(Debug, Clone)]
 pub struct LockoutConfig {
+    /// Failures that lock an identity out (0: off).
     pub max_failures: u32,
+    /// Window over which failures count.
     pub window: Duration,
+    /// How long a lockout lasts.
     pub cooldown: Duration,
     /// Exact identities that may use the Admin service while locked out (alarmed).
     pub break_glass: Vec<String>,

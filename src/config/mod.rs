@@ -33,32 +33,47 @@ fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
+    /// `[server]`: listeners, limits of a request, instance name.
     #[serde(default)]
     pub server: RawServer,
+    /// `[tls]`: server certificate and the CA of client certificates (required).
     pub tls: RawTls,
+    /// `[vault]`: where Vault/OpenBao is and how piiguard logs in.
     pub vault: RawVault,
+    /// `[cache]`: the unwrapped-DEK cache.
     #[serde(default)]
     pub cache: RawCache,
+    /// `[log]`: log format and level.
     #[serde(default)]
     pub log: RawLog,
+    /// `[store]`: the SQL store (subject registry, tokens).
     #[serde(default)]
     pub store: RawStore,
+    /// `[erasure]`: reaper, eviction feed, backup retention.
     #[serde(default)]
     pub erasure: RawErasure,
+    /// `[keyspaces.NAME]`: one entry per keyspace.
     #[serde(default)]
     pub keyspaces: BTreeMap<String, RawKeyspace>,
+    /// `[policy]`: the access policy file.
     #[serde(default)]
     pub policy: RawPolicyConfig,
+    /// `[audit]`: the audit log.
     #[serde(default)]
     pub audit: RawAudit,
+    /// `[metrics]`: the Prometheus listener.
     #[serde(default)]
     pub metrics: RawMetrics,
+    /// `[limits]`: call-rate limits and volume budgets.
     #[serde(default)]
     pub limits: RawLimits,
+    /// `[lockout]`: locking out identities after repeated failures.
     #[serde(default)]
     pub lockout: RawLockout,
+    /// `[canaries]`: canary (honey) subjects and tokens.
     #[serde(default)]
     pub canaries: RawCanaries,
+    /// `[alarms]`: the alarm webhook.
     #[serde(default)]
     pub alarms: RawAlarms,
 }
@@ -141,8 +156,11 @@ pub struct RawLimitSet {
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawLimits {
+    /// Call-rate windows, e.g. `["100/1s", "1000000/1d"]`.
     pub calls: Vec<String>,
+    /// Volume budget windows of decrypted / detokenised items.
     pub revealed_items: Vec<String>,
+    /// Overrides by identity pattern (exact, or a prefix ending in `*`).
     pub identity: BTreeMap<String, RawLimitSet>,
 }
 
@@ -177,8 +195,11 @@ impl Default for RawLockout {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawCanarySubject {
+    /// The keyspace.
     pub keyspace: String,
+    /// The subject id (kept in memory only as a keyed hash once loaded).
     pub subject: String,
+    /// Where the canary was planted (for the alarm text).
     #[serde(default)]
     pub label: String,
 }
@@ -189,6 +210,7 @@ pub struct RawCanarySubject {
 pub struct RawCanaries {
     /// Lock the caller out when it touches a canary.
     pub lockout: bool,
+    /// Canary subjects configured in the file.
     pub subject: Vec<RawCanarySubject>,
     /// Canary token values (decoys; kept in memory only as hashes).
     pub tokens: Vec<String>,
@@ -217,6 +239,7 @@ pub struct RawAlarms {
     pub webhook_ca: Option<PathBuf>,
 }
 
+/// `[store]`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawStore {
@@ -266,6 +289,7 @@ impl Default for RawStore {
     }
 }
 
+/// `[erasure]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawErasure {
@@ -291,6 +315,7 @@ impl Default for RawErasure {
     }
 }
 
+/// `[server]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawServer {
@@ -298,8 +323,11 @@ pub struct RawServer {
     pub listen: String,
     /// Plaintext listener serving only grpc.health.v1 (for orchestrator probes). Empty = off.
     pub health_listen: String,
+    /// A TLS handshake not finished in this time is dropped.
     pub handshake_timeout_secs: u64,
+    /// Largest plaintext (or token value) accepted.
     pub max_plaintext_bytes: usize,
+    /// Most items in one batch call.
     pub max_batch_items: usize,
     /// How often certificate, key, CA and CRL files are checked for changes (0 = only SIGHUP).
     pub tls_reload_interval_secs: u64,
@@ -321,20 +349,26 @@ impl Default for RawServer {
     }
 }
 
+/// `[tls]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawTls {
+    /// Server certificate chain (PEM).
     pub cert: PathBuf,
+    /// Server private key (PEM).
     pub key: PathBuf,
     /// CA that issues client certificates. Required: there is no mode without client auth.
     pub client_ca: PathBuf,
+    /// Certificate revocation lists (PEM) checked for client certificates.
     #[serde(default)]
     pub crl: Vec<PathBuf>,
 }
 
+/// `[vault]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawVault {
+    /// Vault address, `https://HOST:PORT`.
     pub address: String,
     /// CA bundle for Vault's HTTPS certificate.
     #[serde(default)]
@@ -342,15 +376,19 @@ pub struct RawVault {
     /// Allow `http://` to a loopback Vault (dev mode only). Never enable in production.
     #[serde(default)]
     pub allow_insecure_http: bool,
+    /// Mount of the transit engine (KEKs, signing key).
     #[serde(default = "default_transit_mount")]
     pub transit_mount: String,
+    /// Mount of the KV v2 engine (wrapped DEKs).
     #[serde(default = "default_kv_mount")]
     pub kv_mount: String,
+    /// Timeout of one Vault request.
     #[serde(default = "default_vault_timeout")]
     pub request_timeout_secs: u64,
     /// Vault namespace (OpenBao / Vault Enterprise), optional.
     #[serde(default)]
     pub namespace: Option<String>,
+    /// How piiguard logs in to Vault.
     pub auth: RawVaultAuth,
 }
 
@@ -364,28 +402,38 @@ fn default_vault_timeout() -> u64 {
     5
 }
 
+/// `[vault.auth]`: the login method.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, tag = "method", rename_all = "snake_case")]
 pub enum RawVaultAuth {
     /// AppRole: role id and secret id are read from files.
     Approle {
+        /// File holding the AppRole role id.
         role_id_file: PathBuf,
+        /// File holding the AppRole secret id.
         secret_id_file: PathBuf,
+        /// Mount of the AppRole auth method.
         #[serde(default = "default_approle_mount")]
         mount: String,
     },
     /// A token read from a file (e.g. a Vault Agent sink); re-read when it changes.
-    TokenFile { token_file: PathBuf },
+    TokenFile {
+        /// The token file.
+        token_file: PathBuf,
+    },
 }
 
 fn default_approle_mount() -> String {
     "approle".into()
 }
 
+/// `[cache]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawCache {
+    /// Most cached DEKs.
     pub max_entries: usize,
+    /// A cached DEK unused this long is dropped.
     pub idle_ttl_secs: u64,
     /// Longest time an unwrapped DEK may stay in memory, used or not.
     pub hard_ttl_secs: u64,
@@ -401,6 +449,7 @@ impl Default for RawCache {
     }
 }
 
+/// `[log]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawLog {
@@ -419,6 +468,7 @@ impl Default for RawLog {
     }
 }
 
+/// `[keyspaces.NAME]`.
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RawKeyspace {
@@ -443,61 +493,100 @@ pub struct RawKeyspace {
 /// Validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// Listeners and request limits.
     pub server: ServerConfig,
+    /// TLS material of the mTLS listener.
     pub tls: TlsFiles,
+    /// Vault access.
     pub vault: VaultConfig,
+    /// The DEK cache.
     pub cache: CacheConfig,
+    /// Logging.
     pub log: LogConfig,
+    /// The SQL store.
     pub store: StoreConfig,
+    /// Erasure timing.
     pub erasure: ErasureConfig,
+    /// Keyspaces by name.
     pub keyspaces: BTreeMap<String, KeyspaceConfig>,
+    /// The access policy file.
     pub policy: PolicyConfig,
+    /// The audit log.
     pub audit: AuditConfig,
+    /// Prometheus listener, if any.
     pub metrics_listen: Option<SocketAddr>,
+    /// Call-rate limits and volume budgets.
     pub limits: limits::LimitsConfig,
+    /// Lockout settings.
     pub lockout: limits::LockoutConfig,
+    /// Canary subjects and tokens.
     pub canaries: CanariesConfig,
+    /// Alarm webhook.
     pub alarms: AlarmsConfig,
 }
 
+/// The access policy file and how often it is re-read.
 #[derive(Debug, Clone)]
 pub struct PolicyConfig {
+    /// The policy file (TOML).
     pub file: PathBuf,
+    /// How often the file is checked for changes (`None`: only on SIGHUP).
     pub reload_interval: Option<Duration>,
 }
 
+/// The audit log: folder, rotation, retention, checkpoints.
 #[derive(Debug, Clone)]
 pub struct AuditConfig {
+    /// Folder of the audit files.
     pub dir: PathBuf,
+    /// A file is rotated at this size.
     pub rotate_bytes: u64,
+    /// A file is rotated at this age.
     pub rotate_interval: Duration,
+    /// Files older than this are deleted.
     pub retention: Duration,
+    /// How often a signed checkpoint is written.
     pub checkpoint_interval: Duration,
+    /// How often the file is synced to disk.
     pub fsync_interval: Duration,
+    /// Records waiting for the writer beyond this refuse data calls (fail closed).
     pub queue_capacity: usize,
 }
 
+/// A canary subject from the config file.
 #[derive(Debug, Clone)]
 pub struct CanarySubject {
+    /// The keyspace.
     pub keyspace: String,
+    /// The subject id (kept in memory only as a keyed hash once loaded).
     pub subject: String,
+    /// Where the canary was planted (for the alarm text).
     pub label: String,
 }
 
+/// Canary settings.
 #[derive(Debug, Clone)]
 pub struct CanariesConfig {
+    /// Lock the caller out when it touches a canary.
     pub lockout: bool,
+    /// Canary subjects from the file.
     pub subjects: Vec<CanarySubject>,
+    /// Canary token values.
     pub tokens: Vec<String>,
+    /// How often canaries created with the Admin API are re-read.
     pub refresh: Duration,
 }
 
+/// Where alarms go besides the audit log, metrics and logs.
 #[derive(Debug, Clone, Default)]
 pub struct AlarmsConfig {
+    /// Webhook receiving each alarm as a JSON POST.
     pub webhook_url: Option<String>,
+    /// CA bundle for the webhook (default: system roots).
     pub webhook_ca: Option<PathBuf>,
 }
 
+/// The SQL store.
 #[derive(Clone)]
 pub struct StoreConfig {
     /// The database URL; may hold a password, so its Debug is redacted ([`redact_url`]).
@@ -512,86 +601,135 @@ impl fmt::Debug for StoreConfig {
     }
 }
 
+/// Erasure timing and what certificates state.
 #[derive(Debug, Clone)]
 pub struct ErasureConfig {
+    /// How often the reaper runs.
     pub reaper_interval: Duration,
+    /// How often the eviction feed is read.
     pub eviction_poll: Duration,
+    /// An interrupted shred untouched this long is taken over.
     pub stale_shred: Duration,
+    /// Backup retention stated in certificates.
     pub backup_retention_days: u64,
 }
 
 /// What happens when a shredded subject id is used again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AfterShred {
+    /// A new DEK is made: the old data stays unreadable.
     NewKey,
+    /// The subject id is refused for good (`SUBJECT_SHREDDED`).
     Refuse,
 }
 
 /// Longest shred grace window: ADPP 1.7 requires deletion within 72 hours.
 pub const MAX_GRACE_SECS: u64 = 72 * 3600;
 
+/// Listeners and request limits.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
+    /// The mTLS gRPC listener.
     pub listen: SocketAddr,
+    /// The plaintext health-only listener, if any.
     pub health_listen: Option<SocketAddr>,
+    /// Longest TLS handshake.
     pub handshake_timeout: Duration,
+    /// Largest plaintext (or token value) accepted.
     pub max_plaintext_bytes: usize,
+    /// Most items in one batch call.
     pub max_batch_items: usize,
+    /// How often TLS files are checked for changes (`None`: only SIGHUP).
     pub tls_reload_interval: Option<Duration>,
+    /// Name of this instance in logs, audit records and certificates.
     pub instance: String,
 }
 
+/// TLS material of the mTLS listener.
 #[derive(Debug, Clone)]
 pub struct TlsFiles {
+    /// Server certificate chain (PEM).
     pub cert: PathBuf,
+    /// Server private key (PEM).
     pub key: PathBuf,
+    /// CA of client certificates (required).
     pub client_ca: PathBuf,
+    /// Certificate revocation lists (PEM) checked for client certificates.
     pub crl: Vec<PathBuf>,
 }
 
+/// Vault access.
 #[derive(Debug, Clone)]
 pub struct VaultConfig {
+    /// Vault address, `https://HOST:PORT`.
     pub address: String,
+    /// CA bundle for Vault's HTTPS certificate.
     pub ca_cert: Option<PathBuf>,
+    /// Plain HTTP to a loopback Vault allowed (dev only).
     pub insecure_http: bool,
+    /// Mount of the transit engine (KEKs, signing key).
     pub transit_mount: String,
+    /// Mount of the KV v2 engine (wrapped DEKs).
     pub kv_mount: String,
+    /// Timeout of one Vault request.
     pub request_timeout: Duration,
+    /// Vault namespace, if any.
     pub namespace: Option<String>,
+    /// How piiguard logs in.
     pub auth: VaultAuth,
 }
 
+/// How piiguard logs in to Vault.
 #[derive(Debug, Clone)]
 pub enum VaultAuth {
+    /// AppRole with role id and secret id from files.
     Approle {
+        /// File holding the AppRole role id.
         role_id_file: PathBuf,
+        /// File holding the AppRole secret id.
         secret_id_file: PathBuf,
+        /// Mount of the AppRole auth method.
         mount: String,
     },
+    /// A token from a file (Vault Agent sink), re-read when it changes.
     TokenFile {
+        /// The token file.
         token_file: PathBuf,
     },
 }
 
+/// The unwrapped-DEK cache.
 #[derive(Debug, Clone)]
 pub struct CacheConfig {
+    /// Most cached DEKs.
     pub max_entries: usize,
+    /// Unused this long: dropped.
     pub idle_ttl: Duration,
+    /// Longest any DEK stays cached (bounds a missed eviction).
     pub hard_ttl: Duration,
 }
 
+/// Logging.
 #[derive(Debug, Clone)]
 pub struct LogConfig {
+    /// JSON lines instead of text.
     pub json: bool,
+    /// tracing filter.
     pub level: String,
 }
 
+/// One keyspace.
 #[derive(Debug, Clone)]
 pub struct KeyspaceConfig {
+    /// AEAD of its ciphertexts.
     pub algorithm: Algorithm,
+    /// Vault `auto_rotate_period` of its KEK, in days (0: off).
     pub kek_rotate_days: u64,
+    /// Grace window of its shreds (at most 72 hours).
     pub grace: Duration,
+    /// Retention set on new subjects, if any.
     pub default_retention: Option<Duration>,
+    /// What a shredded subject id gets when used again.
     pub after_shred: AfterShred,
 }
 

@@ -204,16 +204,22 @@ pub fn random_nonces(n: usize) -> Result<Vec<[u8; NONCE_LEN]>, EnvelopeError> {
 /// Identifies the DEK a ciphertext was made with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header<'a> {
+    /// Format version byte.
     pub version: u8,
+    /// AEAD algorithm.
     pub alg: Algorithm,
+    /// Keyspace name.
     pub keyspace: &'a str,
+    /// Random id of the DEK (not the subject id).
     pub key_id: KeyId,
+    /// Version of the DEK.
     pub dek_version: u32,
 }
 
 /// A parsed (not yet authenticated) binary ciphertext.
 #[derive(Debug)]
 pub struct Parsed<'a> {
+    /// The parsed header.
     pub header: Header<'a>,
     header_bytes: &'a [u8],
     nonce: [u8; NONCE_LEN],

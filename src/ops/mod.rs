@@ -30,11 +30,17 @@ const BATCH_KEY_CONCURRENCY: usize = 16;
 
 /// One encryption request.
 pub struct EncryptInput<'a> {
+    /// Keyspace name as configured.
     pub keyspace: &'a str,
+    /// The raw subject id (hashed before use, never stored or logged).
     pub subject: &'a str,
+    /// Field name, bound into the ciphertext.
     pub field: &'a str,
+    /// The value to seal.
     pub plaintext: &'a [u8],
+    /// Caller context, bound into the ciphertext.
     pub context: &'a HashMap<String, String>,
+    /// Return the text form (`pg1.…`) instead of binary.
     pub text: bool,
 }
 
@@ -42,15 +48,21 @@ pub struct EncryptInput<'a> {
 pub struct DecryptInput<'a> {
     /// If not empty, the ciphertext must belong to this keyspace.
     pub keyspace: &'a str,
+    /// Field name, bound into the ciphertext.
     pub field: &'a str,
+    /// The ciphertext, binary or text form.
     pub ciphertext: &'a [u8],
+    /// Caller context, bound into the ciphertext.
     pub context: &'a HashMap<String, String>,
 }
 
 /// The data-plane engine.
 pub struct Engine {
+    /// Where DEKs come from.
     pub keys: Arc<KeyManager>,
+    /// Largest plaintext accepted.
     pub max_plaintext: usize,
+    /// Most items in one batch.
     pub max_batch: usize,
 }
 

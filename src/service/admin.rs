@@ -25,6 +25,7 @@ pub struct AdminService {
 }
 
 impl AdminService {
+    /// The Admin service.
     pub fn new(
         sentry: Arc<Sentry>,
         engine: Arc<Engine>,

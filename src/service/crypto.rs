@@ -18,6 +18,7 @@ pub struct CryptoService {
 }
 
 impl CryptoService {
+    /// The Crypto service over its engine, guarded by `sentry`.
     pub fn new(engine: Arc<Engine>, sentry: Arc<Sentry>) -> Self {
         Self { engine, sentry }
     }

@@ -26,6 +26,7 @@ pub struct ErasureService {
 }
 
 impl ErasureService {
+    /// The Erasure service over its engine, guarded by `sentry`.
     pub fn new(erasure: Arc<Erasure>, sentry: Arc<Sentry>) -> Self {
         Self { erasure, sentry }
     }

@@ -23,6 +23,7 @@ pub struct TokensService {
 }
 
 impl TokensService {
+    /// The Tokens service over its engine, guarded by `sentry`.
     pub fn new(engine: Arc<TokenEngine>, keys: Arc<KeyManager>, sentry: Arc<Sentry>) -> Self {
         Self {
             engine,

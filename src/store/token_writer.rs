@@ -28,24 +28,42 @@ const QUEUE: usize = 1024;
 
 /// An owned token write (it crosses to the writer task).
 pub enum Write {
+    /// A new token row with its first value.
     Insert {
+        /// The keyspace.
         keyspace: String,
+        /// Keyed hash of the token (the token itself is never stored).
         token_hash: String,
+        /// The field the token stands for.
         field: String,
+        /// The token format.
         format: String,
+        /// Keyed hash of the value (deterministic tokens only).
         value_hash: Option<String>,
+        /// Which draw made the token (deterministic collisions).
         attempt: u32,
+        /// Keyed hash of the subject.
         subject_ref: String,
+        /// The value sealed under the subject's DEK (text form).
         sealed: String,
+        /// Unix seconds of the write.
         now: i64,
+        /// Unix seconds of the TTL, if any.
         expires_at: Option<i64>,
     },
+    /// A value of another subject added to an existing deterministic token.
     AddValue {
+        /// The keyspace.
         keyspace: String,
+        /// Keyed hash of the token (the token itself is never stored).
         token_hash: String,
+        /// Keyed hash of the subject.
         subject_ref: String,
+        /// The value sealed under the subject's DEK (text form).
         sealed: String,
+        /// Unix seconds of the write.
         now: i64,
+        /// Unix seconds of the TTL, if any.
         expires_at: Option<i64>,
     },
 }

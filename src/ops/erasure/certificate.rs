@@ -48,7 +48,9 @@ pub const SIGNATURE_ALG: &str = "RSASSA-PSS-SHA256-SALT32";
 /// One destroyed key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DestroyedKey {
+    /// Version of the destroyed DEK.
     pub dek_version: u32,
+    /// Hex id of the destroyed DEK.
     pub key_id: String,
 }
 
@@ -62,17 +64,27 @@ pub struct Payload {
     pub backup_retention_days: u64,
     /// The longest an unwrapped copy can survive in a replica that missed the eviction.
     pub cache_max_survival_secs: u64,
+    /// Unique id of this certificate.
     pub certificate_id: String,
+    /// Every DEK destroyed.
     pub destroyed_keys: Vec<DestroyedKey>,
     /// Vault paths whose metadata (every version) was deleted.
     pub destroyed_vault_paths: Vec<String>,
+    /// When the keys were destroyed (RFC 3339).
     pub executed_at: String,
+    /// Payload format name and version.
     pub format: String,
+    /// The piiguard instance that executed the shred.
     pub instance: String,
+    /// The keyspace.
     pub keyspace: String,
+    /// How the data was destroyed (cryptographic erase, NIST SP 800-88).
     pub method: String,
+    /// The caller's reason (no personal data).
     pub reason: String,
+    /// The caller's request id (no personal data).
     pub request_id: String,
+    /// When the shred was requested (RFC 3339).
     pub requested_at: String,
     /// Keyed hash of the subject id (HMAC-SHA256 under the keyspace's index key).
     pub subject_ref: String,
@@ -84,9 +96,11 @@ pub struct Payload {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SignatureBlock {
+    /// Signature algorithm.
     pub algorithm: String,
     /// Transit key name.
     pub key: String,
+    /// Version of the transit signing key.
     pub key_version: u32,
     /// Base64 of the raw signature.
     pub value: String,
@@ -96,7 +110,9 @@ pub struct SignatureBlock {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Certificate {
+    /// The signed payload: canonical JSON of [`Payload`].
     pub payload: String,
+    /// Its signature.
     pub signature: SignatureBlock,
 }
 
