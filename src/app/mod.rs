@@ -1,7 +1,10 @@
 //! Assembles and runs the service: TLS, Vault, keys, gRPC services, health listener.
 //!
 //! Start-up order: TLS files are loaded and Vault is logged into and every keyspace's index
-//! key is loaded *before* any port is bound, so nothing serves before it can answer.
+//! key is loaded *before* any port is bound, so nothing serves before it can answer. Once every
+//! listener is bound, the addresses bound are written to `server.ready_file` ([`ready`]).
+
+pub mod ready;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -70,6 +73,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
     tls::install_default_provider();
+    // A ready file of a previous run must not be taken for this one's.
+    if let Some(path) = &cfg.server.ready_file {
+        ready::remove(path).map_err(|e| e.to_string())?;
+    }
     let tls_state = TlsState::load(cfg.tls.clone())?;
     let policy = Arc::new(
         PolicyStore::load(
@@ -233,12 +240,14 @@ pub async fn run(
     let local = listener.local_addr().map_err(|e| e.to_string())?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut metrics_local = None;
     let metrics_task = match (cfg.metrics_listen, prometheus) {
         (Some(addr), Some(handle)) => {
             let ml = crate::metrics::bind(addr)
                 .await
                 .map_err(|e| e.to_string())?;
             let maddr = ml.local_addr().map_err(|e| e.to_string())?;
+            metrics_local = Some(maddr);
             tracing::info!(address = %maddr, "metrics listener (plaintext, GET /metrics only)");
             let (keys, lockouts) = (keys.clone(), lockouts);
             let refresh: crate::metrics::Refresh = Arc::new(move || {
@@ -255,12 +264,14 @@ pub async fn run(
         }
         _ => None,
     };
+    let mut health_local = None;
     let health_task = match cfg.server.health_listen {
         Some(addr) => {
             let hl = TcpListener::bind(addr)
                 .await
                 .map_err(|e| format!("cannot bind health listener {addr}: {e}"))?;
             let haddr = hl.local_addr().map_err(|e| e.to_string())?;
+            health_local = Some(haddr);
             tracing::info!(address = %haddr, "health-only listener (plaintext, grpc.health.v1 only)");
             let mut rx = stop_rx.clone();
             let health = health.clone();
@@ -277,6 +288,19 @@ pub async fn run(
         None => None,
     };
 
+    // Every listener is bound (port 0 resolved): report the addresses.
+    if let Some(path) = &cfg.server.ready_file {
+        ready::Ready {
+            pid: std::process::id(),
+            instance: cfg.server.instance.clone(),
+            listen: local,
+            health_listen: health_local,
+            metrics_listen: metrics_local,
+        }
+        .write(path)
+        .map_err(|e| e.to_string())?;
+        tracing::info!(path = %path.display(), "ready file written");
+    }
     tracing::info!(
         address = %local,
         instance = %cfg.server.instance,
@@ -301,8 +325,15 @@ pub async fn run(
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = rx.wait_for(|s| *s).await;
         });
+    let ready_file = cfg.server.ready_file.clone();
     tokio::spawn(async move {
         shutdown.await;
+        // Not ready any more: a script reading the file must not send new work here.
+        if let Some(path) = &ready_file
+            && let Err(e) = ready::remove(path)
+        {
+            tracing::warn!(error = %e, "cannot remove the ready file");
+        }
         tracing::info!("shutting down: draining in-flight calls");
         reporter
             .set_not_serving::<pb::crypto_server::CryptoServer<CryptoService>>()

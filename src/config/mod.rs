@@ -333,6 +333,9 @@ pub struct RawServer {
     pub tls_reload_interval_secs: u64,
     /// Name of this instance in logs (defaults to the host name).
     pub instance: String,
+    /// File written (atomically) once every listener is bound: JSON with the bound addresses,
+    /// for scripts and tests that let the listeners bind port 0. Empty = none.
+    pub ready_file: String,
 }
 
 impl Default for RawServer {
@@ -345,6 +348,7 @@ impl Default for RawServer {
             max_batch_items: 10_000,
             tls_reload_interval_secs: 30,
             instance: String::new(),
+            ready_file: String::new(),
         }
     }
 }
@@ -643,6 +647,9 @@ pub struct ServerConfig {
     pub tls_reload_interval: Option<Duration>,
     /// Name of this instance in logs, audit records and certificates.
     pub instance: String,
+    /// Where the addresses bound are reported once every listener is bound
+    /// (`server.ready_file`; see `crate::app::ready`).
+    pub ready_file: Option<PathBuf>,
 }
 
 /// TLS material of the mTLS listener.
@@ -837,6 +844,7 @@ impl RawConfig {
             tls_reload_interval: (s.tls_reload_interval_secs > 0)
                 .then(|| Duration::from_secs(s.tls_reload_interval_secs)),
             instance,
+            ready_file: (!s.ready_file.is_empty()).then(|| PathBuf::from(s.ready_file)),
         };
 
         let tls = TlsFiles {
@@ -1314,6 +1322,38 @@ dir = "audit"
         assert_eq!(c.audit.retention, Duration::from_secs(86_400));
         assert_eq!(c.limits.default.calls.len(), 2);
         assert_eq!(c.limits.overrides.len(), 1);
+    }
+
+    #[test]
+    fn port_zero_listeners_and_a_ready_file() {
+        let c = parse(MINIMAL, no_env()).unwrap();
+        assert_eq!(c.server.ready_file, None);
+        let env = vec![
+            (
+                "PIIGUARD_SERVER__LISTEN".to_string(),
+                "127.0.0.1:0".to_string(),
+            ),
+            (
+                "PIIGUARD_SERVER__HEALTH_LISTEN".to_string(),
+                "127.0.0.1:0".to_string(),
+            ),
+            (
+                "PIIGUARD_METRICS__LISTEN".to_string(),
+                "127.0.0.1:0".to_string(),
+            ),
+            (
+                "PIIGUARD_SERVER__READY_FILE".to_string(),
+                "/run/piiguard/ready.json".to_string(),
+            ),
+        ];
+        let c = parse(MINIMAL, env).unwrap();
+        assert_eq!(c.server.listen.port(), 0);
+        assert_eq!(c.server.health_listen.map(|a| a.port()), Some(0));
+        assert_eq!(c.metrics_listen.map(|a| a.port()), Some(0));
+        assert_eq!(
+            c.server.ready_file.as_deref(),
+            Some(Path::new("/run/piiguard/ready.json"))
+        );
     }
 
     #[test]

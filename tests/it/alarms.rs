@@ -323,7 +323,6 @@ const PLANTED: &[&str] = &[
 async fn canaries_alarm_webhook_metrics_and_no_planted_pii_anywhere() {
     let env = TestEnv::start().await;
     let (hook_port, mut hook) = webhook_sink().await;
-    let metrics_port = free_port();
     let server = env
         .server_env(
             "c",
@@ -342,10 +341,7 @@ window_secs = 3600
 cooldown_secs = 3600
 "#
             ),
-            vec![(
-                "PIIGUARD_METRICS__LISTEN".into(),
-                format!("127.0.0.1:{metrics_port}"),
-            )],
+            vec![("PIIGUARD_METRICS__LISTEN".into(), ANY_PORT.into())],
         )
         .await;
     let mut orders = env.client(&server, "orders").await;
@@ -486,7 +482,10 @@ cooldown_secs = 3600
     assert_eq!(alarms(&other, "canary_access").len(), 1);
 
     // Metrics: scraped and parsed.
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{metrics_port}").parse().unwrap();
+    let addr = server
+        .metrics_addr
+        .expect("metrics listener in the ready file");
+    assert_ne!(addr.port(), 0);
     let m = scrape(addr).await;
     assert!(
         metric(

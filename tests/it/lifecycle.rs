@@ -219,3 +219,66 @@ async fn token_file_auth_is_renewed_before_it_expires() {
     );
     assert!(server.log_text().contains("using Vault token from file"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listeners_on_port_0_are_reported_in_the_ready_file() {
+    use piiguard::app::ready::Ready;
+    let env = TestEnv::start().await;
+    let mut server = env
+        .server_env(
+            "p",
+            "",
+            vec![("PIIGUARD_METRICS__LISTEN".into(), ANY_PORT.into())],
+        )
+        .await;
+    let r = Ready::read(&server.ready_file)
+        .unwrap()
+        .expect("ready file");
+    assert_eq!(r.pid, server.pid());
+    assert_eq!(r.instance, "dev");
+    let metrics = r.metrics_listen.expect("metrics listener reported");
+    let health = r.health_listen.expect("health listener reported");
+    let ports = [r.listen.port(), health.port(), metrics.port()];
+    assert!(ports.iter().all(|p| *p != 0), "{r:?}");
+    assert!(
+        ports[0] != ports[1] && ports[1] != ports[2] && ports[0] != ports[2],
+        "{r:?}"
+    );
+    assert!(r.listen.ip().is_loopback());
+
+    // Each reported address is the listener it names.
+    let mut c = env.client(&server, "orders").await;
+    c.encrypt(enc("orders", "cust-ready", "email", b"r@example.com"))
+        .await
+        .unwrap();
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{health}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    tonic_health::pb::health_client::HealthClient::new(ch)
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .unwrap();
+    let text = reqwest::get(format!("http://{metrics}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("piiguard_calls_total"), "{text}");
+    assert!(server.log_text().contains("ready file written"));
+
+    // Not ready any more once stopped; a restart reports its own pid and ports.
+    server.stop();
+    assert_eq!(Ready::read(&server.ready_file).unwrap(), None);
+    server.start().await;
+    let r2 = Ready::read(&server.ready_file).unwrap().unwrap();
+    assert_eq!(r2.pid, server.pid());
+    assert_ne!(r2.pid, r.pid);
+    assert_eq!(server.addr, r2.listen);
+    let mut c = env.client(&server, "orders").await;
+    c.encrypt(enc("orders", "cust-ready", "email", b"r@example.com"))
+        .await
+        .unwrap();
+}
