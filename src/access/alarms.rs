@@ -22,6 +22,9 @@ pub mod kinds {
     pub const CANARY: &str = "canary_access";
     /// A new policy file was refused; the previous policy stays in force.
     pub const POLICY_RELOAD_FAILED: &str = "policy_reload_failed";
+    /// New TLS files (certificate, key, client CA, CRLs) were refused; the previous server
+    /// config stays in force.
+    pub const TLS_RELOAD_FAILED: &str = "tls_reload_failed";
     /// The audit sink cannot write (data calls fail closed).
     pub const AUDIT_UNAVAILABLE: &str = "audit_unavailable";
 }
