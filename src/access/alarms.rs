@@ -32,11 +32,14 @@ pub mod kinds {
 /// How urgent an alarm is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Severity {
+    /// Worth a look (a limit reached, a refused reload).
     Warning,
+    /// Act now (a canary touched, a lockout, the audit sink down).
     Critical,
 }
 
 impl Severity {
+    /// The audit and metric spelling.
     pub fn as_str(self) -> &'static str {
         match self {
             Severity::Warning => "warning",
@@ -53,6 +56,7 @@ pub struct Alarms {
 }
 
 impl Alarms {
+    /// Alarms written to `audit` (and POSTed to `webhook`, if any), naming `instance`.
     pub fn new(audit: Arc<Auditor>, webhook: Option<Webhook>, instance: String) -> Self {
         Self {
             audit,
