@@ -105,19 +105,15 @@ fn causes(e: &dyn std::error::Error) -> String {
 
 /// What to check for a handshake failure we recognise.
 fn hint_for(detail: &str) -> Option<&'static str> {
-    if detail.contains("UnknownIssuer") || detail.contains("BadSignature") {
+    if detail.contains("received fatal alert") {
+        // The server sent the alert: it refused what we presented.
+        Some("the server refused the client certificate given with --cert")
+    } else if detail.contains("UnknownIssuer") || detail.contains("BadSignature") {
         Some("the server certificate is not issued by the CA given with --ca")
     } else if detail.contains("NotValidForName") {
         Some("the server certificate does not carry the name given with --server-name")
-    } else if detail.contains("Expired") {
+    } else if detail.contains("Expired") || detail.contains("NotValidYet") {
         Some("the server certificate has expired or is not yet valid")
-    } else if detail.contains("CertificateRequired")
-        || detail.contains("UnknownCA")
-        || detail.contains("BadCertificate")
-        || detail.contains("CertificateRevoked")
-        || detail.contains("CertificateExpired")
-    {
-        Some("the server refused the client certificate given with --cert")
     } else if detail.contains("Connection refused") {
         Some("is piiguard listening there?")
     } else {
@@ -213,6 +209,11 @@ mod tests {
             hint_for("invalid peer certificate: NotValidForName")
                 .unwrap()
                 .contains("--server-name")
+        );
+        assert!(
+            hint_for("received fatal alert: CertificateExpired")
+                .unwrap()
+                .contains("--cert")
         );
         assert_eq!(hint_for("something else"), None);
     }
