@@ -22,6 +22,9 @@ pub mod kinds {
     pub const CANARY: &str = "canary_access";
     /// A new policy file was refused; the previous policy stays in force.
     pub const POLICY_RELOAD_FAILED: &str = "policy_reload_failed";
+    /// New TLS files (certificate, key, client CA, CRLs) were refused; the previous server
+    /// config stays in force.
+    pub const TLS_RELOAD_FAILED: &str = "tls_reload_failed";
     /// The audit sink cannot write (data calls fail closed).
     pub const AUDIT_UNAVAILABLE: &str = "audit_unavailable";
     /// A break-glass identity called Admin while locked out.
@@ -31,14 +34,14 @@ pub mod kinds {
 /// How urgent an alarm is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Severity {
-    /// Worth a look (a limit reached).
+    /// Worth a look (a limit reached, a refused reload).
     Warning,
-    /// Act now (lockout, canary, audit sink failing).
+    /// Act now (a canary touched, a lockout, the audit sink down).
     Critical,
 }
 
 impl Severity {
-    /// The name in audit records and metrics.
+    /// The audit and metric spelling.
     pub fn as_str(self) -> &'static str {
         match self {
             Severity::Warning => "warning",
@@ -55,7 +58,7 @@ pub struct Alarms {
 }
 
 impl Alarms {
-    /// Alarms into `audit`, and to `webhook` if one is configured.
+    /// Alarms written to `audit` (and POSTed to `webhook`, if any), naming `instance`.
     pub fn new(audit: Arc<Auditor>, webhook: Option<Webhook>, instance: String) -> Self {
         Self {
             audit,

@@ -17,12 +17,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 use crate::access::alarms::{Alarms, Severity, kinds};
 use crate::access::canary::Canaries;
 use crate::access::limits::{Exceeded, Limits, Lockouts};
-use crate::access::policy::{Op, Policy, PolicyStore};
+use crate::access::policy::{Op, Policy};
 use crate::audit::call::{CallRecord, ItemCounts, Name, Scopes};
 use crate::audit::{Auditor, Record, code_name};
 use crate::crypto::envelope::KeyId;
@@ -36,11 +37,18 @@ const MAX_SCOPES: usize = 32;
 
 /// Everything a guard consults: policy, audit, limits, lockouts, canaries, alarms.
 pub struct Sentry {
-    pub policy: Arc<PolicyStore>,
+    /// The access policy in force, published by the reloader (`app::reload`); each call takes
+    /// the `Arc` current when it begins and keeps it to the end.
+    pub policy: watch::Receiver<Arc<Policy>>,
+    /// The audit writer.
     pub audit: Arc<Auditor>,
+    /// Where alarms go.
     pub alarms: Alarms,
+    /// Call-rate limits and volume budgets.
     pub limits: Limits,
+    /// Locked-out identities.
     pub lockouts: Arc<Lockouts>,
+    /// Canary subjects, keys and tokens.
     pub canaries: Arc<Canaries>,
 }
 
@@ -64,7 +72,8 @@ impl Sentry {
         };
         let mut g = Guard {
             sentry: self.clone(),
-            policy: self.policy.current(),
+            // A short read lock on the watch slot; the call keeps its own `Arc`.
+            policy: self.policy.borrow().clone(),
             caller: conn.caller.identity.clone(),
             metrics: conn.metrics.clone(),
             cid,
@@ -149,75 +158,6 @@ impl Sentry {
         let mut r = Record::event(event, detail);
         r.caller = caller.cloned();
         self.audit.record_event(r);
-    }
-
-    /// Re-reads the policy file if it changed (`force`: even if it did not). A broken file
-    /// keeps the policy in force, logs the error and raises an alarm.
-    pub fn reload_policy(&self, force: bool) {
-        let r = if force {
-            Some(self.policy.reload())
-        } else {
-            self.policy.reload_if_changed()
-        };
-        match r {
-            None => {}
-            Some(Ok(p)) => {
-                metrics::counter!("piiguard_policy_reloads_total", "result" => "ok").increment(1);
-                tracing::info!(grants = p.grant_count, digest = %p.digest, "access policy reloaded");
-                self.event(
-                    "policy_reload",
-                    None,
-                    format!(
-                        "policy reloaded: {} grants, sha256 {}",
-                        p.grant_count, p.digest
-                    ),
-                );
-            }
-            Some(Err(e)) => {
-                metrics::counter!("piiguard_policy_reloads_total", "result" => "error")
-                    .increment(1);
-                self.alarms.raise(
-                    kinds::POLICY_RELOAD_FAILED,
-                    Severity::Warning,
-                    None,
-                    None,
-                    format!("new access policy refused, the previous one stays in force: {e}"),
-                );
-            }
-        }
-    }
-
-    /// Reloads the policy on SIGHUP and whenever its file changes (checked every `interval`).
-    pub fn spawn_policy_reloader(self: &Arc<Self>, interval: Option<Duration>) {
-        let me = Arc::downgrade(self);
-        tokio::spawn(async move {
-            #[cfg(unix)]
-            let mut hup =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-            let mut tick = tokio::time::interval(interval.unwrap_or(Duration::from_secs(3600)));
-            tick.tick().await;
-            loop {
-                #[cfg(unix)]
-                let hup_fut = async {
-                    match hup.as_mut() {
-                        Some(h) => {
-                            h.recv().await;
-                        }
-                        None => std::future::pending::<()>().await,
-                    }
-                };
-                #[cfg(not(unix))]
-                let hup_fut = std::future::pending::<()>();
-                let forced = tokio::select! {
-                    _ = hup_fut => true,
-                    _ = tick.tick() => false,
-                };
-                let Some(s) = me.upgrade() else { return };
-                if forced || interval.is_some() {
-                    s.reload_policy(forced);
-                }
-            }
-        });
     }
 }
 

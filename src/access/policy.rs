@@ -12,15 +12,14 @@
 //! fields = ["address", "name"]                # default ["*"]
 //! ```
 //!
-//! [`PolicyStore`] holds the policy in force and swaps it on reload; a broken new file keeps the
-//! old policy (the caller of [`PolicyStore::reload_if_changed`] logs and alarms).
+//! The policy in force is an `Arc<Policy>` in a `watch` channel, published by `app::reload`
+//! (the one reloader of file-backed values, on file change and SIGHUP): a broken new file keeps
+//! the old policy in force and raises an alarm. [`Policy::load`] is what it calls.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::{Arc, RwLock};
-use std::time::SystemTime;
 
 use serde::Deserialize;
 
@@ -99,32 +98,15 @@ impl fmt::Display for Op {
     }
 }
 
-/// A policy file that cannot be used; the message names the grant and what is wrong with it,
-/// never file content beyond names.
+/// Policy text that cannot be used; the message names the grant and what is wrong with it.
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
-    /// The file cannot be read.
-    #[error("{path}: {source}")]
-    Io {
-        /// The policy file.
-        path: PathBuf,
-        /// What the OS said.
-        source: std::io::Error,
-    },
     /// The text is not valid TOML of the policy's shape.
     #[error("TOML: {0}")]
     Toml(#[from] toml::de::Error),
     /// A grant breaks a rule.
     #[error("{0}")]
     Invalid(String),
-    /// The policy of a named file is not valid.
-    #[error("{path}: {source}")]
-    InFile {
-        /// The policy file.
-        path: PathBuf,
-        /// What is wrong in it.
-        source: Box<PolicyError>,
-    },
 }
 
 /// An operation name that is not one of [`Op::ALL`].
@@ -327,14 +309,14 @@ impl Policy {
     pub fn load(
         path: &Path,
         known_keyspaces: Option<&BTreeSet<String>>,
-    ) -> Result<Self, PolicyError> {
-        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Io {
+    ) -> Result<Self, PolicyFileError> {
+        let text = std::fs::read_to_string(path).map_err(|source| PolicyFileError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::parse(&text, known_keyspaces).map_err(|e| PolicyError::InFile {
+        Self::parse(&text, known_keyspaces).map_err(|problem| PolicyFileError::Invalid {
             path: path.to_path_buf(),
-            source: Box::new(e),
+            problem,
         })
     }
 
@@ -440,72 +422,28 @@ impl Policy {
     }
 }
 
-/// The policy in force, its file, and reload.
-pub struct PolicyStore {
-    path: PathBuf,
-    known_keyspaces: BTreeSet<String>,
-    current: RwLock<Arc<Policy>>,
-    stamp: RwLock<Option<(SystemTime, u64)>>,
-}
-
-fn stamp_of(path: &Path) -> Option<(SystemTime, u64)> {
-    let m = std::fs::metadata(path).ok()?;
-    Some((m.modified().ok()?, m.len()))
-}
-
-impl PolicyStore {
-    /// Loads the policy file; an error here stops the start-up.
-    pub fn load(path: PathBuf, known_keyspaces: BTreeSet<String>) -> Result<Self, PolicyError> {
-        let stamp = stamp_of(&path);
-        let p = Policy::load(&path, Some(&known_keyspaces))?;
-        Ok(Self {
-            path,
-            known_keyspaces,
-            current: RwLock::new(Arc::new(p)),
-            stamp: RwLock::new(stamp),
-        })
-    }
-
-    /// The policy in force.
-    pub fn current(&self) -> Arc<Policy> {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    /// Checks a call against the policy in force.
-    pub fn check(
-        &self,
-        identity: &str,
-        op: Op,
-        keyspace: Option<&str>,
-        field: Option<&str>,
-    ) -> Result<(), Error> {
-        let p = self.current.read().unwrap_or_else(|p| p.into_inner());
-        p.check(identity, op, keyspace, field)
-    }
-
-    /// The policy file.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Re-reads the file. On error the policy in force stays.
-    pub fn reload(&self) -> Result<Arc<Policy>, PolicyError> {
-        let stamp = stamp_of(&self.path);
-        *self.stamp.write().unwrap_or_else(|p| p.into_inner()) = stamp;
-        let p = Arc::new(Policy::load(&self.path, Some(&self.known_keyspaces))?);
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = p.clone();
-        Ok(p)
-    }
-
-    /// Reloads if the file's modification time or size changed since the last (attempted) load.
-    pub fn reload_if_changed(&self) -> Option<Result<Arc<Policy>, PolicyError>> {
-        let now = stamp_of(&self.path);
-        let last = *self.stamp.read().unwrap_or_else(|p| p.into_inner());
-        (now != last).then(|| self.reload())
-    }
+/// Why a policy file cannot be loaded. Names the file and the problem (a policy holds no
+/// secrets: a TOML error may quote the offending line).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PolicyFileError {
+    /// The file cannot be read.
+    #[error("{}: {source}", path.display())]
+    Read {
+        /// The policy file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not a valid policy.
+    #[error("{}: {problem}", path.display())]
+    Invalid {
+        /// The policy file.
+        path: PathBuf,
+        /// What is wrong, as [`Policy::parse`] says it.
+        problem: PolicyError,
+    },
 }
 
 #[cfg(test)]

@@ -2,7 +2,8 @@
 //!
 //! Start-up order: TLS files are loaded and Vault is logged into and every keyspace's index
 //! key is loaded *before* any port is bound, so nothing serves before it can answer. Once every
-//! listener is bound, the addresses bound are written to `server.ready_file` ([`ready`]).
+//! listener is bound, the addresses bound are written to `server.ready_file` ([`ready`]). The
+//! TLS config and the access policy are then kept current by [`reload`].
 
 pub mod ready;
 
@@ -17,7 +18,7 @@ use crate::access::alarms::{Alarms, Webhook};
 use crate::access::canary::Canaries;
 use crate::access::guard::Sentry;
 use crate::access::limits::{Limits, Lockouts};
-use crate::access::policy::PolicyStore;
+use crate::access::policy::Policy;
 use crate::audit::Auditor;
 use crate::config::Config;
 use crate::error::Error;
@@ -32,9 +33,13 @@ use crate::service::crypto::CryptoService;
 use crate::service::erasure::ErasureService;
 use crate::service::tokens::TokensService;
 use crate::store::Store;
-use crate::tls::{self, TlsState};
+use crate::tls;
 use crate::vault::Vault;
 use crate::vault::signer::Signer;
+
+pub mod reload;
+
+use reload::{AuditReport, Reloader};
 
 /// Largest gRPC message accepted (batches of many fields).
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
@@ -77,14 +82,17 @@ pub async fn run(
     if let Some(path) = &cfg.server.ready_file {
         ready::remove(path).map_err(|e| e.to_string())?;
     }
-    let tls_state = TlsState::load(cfg.tls.clone())?;
-    let policy = Arc::new(
-        PolicyStore::load(
-            cfg.policy.file.clone(),
-            cfg.keyspaces.keys().cloned().collect(),
-        )
-        .map_err(|e| e.to_string())?,
-    );
+    let tls_files = cfg.tls.clone();
+    let tls_reloader = Reloader::load("tls", tls::files_of(&cfg.tls), move || {
+        tls::build_server_config(&tls_files)
+    })
+    .map_err(|e| format!("TLS: {e}"))?;
+    let policy_file = cfg.policy.file.clone();
+    let known = cfg.keyspaces.keys().cloned().collect();
+    let policy_reloader = Reloader::load("policy", vec![policy_file.clone()], move || {
+        Policy::load(&policy_file, Some(&known))
+    })
+    .map_err(|e| e.to_string())?;
     let vault = Arc::new(Vault::new(cfg.vault.clone()).map_err(|e| detail_of(&e))?);
     let store = Arc::new(
         Store::open(&cfg.store.url)
@@ -98,7 +106,6 @@ pub async fn run(
     );
     vault.spawn_renewal();
     keys.spawn_sweeper();
-    tls_state.spawn_reloader(cfg.server.tls_reload_interval);
 
     let engine = Arc::new(Engine {
         keys: keys.clone(),
@@ -147,22 +154,26 @@ pub async fn run(
     }
     canaries.spawn_refresh(vault.clone(), cfg.canaries.refresh);
     let sentry = Arc::new(Sentry {
-        policy: policy.clone(),
+        policy: policy_reloader.subscribe(),
         audit: audit.clone(),
         alarms: Alarms::new(audit.clone(), webhook, cfg.server.instance.clone()),
         limits: Limits::new(cfg.limits.clone()),
         lockouts: lockouts.clone(),
         canaries,
     });
-    sentry.spawn_policy_reloader(cfg.policy.reload_interval);
-    let p = policy.current();
+    let tls_config = tls_reloader.subscribe();
+    let reloaders = [
+        policy_reloader.spawn(cfg.policy.reload_interval, AuditReport::policy(&sentry)),
+        tls_reloader.spawn(cfg.server.tls_reload_interval, AuditReport::tls(&sentry)),
+    ];
+    let p = sentry.policy.borrow().clone();
     sentry.event(
         "start",
         None,
         format!(
             "piiguard {} starting; access policy {} ({} grants, sha256 {})",
             env!("CARGO_PKG_VERSION"),
-            policy.path().display(),
+            cfg.policy.file.display(),
             p.grant_count,
             p.digest
         ),
@@ -308,7 +319,7 @@ pub async fn run(
         cache_hard_ttl_secs = keys.hard_ttl().as_secs(),
         "piiguard serving (mutual TLS 1.2/1.3, client certificate required)"
     );
-    let incoming = tls::incoming(listener, tls_state, cfg.server.handshake_timeout);
+    let incoming = tls::incoming(listener, tls_config, cfg.server.handshake_timeout);
     let mut rx = stop_rx;
     let serve = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -347,6 +358,9 @@ pub async fn run(
         let _ = stop_tx.send(true);
     });
     let r = serve.await.map_err(|e| format!("server: {e}"));
+    for h in reloaders {
+        h.abort();
+    }
     if let Some(h) = health_task {
         let _ = h.await;
     }

@@ -1,34 +1,15 @@
 //! `piiguard admin ...`: the Admin RPCs from the command line, over mutual TLS.
 
-use std::path::PathBuf;
-use std::time::Duration;
-
 use base64::Engine as _;
-use clap::{Args, Subcommand};
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+use clap::Subcommand;
 
+use crate::cli::CommandError;
+use crate::cli::client::ConnArgs;
 use crate::pb;
 use crate::pb::admin_client::AdminClient;
 
-/// Where the server is and who we are.
-#[derive(Args, Debug, Clone)]
-pub struct Connection {
-    /// Server address (IP:PORT or host:port).
-    #[arg(long, default_value = "127.0.0.1:7443")]
-    pub address: String,
-    /// CA certificate of the server.
-    #[arg(long)]
-    pub ca: PathBuf,
-    /// Client certificate (an identity with the `admin` grant).
-    #[arg(long)]
-    pub cert: PathBuf,
-    /// Client private key.
-    #[arg(long)]
-    pub key: PathBuf,
-    /// Server name to verify (default: localhost).
-    #[arg(long, default_value = "localhost")]
-    pub server_name: String,
-}
+/// The dev PKI identity `admin` connects as unless `--cert` / `--key` say otherwise.
+pub const IDENTITY: &str = "admin";
 
 /// Admin commands.
 #[derive(Subcommand, Debug, Clone)]
@@ -36,11 +17,16 @@ pub enum AdminCmd {
     /// Lists locked-out identities.
     Lockouts,
     /// Lifts the lockout of an identity.
-    Lift { identity: String },
+    Lift {
+        /// The locked-out identity (as `lockouts` prints it).
+        identity: String,
+    },
     /// Creates a canary record and prints its ciphertext (base64) to plant among real data.
     CreateCanary {
+        /// Keyspace of the canary.
         #[arg(long)]
         keyspace: String,
+        /// Field of the canary.
         #[arg(long)]
         field: String,
         /// Where it will be planted (free text, not PII).
@@ -53,31 +39,17 @@ pub enum AdminCmd {
     SigningKeys,
 }
 
-/// Connects and runs one command.
-pub async fn run(conn: Connection, cmd: AdminCmd) -> Result<(), String> {
+/// Connects (as [`IDENTITY`] unless `--cert` / `--key` are given) and runs one command.
+pub async fn run(conn: ConnArgs, cmd: AdminCmd) -> Result<(), CommandError> {
     crate::tls::install_default_provider();
-    let read = |p: &PathBuf| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read(&conn.ca)?))
-        .identity(Identity::from_pem(read(&conn.cert)?, read(&conn.key)?))
-        .domain_name(conn.server_name.clone());
-    let ch = Endpoint::from_shared(format!("https://{}", conn.address))
-        .map_err(|e| e.to_string())?
-        .tls_config(tls)
-        .map_err(|e| e.to_string())?
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(30))
-        .connect()
-        .await
-        .map_err(|e| format!("cannot connect to {}: {e}", conn.address))?;
-    let mut c = AdminClient::new(ch);
-    let status = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
+    let mut c = AdminClient::new(conn.connect(IDENTITY).await?);
+    let status = |method: &'static str| move |status| CommandError::Rpc { method, status };
     match cmd {
         AdminCmd::Lockouts => {
             let r = c
                 .list_lockouts(pb::ListLockoutsRequest {})
                 .await
-                .map_err(status)?
+                .map_err(status("ListLockouts"))?
                 .into_inner();
             if r.lockouts.is_empty() {
                 println!("no lockouts");
@@ -95,7 +67,7 @@ pub async fn run(conn: Connection, cmd: AdminCmd) -> Result<(), String> {
                     identity: identity.clone(),
                 })
                 .await
-                .map_err(status)?
+                .map_err(status("LiftLockout"))?
                 .into_inner();
             if r.lifted {
                 println!("lockout of {identity} lifted");
@@ -117,7 +89,7 @@ pub async fn run(conn: Connection, cmd: AdminCmd) -> Result<(), String> {
                     encoding: pb::CiphertextEncoding::Unspecified as i32,
                 })
                 .await
-                .map_err(status)?
+                .map_err(status("CreateCanary"))?
                 .into_inner();
             println!(
                 "ciphertext (base64): {}\nkey id: {}\nsubject ref: {}",
@@ -130,7 +102,7 @@ pub async fn run(conn: Connection, cmd: AdminCmd) -> Result<(), String> {
             let r = c
                 .list_canaries(pb::ListCanariesRequest {})
                 .await
-                .map_err(status)?
+                .map_err(status("ListCanaries"))?
                 .into_inner();
             for k in r.canaries {
                 println!(
@@ -143,7 +115,7 @@ pub async fn run(conn: Connection, cmd: AdminCmd) -> Result<(), String> {
             let r = c
                 .get_audit_signing_keys(pb::GetAuditSigningKeysRequest {})
                 .await
-                .map_err(status)?
+                .map_err(status("GetAuditSigningKeys"))?
                 .into_inner();
             for k in r.keys {
                 println!("# version {}\n{}", k.version, k.public_key_pem.trim_end());

@@ -10,7 +10,55 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 pub mod admin;
+pub mod client;
 pub mod shred;
+
+use crate::cli::client::ConnArgs;
+use crate::tls::client::ClientError;
+
+/// Why a client command failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CommandError {
+    /// No mTLS connection to the server.
+    #[error(transparent)]
+    Connect(#[from] ClientError),
+    /// The server refused a call.
+    #[error("{method}: {:?}: {}", status.code(), status.message())]
+    Rpc {
+        /// The RPC.
+        method: &'static str,
+        /// The server's answer.
+        status: tonic::Status,
+    },
+    /// A local file cannot be read or written.
+    #[error("{}: {source}", path.display())]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A stream broke off before every request was answered.
+    #[error("ShredStream interrupted after {done} of {total}: {} (run again: done subjects are skipped)", status.message())]
+    Interrupted {
+        /// Requests answered before the break.
+        done: usize,
+        /// Requests sent.
+        total: usize,
+        /// Why it broke off.
+        status: tonic::Status,
+    },
+    /// The server ended a stream without answering every request.
+    #[error("server answered {answered} of {total} requests")]
+    Incomplete {
+        /// Requests answered.
+        answered: usize,
+        /// Requests sent.
+        total: usize,
+    },
+}
 
 /// Exit code for an invalid configuration (EX_CONFIG).
 const EXIT_CONFIG: u8 = 78;
@@ -98,7 +146,7 @@ enum Cmd {
     /// Security administration of a running server over mutual TLS (needs the `admin` grant).
     Admin {
         #[command(flatten)]
-        conn: crate::cli::admin::Connection,
+        conn: ConnArgs,
         #[command(subcommand)]
         command: crate::cli::admin::AdminCmd,
     },
@@ -111,25 +159,6 @@ enum Cmd {
         #[arg(long)]
         client: Vec<String>,
     },
-}
-
-#[derive(clap::Args, Debug)]
-struct ConnArgs {
-    /// piiguard's mTLS address.
-    #[arg(long, default_value = "127.0.0.1:7443")]
-    endpoint: String,
-    /// CA that issued the server certificate.
-    #[arg(long, default_value = ".dev/pki/ca.pem")]
-    ca: PathBuf,
-    /// Client certificate (PEM).
-    #[arg(long, default_value = ".dev/pki/client-erasure.pem")]
-    cert: PathBuf,
-    /// Client private key (PEM).
-    #[arg(long, default_value = ".dev/pki/client-erasure.key")]
-    key: PathBuf,
-    /// Name in the server certificate.
-    #[arg(long, default_value = "localhost")]
-    server_name: String,
 }
 
 #[derive(Subcommand, Debug)]
@@ -256,7 +285,7 @@ pub fn run(cli: Cli) -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            report(runtime().block_on(async move {
+            report::<String>(runtime().block_on(async move {
                 let token = zeroize::Zeroizing::new(
                     std::fs::read_to_string(&admin_token_file)
                         .map_err(|e| format!("{}: {e}", admin_token_file.display()))?,
@@ -289,20 +318,17 @@ pub fn run(cli: Cli) -> ExitCode {
             certificates_dir,
             conn,
         } => {
-            let conn = crate::cli::shred::Connection {
-                endpoint: conn.endpoint,
-                ca: conn.ca,
-                cert: conn.cert,
-                key: conn.key,
-                server_name: conn.server_name,
-            };
-            let r = runtime().block_on(crate::cli::shred::bulk_shred(
-                &conn,
-                &file,
-                &keyspace,
-                &reason,
-                certificates_dir.as_deref(),
-            ));
+            let r = runtime().block_on(async {
+                let channel = conn.connect(crate::cli::shred::IDENTITY).await?;
+                crate::cli::shred::bulk_shred(
+                    channel,
+                    &file,
+                    &keyspace,
+                    &reason,
+                    certificates_dir.as_deref(),
+                )
+                .await
+            });
             match r {
                 Ok(s) if s.failed == 0 => ExitCode::SUCCESS,
                 Ok(_) => ExitCode::FAILURE,
@@ -443,7 +469,7 @@ fn pem_blocks(text: &str) -> Vec<String> {
     out
 }
 
-fn report(r: Result<(), String>) -> ExitCode {
+fn report<E: std::fmt::Display>(r: Result<(), E>) -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

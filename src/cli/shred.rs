@@ -2,51 +2,22 @@
 //! verification of certificates of destruction.
 
 use std::io::{BufRead as _, Write as _};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use tonic::transport::{Certificate as TlsCa, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::Channel;
 
+use crate::cli::CommandError;
 use crate::ops::erasure::certificate::Certificate;
 use crate::pb;
 
-/// How to reach a piiguard server over mTLS.
-#[derive(Debug, Clone)]
-pub struct Connection {
-    /// `https://host:port` or `host:port`.
-    pub endpoint: String,
-    pub ca: PathBuf,
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    /// Name expected in the server certificate.
-    pub server_name: String,
-}
+/// The dev PKI identity `shred` connects as unless `--cert` / `--key` say otherwise.
+pub const IDENTITY: &str = "erasure";
 
-fn read(p: &Path) -> Result<Vec<u8>, String> {
-    std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))
-}
-
-impl Connection {
-    /// Opens an mTLS channel.
-    pub async fn channel(&self) -> Result<Channel, String> {
-        let key = zeroize::Zeroizing::new(read(&self.key)?);
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(TlsCa::from_pem(read(&self.ca)?))
-            .identity(Identity::from_pem(read(&self.cert)?, &*key))
-            .domain_name(self.server_name.clone());
-        let url = if self.endpoint.starts_with("https://") {
-            self.endpoint.clone()
-        } else {
-            format!("https://{}", self.endpoint)
-        };
-        Endpoint::from_shared(url)
-            .map_err(|e| format!("endpoint: {e}"))?
-            .tls_config(tls)
-            .map_err(|e| format!("TLS: {e}"))?
-            .connect_timeout(Duration::from_secs(10))
-            .connect()
-            .await
-            .map_err(|e| format!("cannot connect to {}: {e}", self.endpoint))
+fn file_error(path: &Path) -> impl FnOnce(std::io::Error) -> CommandError + '_ {
+    move |source| CommandError::File {
+        path: path.to_path_buf(),
+        source,
     }
 }
 
@@ -69,24 +40,31 @@ fn parse_line(line: &str, n: usize, prefix: &str) -> Option<(String, String, Str
 /// Totals of a bulk shred.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Summary {
+    /// Requests answered.
     pub requests: usize,
+    /// Keyspaces shredded now.
     pub shredded: usize,
+    /// Keyspaces shredded before.
     pub already_shredded: usize,
+    /// Keyspaces whose shred waits out its grace window.
     pub scheduled: usize,
+    /// Keyspaces that never held the subject.
     pub not_found: usize,
+    /// Keyspaces that failed (named on stderr).
     pub failed: usize,
 }
 
-/// `piiguard shred --file`: streams every line of `file` through `Erasure.ShredStream`,
-/// with a progress line on stderr; writes certificates into `certificates_dir` if given.
+/// `piiguard shred --file`: streams every line of `file` through `Erasure.ShredStream` over
+/// `channel` (see [`crate::cli::client`]), with a progress line on stderr; writes certificates
+/// into `certificates_dir` if given.
 pub async fn bulk_shred(
-    conn: &Connection,
+    channel: Channel,
     file: &Path,
     default_keyspace: &str,
     reason: &str,
     certificates_dir: Option<&Path>,
-) -> Result<Summary, String> {
-    let f = std::fs::File::open(file).map_err(|e| format!("{}: {e}", file.display()))?;
+) -> Result<Summary, CommandError> {
+    let f = std::fs::File::open(file).map_err(file_error(file))?;
     let prefix = format!(
         "{}:",
         file.file_name()
@@ -95,7 +73,7 @@ pub async fn bulk_shred(
     );
     let mut reqs = Vec::new();
     for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
-        let line = line.map_err(|e| format!("{}: {e}", file.display()))?;
+        let line = line.map_err(file_error(file))?;
         if let Some((subject, ks, rid)) = parse_line(&line, i + 1, &prefix) {
             reqs.push(pb::ShredRequest {
                 subject,
@@ -110,15 +88,18 @@ pub async fn bulk_shred(
         }
     }
     if let Some(d) = certificates_dir {
-        std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+        std::fs::create_dir_all(d).map_err(file_error(d))?;
     }
     let total = reqs.len();
-    let mut client = pb::erasure_client::ErasureClient::new(conn.channel().await?)
-        .max_decoding_message_size(64 * 1024 * 1024);
+    let mut client =
+        pb::erasure_client::ErasureClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
     let mut stream = client
         .shred_stream(tokio_stream::iter(reqs))
         .await
-        .map_err(|e| format!("ShredStream: {}", e.message()))?
+        .map_err(|status| CommandError::Rpc {
+            method: "ShredStream",
+            status,
+        })?
         .into_inner();
     let mut s = Summary::default();
     let started = Instant::now();
@@ -126,7 +107,11 @@ pub async fn bulk_shred(
     while let Some(resp) = stream
         .message()
         .await
-        .map_err(|e| format!("ShredStream interrupted after {} of {total}: {} (run again: done subjects are skipped)", s.requests, e.message()))?
+        .map_err(|status| CommandError::Interrupted {
+            done: s.requests,
+            total,
+            status,
+        })?
     {
         s.requests += 1;
         for k in &resp.keyspaces {
@@ -138,7 +123,10 @@ pub async fn bulk_shred(
                 _ => {
                     s.failed += 1;
                     let why = k.error.as_ref().map(|e| e.reason.as_str()).unwrap_or("?");
-                    eprintln!("\nrequest {} keyspace {}: failed ({why})", resp.request_id, k.keyspace);
+                    eprintln!(
+                        "\nrequest {} keyspace {}: failed ({why})",
+                        resp.request_id, k.keyspace
+                    );
                 }
             }
             if let Some(d) = certificates_dir
@@ -146,26 +134,34 @@ pub async fn bulk_shred(
             {
                 let safe: String = format!("{}-{}", resp.request_id, k.keyspace)
                     .chars()
-                    .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+                    .map(|c| {
+                        if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                            c
+                        } else {
+                            '_'
+                        }
+                    })
                     .collect();
                 let p = d.join(format!("{safe}.json"));
-                std::fs::write(&p, &k.certificate).map_err(|e| format!("{}: {e}", p.display()))?;
+                std::fs::write(&p, &k.certificate).map_err(file_error(&p))?;
             }
         }
         if last_draw.elapsed() > Duration::from_millis(200) || s.requests == total {
             last_draw = Instant::now();
             let pct = (s.requests * 100).checked_div(total).unwrap_or(100);
-            let bar: String = (0..30).map(|i| if i * 100 < pct * 30 { '#' } else { '.' }).collect();
+            let bar: String = (0..30)
+                .map(|i| if i * 100 < pct * 30 { '#' } else { '.' })
+                .collect();
             eprint!("\r[{bar}] {}/{total} ({pct}%)", s.requests);
             let _ = std::io::stderr().flush();
         }
     }
     eprintln!();
     if s.requests != total {
-        return Err(format!(
-            "server answered {} of {total} requests",
-            s.requests
-        ));
+        return Err(CommandError::Incomplete {
+            answered: s.requests,
+            total,
+        });
     }
     eprintln!(
         "{total} requests in {:.1}s: {} shredded, {} already shredded, {} scheduled, {} never existed, {} failed",

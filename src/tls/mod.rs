@@ -1,18 +1,19 @@
 //! The mTLS front door: our own rustls `ServerConfig` (aws-lc-rs, TLS 1.2 and 1.3 only, client
 //! certificate mandatory and verified against the configured CA, optional CRLs), an accept loop
-//! with a handshake timeout, hot reload of certificate/key/CA/CRL, and the caller identity taken
-//! once per connection from the client certificate.
+//! with a handshake timeout that takes the config in force from a `watch` channel (fed by
+//! `app::reload` on file change and SIGHUP), the caller identity taken once per connection from
+//! the client certificate, and [`client`], the one mTLS client of piiguard's own commands.
 //!
 //! **Architecture Invariant:** there is no code path that builds a server config without a
 //! client-certificate verifier; a connection without a verified client certificate never
 //! reaches a gRPC handler.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
@@ -21,10 +22,12 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tonic::transport::server::Connected;
 
 use crate::config::TlsFiles;
+
+pub mod client;
 
 /// The crypto provider of the whole process. Installed as the process default at start so
 /// that no dependency can silently pick another one.
@@ -37,6 +40,55 @@ pub fn install_default_provider() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
 
+/// Why TLS files cannot be used. Every variant names the file it is about; none carries key
+/// material (PEM errors name a line kind or a base64 position, never the bytes of a key).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    /// A PEM file cannot be read or parsed.
+    #[error("{}: {source}", path.display())]
+    Pem {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong reading it.
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    /// The private key file cannot be read or holds no private key.
+    #[error("{}: cannot read private key: {source}", path.display())]
+    Key {
+        /// The key file.
+        path: PathBuf,
+        /// What went wrong reading it.
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    /// A file holds no PEM item of the expected kind.
+    #[error("{}: no PEM {what} found", path.display())]
+    Empty {
+        /// The file.
+        path: PathBuf,
+        /// `certificate` or `CRL`.
+        what: &'static str,
+    },
+    /// rustls refused what a file holds (a CA it cannot use, a certificate that does not go
+    /// with the key, ...).
+    #[error("{}: {source}", path.display())]
+    Refused {
+        /// The file.
+        path: PathBuf,
+        /// rustls's reason.
+        #[source]
+        source: rustls::Error,
+    },
+    /// The client-certificate verifier cannot be built from the client CA and CRLs.
+    #[error("client certificate verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    /// The protocol versions are not supported by the provider (a build problem).
+    #[error("TLS versions: {0}")]
+    Versions(#[source] rustls::Error),
+}
+
 /// The authenticated caller of a connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
@@ -47,61 +99,91 @@ pub struct Caller {
 /// Per-connection information that tonic puts into every request's extensions.
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
+    /// Who is calling (from the verified client certificate).
     pub caller: Caller,
+    /// The peer's address.
     pub remote: SocketAddr,
     /// Metric handles of this connection's calls.
     pub metrics: Arc<crate::metrics::ConnMetrics>,
 }
 
-/// Reads every PEM certificate of a file.
-pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+/// Reads every PEM certificate of a file (at least one).
+pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = |source| TlsError::Pem {
+        path: path.to_path_buf(),
+        source,
+    };
     let certs: Vec<_> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?
+        .map_err(pem)?
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+        .map_err(pem)?;
     if certs.is_empty() {
-        return Err(format!("{}: no PEM certificate found", path.display()));
+        return Err(TlsError::Empty {
+            path: path.to_path_buf(),
+            what: "certificate",
+        });
     }
     Ok(certs)
 }
 
-/// Builds the server config from files. Errors name the file and never contain key material.
-pub fn build_server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, String> {
+/// Builds the server config from files: the certificate chain and key, client certificates
+/// required and verified against the client CA (and CRLs), TLS 1.3 and 1.2, ALPN `h2`.
+/// Errors name the file and never contain key material.
+pub fn build_server_config(files: &TlsFiles) -> Result<rustls::ServerConfig, TlsError> {
     let provider = provider();
     let certs = read_certs(&files.cert)?;
-    let key = PrivateKeyDer::from_pem_file(&files.key)
-        .map_err(|e| format!("{}: cannot read private key: {e}", files.key.display()))?;
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|source| TlsError::Key {
+        path: files.key.clone(),
+        source,
+    })?;
     let mut roots = RootCertStore::empty();
     for ca in read_certs(&files.client_ca)? {
-        roots
-            .add(ca)
-            .map_err(|e| format!("{}: {e}", files.client_ca.display()))?;
+        roots.add(ca).map_err(|source| TlsError::Refused {
+            path: files.client_ca.clone(),
+            source,
+        })?;
     }
     let mut crls = Vec::new();
     for path in &files.crl {
+        let pem = |source| TlsError::Pem {
+            path: path.clone(),
+            source,
+        };
         let mut n = 0;
-        for crl in CertificateRevocationListDer::pem_file_iter(path)
-            .map_err(|e| format!("{}: {e}", path.display()))?
-        {
-            crls.push(crl.map_err(|e| format!("{}: {e}", path.display()))?);
+        for crl in CertificateRevocationListDer::pem_file_iter(path).map_err(pem)? {
+            crls.push(crl.map_err(pem)?);
             n += 1;
         }
         if n == 0 {
-            return Err(format!("{}: no PEM CRL found", path.display()));
+            return Err(TlsError::Empty {
+                path: path.clone(),
+                what: "CRL",
+            });
         }
     }
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .with_crls(crls)
-        .build()
-        .map_err(|e| format!("client certificate verifier: {e}"))?;
+        .build()?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| format!("TLS versions: {e}"))?
+        .map_err(TlsError::Versions)?
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs, key)
-        .map_err(|e| format!("{}: {e}", files.cert.display()))?;
+        .map_err(|source| TlsError::Refused {
+            path: files.cert.clone(),
+            source,
+        })?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(cfg))
+    Ok(cfg)
+}
+
+/// The files a server config is built from, in the order a reload names them.
+pub fn files_of(files: &TlsFiles) -> Vec<PathBuf> {
+    [&files.cert, &files.key, &files.client_ca]
+        .into_iter()
+        .chain(files.crl.iter())
+        .cloned()
+        .collect()
 }
 
 /// Extracts the caller identity from a DER client certificate.
@@ -126,94 +208,6 @@ pub fn identity_of(cert: &[u8]) -> Option<String> {
         .next()
         .and_then(|cn| cn.as_str().ok())
         .map(str::to_string)
-}
-
-/// The current server config, swapped atomically on reload.
-pub struct TlsState {
-    files: TlsFiles,
-    current: RwLock<Arc<rustls::ServerConfig>>,
-    stamp: RwLock<Vec<Option<SystemTime>>>,
-}
-
-impl TlsState {
-    /// Loads the files; fails if any is unusable.
-    pub fn load(files: TlsFiles) -> Result<Arc<Self>, String> {
-        let cfg = build_server_config(&files)?;
-        let stamp = file_stamps(&files);
-        Ok(Arc::new(Self {
-            files,
-            current: RwLock::new(cfg),
-            stamp: RwLock::new(stamp),
-        }))
-    }
-
-    /// The config new connections use.
-    pub fn current(&self) -> Arc<rustls::ServerConfig> {
-        match self.current.read() {
-            Ok(g) => g.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
-    }
-
-    /// Rebuilds the config from the files. A broken new set keeps the old config.
-    pub fn reload(&self) -> Result<(), String> {
-        let cfg = build_server_config(&self.files)?;
-        let stamp = file_stamps(&self.files);
-        match self.current.write() {
-            Ok(mut g) => *g = cfg,
-            Err(p) => *p.into_inner() = cfg,
-        }
-        if let Ok(mut s) = self.stamp.write() {
-            *s = stamp;
-        }
-        Ok(())
-    }
-
-    /// Reloads if any file's modification time changed.
-    pub fn reload_if_changed(&self) -> Option<Result<(), String>> {
-        let now = file_stamps(&self.files);
-        let changed = self.stamp.read().map(|s| *s != now).unwrap_or(true);
-        changed.then(|| self.reload())
-    }
-
-    /// Reloads on SIGHUP and, if `interval` is set, when a file changes.
-    pub fn spawn_reloader(self: &Arc<Self>, interval: Option<Duration>) {
-        let state = self.clone();
-        tokio::spawn(async move {
-            #[cfg(unix)]
-            let mut hup =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-            let mut tick = interval.map(tokio::time::interval);
-            loop {
-                let forced = tokio::select! {
-                    _ = async { match hup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending().await } } => true,
-                    _ = async { match tick.as_mut() { Some(t) => { t.tick().await; } None => std::future::pending().await } } => false,
-                };
-                let result = if forced {
-                    Some(state.reload())
-                } else {
-                    state.reload_if_changed()
-                };
-                match result {
-                    Some(Ok(())) => {
-                        tracing::info!("TLS certificate, key, client CA and CRLs reloaded")
-                    }
-                    Some(Err(e)) => {
-                        tracing::error!(error = %e, "TLS reload failed; keeping the previous configuration")
-                    }
-                    None => {}
-                }
-            }
-        });
-    }
-}
-
-fn file_stamps(files: &TlsFiles) -> Vec<Option<SystemTime>> {
-    std::iter::once(&files.cert)
-        .chain([&files.key, &files.client_ca])
-        .chain(files.crl.iter())
-        .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
-        .collect()
 }
 
 /// An accepted, authenticated TLS connection.
@@ -267,9 +261,12 @@ impl AsyncWrite for TlsConn {
 
 /// Accepts TCP connections, runs each TLS handshake in its own task with a timeout, and yields
 /// the connections whose client certificate verified and named an identity.
+///
+/// Each handshake uses the server config current in `tls` when its connection was accepted
+/// (a reload publishes a new one there); established connections keep theirs.
 pub fn incoming(
     listener: TcpListener,
-    tls: Arc<TlsState>,
+    tls: watch::Receiver<Arc<rustls::ServerConfig>>,
     handshake_timeout: Duration,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<TlsConn, std::io::Error>> {
     let (tx, rx) = mpsc::channel(256);
@@ -288,7 +285,8 @@ pub fn incoming(
                 break;
             }
             let _ = tcp.set_nodelay(true);
-            let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
+            // A short read lock on the watch slot; never held across an await.
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.borrow().clone());
             let tx = tx.clone();
             tokio::spawn(async move {
                 let stream =
