@@ -328,7 +328,8 @@ fn previous_head(dir: &Path) -> Head {
 fn last_checkpoint_seq(dir: &Path) -> u64 {
     fn newest_in(data: &[u8]) -> Option<u64> {
         data.split(|&b| b == b'\n').rev().find_map(|line| {
-            if !line.windows(20).any(|w| w == b"\"kind\":\"checkpoint\"") {
+            const NEEDLE: &[u8] = b"\"kind\":\"checkpoint\"";
+            if !line.windows(NEEDLE.len()).any(|w| w == NEEDLE) {
                 return None;
             }
             let (body, _, true) = open_line(line)? else {
