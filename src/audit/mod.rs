@@ -336,13 +336,13 @@ mod tests {
     #[test]
     fn checkpoint_message_v2_changes_with_every_member() {
         let base = sample().text();
-        let variants: Vec<Box<dyn Fn(&mut CheckpointMessage)>> = vec![
-            Box::new(|m| m.instance = "pg-2".into()),
-            Box::new(|m| m.seq += 1),
-            Box::new(|m| m.covers_seq -= 1),
-            Box::new(|m| m.covers_hash = "cd".repeat(32)),
-            Box::new(|m| m.final_seal = true),
-            Box::new(|m| m.prev_checkpoint = 0),
+        let variants: [fn(&mut CheckpointMessage); 6] = [
+            |m| m.instance = "pg-2".into(),
+            |m| m.seq += 1,
+            |m| m.covers_seq -= 1,
+            |m| m.covers_hash = "cd".repeat(32),
+            |m| m.final_seal = true,
+            |m| m.prev_checkpoint = 0,
         ];
         for (i, edit) in variants.iter().enumerate() {
             let mut m = sample();

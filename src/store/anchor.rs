@@ -129,7 +129,7 @@ mod tests {
             checkpoint_seq: seq,
             covers_seq: seq - 1,
             covers_hash: "ab".repeat(32),
-            final_seal: seq % 2 == 0,
+            final_seal: seq.is_multiple_of(2),
             prev_checkpoint: seq - 5,
             key_version: 1,
             signature: "c2ln".into(),

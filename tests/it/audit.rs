@@ -685,11 +685,10 @@ async fn verify_fails_on_cut_resealed_dropped_deleted_reordered_and_replayed_log
         .iter()
         .enumerate()
         .flat_map(|(f, l)| (0..l.len()).map(move |i| (f, i)))
-        .filter(|&(f, i)| {
+        .rfind(|&(f, i)| {
             let v = parse(&originals[f][i]);
             v["kind"] == "checkpoint" && v["final_seal"] == false && i + 2 < originals[f].len()
         })
-        .last()
         .expect("a periodic checkpoint with records after it");
     let cut_after = |l: &mut Vec<Vec<String>>, f: usize, keep: usize| {
         l[f].truncate(keep);
