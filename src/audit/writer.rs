@@ -8,7 +8,7 @@
 //! file is fsynced every `fsync_interval`, before each checkpoint is signed, at rotation and at
 //! shutdown. A process crash loses at most the records still queued (the last unflushed batch);
 //! a machine crash at most what was written since the last fsync. `verify` reports both as an
-//! unsealed tail or an unclean stop.
+//! open tail or an unclean stop.
 //!
 //! Checkpoints: every `checkpoint_interval`, after an fsync, the writer has Vault sign a
 //! [`CheckpointMessage`] for the record that comes next (its own seq is the head's + 1) and holds
