@@ -100,7 +100,7 @@ pub async fn run(
             .map_err(|e| format!("cannot start: {}", detail_of(&e)))?,
     );
     let keys = Arc::new(
-        connect_keys(&cfg, vault.clone(), store)
+        connect_keys(&cfg, vault.clone(), store.clone())
             .await
             .map_err(|e| format!("cannot start: {}", detail_of(&e)))?,
     );
@@ -130,7 +130,9 @@ pub async fn run(
         Some(signer.clone()),
         runtime.clone(),
         webhook.clone(),
-    )?;
+        Some(store),
+    )
+    .map_err(|e| e.to_string())?;
     let lockouts = Arc::new(Lockouts::new(cfg.lockout.clone()));
     let canaries = Arc::new(Canaries::new(cfg.canaries.lockout));
     for c in &cfg.canaries.subjects {

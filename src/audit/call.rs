@@ -28,11 +28,19 @@ const INLINE: usize = 64;
 /// A keyspace or field name: inline up to 64 bytes (every valid name), boxed beyond.
 #[derive(Clone)]
 pub enum Name {
-    Inline { len: u8, buf: [u8; INLINE] },
+    /// Up to 64 bytes, stored in place.
+    Inline {
+        /// Bytes used in `buf`.
+        len: u8,
+        /// The name's bytes, then zeros.
+        buf: [u8; INLINE],
+    },
+    /// A longer name (never a valid keyspace or field name).
     Heap(Box<str>),
 }
 
 impl Name {
+    /// The name `s`, inline if it fits.
     pub fn new(s: &str) -> Self {
         if s.len() <= INLINE {
             let mut buf = [0u8; INLINE];
@@ -46,6 +54,7 @@ impl Name {
         }
     }
 
+    /// The name as text.
     pub fn as_str(&self) -> &str {
         match self {
             // Copied from a `&str` whole, so always UTF-8.
@@ -70,10 +79,14 @@ impl std::fmt::Debug for Name {
 /// The keyspace/field pairs a call touched.
 #[derive(Debug, Clone, Default)]
 pub enum Scopes {
+    /// The call named no keyspace or field.
     #[default]
     None,
+    /// One keyspace/field pair (either may be missing).
     One {
+        /// The keyspace named.
         keyspace: Option<Name>,
+        /// The field named.
         field: Option<Name>,
     },
     /// `keyspace/field` (or `keyspace`) of each distinct pair, when more than one.
@@ -86,18 +99,31 @@ pub type ItemCounts = [u32; 3];
 /// One call's audit record. Hashes and ids are raw bytes, hex-encoded by the writer.
 #[derive(Debug, Clone)]
 pub struct CallRecord {
+    /// When the call was taken.
     pub at: SystemTime,
+    /// Identity of the caller.
     pub caller: Arc<str>,
+    /// gRPC method (e.g. `Decrypt`).
     pub method: &'static str,
+    /// Policy operation (e.g. `decrypt`).
     pub operation: &'static str,
+    /// Keyspace/field pairs the call touched.
     pub scopes: Scopes,
+    /// Keyed hash of the subject id, never the id itself.
     pub subject_ref: Option<[u8; 32]>,
+    /// Random key id named by a ciphertext.
     pub key_id: Option<[u8; crate::crypto::envelope::KEY_ID_LEN]>,
+    /// Item counts of a batch.
     pub items: Option<ItemCounts>,
+    /// `ok`, `partial`, `denied`, `refused`, `error`, `cancelled`.
     pub outcome: &'static str,
+    /// gRPC code name.
     pub code: &'static str,
+    /// Stable error reason.
     pub reason: Option<&'static str>,
+    /// How long the call took, in microseconds.
     pub latency_us: u64,
+    /// Correlation id of the call.
     pub correlation_id: CorrelationId,
 }
 

@@ -13,8 +13,12 @@
 //! `"hash"`, the hex SHA-256 of the line's own bytes without that member (the object closed
 //! right after the previous member). Every record names the hash of the one before (`prev`)
 //! and a sequence number (`seq`), so an edited, dropped, inserted or reordered record breaks
-//! the chain; checkpoints sign `(seq, hash)` of the head so that a rewritten chain does not
-//! verify either.
+//! the chain. Checkpoints sign [`CheckpointMessage`] (v2): the instance, the checkpoint's own
+//! seq, the seq and hash of the record just before it, whether it is the final seal of a clean
+//! stop, and the seq of the checkpoint before it; so a rewritten chain, a cut tail re-sealed as
+//! final, a replayed or moved checkpoint do not verify. The newest checkpoint is also kept in
+//! the SQL store ([`crate::store::anchor`]), so that a log cut before it (the newest file or
+//! the whole folder deleted) is found by `piiguard audit verify --anchor-from-config`.
 
 pub mod call;
 pub mod verify;
@@ -55,11 +59,15 @@ pub struct Record {
     /// When it happened (defaults to when the writer takes it).
     #[serde(skip)]
     pub at: Option<SystemTime>,
+    /// What kind of record this is (one of [`kind`]).
     pub kind: &'static str,
+    /// The event or alarm name (`start`, `stop`, `audit_unavailable`, ...).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub event: Option<&'static str>,
+    /// Severity of an alarm (`warning`, `critical`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub severity: Option<&'static str>,
+    /// Identity of the caller.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub caller: Option<Arc<str>>,
     /// gRPC method (e.g. `Decrypt`).
@@ -68,8 +76,10 @@ pub struct Record {
     /// Policy operation (e.g. `decrypt`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub operation: Option<&'static str>,
+    /// Keyspace named by the call (after validation).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub keyspace: Option<String>,
+    /// Field named by the call (after validation).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
     /// Distinct `keyspace/field` pairs of a batch (when more than one).
@@ -81,44 +91,63 @@ pub struct Record {
     /// Random key id named by a ciphertext (hex): identifies the subject's DEK, not the subject.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key_id: Option<String>,
+    /// Items of a batch.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub items: Option<u32>,
+    /// Items of a batch that failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failed_items: Option<u32>,
+    /// Items of a batch that the policy denied.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub denied_items: Option<u32>,
     /// `ok`, `partial` (batch with failed items), `denied`, `refused` (limits, lockout), `error`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outcome: Option<&'static str>,
     /// gRPC code name (e.g. `PERMISSION_DENIED`).
+    /// gRPC code name (e.g. `PERMISSION_DENIED`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub code: Option<&'static str>,
+    /// Stable error reason (e.g. `POLICY_DENIED`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<&'static str>,
+    /// How long the call took, in microseconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub latency_us: Option<u64>,
+    /// Correlation id of the call (also in the server log and in errors).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub correlation_id: Option<String>,
     /// Text written by piiguard itself (never request content).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
     // Checkpoints.
+    /// In a checkpoint: the seq of the last record it covers (v2: the record just before it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub covers_seq: Option<u64>,
+    /// In a checkpoint: the hex hash of the record at `covers_seq`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub covers_hash: Option<String>,
+    /// In a checkpoint: the version of the transit signing key that signed it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key_version: Option<u32>,
-    /// Base64 RSA-PSS-SHA256 signature of [`checkpoint_message`].
+    /// Base64 RSA-PSS-SHA256 signature of the checkpoint message ([`CheckpointMessage`]; v1:
+    /// [`checkpoint_message_v1`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub signature: Option<String>,
     /// The last checkpoint of a cleanly stopped process.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub final_seal: Option<bool>,
+    /// In a v2 checkpoint: the message it signs, [`CHECKPOINT_V2`] (absent in v1 checkpoints).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<&'static str>,
+    /// In a v2 checkpoint: the seq of the checkpoint before it in the chain (0: none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prev_checkpoint: Option<u64>,
     // Segments.
     /// In a `segment_start`: whether the previous file ended with a final seal.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prev_clean: Option<bool>,
+    /// A file name: the previous file (`segment_start`), the next one (`segment_end`), a file
+    /// removed by retention.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub file: Option<String>,
 }
@@ -136,8 +165,57 @@ impl Record {
     }
 }
 
-/// The message a checkpoint signs.
-pub fn checkpoint_message(covers_seq: u64, covers_hash_hex: &str) -> String {
+/// First line of the v2 checkpoint message, and the `message` member of a v2 checkpoint record.
+pub const CHECKPOINT_V2: &str = "piiguard-audit-checkpoint-v2";
+
+/// What a v2 checkpoint signs: everything that gives the chain its meaning.
+///
+/// Its canonical text ([`CheckpointMessage::text`]) is the version line followed by one
+/// `name=value` line per member, in this order, each ending with `\n`:
+///
+/// ```text
+/// piiguard-audit-checkpoint-v2
+/// instance="<instance as a JSON string>"
+/// seq=<seq of the checkpoint record itself>
+/// covers_seq=<seq of the record just before it>
+/// covers_hash=<hex SHA-256 line hash of that record, lowercase>
+/// final=<true|false>
+/// prev_checkpoint=<seq of the checkpoint before it in the chain, 0 if none>
+/// ```
+///
+/// Numbers are decimal without leading zeros; the instance is JSON-escaped, so no value can
+/// contain a line break and the text is unambiguous.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointMessage {
+    /// `server.instance` of the process that wrote the checkpoint.
+    pub instance: String,
+    /// Seq of the checkpoint record itself.
+    pub seq: u64,
+    /// Seq of the last record it covers (always `seq - 1` for the writer).
+    pub covers_seq: u64,
+    /// Hex line hash of the record at `covers_seq`.
+    pub covers_hash: String,
+    /// Whether this is the final seal of a clean stop.
+    pub final_seal: bool,
+    /// Seq of the checkpoint before it in the chain (0: none).
+    pub prev_checkpoint: u64,
+}
+
+impl CheckpointMessage {
+    /// The canonical text that is signed.
+    pub fn text(&self) -> String {
+        // Serializing a string to JSON cannot fail.
+        let instance = serde_json::to_string(&self.instance).unwrap_or_else(|_| "\"\"".to_string());
+        format!(
+            "{CHECKPOINT_V2}\ninstance={instance}\nseq={}\ncovers_seq={}\ncovers_hash={}\nfinal={}\nprev_checkpoint={}\n",
+            self.seq, self.covers_seq, self.covers_hash, self.final_seal, self.prev_checkpoint
+        )
+    }
+}
+
+/// The message a v1 checkpoint (piiguard before the v2 message) signed: only the covered seq
+/// and hash. Kept to verify old logs, with weaker guarantees; the writer no longer signs it.
+pub fn checkpoint_message_v1(covers_seq: u64, covers_hash_hex: &str) -> String {
     format!("piiguard-audit-checkpoint-v1 seq={covers_seq} hash={covers_hash_hex}")
 }
 
@@ -228,5 +306,70 @@ mod tests {
         assert!(open_line(b"{}").is_none());
         let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
         assert_eq!(v["hash"].as_str().unwrap(), hex::encode(hash));
+    }
+
+    fn sample() -> CheckpointMessage {
+        CheckpointMessage {
+            instance: "pg-1".into(),
+            seq: 42,
+            covers_seq: 41,
+            covers_hash: "ab".repeat(32),
+            final_seal: false,
+            prev_checkpoint: 17,
+        }
+    }
+
+    #[test]
+    fn checkpoint_message_v2_is_canonical_text() {
+        assert_eq!(
+            sample().text(),
+            format!(
+                "piiguard-audit-checkpoint-v2\ninstance=\"pg-1\"\nseq=42\ncovers_seq=41\ncovers_hash={}\nfinal=false\nprev_checkpoint=17\n",
+                "ab".repeat(32)
+            )
+        );
+        let mut f = sample();
+        f.final_seal = true;
+        assert!(f.text().contains("\nfinal=true\n"));
+    }
+
+    #[test]
+    fn checkpoint_message_v2_changes_with_every_member() {
+        let base = sample().text();
+        let variants: [fn(&mut CheckpointMessage); 6] = [
+            |m| m.instance = "pg-2".into(),
+            |m| m.seq += 1,
+            |m| m.covers_seq -= 1,
+            |m| m.covers_hash = "cd".repeat(32),
+            |m| m.final_seal = true,
+            |m| m.prev_checkpoint = 0,
+        ];
+        for (i, edit) in variants.iter().enumerate() {
+            let mut m = sample();
+            edit(&mut m);
+            assert_ne!(m.text(), base, "member {i} is not signed");
+        }
+        // v1 and v2 never sign the same bytes.
+        assert_ne!(checkpoint_message_v1(41, &"ab".repeat(32)), base);
+    }
+
+    #[test]
+    fn checkpoint_message_v2_escapes_the_instance() {
+        // An instance name cannot smuggle in a line of its own (e.g. a second `final=`).
+        let mut m = sample();
+        m.instance = "a\nfinal=true\"".into();
+        let t = m.text();
+        assert_eq!(t.lines().count(), 7, "{t}");
+        assert!(t.contains("instance=\"a\\nfinal=true\\\"\"\n"), "{t}");
+        assert_eq!(t.matches("final=").count(), 2, "{t}");
+        assert_eq!(t.lines().filter(|l| l.starts_with("final=")).count(), 1);
+    }
+
+    #[test]
+    fn checkpoint_message_v1_is_unchanged() {
+        assert_eq!(
+            checkpoint_message_v1(7, "00ff"),
+            "piiguard-audit-checkpoint-v1 seq=7 hash=00ff"
+        );
     }
 }

@@ -8,7 +8,15 @@
 //! file is fsynced every `fsync_interval`, before each checkpoint is signed, at rotation and at
 //! shutdown. A process crash loses at most the records still queued (the last unflushed batch);
 //! a machine crash at most what was written since the last fsync. `verify` reports both as an
-//! unsealed tail or an unclean stop.
+//! open tail or an unclean stop.
+//!
+//! Checkpoints: every `checkpoint_interval`, after an fsync, the writer has Vault sign a
+//! [`CheckpointMessage`] for the record that comes next (its own seq is the head's + 1) and holds
+//! new records back (in memory, at most [`CHECKPOINT_HOLD`]) until the signature is back, so
+//! that the checkpoint lands exactly at the seq it signed. It then fsyncs and records the
+//! checkpoint as the instance's anchor in the store ([`crate::store::anchor`]). A signature
+//! later than the hold is dropped (alarm `audit_checkpoint_failed`); the next interval tries
+//! again.
 //!
 //! Failure: when a write fails, the writer marks the sink unhealthy (data calls then fail
 //! closed with `UNAVAILABLE`/`AUDIT_UNAVAILABLE`), raises an alarm, keeps the unwritten records
@@ -29,11 +37,14 @@ use serde::Serialize;
 
 use super::webhook::Webhook;
 use super::{
-    CallRecord, GENESIS, Record, checkpoint_message, kind, open_line, seal_in_place, seal_line,
+    CHECKPOINT_V2, CallRecord, CheckpointMessage, GENESIS, Record, kind, open_line, seal_in_place,
+    seal_line,
 };
 use crate::config::AuditConfig;
 use crate::domain::time::rfc3339;
 use crate::error::Error;
+use crate::store::Store;
+use crate::store::anchor::AuditAnchor;
 use crate::vault::signer::Signer;
 
 const TICK: Duration = Duration::from_millis(200);
@@ -44,6 +55,27 @@ const MAX_BATCH: usize = 4096;
 const MAX_PENDING: usize = 1_000_000;
 const RETENTION_SWEEP: Duration = Duration::from_secs(3600);
 const FINAL_SEAL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a periodic checkpoint signature may take before it is given up on.
+const SIGN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest new records are held back in memory while a checkpoint is being signed (so that
+/// the checkpoint can take the seq it signs). A slower signature is dropped.
+pub const CHECKPOINT_HOLD: Duration = Duration::from_secs(2);
+
+/// Why the audit log could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The audit folder cannot be created, or its first file cannot be opened.
+    #[error("audit.dir {}: {source}", dir.display())]
+    Folder {
+        /// The configured audit folder.
+        dir: PathBuf,
+        /// What the file system said.
+        source: std::io::Error,
+    },
+    /// The writer thread cannot be started.
+    #[error("audit writer thread: {0}")]
+    Thread(std::io::Error),
+}
 
 /// Audit file names: `audit-<first seq, 20 digits>.jsonl`, so name order is chain order.
 pub fn file_name(first_seq: u64) -> String {
@@ -62,10 +94,11 @@ enum Msg {
     Rec(Box<Record>),
     Call(CallRecord),
     Signed {
-        covers_seq: u64,
-        covers_hash: String,
-        result: Result<crate::crypto::signature::Signature, String>,
+        message: CheckpointMessage,
+        result: Result<crate::crypto::signature::Signature, Error>,
     },
+    /// The anchor of a checkpoint could not be written to the store.
+    AnchorFailed(String),
     Shutdown(tokio::sync::oneshot::Sender<()>),
 }
 
@@ -90,16 +123,20 @@ impl std::fmt::Debug for Auditor {
 
 impl Auditor {
     /// Opens the audit folder, finds the head of the existing chain, starts a new file and the
-    /// writer thread. `signer` signs checkpoints (None: no checkpoints, for tools and tests).
+    /// writer thread. `signer` signs checkpoints (None: no checkpoints, for tools and tests);
+    /// `anchors` receives the newest checkpoint each time one is written (None: not anchored).
     pub fn start(
         cfg: AuditConfig,
         instance: String,
         signer: Option<Arc<Signer>>,
         runtime: tokio::runtime::Handle,
         webhook: Option<Webhook>,
-    ) -> Result<Arc<Self>, String> {
-        std::fs::create_dir_all(&cfg.dir)
-            .map_err(|e| format!("audit.dir {}: {e}", cfg.dir.display()))?;
+        anchors: Option<Arc<Store>>,
+    ) -> Result<Arc<Self>, StartError> {
+        std::fs::create_dir_all(&cfg.dir).map_err(|source| StartError::Folder {
+            dir: cfg.dir.clone(),
+            source,
+        })?;
         // Unbounded channel (memory grows with the backlog only), bounded by `depth`.
         let (tx, rx) = std::sync::mpsc::channel();
         let depth = Arc::new(AtomicUsize::new(0));
@@ -124,14 +161,16 @@ impl Auditor {
             lost: lost.clone(),
             failing: false,
             checkpointed_seq: head.seq,
+            last_checkpoint_seq: head.last_checkpoint,
             // The first checkpoint comes at once (it signs the link to the previous run).
             last_checkpoint: Instant::now()
                 .checked_sub(cfg.checkpoint_interval)
                 .unwrap_or_else(Instant::now),
             last_fsync: Instant::now(),
             last_retention: Instant::now() - RETENTION_SWEEP,
-            signing: false,
+            signing: None,
             signer,
+            anchors,
             runtime,
             tx: tx.clone(),
             webhook,
@@ -140,8 +179,10 @@ impl Auditor {
             cfg,
         };
         // The first file must open now: an unwritable audit folder stops the start-up.
-        w.open_segment()
-            .map_err(|e| format!("audit.dir {}: {e}", w.cfg.dir.display()))?;
+        w.open_segment().map_err(|source| StartError::Folder {
+            dir: w.cfg.dir.clone(),
+            source,
+        })?;
         if !head.clean && head.seq > 0 {
             tracing::warn!(
                 last_seq = head.seq,
@@ -151,7 +192,7 @@ impl Auditor {
         let thread = std::thread::Builder::new()
             .name("piiguard-audit".into())
             .spawn(move || w.run(rx))
-            .map_err(|e| format!("audit writer thread: {e}"))?;
+            .map_err(StartError::Thread)?;
         Ok(Arc::new(Self {
             tx,
             depth,
@@ -223,6 +264,8 @@ struct Head {
     hash: [u8; 32],
     clean: bool,
     file: Option<String>,
+    /// Seq of the newest checkpoint record in the folder (0: none).
+    last_checkpoint: u64,
 }
 
 /// Reads the last complete record of the newest audit file in `dir`.
@@ -232,6 +275,7 @@ fn previous_head(dir: &Path) -> Head {
         hash: GENESIS,
         clean: true,
         file: None,
+        last_checkpoint: 0,
     };
     let Ok(rd) = std::fs::read_dir(dir) else {
         return none;
@@ -267,14 +311,49 @@ fn previous_head(dir: &Path) -> Head {
             hash,
             clean,
             file: Some(name),
+            last_checkpoint: last_checkpoint_seq(dir),
         };
     }
     tracing::error!(file = %path.display(), "audit: cannot read the head of the previous audit file; starting a new chain");
     Head {
         clean: false,
         file: Some(name),
+        last_checkpoint: last_checkpoint_seq(dir),
         ..none
     }
+}
+
+/// Seq of the newest checkpoint record in the audit files of `dir` (0: none), the
+/// `prev_checkpoint` of the next one. Files are read newest first, each from its tail.
+fn last_checkpoint_seq(dir: &Path) -> u64 {
+    fn newest_in(data: &[u8]) -> Option<u64> {
+        data.split(|&b| b == b'\n').rev().find_map(|line| {
+            const NEEDLE: &[u8] = b"\"kind\":\"checkpoint\"";
+            if !line.windows(NEEDLE.len()).any(|w| w == NEEDLE) {
+                return None;
+            }
+            let (body, _, true) = open_line(line)? else {
+                return None;
+            };
+            let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
+            (v["kind"] == kind::CHECKPOINT)
+                .then(|| v["seq"].as_u64())
+                .flatten()
+        })
+    }
+    for path in list_files(dir).iter().rev() {
+        let tail = read_tail(path, 1 << 20).unwrap_or_default();
+        if let Some(s) = newest_in(&tail) {
+            return s;
+        }
+        let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        if len > tail.len() as u64
+            && let Some(s) = std::fs::read(path).ok().as_deref().and_then(newest_in)
+        {
+            return s;
+        }
+    }
+    0
 }
 
 fn read_tail(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
@@ -328,12 +407,19 @@ struct Writer {
     healthy: Arc<AtomicBool>,
     lost: Arc<AtomicU64>,
     failing: bool,
+    /// Seq of the newest checkpoint written (or the head at start): no new checkpoint until
+    /// records come after it.
     checkpointed_seq: u64,
+    /// Seq of the newest checkpoint record of the chain (0: none): the next one's
+    /// `prev_checkpoint`.
+    last_checkpoint_seq: u64,
     last_checkpoint: Instant,
     last_fsync: Instant,
     last_retention: Instant,
-    signing: bool,
+    /// When the periodic signature in flight was asked for.
+    signing: Option<Instant>,
     signer: Option<Arc<Signer>>,
+    anchors: Option<Arc<Store>>,
     runtime: tokio::runtime::Handle,
     tx: Sender<Msg>,
     webhook: Option<Webhook>,
@@ -370,7 +456,9 @@ impl Writer {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return,
             }
-            self.write_pending();
+            if !self.holding() {
+                self.write_pending();
+            }
             self.maintenance();
             if taken > 0 {
                 // Busy: let records gather instead of being woken for each one.
@@ -383,30 +471,42 @@ impl Writer {
         match m {
             Msg::Rec(r) => self.take(Entry::Rec(*r), taken),
             Msg::Call(c) => self.take(Entry::Call(c), taken),
-            Msg::Signed {
-                covers_seq,
-                covers_hash,
-                result,
-            } => {
-                self.signing = false;
+            Msg::Signed { message, result } => {
+                self.signing = None;
                 self.last_checkpoint = Instant::now();
                 match result {
-                    Ok(sig) => {
-                        self.checkpointed_seq = covers_seq;
-                        self.pending.push_back(Entry::Rec(checkpoint_record(
-                            covers_seq,
-                            covers_hash,
-                            &sig,
-                            false,
-                        )));
+                    // Nothing was written while it was being signed: it goes exactly where it
+                    // said it would, before the records that waited for it.
+                    Ok(sig)
+                        if self.file.is_some()
+                            && message.covers_seq == self.seq
+                            && message.prev_checkpoint == self.last_checkpoint_seq =>
+                    {
+                        if let Some(a) = self.write_checkpoint(&message, &sig) {
+                            self.anchor(a, false);
+                        }
                     }
+                    Ok(_) => self.alarm(
+                        "audit_checkpoint_failed",
+                        "warning",
+                        format!(
+                            "the signature of the audit checkpoint for seq {} came after records had to be written (more than {} ms); dropped",
+                            message.seq,
+                            CHECKPOINT_HOLD.as_millis()
+                        ),
+                    ),
                     Err(e) => self.alarm(
                         "audit_checkpoint_failed",
                         "warning",
-                        format!("could not sign an audit checkpoint: {e}"),
+                        format!("could not sign an audit checkpoint: {}", detail(&e)),
                     ),
                 }
             }
+            Msg::AnchorFailed(e) => self.alarm(
+                "audit_anchor_failed",
+                "warning",
+                format!("could not record the newest audit checkpoint in the store: {e}"),
+            ),
             Msg::Shutdown(done) => return Some(done),
         }
         None
@@ -426,32 +526,29 @@ impl Writer {
         let mut stop = Record::event("stop", "piiguard stopping");
         stop.at = Some(SystemTime::now());
         self.pending.push_back(Entry::Rec(stop));
+        // A periodic signature still in flight is given up: the final seal covers everything.
+        self.signing = None;
         self.write_pending();
         self.sync();
         if let (Some(signer), true) = (self.signer.clone(), self.file.is_some()) {
-            let covers_seq = self.seq;
-            let covers_hash = hex::encode(self.head);
-            let msg = checkpoint_message(covers_seq, &covers_hash);
+            let message = self.next_checkpoint(true);
+            let text = message.text();
             let r = self.runtime.block_on(async move {
-                tokio::time::timeout(FINAL_SEAL_TIMEOUT, signer.sign(msg.as_bytes())).await
+                tokio::time::timeout(FINAL_SEAL_TIMEOUT, signer.sign(text.as_bytes())).await
             });
             match r {
                 Ok(Ok(sig)) => {
-                    self.pending.push_back(Entry::Rec(checkpoint_record(
-                        covers_seq,
-                        covers_hash,
-                        &sig,
-                        true,
-                    )));
+                    if let Some(a) = self.write_checkpoint(&message, &sig) {
+                        self.anchor(a, true);
+                    }
                 }
                 Ok(Err(e)) => {
-                    tracing::error!(error = %e, "audit: final checkpoint not signed; verify will report an unsealed tail")
+                    tracing::error!(error = %detail(&e), "audit: final checkpoint not signed; verify will report an open tail")
                 }
                 Err(_) => tracing::error!(
-                    "audit: final checkpoint timed out; verify will report an unsealed tail"
+                    "audit: final checkpoint timed out; verify will report an open tail"
                 ),
             }
-            self.write_pending();
         }
         self.sync();
         let _ = done.send(());
@@ -583,17 +680,25 @@ impl Writer {
     }
 
     fn write_buf(&mut self, buf: &[u8], seq: u64, head: [u8; 32]) {
-        let Some(f) = self.file.as_mut() else { return };
+        if self.append(buf, seq, head) {
+            metrics::counter!("piiguard_audit_records_total").increment(self.pending.len() as u64);
+            self.pending.clear();
+            self.set_healthy(true);
+        }
+    }
+
+    /// Appends `buf` (lines up to `seq`, whose last hash is `head`) to the current file.
+    fn append(&mut self, buf: &[u8], seq: u64, head: [u8; 32]) -> bool {
+        let Some(f) = self.file.as_mut() else {
+            return false;
+        };
         match f.write_all(buf) {
             Ok(()) => {
-                metrics::counter!("piiguard_audit_records_total")
-                    .increment(self.pending.len() as u64);
-                self.pending.clear();
                 self.seq = seq;
                 self.head = head;
                 self.file_bytes += buf.len() as u64;
                 self.dirty = true;
-                self.set_healthy(true);
+                true
             }
             Err(e) => {
                 // The file may now end with a partial line: never append to it again.
@@ -601,8 +706,103 @@ impl Writer {
                 self.prev_clean = false;
                 self.prev_file = Some(self.file_name.clone());
                 self.fail(format!("audit write failed: {e}"));
+                false
             }
         }
+    }
+
+    /// The checkpoint that would come next: right after the head.
+    fn next_checkpoint(&self, final_seal: bool) -> CheckpointMessage {
+        CheckpointMessage {
+            instance: self.instance.clone(),
+            seq: self.seq + 1,
+            covers_seq: self.seq,
+            covers_hash: hex::encode(self.head),
+            final_seal,
+            prev_checkpoint: self.last_checkpoint_seq,
+        }
+    }
+
+    /// Writes a signed checkpoint as the next line (it must be `message.seq`) and fsyncs it.
+    /// Returns its anchor.
+    fn write_checkpoint(
+        &mut self,
+        message: &CheckpointMessage,
+        sig: &crate::crypto::signature::Signature,
+    ) -> Option<AuditAnchor> {
+        if message.seq != self.seq + 1 {
+            return None;
+        }
+        let signature = base64::engine::general_purpose::STANDARD.encode(&sig.bytes);
+        let rec = Record {
+            at: Some(SystemTime::now()),
+            kind: kind::CHECKPOINT,
+            covers_seq: Some(message.covers_seq),
+            covers_hash: Some(message.covers_hash.clone()),
+            key_version: Some(sig.key_version),
+            signature: Some(signature.clone()),
+            final_seal: Some(message.final_seal),
+            message: Some(CHECKPOINT_V2),
+            prev_checkpoint: Some(message.prev_checkpoint),
+            ..Record::default()
+        };
+        let (mut line, hash) = self.line(message.seq, &self.head, &rec);
+        line.push(b'\n');
+        if !self.append(&line, message.seq, hash) {
+            return None;
+        }
+        metrics::counter!("piiguard_audit_records_total").increment(1);
+        self.set_healthy(true);
+        // On disk before the store says it exists.
+        self.sync();
+        self.checkpointed_seq = message.seq;
+        self.last_checkpoint_seq = message.seq;
+        Some(AuditAnchor {
+            instance: message.instance.clone(),
+            checkpoint_seq: message.seq,
+            covers_seq: message.covers_seq,
+            covers_hash: message.covers_hash.clone(),
+            final_seal: message.final_seal,
+            prev_checkpoint: message.prev_checkpoint,
+            key_version: sig.key_version,
+            signature,
+            updated_at: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
+        })
+    }
+
+    /// Records a written checkpoint as the instance's anchor in the store: in the background
+    /// (a failure raises `audit_anchor_failed`), or, for the final seal, before returning.
+    fn anchor(&self, a: AuditAnchor, wait: bool) {
+        let Some(store) = self.anchors.clone() else {
+            return;
+        };
+        if wait {
+            let r = self.runtime.block_on(async move {
+                tokio::time::timeout(FINAL_SEAL_TIMEOUT, store.put_audit_anchor(&a)).await
+            });
+            match r {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(error = %detail(&e), "audit: final checkpoint not anchored in the store")
+                }
+                Err(_) => tracing::error!("audit: anchoring the final checkpoint timed out"),
+            }
+            return;
+        }
+        let tx = self.tx.clone();
+        self.runtime.spawn(async move {
+            if let Err(e) = store.put_audit_anchor(&a).await {
+                let _ = tx.send(Msg::AnchorFailed(detail(&e)));
+            }
+        });
+    }
+
+    /// Whether new records wait for the checkpoint being signed.
+    fn holding(&self) -> bool {
+        self.signing
+            .is_some_and(|started| started.elapsed() < CHECKPOINT_HOLD)
     }
 
     fn fail(&mut self, detail: String) {
@@ -631,17 +831,18 @@ impl Writer {
             self.sync();
         }
         if self.file.is_some()
+            && !self.holding()
             && (self.file_bytes >= self.cfg.rotate_bytes
                 || self.file_opened.elapsed() >= self.cfg.rotate_interval)
         {
             self.rotate();
         }
-        if self.failing && !self.pending.is_empty() {
+        if self.failing && !self.pending.is_empty() && !self.holding() {
             // Retry in a fresh file (write_pending opens one).
             self.write_pending();
         }
         if self.signer.is_some()
-            && !self.signing
+            && self.signing.is_none()
             && self.file.is_some()
             && self.seq > self.checkpointed_seq
             && self.last_checkpoint.elapsed() >= self.cfg.checkpoint_interval
@@ -685,20 +886,20 @@ impl Writer {
         };
         // What is signed must be on disk first.
         self.sync();
-        self.signing = true;
-        let covers_seq = self.seq;
-        let covers_hash = hex::encode(self.head);
+        self.signing = Some(Instant::now());
+        let message = self.next_checkpoint(false);
         let tx = self.tx.clone();
         self.runtime.spawn(async move {
-            let msg = checkpoint_message(covers_seq, &covers_hash);
             let started = Instant::now();
-            let result = signer.sign(msg.as_bytes()).await.map_err(|e| e.to_string());
+            let result = tokio::time::timeout(SIGN_TIMEOUT, signer.sign(message.text().as_bytes()))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Error::Unavailable {
+                        detail: format!("signing timed out after {} s", SIGN_TIMEOUT.as_secs()),
+                    })
+                });
             crate::metrics::vault_call("sign", started.elapsed(), result.is_ok());
-            let _ = tx.send(Msg::Signed {
-                covers_seq,
-                covers_hash,
-                result,
-            });
+            let _ = tx.send(Msg::Signed { message, result });
         });
     }
 
@@ -740,25 +941,15 @@ impl Writer {
     }
 }
 
-fn checkpoint_record(
-    covers_seq: u64,
-    covers_hash: String,
-    sig: &crate::crypto::signature::Signature,
-    final_seal: bool,
-) -> Record {
-    Record {
-        at: Some(SystemTime::now()),
-        kind: kind::CHECKPOINT,
-        covers_seq: Some(covers_seq),
-        covers_hash: Some(covers_hash),
-        key_version: Some(sig.key_version),
-        signature: Some(base64::engine::general_purpose::STANDARD.encode(&sig.bytes)),
-        final_seal: Some(final_seal),
-        ..Record::default()
+/// What an error says, internal details included (for the log and alarms, never a caller).
+fn detail(e: &Error) -> String {
+    match e {
+        Error::Unavailable { detail } | Error::Internal { detail } => detail.clone(),
+        other => other.to_string(),
     }
 }
 
-/// Used by `Path` helpers in tests and tools.
+/// The audit files of a folder, in chain order (by name: `audit-<first seq>.jsonl`).
 pub fn list_files(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
         .map(|rd| {

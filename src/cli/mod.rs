@@ -188,16 +188,29 @@ enum PolicyCmd {
 
 #[derive(Subcommand, Debug)]
 enum AuditCmd {
-    /// Verifies audit files as one hash chain, and their signed checkpoints.
+    /// Verifies audit files as one hash chain, and their signed checkpoints. Exit 0: OK; 1:
+    /// tampering or loss found (including a log truncated before its anchor); 2: usage; 3: no
+    /// tampering found, but the log ends with an open tail (records no signature covers).
     Verify {
-        /// Audit files (any order: they are sorted by sequence number).
+        /// Audit files, or folders (their `audit-*.jsonl` files), in any order: they are sorted
+        /// by sequence number.
         #[arg(required = true)]
         files: Vec<PathBuf>,
-        /// PEM public key of the checkpoint signing key (repeat for several versions). Without
-        /// one, only the hash chain is checked.
+        /// PEM public key of the checkpoint signing key (repeat for several versions; from
+        /// `piiguard admin signing-keys`). Required unless --no-signature-check.
         #[arg(long)]
         public_key: Vec<PathBuf>,
-        /// Accept a log that does not end with a final checkpoint (a running server's).
+        /// Verify without any public key: only the hash chain, which anyone who can write the
+        /// files can recompute. Proves nothing about who wrote the log; said loudly.
+        #[arg(long, conflicts_with = "public_key")]
+        no_signature_check: bool,
+        /// Compare the log with the newest checkpoint that the server recorded in its store
+        /// (`store.url` and `server.instance` of this config file): a log that ends before it
+        /// (newest files or the whole folder deleted) is reported as truncated.
+        #[arg(long)]
+        anchor_from_config: Option<PathBuf>,
+        /// Accept a log that does not end with a final checkpoint (a running server's): the
+        /// open tail is then a warning.
         #[arg(long)]
         allow_open_tail: bool,
     },
@@ -384,9 +397,22 @@ pub fn run(cli: Cli) -> ExitCode {
                 AuditCmd::Verify {
                     files,
                     public_key,
+                    no_signature_check,
+                    anchor_from_config,
                     allow_open_tail,
                 },
         } => {
+            if public_key.is_empty() && !no_signature_check {
+                eprintln!(
+                    "piiguard: audit verify needs --public-key PEM (from `piiguard admin signing-keys`) to check the checkpoint signatures; --no-signature-check verifies only the hash chain, which proves nothing about who wrote the log"
+                );
+                return ExitCode::from(2);
+            }
+            if no_signature_check {
+                eprintln!(
+                    "piiguard: WARNING: SIGNATURES NOT CHECKED (--no-signature-check): only the hash chain is verified; anyone who can write the audit files can recompute it"
+                );
+            }
             let mut keys = Vec::new();
             for k in &public_key {
                 match std::fs::read_to_string(k) {
@@ -398,27 +424,75 @@ pub fn run(cli: Cli) -> ExitCode {
                     }
                 }
             }
+            let mut anchor = None;
+            let mut missing_anchor = None;
+            if let Some(c) = &anchor_from_config {
+                match read_anchor(c) {
+                    Ok((_, Some(a))) => anchor = Some(a),
+                    Ok((instance, None)) => missing_anchor = Some(instance),
+                    Err(e) => {
+                        eprintln!("piiguard: cannot read the audit anchor: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
+            // A folder stands for its audit files (none, if it was emptied).
+            let files: Vec<PathBuf> = files
+                .into_iter()
+                .flat_map(|f| {
+                    if f.is_dir() {
+                        crate::audit::writer::list_files(&f)
+                    } else {
+                        vec![f]
+                    }
+                })
+                .collect();
             let opts = crate::audit::verify::Options {
                 public_keys: keys,
+                no_signature_check,
                 allow_open_tail,
+                anchor,
             };
-            let report = crate::audit::verify::verify_files(&files, &opts);
+            let mut report = crate::audit::verify::verify_files(&files, &opts);
+            if let Some(instance) = missing_anchor {
+                report.findings.push(crate::audit::verify::Finding {
+                    severity: crate::audit::verify::Severity::Error,
+                    file: PathBuf::new(),
+                    line: 0,
+                    seq: None,
+                    message: format!(
+                        "no audit anchor in the store for instance {instance:?}: the log cannot be checked for truncation (anchor deleted, another store or instance, or no checkpoint was ever written)"
+                    ),
+                });
+            }
             for f in &report.findings {
                 println!("{f}");
             }
+            let (verdict, code) = if report.tampered() {
+                ("FAILED", ExitCode::FAILURE)
+            } else if report.open_tail() {
+                ("OPEN TAIL", ExitCode::from(3))
+            } else {
+                ("OK", ExitCode::SUCCESS)
+            };
             println!(
-                "{} record(s), seq {}..{}, {} checkpoint signature(s) verified: {}",
+                "{} record(s), seq {}..{}, {} checkpoint signature(s) verified{}{}: {verdict}",
                 report.records,
                 report.first_seq.unwrap_or(0),
                 report.last_seq.unwrap_or(0),
                 report.checkpoints_verified,
-                if report.ok() { "OK" } else { "FAILED" }
+                if no_signature_check {
+                    " (SIGNATURES NOT CHECKED)"
+                } else {
+                    ""
+                },
+                if opts.anchor.is_some() {
+                    ", anchor checked"
+                } else {
+                    ""
+                },
             );
-            if report.ok() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
+            code
         }
         Cmd::Admin { conn, command } => {
             report(runtime().block_on(crate::cli::admin::run(conn, command)))
@@ -448,6 +522,35 @@ pub fn run(cli: Cli) -> ExitCode {
             }))
         }
     }
+}
+
+/// Why the audit anchor could not be read.
+#[derive(Debug, thiserror::Error)]
+enum AnchorReadError {
+    #[error("{0}: {1}")]
+    Config(PathBuf, crate::config::ConfigError),
+    #[error("store: {0:?}")]
+    Store(crate::error::Error),
+}
+
+/// The audit anchor of the instance a config file names, from the store it names:
+/// `(instance, anchor)`.
+fn read_anchor(
+    config: &std::path::Path,
+) -> Result<(String, Option<crate::store::anchor::AuditAnchor>), AnchorReadError> {
+    let cfg = crate::config::load(config, std::env::vars())
+        .map_err(|e| AnchorReadError::Config(config.to_path_buf(), e))?;
+    let instance = cfg.server.instance.clone();
+    runtime().block_on(async move {
+        let store = crate::store::Store::open(&cfg.store.url)
+            .await
+            .map_err(AnchorReadError::Store)?;
+        let a = store
+            .audit_anchor(&instance)
+            .await
+            .map_err(AnchorReadError::Store)?;
+        Ok((instance, a))
+    })
 }
 
 /// Splits text into its `-----BEGIN ...-----` / `-----END ...-----` blocks.

@@ -6,6 +6,7 @@
 //! engines accept. Nothing stored here lets anyone recover a key: subjects appear only as keyed
 //! hashes (`subject_ref`), keys only as their random ids.
 
+pub mod anchor;
 pub mod token_writer;
 pub mod tokens;
 
@@ -195,7 +196,8 @@ impl Store {
                 .await
                 .map_err(db)?;
         }
-        self.migrate_tokens().await
+        self.migrate_tokens().await?;
+        self.migrate_anchors().await
     }
 
     /// The registry row of a subject.

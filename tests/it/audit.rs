@@ -63,6 +63,14 @@ fn errors(r: &Report) -> String {
         .join("\n")
 }
 
+fn findings(r: &Report) -> String {
+    r.findings
+        .iter()
+        .map(|f| f.to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// Re-hashes lines `from..` of a file so that the chain is consistent again (what a careful
 /// forger would do), optionally also fixing the `covers_hash` of checkpoints.
 fn rechain(l: &mut [String], from: usize, fix_checkpoints: bool) {
@@ -150,22 +158,23 @@ async fn chain_checkpoints_and_verify_detects_each_kind_of_tampering() {
     assert_eq!(denied["code"], "PERMISSION_DENIED");
     assert!(recs.iter().any(|r| r["event"] == "start"));
 
-    // Verifying a running server's log: the chain is fine, the tail is (rightly) unsealed.
+    // Verifying a running server's log: the chain is fine, the tail is (rightly) open.
     let keys = env.signing_public_keys().await;
     let live = verify_files(
         &server.audit_files(),
         &Options {
             public_keys: keys.clone(),
-            allow_open_tail: false,
+            ..Options::default()
         },
     );
-    assert!(!live.ok());
-    assert!(errors(&live).contains("unsealed tail"), "{}", errors(&live));
+    assert!(!live.ok() && live.open_tail() && !live.tampered());
+    assert!(findings(&live).contains("open tail"), "{}", findings(&live));
     let live_ok = verify_files(
         &server.audit_files(),
         &Options {
             public_keys: keys.clone(),
             allow_open_tail: true,
+            ..Options::default()
         },
     );
     assert!(live_ok.ok(), "{}", errors(&live_ok));
@@ -197,7 +206,7 @@ async fn chain_checkpoints_and_verify_detects_each_kind_of_tampering() {
     let files = server.audit_files();
     let opts = Options {
         public_keys: keys.clone(),
-        allow_open_tail: false,
+        ..Options::default()
     };
     let clean = verify_files(&files, &opts);
     assert!(clean.ok(), "{}", errors(&clean));
@@ -267,8 +276,8 @@ async fn chain_checkpoints_and_verify_detects_each_kind_of_tampering() {
     assert!(e.contains(&at(&f, mid + 1)), "reorder located: {e}");
 
     let (r, _) = case("truncate", &|l| l.truncate(n - 3));
-    let e = errors(&r);
-    assert!(!r.ok() && e.contains("unsealed tail"), "{e}");
+    let e = findings(&r);
+    assert!(r.open_tail() && e.contains("open tail"), "{e}");
     assert!(e.contains(&format!("ends at seq {}", n - 3)), "{e}");
 
     // A forger who re-hashes the whole chain after an edit is caught by the checkpoints...
@@ -285,25 +294,38 @@ async fn chain_checkpoints_and_verify_detects_each_kind_of_tampering() {
     });
     let e = errors(&r);
     assert!(!r.ok() && e.contains("signature does not verify"), "{e}");
-    // Without the public key the chain alone cannot tell (and verify says so).
-    let (r, _) = {
+    // Without the public key the chain alone cannot tell: verify refuses to say OK unless
+    // asked explicitly, and then says so loudly.
+    let copy = {
         let dir = env.dir.path().join("tamper-nokey");
         let copy = copy_files(&files, &dir);
         let mut l = orig.clone();
         l[mid] = l[mid].replace("\"outcome\":\"ok\"", "\"outcome\":\"error\"");
         rechain(&mut l, mid, true);
         write_lines(&copy[0], &l);
-        (verify_files(&copy, &Options::default()), ())
+        copy
     };
-    assert!(
-        r.findings
-            .iter()
-            .any(|f| f.message.contains("signatures not checked"))
+    let r = verify_files(&copy, &Options::default());
+    assert!(r.tampered() && errors(&r).contains("no public key given"));
+    let r = verify_files(
+        &copy,
+        &Options {
+            no_signature_check: true,
+            ..Options::default()
+        },
     );
-
-    // The CLI fails on a tampered file and names the line.
+    assert!(r.ok() && findings(&r).contains("SIGNATURES NOT CHECKED"));
     let out = Command::new(env!("CARGO_BIN_EXE_piiguard"))
         .args(["audit", "verify"])
+        .args(&copy)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "no key, no flag: a usage error");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--no-signature-check"));
+
+    // The CLI fails on a tampered file and names the line (even with only the chain checked).
+    let out = Command::new(env!("CARGO_BIN_EXE_piiguard"))
+        .args(["audit", "verify", "--no-signature-check"])
         .arg(
             env.dir
                 .path()
@@ -313,11 +335,14 @@ async fn chain_checkpoints_and_verify_detects_each_kind_of_tampering() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(!out.status.success(), "{text}");
+    assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(
-        text.contains(&format!(":{} (", mid + 1)) && text.contains("FAILED"),
+        text.contains(&format!(":{} (", mid + 1))
+            && text.contains("FAILED")
+            && text.contains("SIGNATURES NOT CHECKED"),
         "{text}"
     );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("SIGNATURES NOT CHECKED"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -401,7 +426,7 @@ async fn rotation_crash_restart_and_fail_closed() {
     all.extend(server.audit_files());
     let opts = Options {
         public_keys: env.signing_public_keys().await,
-        allow_open_tail: false,
+        ..Options::default()
     };
     let r = verify_files(&all, &opts);
     assert!(r.ok(), "{}", errors(&r));
@@ -465,7 +490,7 @@ async fn retention_removes_old_files_and_verify_notes_the_cut() {
         &server.audit_files(),
         &Options {
             public_keys: env.signing_public_keys().await,
-            allow_open_tail: false,
+            ..Options::default()
         },
     );
     assert!(r.ok(), "{}", errors(&r));
@@ -487,4 +512,286 @@ async fn retention_removes_old_files_and_verify_notes_the_cut() {
         .unwrap();
     assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains("under the 90 days"));
+}
+
+/// Checkpoints in a server's audit files.
+fn checkpoint_count(server: &Server) -> usize {
+    server
+        .audit_records()
+        .iter()
+        .filter(|r| r["kind"] == "checkpoint")
+        .count()
+}
+
+async fn wait_checkpoints(server: &Server, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while checkpoint_count(server) < n {
+        assert!(Instant::now() < deadline, "fewer than {n} checkpoints");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn parse(line: &str) -> Value {
+    serde_json::from_str(line).unwrap()
+}
+
+/// Re-numbers and re-hashes lines `from..` of a file after `before` (the line before the first
+/// one, from this file or the previous one): what a forger does after moving or adding lines.
+fn reseal(l: &mut [String], from: usize, before: &str) {
+    let before = parse(before);
+    let mut prev = before["hash"].as_str().unwrap().to_string();
+    let mut seq = before["seq"].as_u64().unwrap();
+    for line in l.iter_mut().skip(from) {
+        let mut v = parse(line);
+        v.as_object_mut().unwrap().remove("hash");
+        seq += 1;
+        v["seq"] = seq.into();
+        v["prev"] = Value::String(prev.clone());
+        let (sealed, h) = piiguard::audit::seal_line(&serde_json::to_vec(&v).unwrap());
+        prev = hex::encode(h);
+        *line = String::from_utf8(sealed).unwrap();
+    }
+}
+
+/// Finding 1 of the security review: every way of cutting, re-sealing, dropping, reordering or
+/// replaying a real server's log fails verification (with the signing keys, and with the
+/// anchor the server recorded in its store where the log was shortened).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_fails_on_cut_resealed_dropped_deleted_reordered_and_replayed_logs() {
+    let env = TestEnv::start().await;
+    let mut server = env
+        .server_env(
+            "v",
+            "",
+            env_of(&[
+                ("PIIGUARD_AUDIT__CHECKPOINT_SECS", "1"),
+                ("PIIGUARD_AUDIT__ROTATE_BYTES", "4096"),
+            ]),
+        )
+        .await;
+    // Two runs, each with several checkpoints and files, each stopped cleanly.
+    for run in 0..2 {
+        if run == 1 {
+            server.start().await;
+        }
+        let mut c = env.client(&server, "orders").await;
+        let ct = c
+            .encrypt(enc(
+                "orders",
+                &format!("cust-v{run}"),
+                "address",
+                b"1 Main St",
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .ciphertext;
+        for _ in 0..3 {
+            let before = checkpoint_count(&server);
+            for _ in 0..6 {
+                c.decrypt(dec("address", &ct)).await.unwrap();
+            }
+            wait_checkpoints(&server, before + 1).await;
+        }
+        for _ in 0..3 {
+            c.decrypt(dec("address", &ct)).await.unwrap();
+        }
+        server.stop();
+    }
+    let files = server.audit_files();
+    assert!(files.len() >= 4, "rotation made several files: {files:?}");
+    let keys = env.signing_public_keys().await;
+    let pem = env.dir.path().join("signing-v.pem");
+    std::fs::write(&pem, keys.concat()).unwrap();
+    let records = server.audit_records();
+    let instance = records[0]["instance"].as_str().unwrap().to_string();
+
+    // What the writer wrote: v2 checkpoints, each right after what it covers and naming the
+    // one before; the newest (the final seal) anchored in the store.
+    let cps: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["kind"] == "checkpoint")
+        .collect();
+    assert!(cps.len() >= 8, "{}", cps.len());
+    for c in &cps {
+        assert_eq!(c["message"], "piiguard-audit-checkpoint-v2");
+        assert_eq!(
+            c["covers_seq"].as_u64().unwrap() + 1,
+            c["seq"].as_u64().unwrap()
+        );
+    }
+    for w in cps.windows(2) {
+        assert_eq!(w[1]["prev_checkpoint"], w[0]["seq"]);
+    }
+    let store = piiguard::store::Store::open(&env.store_url).await.unwrap();
+    let anchor = store
+        .audit_anchor(&instance)
+        .await
+        .unwrap()
+        .expect("the newest checkpoint is anchored in the store");
+    let last = records.last().unwrap();
+    assert_eq!(last["final_seal"], true);
+    assert_eq!(anchor.checkpoint_seq, last["seq"].as_u64().unwrap());
+    assert!(anchor.final_seal);
+
+    let opts = |with_anchor: bool, allow_open_tail: bool| Options {
+        public_keys: keys.clone(),
+        allow_open_tail,
+        anchor: with_anchor.then(|| anchor.clone()),
+        ..Options::default()
+    };
+    let intact = verify_files(&files, &opts(true, false));
+    assert!(intact.ok() && intact.sealed, "{}", findings(&intact));
+    let cli = |dir: &Path, extra: &[&str]| -> (Option<i32>, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_piiguard"))
+            .args(["audit", "verify", "--public-key"])
+            .arg(&pem)
+            .arg("--anchor-from-config")
+            .arg(&server.config)
+            .args(extra)
+            .arg(dir)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.code(), text)
+    };
+    let (code, text) = cli(&server.audit_dir, &[]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("anchor checked: OK"), "{text}");
+
+    // Each tampering on a copy of the folder; an emptied file is a deleted file.
+    let originals: Vec<Vec<String>> = files.iter().map(|f| lines(f)).collect();
+    let tamper = |name: &str, edit: &dyn Fn(&mut Vec<Vec<String>>)| -> PathBuf {
+        let dir = env.dir.path().join(format!("tamper-v-{name}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut l = originals.clone();
+        edit(&mut l);
+        for (f, l) in files.iter().zip(&l) {
+            if !l.is_empty() {
+                write_lines(&dir.join(f.file_name().unwrap()), l);
+            }
+        }
+        dir
+    };
+    let check = |dir: &Path, with_anchor: bool, allow_open_tail: bool| {
+        verify_files(
+            &piiguard::audit::writer::list_files(dir),
+            &opts(with_anchor, allow_open_tail),
+        )
+    };
+    // The last periodic checkpoint followed by at least two records in its file.
+    let (kf, ki) = originals
+        .iter()
+        .enumerate()
+        .flat_map(|(f, l)| (0..l.len()).map(move |i| (f, i)))
+        .rfind(|&(f, i)| {
+            let v = parse(&originals[f][i]);
+            v["kind"] == "checkpoint" && v["final_seal"] == false && i + 2 < originals[f].len()
+        })
+        .expect("a periodic checkpoint with records after it");
+    let cut_after = |l: &mut Vec<Vec<String>>, f: usize, keep: usize| {
+        l[f].truncate(keep);
+        for later in l.iter_mut().skip(f + 1) {
+            later.clear();
+        }
+    };
+
+    // 1. Cut tail: everything after the last periodic checkpoint removed. Without the anchor
+    // it is an open tail (a crash looks the same); with it, truncation, even when open tails
+    // are allowed.
+    let d = tamper("cut", &|l| cut_after(l, kf, ki + 1));
+    let r = check(&d, false, false);
+    assert!(r.open_tail() && !r.tampered(), "{}", findings(&r));
+    let r = check(&d, true, true);
+    assert!(r.tampered(), "{}", findings(&r));
+    assert!(errors(&r).contains("TRUNCATED"), "{}", errors(&r));
+    let (code, text) = cli(&d, &["--allow-open-tail"]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("TRUNCATED") && text.contains("FAILED"),
+        "{text}"
+    );
+
+    // 2. The finding as shown: cut there, the checkpoint re-marked final, its hash recomputed.
+    let d = tamper("resealed", &|l| {
+        cut_after(l, kf, ki + 1);
+        l[kf][ki] = l[kf][ki].replace("\"final_seal\":false", "\"final_seal\":true");
+        let before = l[kf][ki - 1].clone();
+        reseal(&mut l[kf], ki, &before);
+    });
+    let r = check(&d, false, false);
+    assert!(r.tampered(), "{}", findings(&r));
+    assert!(
+        errors(&r).contains("signature does not verify"),
+        "{}",
+        errors(&r)
+    );
+
+    // 3. A segment dropped from the middle.
+    let d = tamper("dropped-middle", &|l| l[1].clear());
+    let r = check(&d, true, false);
+    assert!(errors(&r).contains("records missing"), "{}", errors(&r));
+
+    // 4. The newest segment deleted, verified as a running server's log would be.
+    let d = tamper("deleted-newest", &|l| l.last_mut().unwrap().clear());
+    let r = check(&d, true, true);
+    assert!(errors(&r).contains("TRUNCATED"), "{}", findings(&r));
+    let (code, text) = cli(&d, &["--allow-open-tail"]);
+    assert_eq!(code, Some(1), "{text}");
+
+    // 5. The whole folder deleted (or emptied).
+    let d = tamper("deleted-all", &|l| l.iter_mut().for_each(Vec::clear));
+    let (code, text) = cli(&d, &[]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("TRUNCATED"), "{text}");
+    let r = verify_files(&[], &opts(true, true));
+    assert!(errors(&r).contains("TRUNCATED"), "{}", findings(&r));
+    let (code, text) = cli(&env.dir.path().join("no-such-folder"), &[]);
+    assert_eq!(code, Some(1), "{text}");
+
+    // 6. Reordered lines: two calls swapped; a checkpoint moved after the records that
+    // followed it, with the chain recomputed and the log cut there (what an open tail allows).
+    let (cf, ci) = originals
+        .iter()
+        .enumerate()
+        .flat_map(|(f, l)| (1..l.len()).map(move |i| (f, i)))
+        .find(|&(f, i)| {
+            parse(&originals[f][i])["kind"] == "call"
+                && parse(&originals[f][i - 1])["kind"] == "call"
+        })
+        .expect("two calls in a row");
+    let d = tamper("swapped", &|l| l[cf].swap(ci - 1, ci));
+    assert!(check(&d, true, false).tampered());
+    let d = tamper("moved-checkpoint", &|l| {
+        cut_after(l, kf, ki + 3);
+        let cp = l[kf].remove(ki);
+        l[kf].push(cp);
+        let before = l[kf][ki - 1].clone();
+        reseal(&mut l[kf], ki, &before);
+    });
+    let r = check(&d, false, true);
+    assert!(r.tampered(), "{}", findings(&r));
+    assert!(
+        errors(&r).contains("covers exactly the record before it"),
+        "{}",
+        errors(&r)
+    );
+
+    // 7. A replayed checkpoint: the first run's final seal appended after the start of the
+    // second run (cut before its first checkpoint), renumbered and re-chained.
+    let f2 = (1..originals.len())
+        .find(|&f| parse(originals[f - 1].last().unwrap())["final_seal"] == true)
+        .expect("the second run's first file");
+    let d = tamper("replayed", &|l| {
+        let seal = l[f2 - 1].last().unwrap().clone();
+        cut_after(l, f2, 1);
+        l[f2].push(seal);
+        let before = l[f2][0].clone();
+        reseal(&mut l[f2], 1, &before);
+    });
+    let r = check(&d, false, false);
+    assert!(r.tampered(), "{}", findings(&r));
+    let e = errors(&r);
+    assert!(e.contains("replayed"), "{e}");
 }
