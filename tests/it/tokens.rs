@@ -889,3 +889,70 @@ fields = ["name"]
         assert!(!audit.contains(needle), "{needle:?} in the audit log");
     }
 }
+
+/// Security review finding 9: a DETERMINISTIC token is per subject, so it dies with its
+/// subject's shred even when another subject tokenised the same value (which has a token of
+/// its own that keeps working). Written against the API of before the fix, so it can be run
+/// on the old code, where it fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deterministic_token_dies_with_its_subject_when_another_subject_has_the_same_value() {
+    use pb::TokenFormat as F;
+    let env = TestEnv::start().await;
+    let server = env.server("s", "").await;
+    let mut c = tokens(&env, &server).await;
+    let mut e = env.erasure(&server).await;
+
+    let cases = [
+        (F::Opaque, "Hamburg"),
+        (F::Digits, "4111111111111111"),
+        (F::Email, "shared.box@example.com"),
+    ];
+    let mut shredded = Vec::new();
+    let mut kept = Vec::new();
+    for (f, v) in cases {
+        let a = tokenize(&mut c, det("cust-f9-a", "pii", v, f)).await;
+        let b = tokenize(&mut c, det("cust-f9-b", "pii", v, f)).await;
+        assert_eq!(value_of(&mut c, &a).await, v);
+        assert_eq!(value_of(&mut c, &b).await, v);
+        // Deterministic within one subject's records: the same token again.
+        assert_eq!(
+            a,
+            tokenize(&mut c, det("cust-f9-a", "pii", v, f)).await,
+            "{f:?}"
+        );
+        shredded.push((f, a));
+        kept.push((f, b, v));
+    }
+
+    let r = e
+        .shred(pb::ShredRequest {
+            subject: "cust-f9-a".into(),
+            keyspace: "orders".into(),
+            reason: "GDPR art. 17".into(),
+            request_id: "f9-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.keyspaces[0].outcome, pb::ShredOutcome::Shredded as i32);
+
+    // The shredded subject's deterministic tokens are dead, whoever else has the value.
+    for (f, t) in &shredded {
+        let Err(s) = detokenize(&mut c, t).await else {
+            panic!("{f:?}: a deterministic token of a shredded subject still detokenises");
+        };
+        assert_eq!(
+            (s.code(), reason(&s).as_str()),
+            (Code::FailedPrecondition, "SUBJECT_SHREDDED"),
+            "{f:?}"
+        );
+    }
+    // The other subject's tokens of the same values keep working.
+    for (f, t, v) in &kept {
+        assert_eq!(value_of(&mut c, t).await, *v, "{f:?}");
+    }
+    // The shredded subject's tokens differ from the other subject's (they are per subject).
+    for ((_, a), (f, b, _)) in shredded.iter().zip(&kept) {
+        assert_ne!(a, b, "{f:?}");
+    }
+}
