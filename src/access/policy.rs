@@ -47,15 +47,20 @@ pub enum Op {
     ShredStatus,
     /// The Admin service.
     Admin,
+    /// Tokenize in `DETERMINISTIC_JOIN` mode: a token shared by every subject with the same
+    /// value, which outlives one subject's shred while another subject holds it. Needed in
+    /// addition to `tokenize`; never implied by it (docs/TOKENS.md).
+    TokenizeJoin,
 }
 
 impl Op {
     /// All operations, in policy-file spelling order.
-    pub const ALL: [Op; 8] = [
+    pub const ALL: [Op; 9] = [
         Op::Encrypt,
         Op::Decrypt,
         Op::Rewrap,
         Op::Tokenize,
+        Op::TokenizeJoin,
         Op::Detokenize,
         Op::Shred,
         Op::ShredStatus,
@@ -69,6 +74,7 @@ impl Op {
             Op::Decrypt => "decrypt",
             Op::Rewrap => "rewrap",
             Op::Tokenize => "tokenize",
+            Op::TokenizeJoin => "tokenize_join",
             Op::Detokenize => "detokenize",
             Op::Shred => "shred",
             Op::ShredStatus => "shred_status",
@@ -466,6 +472,33 @@ mod tests {
         assert!(p.allows_some_field("a", Op::Detokenize, Some("orders")));
         assert!(!p.allows_some_field("a", Op::Detokenize, Some("crm")));
         assert!(p.check_some_field("a", Op::Shred, Some("crm")).is_err());
+    }
+
+    #[test]
+    fn tokenize_join_is_a_grant_of_its_own() {
+        let p = Policy::parse(
+            "[[grant]]\nidentity = \"t\"\noperations = [\"tokenize\", \"detokenize\"]\nkeyspaces = [\"*\"]\n\n[[grant]]\nidentity = \"j\"\noperations = [\"tokenize\", \"tokenize_join\"]\nkeyspaces = [\"orders\"]\nfields = [\"city\"]",
+            None,
+        )
+        .unwrap();
+        // `tokenize` (even on every keyspace and field) does not imply `tokenize_join`.
+        assert!(p.allows("t", Op::Tokenize, Some("orders"), Some("city")));
+        assert!(!p.allows("t", Op::TokenizeJoin, Some("orders"), Some("city")));
+        match p.check("t", Op::TokenizeJoin, Some("orders"), Some("city")) {
+            Err(Error::PermissionDenied { message }) => {
+                assert!(
+                    message.contains("does not grant tokenize_join"),
+                    "{message}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(p.allows("j", Op::TokenizeJoin, Some("orders"), Some("city")));
+        assert!(!p.allows("j", Op::TokenizeJoin, Some("orders"), Some("email")));
+        assert!(!p.allows("j", Op::TokenizeJoin, Some("crm"), Some("city")));
+        assert_eq!("tokenize_join".parse::<Op>(), Ok(Op::TokenizeJoin));
+        assert_eq!(Op::TokenizeJoin.to_string(), "tokenize_join");
+        assert!(!Op::TokenizeJoin.reveals() && Op::TokenizeJoin.keyspaced());
     }
 
     const POLICY: &str = r#"

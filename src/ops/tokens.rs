@@ -10,7 +10,7 @@ use futures_util::StreamExt as _;
 use zeroize::Zeroizing;
 
 use crate::crypto::envelope;
-use crate::crypto::tokens::derive::{self, Stream};
+use crate::crypto::tokens::derive::{self, Scope, Stream};
 use crate::crypto::tokens::format::{self, Ff1Params, Format, FormatError, Mode};
 use crate::domain::names::{Field, SubjectId};
 use crate::error::{Error, Reason, Result};
@@ -131,6 +131,13 @@ impl TokenEngine {
         self.space(i.keyspace)?;
         SubjectId::parse(i.subject)?;
         Field::parse(i.field)?;
+        if i.mode == Mode::DeterministicJoin && i.format == Format::Ff1 {
+            return Err(Error::invalid(
+                Reason::UnsupportedFormat,
+                "FF1 tokens are per subject (the subject's key is in the tweak): \
+                 DETERMINISTIC_JOIN does not apply to FF1",
+            ));
+        }
         format::check_value(i.format, i.value, self.max_value).map_err(format_error)
     }
 
@@ -155,7 +162,9 @@ impl TokenEngine {
             let subject_secret = dek.keys.subkey(&label);
             tweak.extend_from_slice(&subject_secret[..16]);
             match i.mode {
-                Mode::Deterministic => tweak.extend_from_slice(&attempt.to_be_bytes()),
+                Mode::Deterministic | Mode::DeterministicJoin => {
+                    tweak.extend_from_slice(&attempt.to_be_bytes());
+                }
                 Mode::Random => {
                     let mut r = [0u8; 16];
                     stream.fill(&mut r);
@@ -209,7 +218,7 @@ impl TokenEngine {
                 self.tokenize_random(i, sp, &dek, &sref, now, expires_at)
                     .await
             }
-            Mode::Deterministic => {
+            Mode::Deterministic | Mode::DeterministicJoin => {
                 self.tokenize_deterministic(i, sp, &dek, &sref, now, expires_at)
                     .await
             }
@@ -268,11 +277,12 @@ impl TokenEngine {
         expires_at: Option<i64>,
     ) -> Result<Tokenized> {
         let tag = i.format.tag();
-        // FF1 tokens carry the subject's secret in the tweak: deterministic per subject.
-        let scope: &[u8] = if i.format == Format::Ff1 {
-            sref.as_bytes()
-        } else {
-            b""
+        // DETERMINISTIC is per subject (the token dies with its subject); only an explicit
+        // DETERMINISTIC_JOIN (policy `tokenize_join`, never FF1: see `check`) is shared across
+        // subjects.
+        let scope = match i.mode {
+            Mode::DeterministicJoin => Scope::Join,
+            Mode::Deterministic | Mode::Random => Scope::Subject(sref),
         };
         let vh = derive::value_hash(&sp.det, i.field, &tag, scope, i.value);
         let token_of = |attempt: u32| -> Result<String> {

@@ -64,6 +64,7 @@ fn mode_of(r: &pb::TokenizeRequest) -> Result<Mode, Error> {
     match pb::TokenMode::try_from(r.mode) {
         Ok(pb::TokenMode::Unspecified | pb::TokenMode::Random) => Ok(Mode::Random),
         Ok(pb::TokenMode::Deterministic) => Ok(Mode::Deterministic),
+        Ok(pb::TokenMode::DeterministicJoin) => Ok(Mode::DeterministicJoin),
         Err(_) => Err(Error::invalid(Reason::InvalidRequest, "unknown token mode")),
     }
 }
@@ -96,11 +97,16 @@ fn detokenized(d: Detokenized) -> pb::DetokenizeResponse {
 
 impl TokensService {
     /// Authorises tokenising one item (after validating the names that go into the audit
-    /// record) and notes its subject. Unknown keyspaces are left to the engine's error.
+    /// record) and notes its subject. A join token (shared across subjects, so it outlives
+    /// one subject's shred) needs `tokenize_join` as well. Unknown keyspaces are left to the
+    /// engine's error.
     fn authorize_tokenize(&self, g: &mut Guard, i: &TokenizeInput<'_>) -> Result<(), Error> {
         Field::parse(i.field)?;
         if let Ok(sref) = self.keys.subject_ref(i.keyspace, i.subject) {
             g.authorize(Op::Tokenize, Some(i.keyspace), Some(i.field))?;
+            if i.mode == Mode::DeterministicJoin {
+                g.authorize(Op::TokenizeJoin, Some(i.keyspace), Some(i.field))?;
+            }
             g.note_subject(i.keyspace, &sref);
         }
         Ok(())

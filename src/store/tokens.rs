@@ -5,10 +5,11 @@
 //!
 //! `token_map` has one row per token (unique `token_hash` per keyspace: two values can never
 //! share a token; a colliding insert fails and the caller draws again). `token_values` holds
-//! the sealed value once per subject that tokenised it (a deterministic token can belong to
-//! several subjects with the same value). A shred deletes the subject's `token_values` rows
-//! and turns tokens left without any value into `shredded` tombstones; expiry deletes the
-//! values and leaves `expired` tombstones, so Detokenize can still say why.
+//! the sealed value once per subject that tokenised it (a join token, `DETERMINISTIC_JOIN` or a
+//! deterministic token made before per-subject scope, can belong to several subjects with the
+//! same value; any other token holds one subject's value). A shred deletes the subject's
+//! `token_values` rows and turns tokens left without any value into `shredded` tombstones;
+//! expiry deletes the values and leaves `expired` tombstones, so Detokenize can still say why.
 
 use std::collections::HashSet;
 
@@ -200,7 +201,8 @@ impl Store {
         Ok(self.write_tokens(&ops).await?[0])
     }
 
-    /// Adds a subject's sealed value to an existing (deterministic) token, keeping an existing
+    /// Adds a subject's sealed value to an existing (deterministic) token: another subject's
+    /// value on a join token, or the same subject's again (new expiry), keeping an existing
     /// one, and sets its expiry and state to live. Returns `false`, changing nothing, if the
     /// token was shredded or removed meanwhile.
     pub async fn add_token_value(

@@ -184,7 +184,8 @@ async fn formats_round_trip_keep_their_shape_and_modes_hold() {
     assert!(t.len() == 5 && &t[2..3] == "-", "{t}");
     assert_eq!(value_of(&mut c, &t).await, "12-34");
 
-    // Deterministic: same keyspace + field + value -> same token, whoever the subject.
+    // Deterministic: same keyspace + subject + field + value -> same token; another subject
+    // gets its own token (per-subject scope, security review finding 9).
     for f in [F::Opaque, F::Digits, F::Email] {
         let v = if f == F::Email {
             "bob@example.org"
@@ -195,7 +196,8 @@ async fn formats_round_trip_keep_their_shape_and_modes_hold() {
         let b = tokenize(&mut c, det("cust-tok-2", "pii", v, f)).await;
         let other_subject = tokenize(&mut c, det("cust-tok-3", "pii", v, f)).await;
         assert_eq!(a, b, "{f:?}");
-        assert_eq!(a, other_subject, "{f:?}");
+        assert_ne!(a, other_subject, "{f:?}");
+        assert_eq!(value_of(&mut c, &other_subject).await, v);
         assert_eq!(value_of(&mut c, &a).await, v);
         // Another field, or random mode, gives another token.
         assert_ne!(a, tokenize(&mut c, det("cust-tok-2", "pii2", v, f)).await);
@@ -306,7 +308,8 @@ async fn deterministic_reads_first_and_concurrent_calls_share_commits() {
     let t3 = c.tokenize(r).await.unwrap().into_inner();
     assert_eq!(t3.expires_at, t2.expires_at, "the later expiry wins");
 
-    // 40 concurrent calls: one new deterministic value from 10 subjects, and 20 random tokens.
+    // 40 concurrent calls: one new deterministic value from 10 subjects (two calls each), and
+    // 20 random tokens.
     let before = counts().await;
     let mut calls = Vec::new();
     for i in 0..40 {
@@ -340,17 +343,22 @@ async fn deterministic_reads_first_and_concurrent_calls_share_commits() {
             rnd_tokens.push((i, t));
         }
     }
-    assert_eq!(det_tokens.len(), 1, "one token per deterministic value");
-    let burst = det_tokens.into_iter().next().unwrap();
-    assert_eq!(value_of(&mut c, &burst).await, "burst@example.com");
+    assert_eq!(
+        det_tokens.len(),
+        10,
+        "one token per subject and deterministic value"
+    );
+    for burst in &det_tokens {
+        assert_eq!(value_of(&mut c, burst).await, "burst@example.com");
+    }
     for (i, t) in &rnd_tokens {
         assert_eq!(value_of(&mut c, t).await, format!("v{i}@example.com"));
     }
     let after = counts().await;
     assert_eq!(
         (after.0 - before.0, after.1 - before.1),
-        (10 + 20, 1 + 20),
-        "one value per subject, one row per token"
+        (10 + 20, 10 + 20),
+        "one value and one row per token"
     );
 }
 
@@ -572,12 +580,12 @@ async fn shred_kills_a_subjects_tokens_and_purges_its_rows() {
         .await,
         tokenize(&mut c, rnd("cust-shred", "acct", "ACCT-99887766", F::Ff1)).await,
     ];
-    // A deterministic token that another subject shares, and one of another subject only.
-    let shared = tokenize(&mut c, det("cust-shred", "city", "Berlin", F::Opaque)).await;
-    assert_eq!(
-        shared,
-        tokenize(&mut c, det("cust-keep", "city", "Berlin", F::Opaque)).await
-    );
+    // A deterministic value that another subject has too (each has its own token: per
+    // subject), and a token of the other subject only.
+    let berlin = tokenize(&mut c, det("cust-shred", "city", "Berlin", F::Opaque)).await;
+    let theirs = tokenize(&mut c, det("cust-keep", "city", "Berlin", F::Opaque)).await;
+    assert_ne!(berlin, theirs);
+    let mine = [mine, vec![berlin]].concat();
     let other = tokenize(&mut c, rnd("cust-keep", "name", "Dave", F::Opaque)).await;
     for t in &mine {
         detokenize(&mut c, t).await.unwrap();
@@ -623,8 +631,8 @@ async fn shred_kills_a_subjects_tokens_and_purges_its_rows() {
             pb::detokenize_result::Result::Value(_) => panic!("a shredded token detokenised"),
         }
     }
-    // The other subject keeps its data, including the value it shares.
-    assert_eq!(value_of(&mut c, &shared).await, "Berlin");
+    // The other subject keeps its data, including its token of the same value.
+    assert_eq!(value_of(&mut c, &theirs).await, "Berlin");
     assert_eq!(value_of(&mut c, &other).await, "Dave");
     // The shredded subject's five sealed values are gone from the store.
     let (values_after, _) = store(&env).await.token_counts("orders").await.unwrap();
@@ -755,12 +763,12 @@ async fn batches_with_bad_items_and_a_deterministic_batch_without_collisions() {
         assert_eq!(&t[12..], &v[12..]);
     }
     let second = tokens_of(
-        c.tokenize_batch(batch("cust-many-2"))
+        c.tokenize_batch(batch("cust-many"))
             .await
             .unwrap()
             .into_inner(),
     );
-    assert_eq!(first, second, "deterministic across calls and subjects");
+    assert_eq!(first, second, "deterministic across calls");
     let res = c
         .detokenize_batch(pb::DetokenizeBatchRequest {
             items: first
@@ -888,4 +896,193 @@ fields = ["name"]
     ] {
         assert!(!audit.contains(needle), "{needle:?} in the audit log");
     }
+}
+
+/// Security review finding 9: a DETERMINISTIC token is per subject, so it dies with its
+/// subject's shred even when another subject tokenised the same value (which has a token of
+/// its own that keeps working). Written against the API of before the fix, so it can be run
+/// on the old code, where it fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deterministic_token_dies_with_its_subject_when_another_subject_has_the_same_value() {
+    use pb::TokenFormat as F;
+    let env = TestEnv::start().await;
+    let server = env.server("s", "").await;
+    let mut c = tokens(&env, &server).await;
+    let mut e = env.erasure(&server).await;
+
+    let cases = [
+        (F::Opaque, "Hamburg"),
+        (F::Digits, "4111111111111111"),
+        (F::Email, "shared.box@example.com"),
+    ];
+    let mut shredded = Vec::new();
+    let mut kept = Vec::new();
+    for (f, v) in cases {
+        let a = tokenize(&mut c, det("cust-f9-a", "pii", v, f)).await;
+        let b = tokenize(&mut c, det("cust-f9-b", "pii", v, f)).await;
+        assert_eq!(value_of(&mut c, &a).await, v);
+        assert_eq!(value_of(&mut c, &b).await, v);
+        // Deterministic within one subject's records: the same token again.
+        assert_eq!(
+            a,
+            tokenize(&mut c, det("cust-f9-a", "pii", v, f)).await,
+            "{f:?}"
+        );
+        shredded.push((f, a));
+        kept.push((f, b, v));
+    }
+
+    let r = e
+        .shred(pb::ShredRequest {
+            subject: "cust-f9-a".into(),
+            keyspace: "orders".into(),
+            reason: "GDPR art. 17".into(),
+            request_id: "f9-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.keyspaces[0].outcome, pb::ShredOutcome::Shredded as i32);
+
+    // The shredded subject's deterministic tokens are dead, whoever else has the value.
+    for (f, t) in &shredded {
+        let Err(s) = detokenize(&mut c, t).await else {
+            panic!("{f:?}: a deterministic token of a shredded subject still detokenises");
+        };
+        assert_eq!(
+            (s.code(), reason(&s).as_str()),
+            (Code::FailedPrecondition, "SUBJECT_SHREDDED"),
+            "{f:?}"
+        );
+    }
+    // The other subject's tokens of the same values keep working.
+    for (f, t, v) in &kept {
+        assert_eq!(value_of(&mut c, t).await, *v, "{f:?}");
+    }
+    // The shredded subject's tokens differ from the other subject's (they are per subject).
+    for ((_, a), (f, b, _)) in shredded.iter().zip(&kept) {
+        assert_ne!(a, b, "{f:?}");
+    }
+}
+
+/// `DETERMINISTIC_JOIN` (security review finding 9): refused without the `tokenize_join`
+/// grant (a `tokenize` grant is not enough) and for FF1; with it, one token for every subject
+/// with the value, which survives one holder's shred (only that subject's sealed value is
+/// deleted) and dies with the last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_tokens_need_their_own_grant_and_live_while_a_holder_is_not_shredded() {
+    use pb::TokenFormat as F;
+    let env = TestEnv::start().await;
+    // The order service (which holds `tokenize` on every field) may join cities only.
+    env.write_policy(
+        r#"
+[[grant]]
+identity = "spiffe://shop.local/orders"
+operations = ["tokenize_join"]
+keyspaces = ["orders"]
+fields = ["city"]
+"#,
+    );
+    let server = env.server("join", "").await;
+    let mut c = tokens(&env, &server).await;
+    let mut e = env.erasure(&server).await;
+    let join = |subject: &str, field: &str, value: &str, format: F| {
+        let mut r = det(subject, field, value, format);
+        r.mode = pb::TokenMode::DeterministicJoin as i32;
+        r
+    };
+
+    // Without the grant (another field): denied, nothing written.
+    let before = store(&env).await.token_counts("orders").await.unwrap();
+    let s = err(c
+        .tokenize(join("cust-j-a", "email", "j@example.com", F::Email))
+        .await);
+    assert_eq!(
+        (s.code(), reason(&s).as_str()),
+        (Code::PermissionDenied, "POLICY_DENIED")
+    );
+    assert!(s.message().contains("tokenize_join"), "{}", s.message());
+    // In a batch, the item fails alone.
+    let res = c
+        .tokenize_batch(pb::TokenizeBatchRequest {
+            items: vec![
+                join("cust-j-a", "email", "j@example.com", F::Email),
+                det("cust-j-a", "email", "j@example.com", F::Email),
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    match (
+        res[0].result.clone().unwrap(),
+        res[1].result.clone().unwrap(),
+    ) {
+        (pb::tokenize_result::Result::Error(e), pb::tokenize_result::Result::Token(_)) => {
+            assert_eq!(e.reason, "POLICY_DENIED");
+        }
+        _ => panic!("the join item must fail alone"),
+    }
+    assert_eq!(
+        store(&env).await.token_counts("orders").await.unwrap(),
+        (before.0 + 1, before.1 + 1),
+        "only the per-subject item was written"
+    );
+    // FF1 tokens are per subject: no join mode, even with the grant.
+    let s = err(c
+        .tokenize(join("cust-j-a", "city", "BERLIN-10115", F::Ff1))
+        .await);
+    assert_eq!(
+        (s.code(), reason(&s).as_str()),
+        (Code::InvalidArgument, "UNSUPPORTED_FORMAT")
+    );
+
+    // With the grant: one token for every subject with the value, distinct from the
+    // per-subject deterministic tokens.
+    let ja = tokenize(&mut c, join("cust-j-a", "city", "Berlin", F::Opaque)).await;
+    let jb = tokenize(&mut c, join("cust-j-b", "city", "Berlin", F::Opaque)).await;
+    assert_eq!(ja, jb, "a join token is shared");
+    let pa = tokenize(&mut c, det("cust-j-a", "city", "Berlin", F::Opaque)).await;
+    assert_ne!(pa, ja, "DETERMINISTIC is per subject, not the join token");
+    assert_eq!(value_of(&mut c, &ja).await, "Berlin");
+    let (values_before, _) = store(&env).await.token_counts("orders").await.unwrap();
+
+    // Shred one holder: its per-subject token dies; the join token keeps detokenising for
+    // the other holder; the shredded subject's sealed values (the join value, the
+    // per-subject value and the email of the batch) are deleted.
+    let shred = |subject: &str, id: &str| pb::ShredRequest {
+        subject: subject.into(),
+        keyspace: "orders".into(),
+        reason: "GDPR art. 17".into(),
+        request_id: id.into(),
+    };
+    let r = e
+        .shred(shred("cust-j-a", "j-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.keyspaces[0].outcome, pb::ShredOutcome::Shredded as i32);
+    assert_eq!(
+        reason(&err(detokenize(&mut c, &pa).await)),
+        "SUBJECT_SHREDDED"
+    );
+    assert_eq!(value_of(&mut c, &ja).await, "Berlin");
+    let (values_after, _) = store(&env).await.token_counts("orders").await.unwrap();
+    assert_eq!(values_after, values_before - 3);
+
+    // Shred the last holder: the join token dies too, and stays dead (a new holder of the
+    // value gets a new join token).
+    e.shred(shred("cust-j-b", "j-2")).await.unwrap();
+    let s = err(detokenize(&mut c, &ja).await);
+    assert_eq!(
+        (s.code(), reason(&s).as_str()),
+        (Code::FailedPrecondition, "SUBJECT_SHREDDED")
+    );
+    let jc = tokenize(&mut c, join("cust-j-c", "city", "Berlin", F::Opaque)).await;
+    assert_ne!(jc, ja);
+    assert_eq!(value_of(&mut c, &jc).await, "Berlin");
+    assert_eq!(
+        reason(&err(detokenize(&mut c, &ja).await)),
+        "SUBJECT_SHREDDED"
+    );
 }

@@ -34,11 +34,19 @@ pub enum Format {
     Ff1,
 }
 
-/// Random (new token every call) or deterministic (same input, same token).
+/// Random (new token every call) or deterministic (same input, same token), per subject or
+/// across subjects (docs/TOKENS.md, "Modes").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
+    /// A new token every call.
     Random,
+    /// The same token for the same subject, field, format and value: joins within one
+    /// subject's records; the token dies with its subject.
     Deterministic,
+    /// The same token for the same field, format and value whatever the subject: joins across
+    /// subjects; the token lives while any subject holding it is not shredded. Needs the
+    /// `tokenize_join` grant; not for FF1.
+    DeterministicJoin,
 }
 
 /// Why a value or token does not fit.
@@ -251,7 +259,7 @@ pub fn check_token(token: &str) -> Result<(), FormatError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crypto::tokens::derive::deterministic_seed;
+    use crate::crypto::tokens::derive::{Scope, deterministic_seed};
     use aws_lc_rs::hmac;
 
     fn rnd() -> Stream {
@@ -355,7 +363,7 @@ mod tests {
                 (Format::Email, email.as_str(), None),
                 (Format::Ff1, card.as_str(), Some(&p)),
             ] {
-                let seed = deterministic_seed(&key, "f", &f.tag(), b"", v, 0);
+                let seed = deterministic_seed(&key, "f", &f.tag(), Scope::Join, v, 0);
                 let t = render(f, v, &mut Stream::from_seed(&seed), ff).unwrap();
                 if i % 10_000 == 0 {
                     let again = render(f, v, &mut Stream::from_seed(&seed), ff).unwrap();
