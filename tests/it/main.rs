@@ -9,6 +9,7 @@ mod architecture;
 mod audit;
 mod crypto_api;
 mod erasure;
+mod erasure_review;
 mod golden_vectors;
 mod lifecycle;
 mod mtls;
