@@ -57,7 +57,10 @@ pub async fn point(name: &str) {
     if taken.swap(true, Ordering::SeqCst) {
         return;
     }
-    tracing::warn!(failpoint = name, "failpoint reached: pausing until released");
+    tracing::warn!(
+        failpoint = name,
+        "failpoint reached: pausing until released"
+    );
     let release = a.dir.join(format!("{name}.release"));
     if let Err(e) = std::fs::write(a.dir.join(format!("{name}.reached")), b"") {
         tracing::error!(failpoint = name, error = %e, "failpoint: cannot write the reached file");

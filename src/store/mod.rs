@@ -103,6 +103,19 @@ pub struct Eviction {
     pub intent: String,
 }
 
+/// The certificate that completes a shred.
+#[derive(Debug, Clone, Copy)]
+pub struct Certified<'a> {
+    /// Its id (`cod-…`).
+    pub certificate_id: &'a str,
+    /// The request id of the shred.
+    pub request_id: &'a str,
+    /// The signed certificate (JSON).
+    pub document: &'a str,
+    /// When the shred was executed (Unix seconds).
+    pub executed_at: i64,
+}
+
 /// What a shred is about to do, recorded before it does it.
 #[derive(Debug, Clone)]
 pub struct ShredClaim<'a> {
@@ -328,13 +341,13 @@ impl Store {
              ON CONFLICT (keyspace, subject_ref) DO NOTHING"
         };
         sqlx::query(sql)
-        .bind(keyspace)
-        .bind(subject_ref)
-        .bind(now)
-        .bind(retain_until)
-        .execute(&self.pool)
-        .await
-        .map_err(db)?;
+            .bind(keyspace)
+            .bind(subject_ref)
+            .bind(now)
+            .bind(retain_until)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
         Ok(())
     }
 
@@ -746,12 +759,15 @@ impl Store {
         &self,
         keyspace: &str,
         subject_ref: &str,
-        certificate_id: &str,
-        request_id: &str,
-        document: &str,
-        executed_at: i64,
         owner: &str,
+        cert: &Certified<'_>,
     ) -> Result<bool> {
+        let Certified {
+            certificate_id,
+            request_id,
+            document,
+            executed_at,
+        } = *cert;
         let mut tx = self.pool.begin().await.map_err(db)?;
         let r = sqlx::query(
             "UPDATE subjects SET state = 'shredded', updated_at = $3, executed_at = $3,

@@ -3,7 +3,7 @@
 
 use crate::common::Postgres;
 use piiguard::store::tokens::{AddValue, NewToken, TokenState, TokenWrite};
-use piiguard::store::{ShredClaim, Store, SubjectState};
+use piiguard::store::{Certified, ShredClaim, Store, SubjectState};
 
 fn claim(intent: &str) -> ShredClaim<'_> {
     ShredClaim {
@@ -14,15 +14,30 @@ fn claim(intent: &str) -> ShredClaim<'_> {
     }
 }
 
+fn cert(certificate_id: &str, executed_at: i64) -> Certified<'_> {
+    Certified {
+        certificate_id,
+        request_id: "r1",
+        document: "{}",
+        executed_at,
+    }
+}
+
 async fn claims_are_exclusive(s: &Store) {
     s.register_subject("ks", "a", 1, None, false).await.unwrap();
     assert_eq!(
         s.state("ks", "a").await.unwrap(),
         Some(SubjectState::Active)
     );
-    assert!(s.claim_shred("ks", "a", &claim("[]"), 2, "o1").await.unwrap());
     assert!(
-        !s.claim_shred("ks", "a", &claim("[]"), 3, "o2").await.unwrap(),
+        s.claim_shred("ks", "a", &claim("[]"), 2, "o1")
+            .await
+            .unwrap()
+    );
+    assert!(
+        !s.claim_shred("ks", "a", &claim("[]"), 3, "o2")
+            .await
+            .unwrap(),
         "second claim"
     );
     // Registering again while shredding changes nothing.
@@ -32,18 +47,18 @@ async fn claims_are_exclusive(s: &Store) {
         Some(SubjectState::Shredding)
     );
     assert!(
-        !s.finish_shred("ks", "a", "c0", "r1", "{}", 5, "o2")
+        !s.finish_shred("ks", "a", "o2", &cert("c0", 5))
             .await
             .unwrap(),
         "only the lease owner finishes"
     );
     assert!(
-        s.finish_shred("ks", "a", "c1", "r1", "{}", 5, "o1")
+        s.finish_shred("ks", "a", "o1", &cert("c1", 5))
             .await
             .unwrap()
     );
     assert!(
-        !s.finish_shred("ks", "a", "c2", "r1", "{}", 6, "o1")
+        !s.finish_shred("ks", "a", "o1", &cert("c2", 6))
             .await
             .unwrap(),
         "finished once"
@@ -80,7 +95,12 @@ async fn schedule_cancel_and_due(s: &Store) {
     let rows = due(81).await.unwrap();
     assert_eq!(
         rows.iter()
-            .map(|r| (r.keyspace.as_str(), r.subject_ref.as_str(), r.state, r.due_at))
+            .map(|r| (
+                r.keyspace.as_str(),
+                r.subject_ref.as_str(),
+                r.state,
+                r.due_at
+            ))
             .collect::<Vec<_>>(),
         vec![("ks", "c", SubjectState::Active, 80)]
     );

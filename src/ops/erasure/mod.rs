@@ -34,7 +34,7 @@ use crate::crypto::envelope::KeyId;
 use crate::error::{Error, Reason, Result};
 use crate::keys::KeyManager;
 use crate::keys::manager::{dek_path, now_i64, subject_path, subject_record_key};
-use crate::store::{DueRow, ShredClaim, Store, SubjectState};
+use crate::store::{Certified, DueRow, ShredClaim, Store, SubjectState};
 use crate::vault::signer::Signer;
 use certificate::{Certificate, DestroyedKey, Payload};
 
@@ -231,7 +231,12 @@ impl Erasure {
             }
             // Never seen, no key: nothing to shred (a key made after this is not ours to
             // destroy; a registered subject without a key still gets a certificate).
-            if row.is_none() && vault.kv_read(&subject_path(ks, sref), None).await?.is_none() {
+            if row.is_none()
+                && vault
+                    .kv_read(&subject_path(ks, sref), None)
+                    .await?
+                    .is_none()
+            {
                 return Ok(Outcome::NotFound);
             }
             fail_point("shred-before-claim").await;
@@ -446,11 +451,13 @@ impl Erasure {
             .finish_shred(
                 ks,
                 sref,
-                &certificate_id,
-                &request_id,
-                &doc,
-                executed_at,
                 &self.owner,
+                &Certified {
+                    certificate_id: &certificate_id,
+                    request_id: &request_id,
+                    document: &doc,
+                    executed_at,
+                },
             )
             .await?
         {
