@@ -158,7 +158,7 @@ pub async fn run(
     let sentry = Arc::new(Sentry {
         policy: policy_reloader.subscribe(),
         audit: audit.clone(),
-        alarms: Alarms::new(audit.clone(), webhook, cfg.server.instance.clone()),
+        alarms: Alarms::new(audit.clone(), webhook.clone(), cfg.server.instance.clone()),
         limits: Limits::new(cfg.limits.clone()),
         lockouts: lockouts.clone(),
         canaries,
@@ -212,11 +212,11 @@ pub async fn run(
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
 
-    let erasure = Arc::new(Erasure::new(
-        keys.clone(),
-        Signer::new(vault.clone(), SIGNING_KEY),
-        &cfg,
-    ));
+    let erasure = Arc::new(
+        Erasure::new(keys.clone(), Signer::new(vault.clone(), SIGNING_KEY), &cfg).with_alarms(
+            Alarms::new(audit.clone(), webhook, cfg.server.instance.clone()),
+        ),
+    );
     erasure.spawn_background();
     let erasure_svc =
         pb::erasure_server::ErasureServer::new(ErasureService::new(erasure, sentry.clone()))

@@ -6,6 +6,7 @@
 //! `PIIGUARD_SERVER__LISTEN=0.0.0.0:7443` or `PIIGUARD_VAULT__ADDRESS=https://vault:8200`.
 //! Values are read as TOML scalars (numbers, booleans) when they parse as such, else as strings.
 
+pub mod failpoint;
 pub mod limits;
 
 use std::collections::BTreeMap;
@@ -302,6 +303,12 @@ pub struct RawErasure {
     /// The backup retention the operator runs (stated in certificates of destruction: the
     /// longest a wrapped key can survive in a Vault backup).
     pub backup_retention_days: u64,
+    /// A subject the reaper failed to shred this many times in a row raises a
+    /// `reaper_stuck` alarm (once); it keeps being retried with a growing backoff.
+    pub reaper_alarm_after_failures: u32,
+    /// Longest backoff between two reaper attempts at a failing subject (the backoff starts at
+    /// `reaper_interval_secs` and doubles).
+    pub reaper_max_backoff_secs: u64,
 }
 
 impl Default for RawErasure {
@@ -311,6 +318,8 @@ impl Default for RawErasure {
             eviction_poll_millis: 1000,
             stale_shred_secs: 60,
             backup_retention_days: 0,
+            reaper_alarm_after_failures: 5,
+            reaper_max_backoff_secs: 3600,
         }
     }
 }
@@ -616,6 +625,10 @@ pub struct ErasureConfig {
     pub stale_shred: Duration,
     /// Backup retention stated in certificates.
     pub backup_retention_days: u64,
+    /// Consecutive reaper failures of one subject that raise the `reaper_stuck` alarm.
+    pub reaper_alarm_after_failures: u32,
+    /// Cap of the reaper's per-subject retry backoff.
+    pub reaper_max_backoff: Duration,
 }
 
 /// What happens when a shredded subject id is used again.
@@ -995,6 +1008,11 @@ impl RawConfig {
         if e.reaper_interval_secs == 0 || e.eviction_poll_millis == 0 || e.stale_shred_secs == 0 {
             return err("erasure intervals must be at least 1");
         }
+        if e.reaper_alarm_after_failures == 0 || e.reaper_max_backoff_secs == 0 {
+            return err(
+                "erasure.reaper_alarm_after_failures and erasure.reaper_max_backoff_secs must be at least 1",
+            );
+        }
         if Duration::from_millis(e.eviction_poll_millis) > cache.hard_ttl {
             return err("erasure.eviction_poll_millis must not exceed cache.hard_ttl_secs");
         }
@@ -1003,6 +1021,8 @@ impl RawConfig {
             eviction_poll: Duration::from_millis(e.eviction_poll_millis),
             stale_shred: Duration::from_secs(e.stale_shred_secs),
             backup_retention_days: e.backup_retention_days,
+            reaper_alarm_after_failures: e.reaper_alarm_after_failures,
+            reaper_max_backoff: Duration::from_secs(e.reaper_max_backoff_secs),
         };
         let policy = PolicyConfig {
             file: self.policy.file.ok_or_else(|| {

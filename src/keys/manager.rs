@@ -402,7 +402,26 @@ impl KeyManager {
             }
             _ => {}
         }
-        let e = self.load_or_create(ks, sref, state.is_none()).await?;
+        crate::config::failpoint::point("load-subject-after-state-check").await;
+        // A shredded subject comes back only where the keyspace allows new keys, and only with
+        // a key made after we saw the shred done (a key of a racing load is not re-activated).
+        let reactivate =
+            state == Some(SubjectState::Shredded) && ks.after_shred == AfterShred::NewKey;
+        let (e, created) = self
+            .load_or_create(ks, sref, state.is_none() || reactivate, reactivate)
+            .await?;
+        // Re-check after loading or creating. A shred claims the subject before it lists the
+        // keys to destroy: either it listed this key, or its claim is visible here.
+        let now_state = self.store.state(&ks.name, &href).await?;
+        if now_state != Some(SubjectState::Active) {
+            if let Some(created) = created {
+                self.discard_created(ks, &href, &created).await;
+            }
+            return Err(match now_state {
+                Some(SubjectState::Scheduled) => Error::shred_scheduled(),
+                _ => Error::shredded(),
+            });
+        }
         if self.evicted_since(&Evicted::Subject(ck), started) {
             // A shred or a schedule reached this replica while we loaded: ask the store.
             match self.store.state(&ks.name, &href).await? {
@@ -552,21 +571,48 @@ impl KeyManager {
         )))
     }
 
+    /// Removes a key this process created but may not use (a shred claimed the subject
+    /// meanwhile): no ciphertext was made with it. Best effort; the shred also destroys the
+    /// key the subject record names when it runs (or re-runs) its Vault step.
+    async fn discard_created(&self, ks: &Keyspace, href: &str, key_id: &KeyId) {
+        let spath = subject_path(&ks.name, href);
+        let ours = match self.vault.kv_read(&spath, None).await {
+            Ok(Some(e)) => subject_record_key(&e.data).is_ok_and(|(k, _)| k == *key_id),
+            Ok(None) => false,
+            Err(_) => true,
+        };
+        let mut paths = vec![dek_path(&ks.name, key_id)];
+        if ours {
+            paths.push(spath);
+        }
+        for p in &paths {
+            if let Err(e) = self.vault.kv_delete_metadata(p).await {
+                tracing::warn!(error = %e, "could not remove a key made during a shred");
+            }
+        }
+        tracing::info!(keyspace = %ks.name, "a key made while the subject was shredded was discarded");
+    }
+
+    /// The subject's key from Vault, or a new one; with the id of the key if this call
+    /// created it. `register` records the subject in the store (`reactivate`: see
+    /// [`Store::register_subject`]).
     async fn load_or_create(
         &self,
         ks: &Keyspace,
         sref: &SubjectRef,
-        unregistered: bool,
-    ) -> Result<Arc<DekEntry>> {
+        register: bool,
+        reactivate: bool,
+    ) -> Result<(Arc<DekEntry>, Option<KeyId>)> {
         let href = sref.to_hex();
         let spath = subject_path(&ks.name, &href);
         loop {
             if let Some(e) = self.vault.kv_read(&spath, None).await? {
                 let rec = parse_subject_record(&e.data)?;
-                if unregistered {
-                    // A key made before the registry knew it (or a crash between the two).
+                if register {
+                    // A key made before the registry knew it (or a crash between the two), or
+                    // a new key made after a shred by another process.
                     let created = e.data["created_at"].as_i64().unwrap_or_else(now_i64);
-                    self.register(ks, &href, created).await?;
+                    self.register(ks, &href, created, reactivate).await?;
                 }
                 return self
                     .unwrap_entry(
@@ -577,7 +623,8 @@ impl KeyManager {
                         &rec.wrapped,
                         SubjectTag::of(&sref.0),
                     )
-                    .await;
+                    .await
+                    .map(|e| (e, None));
             }
             // New subject: DEK from the OS CSPRNG, wrapped by the KEK. The DEK record is
             // written first so that a subject record never names a missing DEK; a crash or a
@@ -610,16 +657,18 @@ impl KeyManager {
             match self.vault.kv_write_cas(&spath, &srec, 0).await? {
                 CasOutcome::Written(_) => {
                     tracing::debug!(keyspace = %ks.name, subject_ref = ?sref, "created subject DEK");
-                    self.register(ks, &href, created_at as i64).await?;
+                    self.register(ks, &href, created_at as i64, reactivate)
+                        .await?;
                     let keys = DerivedKeys::derive(ks.alg, &dek, &ks.name, &key_id, dek_version)
                         .map_err(|_| Error::internal("DEK derivation failed"))?;
-                    return Ok(Arc::new(DekEntry::with_subject(
+                    let entry = Arc::new(DekEntry::with_subject(
                         ks.name.clone(),
                         key_id,
                         dek_version,
                         keys,
                         SubjectTag::of(&sref.0),
-                    )));
+                    ));
+                    return Ok((entry, Some(key_id)));
                 }
                 CasOutcome::Mismatch => {
                     // Another process created this subject's DEK first: drop ours, use theirs.
@@ -631,12 +680,18 @@ impl KeyManager {
         }
     }
 
-    async fn register(&self, ks: &Keyspace, href: &str, created: i64) -> Result<()> {
+    async fn register(
+        &self,
+        ks: &Keyspace,
+        href: &str,
+        created: i64,
+        reactivate: bool,
+    ) -> Result<()> {
         let retain_until = ks
             .default_retention
             .map(|d| created.saturating_add(d.as_secs() as i64));
         self.store
-            .register_subject(&ks.name, href, created, retain_until)
+            .register_subject(&ks.name, href, created, retain_until, reactivate)
             .await
     }
 

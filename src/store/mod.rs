@@ -42,6 +42,26 @@ impl FromStr for SubjectState {
     }
 }
 
+impl SubjectState {
+    /// The stored name of the state.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Scheduled => "scheduled",
+            Self::Shredding => "shredding",
+            Self::Shredded => "shredded",
+        }
+    }
+}
+
+/// `$first, $first+1, …` (`n` placeholders) for an `IN (…)` list.
+fn placeholders(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// A subject's registry row.
 #[derive(Debug, Clone)]
 pub struct SubjectRow {
@@ -60,6 +80,21 @@ pub struct SubjectRow {
     pub certificate: Option<String>,
 }
 
+/// A subject the reaper should process: due scheduled shred, expired retention, or a shred left
+/// half-done. Rows come ordered by `due_at`, then keyspace and subject (the paging cursor).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DueRow {
+    /// The keyspace (always one of those the caller configured).
+    pub keyspace: String,
+    /// The subject reference.
+    pub subject_ref: String,
+    /// Its state.
+    pub state: SubjectState,
+    /// When it became due: `shred_at`, `retain_until`, or the last lease renewal of a
+    /// `shredding` row.
+    pub due_at: i64,
+}
+
 /// A "drop these keys" message for every replica.
 #[derive(Debug, Clone)]
 pub struct Eviction {
@@ -67,6 +102,19 @@ pub struct Eviction {
     pub keyspace: String,
     pub subject_ref: String,
     pub intent: String,
+}
+
+/// The certificate that completes a shred.
+#[derive(Debug, Clone, Copy)]
+pub struct Certified<'a> {
+    /// Its id (`cod-…`).
+    pub certificate_id: &'a str,
+    /// The request id of the shred.
+    pub request_id: &'a str,
+    /// The signed certificate (JSON).
+    pub document: &'a str,
+    /// When the shred was executed (Unix seconds).
+    pub executed_at: i64,
 }
 
 /// What a shred is about to do, recorded before it does it.
@@ -196,8 +244,45 @@ impl Store {
                 .await
                 .map_err(db)?;
         }
+        // Added after the first release: also upgrades an existing database. Reaper backoff
+        // (`reap_attempts`, `reap_next_at`) and the owner of a shred's lease (`lease_owner`;
+        // the lease runs `erasure.stale_shred_secs` from `updated_at`).
+        for (column, ddl) in [
+            ("reap_attempts", "BIGINT NOT NULL DEFAULT 0"),
+            ("reap_next_at", "BIGINT"),
+            ("lease_owner", "TEXT"),
+        ] {
+            self.add_subjects_column(column, ddl).await?;
+        }
         self.migrate_tokens().await?;
         self.migrate_anchors().await
+    }
+
+    /// `ALTER TABLE subjects ADD COLUMN`, unless the column exists (SQLite has no `ADD COLUMN IF
+    /// NOT EXISTS`). Two replicas upgrading at once: the loser's ALTER fails, the re-check sees
+    /// the winner's column.
+    async fn add_subjects_column(&self, column: &'static str, ddl: &'static str) -> Result<()> {
+        let exists = || async {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {column} FROM subjects WHERE 1 = 0"
+            )))
+            .fetch_optional(&self.pool)
+            .await
+            .is_ok()
+        };
+        if exists().await {
+            return Ok(());
+        }
+        let added = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "ALTER TABLE subjects ADD COLUMN {column} {ddl}"
+        )))
+        .execute(&self.pool)
+        .await;
+        match added {
+            Ok(_) => Ok(()),
+            Err(_) if exists().await => Ok(()),
+            Err(e) => Err(db(e)),
+        }
     }
 
     /// The registry row of a subject.
@@ -230,30 +315,41 @@ impl Store {
         .transpose()
     }
 
-    /// Records a new subject key (first use, or first use after a shred). A shredded subject
-    /// becomes active again; a scheduled or shredding one is left as it is.
+    /// Records a subject key (first use, or first use after a shred). An existing row is left
+    /// as it is, except that a shredded subject becomes active again when `reactivate` is set:
+    /// only when the keyspace allows new keys after a shred (`after_shred = "new_key"`) and the
+    /// caller saw the subject shredded before it made the key (so the key cannot be one the
+    /// shred listed). The caller reads the state again afterwards: anything but `active` means
+    /// the key must not be used.
     pub async fn register_subject(
         &self,
         keyspace: &str,
         subject_ref: &str,
         now: i64,
         retain_until: Option<i64>,
+        reactivate: bool,
     ) -> Result<()> {
-        sqlx::query(
+        let sql = if reactivate {
             "INSERT INTO subjects (keyspace, subject_ref, state, created_at, updated_at, retain_until)
              VALUES ($1, $2, 'active', $3, $3, $4)
              ON CONFLICT (keyspace, subject_ref) DO UPDATE
              SET state = 'active', created_at = $3, updated_at = $3, retain_until = $4,
-                 shred_at = NULL, intent = NULL
-             WHERE subjects.state = 'shredded'",
-        )
-        .bind(keyspace)
-        .bind(subject_ref)
-        .bind(now)
-        .bind(retain_until)
-        .execute(&self.pool)
-        .await
-        .map_err(db)?;
+                 shred_at = NULL, intent = NULL, reap_attempts = 0, reap_next_at = NULL,
+                 lease_owner = NULL
+             WHERE subjects.state = 'shredded'"
+        } else {
+            "INSERT INTO subjects (keyspace, subject_ref, state, created_at, updated_at, retain_until)
+             VALUES ($1, $2, 'active', $3, $3, $4)
+             ON CONFLICT (keyspace, subject_ref) DO NOTHING"
+        };
+        sqlx::query(sql)
+            .bind(keyspace)
+            .bind(subject_ref)
+            .bind(now)
+            .bind(retain_until)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
         Ok(())
     }
 
@@ -317,7 +413,8 @@ impl Store {
     pub async fn cancel(&self, keyspace: &str, subject_ref: &str, now: i64) -> Result<bool> {
         let r = sqlx::query(
             "UPDATE subjects SET state = 'active', updated_at = $3, shred_at = NULL,
-                    request_id = NULL, reason = NULL, requested_at = NULL, intent = NULL
+                    request_id = NULL, reason = NULL, requested_at = NULL, intent = NULL,
+                    reap_attempts = 0, reap_next_at = NULL
              WHERE keyspace = $1 AND subject_ref = $2 AND state = 'scheduled'",
         )
         .bind(keyspace)
@@ -330,21 +427,23 @@ impl Store {
     }
 
     /// Claims an immediate shred: records its intent and moves the subject to `shredding`,
-    /// atomically, only from `active` (or unregistered). Returns whether this call claimed it.
+    /// atomically, only from `active` (or unregistered), with the lease held by `owner`.
+    /// Returns whether this call claimed it.
     pub async fn claim_shred(
         &self,
         keyspace: &str,
         subject_ref: &str,
         claim: &ShredClaim<'_>,
         now: i64,
+        owner: &str,
     ) -> Result<bool> {
         let r = sqlx::query(
             "INSERT INTO subjects (keyspace, subject_ref, state, created_at, updated_at,
-                                   request_id, reason, requested_at, intent)
-             VALUES ($1, $2, 'shredding', $3, $3, $4, $5, $6, $7)
+                                   request_id, reason, requested_at, intent, lease_owner)
+             VALUES ($1, $2, 'shredding', $3, $3, $4, $5, $6, $7, $8)
              ON CONFLICT (keyspace, subject_ref) DO UPDATE
              SET state = 'shredding', updated_at = $3, request_id = $4, reason = $5,
-                 requested_at = $6, intent = $7
+                 requested_at = $6, intent = $7, lease_owner = $8
              WHERE subjects.state = 'active'",
         )
         .bind(keyspace)
@@ -354,23 +453,26 @@ impl Store {
         .bind(claim.reason)
         .bind(claim.requested_at)
         .bind(claim.intent)
+        .bind(owner)
         .execute(&self.pool)
         .await
         .map_err(db)?;
         Ok(r.rows_affected() == 1)
     }
 
-    /// Moves a due scheduled shred, or a `shredding` row untouched since `stale_before` (its
-    /// process died), to `shredding` owned by the caller. Returns whether the caller won.
+    /// Moves a due scheduled shred, or a `shredding` row whose lease was not renewed since
+    /// `stale_before` (its process died), to `shredding` with the lease held by `owner`, in
+    /// one atomic statement. Returns whether the caller won (exactly one caller does).
     pub async fn claim_pending(
         &self,
         keyspace: &str,
         subject_ref: &str,
         now: i64,
         stale_before: i64,
+        owner: &str,
     ) -> Result<bool> {
         let r = sqlx::query(
-            "UPDATE subjects SET state = 'shredding', updated_at = $3
+            "UPDATE subjects SET state = 'shredding', updated_at = $3, lease_owner = $5
              WHERE keyspace = $1 AND subject_ref = $2
                AND ((state = 'scheduled' AND shred_at <= $3)
                     OR (state = 'shredding' AND updated_at < $4))",
@@ -379,42 +481,170 @@ impl Store {
         .bind(subject_ref)
         .bind(now)
         .bind(stale_before)
+        .bind(owner)
         .execute(&self.pool)
         .await
         .map_err(db)?;
         Ok(r.rows_affected() == 1)
     }
 
-    /// Subjects whose scheduled shred is due, whose retention has passed, or whose shred was
-    /// left half-done (`shredding` and untouched since `stale_before`).
+    /// One page of the subjects the reaper should process, in the configured `keyspaces` only:
+    /// scheduled shreds due at `now`, retentions passed at `now`, and shreds left half-done
+    /// (`shredding` with a lease not renewed since `stale_before`); rows in their retry backoff
+    /// (`reap_next_at` after `now`) are left out. Ordered by due time, then keyspace and
+    /// subject; `after` (the last row of the previous page) resumes the scan.
     pub async fn due(
         &self,
         now: i64,
         stale_before: i64,
+        keyspaces: &[&str],
+        after: Option<&DueRow>,
         limit: i64,
-    ) -> Result<Vec<(String, String, SubjectState)>> {
-        let rows = sqlx::query(
-            "SELECT keyspace, subject_ref, state FROM subjects
-             WHERE (state = 'scheduled' AND shred_at <= $1)
-                OR (state = 'active' AND retain_until IS NOT NULL AND retain_until <= $1)
-                OR (state = 'shredding' AND updated_at < $2)
-             LIMIT $3",
-        )
-        .bind(now)
-        .bind(stale_before)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db)?;
+    ) -> Result<Vec<DueRow>> {
+        if keyspaces.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (c_at, c_ks, c_ref) = after
+            .map(|r| (r.due_at, r.keyspace.as_str(), r.subject_ref.as_str()))
+            .unwrap_or((i64::MIN, "", ""));
+        let sql = format!(
+            "SELECT keyspace, subject_ref, state, due_at FROM (
+                SELECT keyspace, subject_ref, state,
+                       CASE state WHEN 'scheduled' THEN shred_at
+                                  WHEN 'active' THEN retain_until
+                                  ELSE updated_at END AS due_at
+                FROM subjects
+                WHERE ((state = 'scheduled' AND shred_at <= $1)
+                       OR (state = 'active' AND retain_until IS NOT NULL AND retain_until <= $1)
+                       OR (state = 'shredding' AND updated_at < $2))
+                  AND (reap_next_at IS NULL OR reap_next_at <= $1)
+                  AND keyspace IN ({})) d
+             WHERE d.due_at > $3 OR (d.due_at = $3 AND (d.keyspace > $4
+                   OR (d.keyspace = $4 AND d.subject_ref > $5)))
+             ORDER BY d.due_at, d.keyspace, d.subject_ref
+             LIMIT $6",
+            placeholders(7, keyspaces.len())
+        );
+        // The only non-literal part is the list of `$N` placeholders.
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(now)
+            .bind(stale_before)
+            .bind(c_at)
+            .bind(c_ks)
+            .bind(c_ref)
+            .bind(limit);
+        for ks in keyspaces {
+            q = q.bind(*ks);
+        }
+        let rows = q.fetch_all(&self.pool).await.map_err(db)?;
         rows.into_iter()
             .map(|r| {
-                Ok((
-                    r.try_get("keyspace").map_err(db)?,
-                    r.try_get("subject_ref").map_err(db)?,
-                    r.try_get::<String, _>("state").map_err(db)?.parse()?,
-                ))
+                Ok(DueRow {
+                    keyspace: r.try_get("keyspace").map_err(db)?,
+                    subject_ref: r.try_get("subject_ref").map_err(db)?,
+                    state: r.try_get::<String, _>("state").map_err(db)?.parse()?,
+                    due_at: r.try_get("due_at").map_err(db)?,
+                })
             })
             .collect()
+    }
+
+    /// How many rows would be due now in keyspaces that are not configured (the reaper cannot
+    /// process them: their retention promise is not being kept; reported, not deleted).
+    pub async fn due_unconfigured(
+        &self,
+        now: i64,
+        stale_before: i64,
+        keyspaces: &[&str],
+    ) -> Result<i64> {
+        let not_in = if keyspaces.is_empty() {
+            String::new()
+        } else {
+            format!("AND keyspace NOT IN ({})", placeholders(3, keyspaces.len()))
+        };
+        let sql = format!(
+            "SELECT COUNT(*) AS n FROM subjects
+             WHERE ((state = 'scheduled' AND shred_at <= $1)
+                    OR (state = 'active' AND retain_until IS NOT NULL AND retain_until <= $1)
+                    OR (state = 'shredding' AND updated_at < $2))
+               {not_in}"
+        );
+        // The only non-literal part is the list of `$N` placeholders.
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(now)
+            .bind(stale_before);
+        for ks in keyspaces {
+            q = q.bind(*ks);
+        }
+        let r = q.fetch_one(&self.pool).await.map_err(db)?;
+        r.try_get("n").map_err(db)
+    }
+
+    /// Records a failed reaper attempt at a subject: one more consecutive failure, and no new
+    /// attempt before `now + backoff(attempts)`. Returns the number of consecutive failures,
+    /// counted atomically (each failure, on any replica, gets its own number).
+    pub async fn reap_failed(
+        &self,
+        keyspace: &str,
+        subject_ref: &str,
+        now: i64,
+        backoff: impl Fn(i64) -> i64,
+    ) -> Result<i64> {
+        let row = sqlx::query(
+            "UPDATE subjects SET reap_attempts = reap_attempts + 1
+             WHERE keyspace = $1 AND subject_ref = $2
+             RETURNING reap_attempts",
+        )
+        .bind(keyspace)
+        .bind(subject_ref)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
+        let Some(row) = row else { return Ok(0) };
+        let attempts: i64 = row.try_get("reap_attempts").map_err(db)?;
+        sqlx::query(
+            "UPDATE subjects SET reap_next_at = $3 WHERE keyspace = $1 AND subject_ref = $2",
+        )
+        .bind(keyspace)
+        .bind(subject_ref)
+        .bind(now.saturating_add(backoff(attempts)))
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(attempts)
+    }
+
+    /// How many subjects have failed at least `min_attempts` reaper attempts in a row.
+    pub async fn reap_failing(&self, min_attempts: i64) -> Result<i64> {
+        let r = sqlx::query("SELECT COUNT(*) AS n FROM subjects WHERE reap_attempts >= $1")
+            .bind(min_attempts)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db)?;
+        r.try_get("n").map_err(db)
+    }
+
+    /// Replaces the recorded intent (keys to destroy) of a subject in `state`. Returns whether
+    /// the row was still in that state.
+    pub async fn record_intent(
+        &self,
+        keyspace: &str,
+        subject_ref: &str,
+        intent: &str,
+        state: SubjectState,
+    ) -> Result<bool> {
+        let r = sqlx::query(
+            "UPDATE subjects SET intent = $3
+             WHERE keyspace = $1 AND subject_ref = $2 AND state = $4",
+        )
+        .bind(keyspace)
+        .bind(subject_ref)
+        .bind(intent)
+        .bind(state.as_str())
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(r.rows_affected() == 1)
     }
 
     /// Records tombstones for destroyed key ids (idempotent).
@@ -525,26 +755,34 @@ impl Store {
     }
 
     /// Completes a shred: stores the certificate and marks the subject shredded, if it is
-    /// still `shredding`. Returns whether this call completed it.
+    /// still `shredding` and `owner` still holds its lease. Returns whether this call
+    /// completed it.
     pub async fn finish_shred(
         &self,
         keyspace: &str,
         subject_ref: &str,
-        certificate_id: &str,
-        request_id: &str,
-        document: &str,
-        executed_at: i64,
+        owner: &str,
+        cert: &Certified<'_>,
     ) -> Result<bool> {
+        let Certified {
+            certificate_id,
+            request_id,
+            document,
+            executed_at,
+        } = *cert;
         let mut tx = self.pool.begin().await.map_err(db)?;
         let r = sqlx::query(
             "UPDATE subjects SET state = 'shredded', updated_at = $3, executed_at = $3,
-                    certificate = $4, shred_at = NULL, retain_until = NULL
-             WHERE keyspace = $1 AND subject_ref = $2 AND state = 'shredding'",
+                    certificate = $4, shred_at = NULL, retain_until = NULL,
+                    reap_attempts = 0, reap_next_at = NULL, lease_owner = NULL
+             WHERE keyspace = $1 AND subject_ref = $2 AND state = 'shredding'
+               AND lease_owner = $5",
         )
         .bind(keyspace)
         .bind(subject_ref)
         .bind(executed_at)
         .bind(document)
+        .bind(owner)
         .execute(&mut *tx)
         .await
         .map_err(db)?;
@@ -568,20 +806,29 @@ impl Store {
         Ok(true)
     }
 
-    /// Touches a `shredding` row so that other replicas do not take it over while this one
-    /// works on it.
-    pub async fn touch(&self, keyspace: &str, subject_ref: &str, now: i64) -> Result<()> {
-        sqlx::query(
+    /// Renews `owner`'s lease on a `shredding` row so that other replicas do not take it over
+    /// while this one works on it. Returns false if the lease is lost (taken over, or the
+    /// shred finished): the caller must stop.
+    pub async fn renew_lease(
+        &self,
+        keyspace: &str,
+        subject_ref: &str,
+        owner: &str,
+        now: i64,
+    ) -> Result<bool> {
+        let r = sqlx::query(
             "UPDATE subjects SET updated_at = $3
-             WHERE keyspace = $1 AND subject_ref = $2 AND state = 'shredding'",
+             WHERE keyspace = $1 AND subject_ref = $2 AND state = 'shredding'
+               AND lease_owner = $4",
         )
         .bind(keyspace)
         .bind(subject_ref)
         .bind(now)
+        .bind(owner)
         .execute(&self.pool)
         .await
         .map_err(db)?;
-        Ok(())
+        Ok(r.rows_affected() == 1)
     }
 
     /// Returns the state of a subject without the rest of the row (cold-path check).

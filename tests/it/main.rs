@@ -10,6 +10,7 @@ mod audit;
 mod cli;
 mod crypto_api;
 mod erasure;
+mod erasure_review;
 mod golden_vectors;
 mod lifecycle;
 mod mtls;

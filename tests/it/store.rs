@@ -3,7 +3,7 @@
 
 use crate::common::Postgres;
 use piiguard::store::tokens::{AddValue, NewToken, TokenState, TokenWrite};
-use piiguard::store::{ShredClaim, Store, SubjectState};
+use piiguard::store::{Certified, ShredClaim, Store, SubjectState};
 
 fn claim(intent: &str) -> ShredClaim<'_> {
     ShredClaim {
@@ -14,30 +14,51 @@ fn claim(intent: &str) -> ShredClaim<'_> {
     }
 }
 
+fn cert(certificate_id: &str, executed_at: i64) -> Certified<'_> {
+    Certified {
+        certificate_id,
+        request_id: "r1",
+        document: "{}",
+        executed_at,
+    }
+}
+
 async fn claims_are_exclusive(s: &Store) {
-    s.register_subject("ks", "a", 1, None).await.unwrap();
+    s.register_subject("ks", "a", 1, None, false).await.unwrap();
     assert_eq!(
         s.state("ks", "a").await.unwrap(),
         Some(SubjectState::Active)
     );
-    assert!(s.claim_shred("ks", "a", &claim("[]"), 2).await.unwrap());
     assert!(
-        !s.claim_shred("ks", "a", &claim("[]"), 3).await.unwrap(),
+        s.claim_shred("ks", "a", &claim("[]"), 2, "o1")
+            .await
+            .unwrap()
+    );
+    assert!(
+        !s.claim_shred("ks", "a", &claim("[]"), 3, "o2")
+            .await
+            .unwrap(),
         "second claim"
     );
     // Registering again while shredding changes nothing.
-    s.register_subject("ks", "a", 4, None).await.unwrap();
+    s.register_subject("ks", "a", 4, None, true).await.unwrap();
     assert_eq!(
         s.state("ks", "a").await.unwrap(),
         Some(SubjectState::Shredding)
     );
     assert!(
-        s.finish_shred("ks", "a", "c1", "r1", "{}", 5)
+        !s.finish_shred("ks", "a", "o2", &cert("c0", 5))
+            .await
+            .unwrap(),
+        "only the lease owner finishes"
+    );
+    assert!(
+        s.finish_shred("ks", "a", "o1", &cert("c1", 5))
             .await
             .unwrap()
     );
     assert!(
-        !s.finish_shred("ks", "a", "c2", "r1", "{}", 6)
+        !s.finish_shred("ks", "a", "o1", &cert("c2", 6))
             .await
             .unwrap(),
         "finished once"
@@ -46,8 +67,14 @@ async fn claims_are_exclusive(s: &Store) {
     assert_eq!(row.state, SubjectState::Shredded);
     assert_eq!(row.certificate.as_deref(), Some("{}"));
     assert_eq!(row.executed_at, Some(5));
-    // A new key after a shred re-activates the subject.
-    s.register_subject("ks", "a", 7, None).await.unwrap();
+    // A key made by a load that did not see the shred done does not re-activate it...
+    s.register_subject("ks", "a", 7, None, false).await.unwrap();
+    assert_eq!(
+        s.state("ks", "a").await.unwrap(),
+        Some(SubjectState::Shredded)
+    );
+    // ...a new key after a shred (where the keyspace allows it) does.
+    s.register_subject("ks", "a", 7, None, true).await.unwrap();
     assert_eq!(
         s.state("ks", "a").await.unwrap(),
         Some(SubjectState::Active)
@@ -58,22 +85,33 @@ async fn claims_are_exclusive(s: &Store) {
 async fn schedule_cancel_and_due(s: &Store) {
     assert!(s.schedule("ks", "b", 100, &claim("[]"), 50).await.unwrap());
     assert!(!s.schedule("ks", "b", 200, &claim("[]"), 51).await.unwrap());
-    assert!(s.due(99, 0, 10).await.unwrap().is_empty());
-    assert_eq!(s.due(100, 0, 10).await.unwrap().len(), 1);
+    let due = |now| s.due(now, 0, &["ks"], None, 10);
+    assert!(due(99).await.unwrap().is_empty());
+    assert_eq!(due(100).await.unwrap().len(), 1);
     assert!(s.cancel("ks", "b", 60).await.unwrap());
     assert!(!s.cancel("ks", "b", 61).await.unwrap());
-    assert!(s.due(100, 0, 10).await.unwrap().is_empty());
+    assert!(due(100).await.unwrap().is_empty());
     s.set_retention("ks", "c", Some(80), 60).await.unwrap();
-    let due = s.due(81, 0, 10).await.unwrap();
-    assert_eq!(due, vec![("ks".into(), "c".into(), SubjectState::Active)]);
+    let rows = due(81).await.unwrap();
+    assert_eq!(
+        rows.iter()
+            .map(|r| (
+                r.keyspace.as_str(),
+                r.subject_ref.as_str(),
+                r.state,
+                r.due_at
+            ))
+            .collect::<Vec<_>>(),
+        vec![("ks", "c", SubjectState::Active, 80)]
+    );
     assert!(s.schedule("ks", "d", 10, &claim("[]"), 5).await.unwrap());
-    assert!(s.claim_pending("ks", "d", 10, 0).await.unwrap());
+    assert!(s.claim_pending("ks", "d", 10, 0, "o1").await.unwrap());
     assert!(
-        !s.claim_pending("ks", "d", 11, 0).await.unwrap(),
+        !s.claim_pending("ks", "d", 11, 0, "o2").await.unwrap(),
         "not stale yet"
     );
     assert!(
-        s.claim_pending("ks", "d", 30, 20).await.unwrap(),
+        s.claim_pending("ks", "d", 30, 20, "o2").await.unwrap(),
         "stale takeover"
     );
 }

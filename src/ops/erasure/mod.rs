@@ -3,33 +3,38 @@
 //!
 //! A shred is a small state machine kept in the store (see `store`):
 //! `active` → (`scheduled` during a grace window) → `shredding` → `shredded`.
-//! 1. The intent (which key ids will be destroyed) is recorded and the subject moved to
-//!    `shredding` in one atomic statement: only one process wins it.
+//! 1. The subject is claimed (moved to `shredding`, with a lease held by this process) in one
+//!    atomic statement: only one process wins it. Only then are the keys to destroy listed
+//!    (the subject record in Vault, plus any recorded before) and recorded as the intent: a
+//!    cold load that raced the claim either made its key before the listing (listed) or sees
+//!    the claim when it re-checks the state after creating (and discards its key).
 //! 2. Tombstones are written for the key ids; this replica's cache is emptied and an
 //!    eviction is published for every other replica.
 //! 3. The Vault KV metadata of each DEK record and of the subject record is deleted (all
 //!    versions destroyed), then read back to check it is gone.
 //! 4. A certificate is signed by Vault transit and stored with the `shredded` state.
 //!
-//! A crash anywhere leaves the subject `shredding` with its intent recorded: data is already
-//! refused, and the next start (or another replica, once the row is stale) completes steps 2-4,
-//! which are idempotent. There is never "key destroyed but no record" (the intent is written
+//! A crash anywhere leaves the subject `shredding` (its intent recorded if the listing ran): data
+//! is already refused, and the next start (or another replica, once the lease is stale) completes
+//! steps 2-4, which are idempotent and list the keys again. There is never "key destroyed but no record" (the intent is written
 //! first) and never "certified but key still in Vault" (step 3 is verified before step 4).
 
 pub mod certificate;
 
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::json;
 
+use crate::access::alarms::{Alarms, Severity};
+use crate::config::failpoint::point as fail_point;
 use crate::config::{Config, ErasureConfig};
 use crate::crypto::envelope::KeyId;
 use crate::error::{Error, Reason, Result};
 use crate::keys::KeyManager;
 use crate::keys::manager::{dek_path, now_i64, subject_path, subject_record_key};
-use crate::store::{ShredClaim, Store, SubjectState};
+use crate::store::{Certified, DueRow, ShredClaim, Store, SubjectState};
 use crate::vault::signer::Signer;
 use certificate::{Certificate, DestroyedKey, Payload};
 
@@ -67,6 +72,15 @@ pub struct Status {
     pub certificate: Option<String>,
 }
 
+/// Alarm kind: the reaper failed to shred a subject `erasure.reaper_alarm_after_failures`
+/// times in a row (raised once per subject; it keeps retrying with a backoff).
+pub const REAPER_STUCK: &str = "reaper_stuck";
+
+/// Rows the reaper reads per page.
+const REAP_PAGE: i64 = 100;
+/// Rows the reaper processes per pass at most; the next pass resumes after the last one.
+const REAP_PER_PASS: usize = 1000;
+
 /// The erasure engine.
 pub struct Erasure {
     keys: Arc<KeyManager>,
@@ -76,17 +90,11 @@ pub struct Erasure {
     cfg: ErasureConfig,
     instance: String,
     kv_mount: String,
-}
-
-/// Test hook: `PIIGUARD_FAILPOINT=<name>` makes the process abort at that point, exactly as
-/// a `kill -9` would, so that crash recovery can be tested. Unset in production.
-fn fail_point(name: &str) {
-    static POINT: OnceLock<Option<String>> = OnceLock::new();
-    let p = POINT.get_or_init(|| std::env::var("PIIGUARD_FAILPOINT").ok());
-    if p.as_deref() == Some(name) {
-        tracing::error!(failpoint = name, "failpoint reached: aborting the process");
-        std::process::abort();
-    }
+    /// This process's name on the leases of the shreds it executes (instance + random).
+    owner: String,
+    alarms: Option<Alarms>,
+    /// Where the next reaper pass resumes when the last one stopped at its bound.
+    reap_cursor: Mutex<Option<DueRow>>,
 }
 
 fn parse_intent(intent: &str) -> Result<Vec<(KeyId, u32)>> {
@@ -119,7 +127,13 @@ fn intent_json(keys: &[(KeyId, u32)]) -> String {
 
 impl Erasure {
     pub fn new(keys: Arc<KeyManager>, signer: Signer, config: &Config) -> Self {
+        let mut nonce = [0u8; 8];
+        // A CSPRNG failure leaves zeros: the instance name still tells replicas apart.
+        let _ = aws_lc_rs::rand::fill(&mut nonce);
         Self {
+            owner: format!("{}:{}", config.server.instance, hex::encode(nonce)),
+            alarms: None,
+            reap_cursor: Mutex::new(None),
             store: keys.store().clone(),
             keys,
             signer,
@@ -132,6 +146,13 @@ impl Erasure {
             instance: config.server.instance.clone(),
             kv_mount: config.vault.kv_mount.clone(),
         }
+    }
+
+    /// Raises the reaper's alarms (`REAPER_STUCK`) through `alarms`; without it they are only
+    /// logged and counted.
+    pub fn with_alarms(mut self, alarms: Alarms) -> Self {
+        self.alarms = Some(alarms);
+        self
     }
 
     /// The keyspaces a request names: one, or all when `keyspace` is empty.
@@ -196,7 +217,7 @@ impl Erasure {
                     // Retention ran out during a grace window: execute now.
                     if self
                         .store
-                        .claim_pending(ks, sref, i64::MAX, now + 1)
+                        .claim_pending(ks, sref, i64::MAX, now + 1, &self.owner)
                         .await?
                     {
                         return self.execute(ks, sref).await.map(Outcome::Shredded);
@@ -204,21 +225,26 @@ impl Erasure {
                     continue;
                 }
                 Some(SubjectState::Shredding) => {
-                    return self.execute(ks, sref).await.map(Outcome::Shredded);
+                    return self.await_or_take_over(ks, sref).await;
                 }
                 Some(SubjectState::Active) | None => {}
             }
-            let keys: Vec<(KeyId, u32)> = match vault.kv_read(&subject_path(ks, sref), None).await?
+            // Never seen, no key: nothing to shred (a key made after this is not ours to
+            // destroy; a registered subject without a key still gets a certificate).
+            if row.is_none()
+                && vault
+                    .kv_read(&subject_path(ks, sref), None)
+                    .await?
+                    .is_none()
             {
-                Some(e) => vec![subject_record_key(&e.data)?],
-                None if row.is_none() => return Ok(Outcome::NotFound),
-                // Registered (e.g. a retention was set) but no key was ever made.
-                None => Vec::new(),
-            };
+                return Ok(Outcome::NotFound);
+            }
+            fail_point("shred-before-claim").await;
+            // Claim first, list the keys after (in `execute` / `record_keys`): a key made by a
+            // racing cold load is either listed or refused by that load's re-check.
             let now = now_i64();
-            let intent = intent_json(&keys);
             let claim = ShredClaim {
-                intent: &intent,
+                intent: "[]",
                 request_id,
                 reason: reason_text,
                 requested_at: now,
@@ -227,6 +253,9 @@ impl Erasure {
             if !immediate && !grace.is_zero() {
                 let at = now + grace.as_secs() as i64;
                 if self.store.schedule(ks, sref, at, &claim, now).await? {
+                    let (intent, keys) = self
+                        .record_keys(ks, sref, "[]", SubjectState::Scheduled)
+                        .await?;
                     self.evict_everywhere(ks, sref, &intent, &keys).await?;
                     tracing::info!(
                         keyspace = ks,
@@ -236,12 +265,89 @@ impl Erasure {
                     );
                     return Ok(Outcome::Scheduled(at));
                 }
-            } else if self.store.claim_shred(ks, sref, &claim, now).await? {
+            } else if self
+                .store
+                .claim_shred(ks, sref, &claim, now, &self.owner)
+                .await?
+            {
                 return self.execute(ks, sref).await.map(Outcome::Shredded);
             }
             // The state changed under us (another request or replica): look again.
         }
         Err(Error::internal("shred: subject state kept changing"))
+    }
+
+    /// A shred of this subject is running (another request or replica holds its lease):
+    /// take it over if the lease went stale, else wait for its certificate.
+    async fn await_or_take_over(&self, ks: &str, sref: &str) -> Result<Outcome> {
+        let deadline = tokio::time::Instant::now() + self.cfg.stale_shred + Duration::from_secs(5);
+        loop {
+            let now = now_i64();
+            let stale_before = now - self.cfg.stale_shred.as_secs() as i64;
+            if self
+                .store
+                .claim_pending(ks, sref, now, stale_before, &self.owner)
+                .await?
+            {
+                return self.execute(ks, sref).await.map(Outcome::Shredded);
+            }
+            if let Some(row) = self.store.subject(ks, sref).await?
+                && row.state == SubjectState::Shredded
+            {
+                return Ok(Outcome::Shredded(row.certificate.unwrap_or_default()));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::unavailable(
+                    "shred: this subject's shred is in progress elsewhere; retry",
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Lists the keys to destroy, after the claim: those `recorded` before plus the key the
+    /// subject record in Vault names now; records them as the intent if that adds any.
+    async fn record_keys(
+        &self,
+        ks: &str,
+        sref: &str,
+        recorded: &str,
+        state: SubjectState,
+    ) -> Result<(String, Vec<(KeyId, u32)>)> {
+        let mut keys = parse_intent(recorded)?;
+        if let Some(e) = self
+            .keys
+            .vault()
+            .kv_read(&subject_path(ks, sref), None)
+            .await?
+        {
+            let k = subject_record_key(&e.data)?;
+            if !keys.iter().any(|(id, _)| *id == k.0) {
+                keys.push(k);
+            }
+        }
+        let intent = intent_json(&keys);
+        if intent != recorded && !self.store.record_intent(ks, sref, &intent, state).await? {
+            return Err(Error::internal(
+                "shred: the subject changed state while its keys were listed",
+            ));
+        }
+        Ok((intent, keys))
+    }
+
+    /// Renews this process's lease on a `shredding` subject; fails if it was lost.
+    async fn renew(&self, ks: &str, sref: &str) -> Result<()> {
+        if self
+            .store
+            .renew_lease(ks, sref, &self.owner, now_i64())
+            .await?
+        {
+            Ok(())
+        } else {
+            Err(Error::unavailable(
+                "shred: lease lost (another replica took the shred over); it completes there",
+            ))
+        }
     }
 
     async fn evict_everywhere(
@@ -273,9 +379,12 @@ impl Erasure {
                 )));
             }
         }
-        let intent = row.intent.clone().unwrap_or_else(|| "[]".into());
-        let keys = parse_intent(&intent)?;
-        fail_point("shred-after-intent");
+        self.renew(ks, sref).await?;
+        let recorded = row.intent.clone().unwrap_or_else(|| "[]".into());
+        let (intent, keys) = self
+            .record_keys(ks, sref, &recorded, SubjectState::Shredding)
+            .await?;
+        fail_point("shred-after-intent").await;
 
         let now = now_i64();
         let key_hex: Vec<String> = keys.iter().map(|(k, _)| k.to_hex()).collect();
@@ -288,7 +397,7 @@ impl Erasure {
         for p in &paths {
             vault.kv_delete_metadata(p).await?;
         }
-        fail_point("shred-after-vault-delete");
+        fail_point("shred-after-vault-delete").await;
         for p in &paths {
             if vault.kv_read(p, None).await?.is_some() {
                 return Err(Error::internal(format!(
@@ -296,7 +405,7 @@ impl Erasure {
                 )));
             }
         }
-        self.store.touch(ks, sref, now_i64()).await?;
+        self.renew(ks, sref).await?;
         self.store.purge_subject_tokens(ks, sref, now_i64()).await?;
 
         let executed_at = now_i64();
@@ -339,7 +448,17 @@ impl Erasure {
             Certificate::new(payload, self.signer.key(), sig.key_version, &sig.bytes).to_json();
         if self
             .store
-            .finish_shred(ks, sref, &certificate_id, &request_id, &doc, executed_at)
+            .finish_shred(
+                ks,
+                sref,
+                &self.owner,
+                &Certified {
+                    certificate_id: &certificate_id,
+                    request_id: &request_id,
+                    document: &doc,
+                    executed_at,
+                },
+            )
             .await?
         {
             tracing::info!(
@@ -458,42 +577,125 @@ impl Erasure {
             .max(Duration::from_secs(86_400))
             .as_secs() as i64;
         self.store.prune_evictions(now - keep).await?;
-        let mut done = 0;
-        for (ks, sref, state) in self.store.due(now, stale_before, 500).await? {
-            if !self.keys.has_keyspace(&ks) {
-                continue;
+        let keyspaces: Vec<&str> = self.keys.keyspace_names().collect();
+        let unconfigured = self
+            .store
+            .due_unconfigured(now, stale_before, &keyspaces)
+            .await?;
+        metrics::gauge!("piiguard_reaper_unconfigured_due").set(unconfigured as f64);
+        if unconfigured > 0 {
+            tracing::warn!(
+                rows = unconfigured,
+                "reaper: subjects are due in keyspaces that are not configured; they are not shredded"
+            );
+        }
+        // Due rows in due-time order, page by page; at most REAP_PER_PASS a pass, the next
+        // pass resuming after the last one (then wrapping around to the start once).
+        let mut cursor = self
+            .reap_cursor
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let mut wrapped = cursor.is_none();
+        let (mut seen, mut done) = (0usize, 0usize);
+        loop {
+            let page = self
+                .store
+                .due(now, stale_before, &keyspaces, cursor.as_ref(), REAP_PAGE)
+                .await?;
+            let full = page.len() as i64 == REAP_PAGE;
+            for row in page {
+                seen += 1;
+                if self.reap_one(&row, now, stale_before).await {
+                    done += 1;
+                }
+                cursor = Some(row);
+                if seen >= REAP_PER_PASS {
+                    break;
+                }
             }
-            let r = match state {
-                SubjectState::Active => self
-                    .shred_ref(
-                        &ks,
-                        &sref,
-                        "retention period expired",
-                        &format!("retention-{now}"),
-                        true,
-                    )
-                    .await
-                    .map(|_| ()),
-                _ => {
-                    if self
-                        .store
-                        .claim_pending(&ks, &sref, now, stale_before)
-                        .await?
-                    {
-                        self.execute(&ks, &sref).await.map(|_| ())
-                    } else {
-                        Ok(())
-                    }
+            if seen >= REAP_PER_PASS {
+                break;
+            }
+            if !full {
+                cursor = None;
+                if wrapped {
+                    break;
                 }
-            };
-            match r {
-                Ok(()) => done += 1,
-                Err(e) => {
-                    tracing::warn!(keyspace = %ks, error = %e, detail = ?e, "reaper: shred failed; will retry");
-                }
+                wrapped = true;
             }
         }
+        *self.reap_cursor.lock().unwrap_or_else(|p| p.into_inner()) = cursor;
+        let failing = self
+            .store
+            .reap_failing(i64::from(self.cfg.reaper_alarm_after_failures))
+            .await?;
+        metrics::gauge!("piiguard_reaper_stuck_subjects").set(failing as f64);
         Ok(done)
+    }
+
+    /// Processes one due row; true if it shredded the subject. A failure is recorded on the
+    /// row (backoff; the alarm after `reaper_alarm_after_failures` in a row), never returned:
+    /// one failing subject does not stop the others.
+    async fn reap_one(&self, row: &DueRow, now: i64, stale_before: i64) -> bool {
+        let (ks, sref) = (row.keyspace.as_str(), row.subject_ref.as_str());
+        let r = match row.state {
+            SubjectState::Active => self
+                .shred_ref(
+                    ks,
+                    sref,
+                    "retention period expired",
+                    &format!("retention-{now}"),
+                    true,
+                )
+                .await
+                .map(|_| true),
+            _ => match self
+                .store
+                .claim_pending(ks, sref, now, stale_before, &self.owner)
+                .await
+            {
+                // Exactly one replica wins the claim and executes; the others skip the row.
+                Ok(true) => self.execute(ks, sref).await.map(|_| true),
+                Ok(false) => Ok(false),
+                Err(e) => Err(e),
+            },
+        };
+        match r {
+            Ok(done) => done,
+            Err(e) => {
+                self.reap_failed(ks, sref, &e).await;
+                false
+            }
+        }
+    }
+
+    async fn reap_failed(&self, ks: &str, sref: &str, e: &Error) {
+        metrics::counter!("piiguard_reaper_failures_total").increment(1);
+        let short = &sref[..16.min(sref.len())];
+        let base = self.cfg.reaper_interval.as_secs().max(1) as i64;
+        let cap = self.cfg.reaper_max_backoff.as_secs() as i64;
+        let backoff = |attempts: i64| {
+            let exp = u32::try_from(attempts.saturating_sub(1).clamp(0, 30)).unwrap_or(30);
+            base.saturating_mul(1i64 << exp).min(cap)
+        };
+        let attempts = match self.store.reap_failed(ks, sref, now_i64(), backoff).await {
+            Ok(n) => n,
+            Err(se) => {
+                tracing::warn!(keyspace = %ks, error = %se, "reaper: cannot record a failure");
+                0
+            }
+        };
+        tracing::warn!(keyspace = %ks, subject_ref = short, attempts, error = %e, detail = ?e, "reaper: shred failed; will retry");
+        if attempts == i64::from(self.cfg.reaper_alarm_after_failures) {
+            let detail = format!(
+                "reaper failed {attempts} times in a row to shred subject {short}… in keyspace {ks}: {e}; retrying with backoff"
+            );
+            match &self.alarms {
+                Some(a) => a.raise(REAPER_STUCK, Severity::Critical, None, None, detail),
+                None => tracing::error!(alarm = REAPER_STUCK, detail = %detail, "ALARM"),
+            }
+        }
     }
 
     /// Runs the reaper (first pass at once, taking over interrupted shreds) and the eviction
