@@ -263,7 +263,9 @@ pub fn run(cli: Cli) -> ExitCode {
                 );
                 let vault =
                     crate::vault::Vault::new(cfg.vault.clone()).map_err(|e| format!("{e:?}"))?;
-                let creds = crate::setup::bootstrap::bootstrap(&vault, token.trim(), &cfg).await?;
+                let creds = crate::setup::bootstrap::bootstrap(&vault, token.trim(), &cfg)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 std::fs::create_dir_all(&credentials_dir).map_err(|e| e.to_string())?;
                 crate::setup::pki::write_file(
                     &credentials_dir.join("role-id"),
