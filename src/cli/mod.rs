@@ -174,9 +174,21 @@ enum AuditCmd {
     },
 }
 
+/// Log directives appended to the configured level, unless it names these crates itself.
+/// vaultrs and rustify log every non-2xx Vault answer at ERROR (`#[instrument(err)]`), a 404
+/// of a new subject's KV read included, with the request path, and open a span per layer of
+/// every call; piiguard maps and logs every Vault failure itself (with the correlation id).
+const QUIET_VAULT_CLIENT: &str = "vaultrs=off,rustify=off";
+
 fn init_logging(json: bool, level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let directives = if level.contains("vaultrs") || level.contains("rustify") {
+        level.to_string()
+    } else {
+        format!("{level},{QUIET_VAULT_CLIENT}")
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(directives).unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("info,{QUIET_VAULT_CLIENT}"))
+    });
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -26,13 +26,18 @@ pub const MAX_USES_PER_DEK: u64 = 1 << 32;
 /// Keyed hash of a subject id within a keyspace: the only form in which a subject is stored,
 /// logged or used in a Vault path.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct SubjectRef(pub [u8; 32]);
+pub struct SubjectRef(
+    /// HMAC-SHA256(keyspace index key, subject id).
+    pub [u8; 32],
+);
 
 impl SubjectRef {
+    /// Lower-case hex, as in Vault paths and the store.
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)
     }
 
+    /// Parses [`to_hex`](Self::to_hex)'s form; `None` if it is not 64 hex digits.
     pub fn from_hex(s: &str) -> Option<Self> {
         Some(Self(hex::decode(s).ok()?.try_into().ok()?))
     }
