@@ -5,7 +5,7 @@
 //!
 //! | layer | modules | what lives there |
 //! |---|---|---|
-//! | 0 | [`domain`], [`error`], [`pb`] | names, identities, time; errors and their one gRPC mapping; generated protobuf |
+//! | 0 | [`domain`], [`error`], [`secret`], [`pb`] | names, identities, time; errors and their one gRPC mapping; key material (`Dek`) and its public twin (`WrappedDek`); generated protobuf |
 //! | 1 | [`crypto`] | pure byte transformations: envelope, AEAD seam, token formats, signatures |
 //! | 2 | [`config`] | raw (file + environment) configuration, validated into typed sections |
 //! | 3 | [`metrics`] | metric names and handles |
@@ -23,6 +23,7 @@
 
 pub mod domain;
 pub mod error;
+pub mod secret;
 
 pub mod crypto;
 

@@ -216,9 +216,21 @@ enum AuditCmd {
     },
 }
 
+/// Log directives appended to the configured level, unless it names these crates itself.
+/// vaultrs and rustify log every non-2xx Vault answer at ERROR (`#[instrument(err)]`), a 404
+/// of a new subject's KV read included, with the request path, and open a span per layer of
+/// every call; piiguard maps and logs every Vault failure itself (with the correlation id).
+const QUIET_VAULT_CLIENT: &str = "vaultrs=off,rustify=off";
+
 fn init_logging(json: bool, level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let directives = if level.contains("vaultrs") || level.contains("rustify") {
+        level.to_string()
+    } else {
+        format!("{level},{QUIET_VAULT_CLIENT}")
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(directives).unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("info,{QUIET_VAULT_CLIENT}"))
+    });
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -305,7 +317,9 @@ pub fn run(cli: Cli) -> ExitCode {
                 );
                 let vault =
                     crate::vault::Vault::new(cfg.vault.clone()).map_err(|e| format!("{e:?}"))?;
-                let creds = crate::setup::bootstrap::bootstrap(&vault, token.trim(), &cfg).await?;
+                let creds = crate::setup::bootstrap::bootstrap(&vault, token.trim(), &cfg)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 std::fs::create_dir_all(&credentials_dir).map_err(|e| e.to_string())?;
                 crate::setup::pki::write_file(
                     &credentials_dir.join("role-id"),

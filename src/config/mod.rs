@@ -699,6 +699,60 @@ pub struct VaultConfig {
     pub auth: VaultAuth,
 }
 
+/// Parses and checks `vault.address`; returns it normalised (no trailing slash) and whether it
+/// is plain HTTP. The address is parsed as a URL, never split by hand: in
+/// `http://localhost:8200@evil.example` the host is `evil.example` (`localhost:8200` is a user
+/// name and password), so a textual "starts with localhost" check would send the Vault token
+/// there. Refused: anything but `https://`, except `http://` to a loopback host (`localhost`,
+/// 127.0.0.0/8, `[::1]`) with `allow_insecure_http`; user info (`user:pass@`); a path (the
+/// client puts `/v1/` right after the host), a query or a fragment.
+pub fn vault_address(raw: &str, allow_insecure_http: bool) -> Result<(String, bool), ConfigError> {
+    let url = url::Url::parse(raw.trim())
+        .map_err(|e| ConfigError(format!("vault.address {raw:?} is not a URL: {e}")))?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return err(format!(
+            "vault.address {raw:?} must not carry user info (user:password@host); \
+             its host would be {:?}",
+            url.host_str().unwrap_or("")
+        ));
+    }
+    if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
+        return err(format!(
+            "vault.address {raw:?} must be scheme://host[:port], without a path, query or fragment"
+        ));
+    }
+    let insecure = match url.scheme() {
+        "https" => false,
+        "http" => {
+            if !allow_insecure_http {
+                return err(format!(
+                    "vault.address {raw:?} is plain HTTP; use https:// with vault.ca_cert \
+                     (plain HTTP is allowed only with vault.allow_insecure_http = true on loopback, for dev)"
+                ));
+            }
+            let loopback = match url.host() {
+                Some(url::Host::Domain(d)) => d == "localhost",
+                Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+                Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+                None => false,
+            };
+            if !loopback {
+                return err(format!(
+                    "vault.address {raw:?}: plain HTTP is allowed only to a loopback address, \
+                     and its host is {:?}",
+                    url.host_str().unwrap_or("")
+                ));
+            }
+            true
+        }
+        _ => return err(format!("vault.address {raw:?} must start with https://")),
+    };
+    if url.host_str().is_none_or(str::is_empty) {
+        return err(format!("vault.address {raw:?} has no host"));
+    }
+    Ok((url.as_str().trim_end_matches('/').to_string(), insecure))
+}
+
 /// How piiguard logs in to Vault.
 #[derive(Debug, Clone)]
 pub enum VaultAuth {
@@ -868,28 +922,7 @@ impl RawConfig {
         };
 
         let v = self.vault;
-        let address = v.address.trim_end_matches('/').to_string();
-        let insecure_http = if let Some(rest) = address.strip_prefix("http://") {
-            let host = rest.split(['/', ':']).next().unwrap_or("");
-            if !v.allow_insecure_http {
-                return err(format!(
-                    "vault.address {address:?} is plain HTTP; use https:// with vault.ca_cert \
-                     (plain HTTP is allowed only with vault.allow_insecure_http = true on loopback, for dev)"
-                ));
-            }
-            if !matches!(host, "127.0.0.1" | "localhost" | "[::1]") {
-                return err(format!(
-                    "vault.address {address:?}: plain HTTP is allowed only to a loopback address"
-                ));
-            }
-            true
-        } else if address.starts_with("https://") {
-            false
-        } else {
-            return err(format!(
-                "vault.address {address:?} must start with https://"
-            ));
-        };
+        let (address, insecure_http) = vault_address(&v.address, v.allow_insecure_http)?;
         if !insecure_http && v.ca_cert.is_none() {
             return err("vault.ca_cert is required with an https:// Vault address");
         }
@@ -1391,6 +1424,57 @@ dir = "audit"
         assert!(parse(&text2, no_env()).unwrap().vault.insecure_http);
         let text3 = text2.replace("127.0.0.1", "10.0.0.1");
         assert!(parse(&text3, no_env()).unwrap_err().0.contains("loopback"));
+    }
+
+    /// Security finding 10: the old check split the address by hand and took
+    /// `http://localhost:8200@evil.example` for a loopback address.
+    #[test]
+    fn vault_address_is_parsed_before_the_loopback_check() {
+        for bad in [
+            "http://localhost:8200@evil.example",
+            "http://localhost:8200@evil.example:8200",
+            "http://127.0.0.1:8200@evil.example",
+            "http://127.0.0.1@evil.example",
+            "http://[::1]:8200@evil.example",
+            "http://localhost@10.0.0.1:8200",
+            "http://localhost.evil.example:8200",
+            "http://127.0.0.1.evil.example:8200",
+            "http://evil.example#@127.0.0.1:8200",
+            "http://evil.example?@127.0.0.1:8200",
+            "http://evil.example/@localhost:8200",
+            "http://10.0.0.1:8200",
+            "http://0.0.0.0:8200",
+        ] {
+            assert!(vault_address(bad, true).is_err(), "{bad} accepted");
+            let text = MINIMAL
+                .replace("https://vault:8200", bad)
+                .replace("[vault]\n", "[vault]\nallow_insecure_http = true\n");
+            let e = parse(&text, no_env()).expect_err(bad);
+            assert!(e.0.contains("vault.address"), "{bad}: {e}");
+        }
+        // User info is refused on https too (credentials do not belong in the address).
+        assert!(vault_address("https://user:pw@vault:8200", false).is_err());
+        assert!(vault_address("https://vault:8200/prefix", false).is_err());
+        assert!(vault_address("ftp://vault:8200", false).is_err());
+        for (good, norm) in [
+            ("http://localhost:8200", "http://localhost:8200"),
+            ("http://LOCALHOST:8200/", "http://localhost:8200"),
+            ("http://127.0.0.1:8200", "http://127.0.0.1:8200"),
+            ("http://127.1.2.3:8200", "http://127.1.2.3:8200"),
+            ("http://[::1]:8200", "http://[::1]:8200"),
+        ] {
+            assert_eq!(vault_address(good, true).unwrap(), (norm.to_string(), true));
+            assert!(
+                vault_address(good, false)
+                    .unwrap_err()
+                    .0
+                    .contains("plain HTTP")
+            );
+        }
+        assert_eq!(
+            vault_address("https://vault.example:8200/", false).unwrap(),
+            ("https://vault.example:8200".to_string(), false)
+        );
     }
 
     #[test]

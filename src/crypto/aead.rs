@@ -55,15 +55,18 @@ impl Algorithm {
     }
 }
 
+/// An algorithm name that is neither `aes-256-gcm` nor `aes-128-gcm`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown algorithm {0:?} (expected aes-256-gcm or aes-128-gcm)")]
+pub struct UnknownAlgorithm(pub String);
+
 impl std::str::FromStr for Algorithm {
-    type Err = String;
+    type Err = UnknownAlgorithm;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "aes-256-gcm" => Ok(Self::Aes256Gcm),
             "aes-128-gcm" => Ok(Self::Aes128Gcm),
-            other => Err(format!(
-                "unknown algorithm {other:?} (expected aes-256-gcm or aes-128-gcm)"
-            )),
+            other => Err(UnknownAlgorithm(other.to_string())),
         }
     }
 }
@@ -210,6 +213,197 @@ mod tests {
             one.extend_from_slice(&t1);
             let n = k.open(&nonce, b"ad", &mut one).unwrap();
             assert_eq!(&one[..n], *msg);
+        }
+    }
+
+    /// Differential tests against RustCrypto's `aes-gcm` (a dev-dependency only): an
+    /// independent implementation (software AES and GHASH/POLYVAL, no AWS-LC code) must open
+    /// what aws-lc-rs seals and the reverse, byte for byte, for both key sizes, many lengths
+    /// (empty, partial blocks, block edges, several blocks) and AADs; and both must refuse a
+    /// ciphertext, tag, AAD or nonce with one bit flipped.
+    mod differential {
+        use super::*;
+        use aes_gcm::aead::{Aead, KeyInit, Payload};
+
+        const ALGS: [Algorithm; 2] = [Algorithm::Aes128Gcm, Algorithm::Aes256Gcm];
+        const LENS: [usize; 14] = [0, 1, 12, 15, 16, 17, 31, 32, 33, 63, 64, 255, 1000, 4099];
+        const AAD_LENS: [usize; 6] = [0, 1, 13, 16, 17, 200];
+
+        /// Deterministic bytes (xorshift64*), so a failure names a reproducible case.
+        fn bytes(seed: u64, n: usize) -> Vec<u8> {
+            let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+            (0..n)
+                .map(|_| {
+                    x ^= x >> 12;
+                    x ^= x << 25;
+                    x ^= x >> 27;
+                    (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 56) as u8
+                })
+                .collect()
+        }
+
+        fn rc_seal(alg: Algorithm, key: &[u8], nonce: &[u8; 12], aad: &[u8], pt: &[u8]) -> Vec<u8> {
+            let p = Payload { msg: pt, aad };
+            let n = (*nonce).into();
+            match alg {
+                Algorithm::Aes128Gcm => aes_gcm::Aes128Gcm::new_from_slice(key)
+                    .unwrap()
+                    .encrypt(&n, p),
+                Algorithm::Aes256Gcm => aes_gcm::Aes256Gcm::new_from_slice(key)
+                    .unwrap()
+                    .encrypt(&n, p),
+            }
+            .unwrap()
+        }
+
+        fn rc_open(
+            alg: Algorithm,
+            key: &[u8],
+            nonce: &[u8; 12],
+            aad: &[u8],
+            ct: &[u8],
+        ) -> Option<Vec<u8>> {
+            let p = Payload { msg: ct, aad };
+            let n = (*nonce).into();
+            match alg {
+                Algorithm::Aes128Gcm => aes_gcm::Aes128Gcm::new_from_slice(key)
+                    .unwrap()
+                    .decrypt(&n, p),
+                Algorithm::Aes256Gcm => aes_gcm::Aes256Gcm::new_from_slice(key)
+                    .unwrap()
+                    .decrypt(&n, p),
+            }
+            .ok()
+        }
+
+        fn ours_open(
+            alg: Algorithm,
+            key: &[u8],
+            nonce: &[u8; 12],
+            aad: &[u8],
+            ct: &[u8],
+        ) -> Option<Vec<u8>> {
+            let mut buf = ct.to_vec();
+            let n = open(alg, key, nonce, aad, &mut buf).ok()?;
+            buf.truncate(n);
+            Some(buf)
+        }
+
+        /// Every (algorithm, length, AAD length) case: key, nonce, plaintext, AAD.
+        fn cases() -> impl Iterator<Item = (Algorithm, Vec<u8>, [u8; 12], Vec<u8>, Vec<u8>)> {
+            ALGS.into_iter().flat_map(move |alg| {
+                LENS.into_iter().flat_map(move |len| {
+                    AAD_LENS.into_iter().map(move |aad_len| {
+                        let s = (alg as u64) << 40 | (len as u64) << 16 | aad_len as u64;
+                        let key = bytes(s ^ 0xA, alg.key_len());
+                        let nonce: [u8; 12] = bytes(s ^ 0xB, 12).try_into().unwrap();
+                        (
+                            alg,
+                            key,
+                            nonce,
+                            bytes(s ^ 0xC, len),
+                            bytes(s ^ 0xD, aad_len),
+                        )
+                    })
+                })
+            })
+        }
+
+        #[test]
+        fn aes_gcm_opens_what_aws_lc_seals() {
+            let mut n = 0;
+            for (alg, key, nonce, pt, aad) in cases() {
+                let mut ours = pt.clone();
+                seal(alg, &key, &nonce, &aad, &mut ours).unwrap();
+                assert_eq!(ours.len(), pt.len() + TAG_LEN);
+                let opened = rc_open(alg, &key, &nonce, &aad, &ours);
+                assert_eq!(opened.as_deref(), Some(&pt[..]), "{alg:?} len {}", pt.len());
+                // The separate-tag and prepared-key forms make the same bytes.
+                let mut in_place = pt.clone();
+                let tag = seal_in_place(alg, &key, &nonce, &aad, &mut in_place).unwrap();
+                in_place.extend_from_slice(&tag);
+                assert_eq!(in_place, ours);
+                n += 1;
+            }
+            assert_eq!(n, ALGS.len() * LENS.len() * AAD_LENS.len());
+        }
+
+        #[test]
+        fn aws_lc_opens_what_aes_gcm_seals() {
+            for (alg, key, nonce, pt, aad) in cases() {
+                let theirs = rc_seal(alg, &key, &nonce, &aad, &pt);
+                let mut ours = pt.clone();
+                seal(alg, &key, &nonce, &aad, &mut ours).unwrap();
+                assert_eq!(
+                    theirs,
+                    ours,
+                    "{alg:?} len {}: same ciphertext and tag",
+                    pt.len()
+                );
+                assert_eq!(
+                    ours_open(alg, &key, &nonce, &aad, &theirs).as_deref(),
+                    Some(&pt[..]),
+                    "{alg:?} len {} aad {}",
+                    pt.len(),
+                    aad.len()
+                );
+                let k = PreparedKey::new(alg, &key).unwrap();
+                let mut buf = theirs.clone();
+                let m = k.open(&nonce, &aad, &mut buf).unwrap();
+                assert_eq!(&buf[..m], &pt[..]);
+            }
+        }
+
+        #[test]
+        fn a_flipped_bit_is_refused_by_both() {
+            for (alg, key, nonce, pt, aad) in cases() {
+                let ct = rc_seal(alg, &key, &nonce, &aad, &pt);
+                // Ciphertext body (first and last byte, if any) and tag (first and last byte).
+                let mut positions = vec![pt.len(), ct.len() - 1];
+                if !pt.is_empty() {
+                    positions.extend([0, pt.len() - 1]);
+                }
+                for pos in positions {
+                    for bit in [0u8, 7] {
+                        let mut bad = ct.clone();
+                        bad[pos] ^= 1 << bit;
+                        assert_eq!(
+                            rc_open(alg, &key, &nonce, &aad, &bad),
+                            None,
+                            "aes-gcm {pos}"
+                        );
+                        assert_eq!(
+                            ours_open(alg, &key, &nonce, &aad, &bad),
+                            None,
+                            "aws-lc {pos}"
+                        );
+                    }
+                }
+                // AAD, nonce and key.
+                let mut bad_aad = aad.clone();
+                match bad_aad.first_mut() {
+                    Some(b) => *b ^= 0x80,
+                    None => bad_aad.push(0),
+                }
+                let mut bad_nonce = nonce;
+                bad_nonce[11] ^= 1;
+                let mut bad_key = key.clone();
+                bad_key[0] ^= 1;
+                for (k, n, a) in [
+                    (&key, &nonce, &bad_aad),
+                    (&key, &bad_nonce, &aad),
+                    (&bad_key, &nonce, &aad),
+                ] {
+                    assert_eq!(rc_open(alg, k, n, a, &ct), None);
+                    assert_eq!(ours_open(alg, k, n, a, &ct), None);
+                }
+                // A truncated tag.
+                if ct.len() > TAG_LEN {
+                    let short = &ct[..ct.len() - 1];
+                    assert_eq!(rc_open(alg, &key, &nonce, &aad, short), None);
+                    assert_eq!(ours_open(alg, &key, &nonce, &aad, short), None);
+                }
+            }
         }
     }
 

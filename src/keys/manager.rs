@@ -16,6 +16,7 @@ use crate::config::{AfterShred, CacheConfig, KeyspaceConfig};
 use crate::crypto::aead::Algorithm;
 use crate::crypto::envelope::{DerivedKeys, KeyId};
 use crate::error::{Error, Reason, Result};
+use crate::secret::{Dek, WrappedDek};
 use crate::store::{Store, SubjectState};
 use crate::vault::{CasOutcome, Vault};
 
@@ -25,13 +26,18 @@ pub const MAX_USES_PER_DEK: u64 = 1 << 32;
 /// Keyed hash of a subject id within a keyspace: the only form in which a subject is stored,
 /// logged or used in a Vault path.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct SubjectRef(pub [u8; 32]);
+pub struct SubjectRef(
+    /// HMAC-SHA256(keyspace index key, subject id).
+    pub [u8; 32],
+);
 
 impl SubjectRef {
+    /// Lower-case hex, as in Vault paths and the store.
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)
     }
 
+    /// Parses [`to_hex`](Self::to_hex)'s form; `None` if it is not 64 hex digits.
     pub fn from_hex(s: &str) -> Option<Self> {
         Some(Self(hex::decode(s).ok()?.try_into().ok()?))
     }
@@ -134,6 +140,12 @@ pub fn kek_name(keyspace: &str) -> String {
     format!("kek-{keyspace}")
 }
 
+/// KV path of a keyspace's index key (the HMAC key of its subject references), wrapped by the
+/// keyspace KEK. Made by `piiguard bootstrap` ([`create_index_key`]) and never by `serve`.
+pub fn index_key_path(keyspace: &str) -> String {
+    format!("keyspaces/{keyspace}/index-key")
+}
+
 /// KV path of a subject record.
 pub fn subject_path(keyspace: &str, subject_ref_hex: &str) -> String {
     format!("subjects/{keyspace}/{subject_ref_hex}")
@@ -153,7 +165,7 @@ pub fn subject_record_key(v: &Value) -> Result<(KeyId, u32)> {
 struct DekRecord {
     key_id: KeyId,
     dek_version: u32,
-    wrapped: String,
+    wrapped: WrappedDek,
     alg: Algorithm,
 }
 
@@ -165,7 +177,7 @@ fn parse_subject_record(v: &Value) -> Result<DekRecord> {
             .as_u64()
             .and_then(|x| u32::try_from(x).ok())
             .ok_or_else(bad)?,
-        wrapped: v["wrapped"].as_str().ok_or_else(bad)?.to_string(),
+        wrapped: WrappedDek::parse(v["wrapped"].as_str().ok_or_else(bad)?).map_err(|_| bad())?,
         alg: v["alg"]
             .as_str()
             .ok_or_else(bad)?
@@ -174,9 +186,29 @@ fn parse_subject_record(v: &Value) -> Result<DekRecord> {
     })
 }
 
+/// Creates the index key of keyspace `keyspace` unless it exists, with the keyspace's KEK.
+/// Only `piiguard bootstrap` calls this: `serve` refuses to start without the key (security
+/// finding 13: a `serve` that created a missing key would, pointed at a wrong or emptied KV
+/// mount, silently give every subject a new reference). Returns whether it was created.
+pub async fn create_index_key(vault: &Vault, keyspace: &str) -> Result<bool> {
+    let path = index_key_path(keyspace);
+    if vault.kv_read(&path, None).await?.is_some() {
+        return Ok(false);
+    }
+    let key = Dek::generate(32).map_err(Error::internal)?;
+    let wrapped = vault.wrap_dek(&kek_name(keyspace), &key).await?;
+    let data = json!({ "wrapped": wrapped.as_str(), "created_at": now_secs() });
+    match vault.kv_write_cas(&path, &data, 0).await? {
+        CasOutcome::Written(_) => Ok(true),
+        // Another bootstrap made it between our read and our write: keep theirs.
+        CasOutcome::Mismatch => Ok(false),
+    }
+}
+
 impl KeyManager {
-    /// Loads (or creates on first start) each keyspace's index key. Fails if Vault is
-    /// unreachable or a keyspace's KEK is missing; the caller decides whether to retry.
+    /// Loads each keyspace's index key. Fails if Vault is unreachable, a keyspace's KEK is
+    /// missing, or a keyspace has no index key (then `piiguard bootstrap` must run first:
+    /// this never creates one, see [`create_index_key`]); the caller decides whether to retry.
     pub async fn init(
         vault: Arc<Vault>,
         store: Arc<Store>,
@@ -186,7 +218,7 @@ impl KeyManager {
         let mut out = Vec::new();
         for (i, (name, ks)) in keyspaces.iter().enumerate() {
             let kek = kek_name(name);
-            let index_key = Self::load_index_key(&vault, name, &kek).await.map_err(|e| {
+            let loaded = Self::load_index_key(&vault, name, &kek).await.map_err(|e| {
                 let hint = format!(
                     "keyspace {name:?}: cannot load its index key (is transit key {kek:?} bootstrapped and allowed by the Vault policy?)"
                 );
@@ -196,6 +228,17 @@ impl KeyManager {
                     other => other,
                 }
             })?;
+            let Some(index_key) = loaded else {
+                return Err(Error::internal(format!(
+                    "keyspace {name:?} has no index key in Vault (KV mount {kv:?}, path {path:?}). \
+                     `piiguard serve` never creates it: pointed at a wrong or emptied KV mount, it \
+                     would silently give every subject of {name:?} a new reference. If this is a new \
+                     keyspace, run `piiguard bootstrap --config <this config file> --admin-token-file \
+                     <file> --credentials-dir <dir>` first; otherwise check vault.kv_mount.",
+                    kv = vault.config().kv_mount,
+                    path = index_key_path(name),
+                )));
+            };
             out.push(Keyspace {
                 idx: u16::try_from(i).map_err(|_| Error::internal("too many keyspaces"))?,
                 name: name.as_str().into(),
@@ -221,32 +264,21 @@ impl KeyManager {
         })
     }
 
-    async fn load_index_key(vault: &Vault, ks: &str, kek: &str) -> Result<hmac::Key> {
-        let path = format!("keyspaces/{ks}/index-key");
-        for _ in 0..3 {
-            if let Some(e) = vault.kv_read(&path, None).await? {
-                let wrapped = e.data["wrapped"]
-                    .as_str()
-                    .ok_or_else(|| Error::internal(format!("{path}: malformed")))?;
-                let raw = vault.transit_decrypt(kek, wrapped).await?;
-                if raw.len() != 32 {
-                    return Err(Error::internal(format!("{path}: wrong key length")));
-                }
-                return Ok(hmac::Key::new(hmac::HMAC_SHA256, &raw));
-            }
-            let mut raw = Zeroizing::new([0u8; 32]);
-            aws_lc_rs::rand::fill(&mut raw[..]).map_err(|_| Error::internal("CSPRNG failed"))?;
-            let wrapped = vault.transit_encrypt(kek, &raw[..]).await?;
-            let data = json!({ "wrapped": wrapped, "created_at": now_secs() });
-            match vault.kv_write_cas(&path, &data, 0).await? {
-                CasOutcome::Written(_) => {
-                    tracing::info!(keyspace = ks, "created keyspace index key");
-                    return Ok(hmac::Key::new(hmac::HMAC_SHA256, &raw[..]));
-                }
-                CasOutcome::Mismatch => continue, // another replica won; read theirs
-            }
+    /// The index key of a keyspace; `None` if Vault has none (never created here).
+    async fn load_index_key(vault: &Vault, ks: &str, kek: &str) -> Result<Option<hmac::Key>> {
+        let path = index_key_path(ks);
+        let Some(e) = vault.kv_read(&path, None).await? else {
+            return Ok(None);
+        };
+        let wrapped = e.data["wrapped"]
+            .as_str()
+            .and_then(|w| WrappedDek::parse(w).ok())
+            .ok_or_else(|| Error::internal(format!("{path}: malformed")))?;
+        let key = vault.unwrap_dek(kek, &wrapped).await?;
+        if key.len() != 32 {
+            return Err(Error::internal(format!("{path}: wrong key length")));
         }
-        Err(Error::internal(format!("{path}: could not create or read")))
+        Ok(Some(hmac::Key::new(hmac::HMAC_SHA256, key.expose_secret())))
     }
 
     /// The longest time an unwrapped DEK can stay in this process's memory.
@@ -542,11 +574,14 @@ impl KeyManager {
                 "ciphertext does not authenticate",
             ));
         }
-        let wrapped = entry.data["wrapped"].as_str().ok_or_else(bad)?;
+        let wrapped = entry.data["wrapped"]
+            .as_str()
+            .and_then(|w| WrappedDek::parse(w).ok())
+            .ok_or_else(bad)?;
         let subject = SubjectRef::from_hex(sref)
             .map(|r| SubjectTag::of(&r.0))
             .unwrap_or_default();
-        self.unwrap_entry(ks, key_id, dek_version, rec_alg, wrapped, subject)
+        self.unwrap_entry(ks, key_id, dek_version, rec_alg, &wrapped, subject)
             .await
     }
 
@@ -556,11 +591,11 @@ impl KeyManager {
         key_id: KeyId,
         dek_version: u32,
         alg: Algorithm,
-        wrapped: &str,
+        wrapped: &WrappedDek,
         subject: SubjectTag,
     ) -> Result<Arc<DekEntry>> {
-        let dek = self.vault.transit_decrypt(&ks.kek, wrapped).await?;
-        let keys = DerivedKeys::derive(alg, &dek, &ks.name, &key_id, dek_version)
+        let dek = self.vault.unwrap_dek(&ks.kek, wrapped).await?;
+        let keys = DerivedKeys::derive(alg, dek.expose_secret(), &ks.name, &key_id, dek_version)
             .map_err(|_| Error::internal("stored DEK has the wrong length"))?;
         Ok(Arc::new(DekEntry::with_subject(
             ks.name.clone(),
@@ -630,14 +665,13 @@ impl KeyManager {
             // written first so that a subject record never names a missing DEK; a crash or a
             // lost race leaves at most an orphan DEK record that no ciphertext uses.
             let key_id = KeyId::random().map_err(|_| Error::internal("CSPRNG failed"))?;
-            let mut dek = Zeroizing::new(vec![0u8; ks.alg.key_len()]);
-            aws_lc_rs::rand::fill(&mut dek).map_err(|_| Error::internal("CSPRNG failed"))?;
-            let wrapped = self.vault.transit_encrypt(&ks.kek, &dek).await?;
+            let dek = Dek::generate(ks.alg.key_len()).map_err(Error::internal)?;
+            let wrapped = self.vault.wrap_dek(&ks.kek, &dek).await?;
             let dpath = dek_path(&ks.name, &key_id);
             let created_at = now_secs();
             let drec = json!({
                 "subject_ref": sref.to_hex(),
-                "wrapped": wrapped,
+                "wrapped": wrapped.as_str(),
                 "alg": ks.alg.name(),
                 "created_at": created_at,
             });
@@ -650,7 +684,7 @@ impl KeyManager {
             let srec = json!({
                 "key_id": key_id.to_hex(),
                 "dek_version": dek_version,
-                "wrapped": wrapped,
+                "wrapped": wrapped.as_str(),
                 "alg": ks.alg.name(),
                 "created_at": created_at,
             });
@@ -659,8 +693,14 @@ impl KeyManager {
                     tracing::debug!(keyspace = %ks.name, subject_ref = ?sref, "created subject DEK");
                     self.register(ks, &href, created_at as i64, reactivate)
                         .await?;
-                    let keys = DerivedKeys::derive(ks.alg, &dek, &ks.name, &key_id, dek_version)
-                        .map_err(|_| Error::internal("DEK derivation failed"))?;
+                    let keys = DerivedKeys::derive(
+                        ks.alg,
+                        dek.expose_secret(),
+                        &ks.name,
+                        &key_id,
+                        dek_version,
+                    )
+                    .map_err(|_| Error::internal("DEK derivation failed"))?;
                     let entry = Arc::new(DekEntry::with_subject(
                         ks.name.clone(),
                         key_id,

@@ -3,7 +3,11 @@
 //!
 //! Vault layout (KV v2 mount `vault.kv_mount`, transit mount `vault.transit_mount`):
 //! - `keyspaces/<ks>/index-key`: `{wrapped}`, the keyspace's subject-reference HMAC key,
-//!   wrapped by the keyspace KEK.
+//!   wrapped by the keyspace KEK. Created by `piiguard bootstrap` only
+//!   ([`manager::create_index_key`]); `serve` refuses to start without it.
+//!
+//! Key material is a [`crate::secret::Dek`] (plaintext, wiped on drop) or a
+//! [`crate::secret::WrappedDek`] (as stored); only Vault turns one into the other.
 //! - `subjects/<ks>/<subject_ref>`: `{key_id, dek_version, wrapped, alg, created_at}`, where
 //!   `subject_ref` = hex(HMAC-SHA256(index key, subject id)). No raw subject id anywhere.
 //! - `deks/<ks>/<key_id>`: `{subject_ref, wrapped, alg, created_at}`; KV version = DEK version.

@@ -1,13 +1,15 @@
 //! Bootstrap: creates what piiguard needs in Vault, with an operator's token, idempotently:
 //! the transit and KV v2 mounts, one KEK per keyspace (aes256-gcm96, not exportable, auto
-//! rotation), a least-privilege policy, and an AppRole bound to it.
+//! rotation), each keyspace's index key (the HMAC key of its subject references; `serve`
+//! refuses to start without it and never creates it), a least-privilege policy, and an AppRole
+//! bound to it.
 
 use reqwest::Method;
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
 use crate::config::{Config, VaultAuth};
-use crate::keys::manager::kek_name;
+use crate::keys::manager::{create_index_key, kek_name};
 use crate::vault::Vault;
 
 /// Name of the Vault policy and the AppRole role.
@@ -62,17 +64,64 @@ path "auth/token/lookup-self" {{
     )
 }
 
-fn ok(what: &str, r: (reqwest::StatusCode, Value)) -> Result<Value, String> {
+/// Why bootstrap stopped. Messages name the step and carry Vault's error text (never a secret).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BootstrapError {
+    /// Vault refused a step.
+    #[error("{step}: HTTP {status}: {errors}")]
+    Refused {
+        /// The step (a Vault path or what it does).
+        step: String,
+        /// The HTTP status Vault answered.
+        status: u16,
+        /// Vault's `errors` list, as JSON.
+        errors: String,
+    },
+    /// A step could not be carried out (Vault unreachable, unexpected answer).
+    #[error("{step}: {detail}")]
+    Failed {
+        /// The step (a Vault path or what it does).
+        step: String,
+        /// What went wrong (the internal detail of our error, no secret).
+        detail: String,
+    },
+    /// The AppRole answered without a role id or secret id.
+    #[error("AppRole returned no role_id/secret_id")]
+    NoCredentials,
+}
+
+impl BootstrapError {
+    fn failed(step: impl Into<String>, e: &crate::error::Error) -> Self {
+        let detail = match e {
+            crate::error::Error::Unavailable { detail }
+            | crate::error::Error::Internal { detail } => detail.clone(),
+            other => other.to_string(),
+        };
+        Self::Failed {
+            step: step.into(),
+            detail,
+        }
+    }
+}
+
+fn ok(what: &str, r: (reqwest::StatusCode, Value)) -> Result<Value, BootstrapError> {
     if r.0.is_success() {
         Ok(r.1)
     } else {
-        Err(format!("{what}: HTTP {}: {}", r.0, r.1["errors"]))
+        Err(BootstrapError::Refused {
+            step: what.to_string(),
+            status: r.0.as_u16(),
+            errors: r.1["errors"].to_string(),
+        })
     }
 }
 
 /// AppRole credentials produced by bootstrap.
 pub struct Credentials {
+    /// The AppRole role id.
     pub role_id: Zeroizing<String>,
+    /// A fresh secret id of the role.
     pub secret_id: Zeroizing<String>,
 }
 
@@ -81,13 +130,13 @@ pub async fn bootstrap(
     vault: &Vault,
     admin_token: &str,
     cfg: &Config,
-) -> Result<Credentials, String> {
+) -> Result<Credentials, BootstrapError> {
     let t = Some(admin_token);
     let call = |m: Method, p: String, b: Option<Value>| async move {
         vault
             .raw(m, &p, b.as_ref(), t)
             .await
-            .map_err(|e| format!("{p}: {e:?}"))
+            .map_err(|e| BootstrapError::failed(p, &e))
     };
     let transit = &cfg.vault.transit_mount;
     let kv = &cfg.vault.kv_mount;
@@ -150,7 +199,7 @@ pub async fn bootstrap(
         )
         .await?;
         if !r.0.is_success() && !r.1.to_string().contains("already exists") {
-            return Err(format!("create KEK {key}: HTTP {}: {}", r.0, r.1["errors"]));
+            ok(&format!("create KEK {key}"), r)?;
         }
         ok(
             "KEK config",
@@ -162,6 +211,17 @@ pub async fn bootstrap(
             .await?,
         )?;
     }
+    // Index keys: after the KEKs (each is wrapped by its keyspace's KEK). Existing ones are
+    // kept: replacing one would change every subject reference of its keyspace.
+    let admin = vault.with_token(admin_token);
+    for name in cfg.keyspaces.keys() {
+        let created = create_index_key(&admin, name)
+            .await
+            .map_err(|e| BootstrapError::failed(format!("index key of keyspace {name:?}"), &e))?;
+        if created {
+            tracing::info!(keyspace = %name, "created keyspace index key");
+        }
+    }
     let r = call(
         Method::POST,
         format!("{transit}/keys/{SIGNING_KEY}"),
@@ -169,10 +229,7 @@ pub async fn bootstrap(
     )
     .await?;
     if !r.0.is_success() && !r.1.to_string().contains("already exists") {
-        return Err(format!(
-            "create signing key: HTTP {}: {}",
-            r.0, r.1["errors"]
-        ));
+        ok("create signing key", r)?;
     }
     ok(
         "signing key config",
@@ -259,7 +316,7 @@ pub async fn bootstrap(
             .to_string(),
     );
     if role_id.is_empty() || secret_id.is_empty() {
-        return Err("AppRole returned no role_id/secret_id".into());
+        return Err(BootstrapError::NoCredentials);
     }
     Ok(Credentials { role_id, secret_id })
 }

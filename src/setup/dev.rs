@@ -445,7 +445,9 @@ pub async fn run_dev(opts: DevOptions) -> Result<(), String> {
     write_file(&cfg_path, toml.as_bytes(), false)?;
     let cfg = crate::config::load(&cfg_path, std::env::vars()).map_err(|e| e.to_string())?;
     let admin = bao.client()?;
-    let creds = crate::setup::bootstrap::bootstrap(&admin, bao.root_token(), &cfg).await?;
+    let creds = crate::setup::bootstrap::bootstrap(&admin, bao.root_token(), &cfg)
+        .await
+        .map_err(|e| e.to_string())?;
     write_file(&rid, creds.role_id.as_bytes(), true)?;
     write_file(&sid, creds.secret_id.as_bytes(), true)?;
     let (ccert, ckey) = pki.client("orders");

@@ -1,39 +1,53 @@
-//! A small Vault/OpenBao HTTP client for exactly the calls piiguard makes: AppRole and
-//! token-file auth with a renewal task, transit encrypt/decrypt (single and `batch_input`), and
-//! KV v2 read / check-and-set write / metadata delete.
+//! The Vault/OpenBao client: exactly the calls piiguard makes, through vaultrs 0.8.
 //!
-//! Why not vaultrs: half of the calls piiguard needs (transit `batch_input`, KV CAS outcome as a
-//! value, PSS `salt_length`) are missing there, and it returns plaintexts as plain `String`s.
-//! Every call here is one JSON request; secrets are kept in `Zeroizing` buffers on our side.
+//! - vaultrs: AppRole login, token `lookup-self` and `renew-self`, transit encrypt/decrypt
+//!   (wrapping and unwrapping data keys: the one bridge between [`Dek`] and [`WrappedDek`],
+//!   see [`crate::secret`]), transit key read (public keys), KV v2 read, check-and-set write
+//!   and metadata delete.
+//! - Our endpoints on vaultrs' `exec_with_result` ([`endpoints`]): what vaultrs lacks, transit
+//!   sign with a PSS `salt_length`, and raw admin requests for bootstrap and dev setup.
+//! - Ours around it: the HTTP client (built here and handed to vaultrs: HTTPS with the CA
+//!   bundle only, plain HTTP only to loopback with the dev flag, **no redirects**, no proxy),
+//!   the token (kept in a [`Session`], wiped on drop), logging in again once on 403, the
+//!   renewal task, metrics per call, and the mapping of errors.
 //!
-//! Errors: a connection failure, timeout, 5xx or a sealed Vault is [`Error::Unavailable`]
-//! (retryable); anything else unexpected is [`Error::Internal`]. Vault's own error text is
-//! logged by the caller's correlation id and never returned to a gRPC client.
+//! Secrets in responses: vaultrs parses into plain `String`s; a transit plaintext or a token is
+//! moved into a zeroizing owner in the statement that receives it. The response bytes inside
+//! rustify/reqwest are not wiped (neither were reqwest's before vaultrs).
+//!
+//! Redirects (security finding 10): the token travels in `X-Vault-Token`, a header reqwest does
+//! not strip when it follows a redirect, so a Vault (or anything at its address) answering 307
+//! to another host would receive the token there. The client follows none: a 3xx is an error.
+//!
+//! Errors: a connection failure, timeout, 5xx, 429 or a sealed Vault is [`Error::Unavailable`]
+//! (retryable); anything else unexpected is [`Error::Internal`]. Messages carry Vault's own
+//! error texts (which never contain our secrets) but never a response body that could carry a
+//! plaintext; they are logged by the caller's correlation id and never returned to a gRPC
+//! client.
 
+pub mod endpoints;
 pub mod signer;
 
+use std::future::Future;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use reqwest::{Method, StatusCode};
-use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
-use zeroize::Zeroizing;
+use rustify::endpoint::Endpoint as _;
+use serde_json::Value;
+use vaultrs::api::EndpointMiddleware;
+use vaultrs::api::kv2::requests::{ReadSecretRequest, SetSecretRequestOptions};
+use vaultrs::api::transit::responses::ReadKeyData;
+use vaultrs::client::{VaultClient, VaultClientSettings};
+use vaultrs::error::ClientError;
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::config::{VaultAuth, VaultConfig};
 use crate::error::{Error, Result};
-
-/// A Vault token. No `Debug` output of its value, zeroized on drop.
-struct Token(Zeroizing<String>);
-
-impl std::fmt::Debug for Token {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Token(<redacted>)")
-    }
-}
+use crate::secret::{Dek, WrappedDek};
 
 /// Outcome of a check-and-set write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,7 +61,9 @@ pub enum CasOutcome {
 /// A KV v2 secret as read.
 #[derive(Debug)]
 pub struct KvEntry {
+    /// The secret's `data` object.
     pub data: Value,
+    /// The version read.
     pub version: u32,
 }
 
@@ -58,12 +74,29 @@ struct Lease {
     renewable: bool,
 }
 
+/// One Vault token and the vaultrs client that sends it (in its middleware, as
+/// `X-Vault-Token`). The token is wiped when the session is dropped; a session without a
+/// token sends none (login, unauthenticated dev calls).
+struct Session {
+    client: VaultClient,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.client.middle.token.zeroize();
+        self.client.settings.token.zeroize();
+    }
+}
+
 /// The client. Cheap to share behind an `Arc`.
 pub struct Vault {
     http: reqwest::Client,
+    address: url::Url,
     cfg: VaultConfig,
-    token: RwLock<Option<Arc<Token>>>,
+    session: RwLock<Option<Arc<Session>>>,
     login_lock: tokio::sync::Mutex<()>,
+    /// Made by [`with_token`](Self::with_token): the token is given, never logged in again.
+    fixed_token: bool,
 }
 
 impl std::fmt::Debug for Vault {
@@ -74,28 +107,110 @@ impl std::fmt::Debug for Vault {
     }
 }
 
-/// Request bodies that carry secrets borrow them: the only serialised copy is the
-/// zeroizing request buffer.
-#[derive(Serialize)]
-struct ApproleLogin<'a> {
-    role_id: &'a str,
-    secret_id: &'a str,
+/// What went wrong in one call, before it becomes an [`Error`]: callers look at the HTTP
+/// status first (404 = absent, 400 check-and-set = mismatch).
+enum CallError {
+    /// vaultrs (or rustify under it) failed or Vault answered an error status.
+    Client(ClientError),
+    /// Our side failed (login, credentials).
+    Local(Error),
 }
 
-#[derive(Serialize)]
-struct TransitPlaintext<'a> {
-    plaintext: &'a str,
+/// The HTTP status of a Vault error answer, if it was one.
+fn status_of(e: &ClientError) -> Option<u16> {
+    match e {
+        ClientError::APIError { code, .. } => Some(*code),
+        ClientError::RestClientError {
+            source: rustify::errors::ClientError::ServerResponseError { code, .. },
+        } => Some(*code),
+        _ => None,
+    }
 }
 
-#[derive(Deserialize)]
-struct AuthBody {
-    auth: AuthInfo,
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
 }
-#[derive(Deserialize)]
-struct AuthInfo {
-    client_token: Zeroizing<String>,
-    lease_duration: u64,
-    renewable: bool,
+
+impl CallError {
+    fn status(&self) -> Option<u16> {
+        match self {
+            CallError::Client(e) => status_of(e),
+            CallError::Local(_) => None,
+        }
+    }
+
+    /// Vault's error texts (`{"errors": [...]}`), joined.
+    fn vault_errors(&self) -> String {
+        match self {
+            CallError::Client(ClientError::APIError { errors, .. }) => errors.join("; "),
+            _ => String::new(),
+        }
+    }
+
+    /// Our error for a failed `what`. Never includes a response body that is not Vault's error
+    /// list (a body that failed to parse may be a plaintext).
+    fn into_error(self, what: &str) -> Error {
+        let e = match self {
+            CallError::Local(e) => return e,
+            CallError::Client(e) => e,
+        };
+        if let Some(code) = status_of(&e) {
+            let detail = match &e {
+                ClientError::APIError { errors, .. } => {
+                    truncate(&errors.join("; "), 512).to_string()
+                }
+                _ if (300..400).contains(&code) => {
+                    "a redirect, which piiguard never follows (set vault.address to the node \
+                     that serves, e.g. the active node or the load balancer)"
+                        .to_string()
+                }
+                _ => String::new(),
+            };
+            let msg = format!("Vault {what}: HTTP {code}: {detail}");
+            return if code >= 500 || code == 429 {
+                Error::unavailable(msg)
+            } else {
+                Error::internal(msg)
+            };
+        }
+        use rustify::errors::ClientError as Rest;
+        match e {
+            ClientError::RestClientError {
+                source: Rest::RequestError { source, .. } | Rest::ResponseError { source },
+            } => Error::unavailable(format!("Vault {what}: {source:#}")),
+            ClientError::RestClientError {
+                source:
+                    Rest::ResponseParseError { .. }
+                    | Rest::ResponseConversionError { .. }
+                    | Rest::DataParseError { .. },
+            }
+            | ClientError::JsonParseError { .. } => {
+                Error::internal(format!("Vault {what}: unexpected response"))
+            }
+            ClientError::ResponseEmptyError | ClientError::ResponseDataEmptyError => {
+                Error::internal(format!("Vault {what}: empty response"))
+            }
+            other => Error::internal(format!("Vault {what}: {other}")),
+        }
+    }
+}
+
+/// Times one call into the Vault metrics. "ok" = an answer that is not a server error.
+async fn timed<T>(
+    op: &'static str,
+    fut: impl Future<Output = std::result::Result<T, ClientError>>,
+) -> std::result::Result<T, ClientError> {
+    let started = Instant::now();
+    let r = fut.await;
+    let ok = match &r {
+        Ok(_) => true,
+        Err(e) => status_of(e).is_some_and(|s| s < 500),
+    };
+    crate::metrics::vault_call(op, started.elapsed(), ok);
+    r
 }
 
 fn read_secret_file(path: &Path) -> Result<Zeroizing<String>> {
@@ -117,15 +232,26 @@ fn read_secret_file(path: &Path) -> Result<Zeroizing<String>> {
 
 impl Vault {
     /// Builds the HTTP client (HTTPS with the configured CA bundle only, or plain HTTP to
-    /// loopback in dev mode). Does not contact Vault.
+    /// loopback in dev mode; never following redirects). Does not contact Vault.
     pub fn new(cfg: VaultConfig) -> Result<Self> {
+        // Checked again here (the config checked it first): this is where the token goes.
+        let (address, insecure) = crate::config::vault_address(&cfg.address, cfg.insecure_http)
+            .map_err(|e| Error::internal(e.0))?;
+        if insecure != cfg.insecure_http {
+            return Err(Error::internal(format!(
+                "vault.address {address:?} does not match vault.insecure_http"
+            )));
+        }
+        let address = url::Url::parse(&address)
+            .map_err(|e| Error::internal(format!("vault.address {address:?}: {e}")))?;
         let mut b = reqwest::Client::builder()
             .timeout(cfg.request_timeout)
             .connect_timeout(cfg.request_timeout.min(Duration::from_secs(3)))
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(64)
+            .redirect(reqwest::redirect::Policy::none())
             .no_proxy();
-        if cfg.insecure_http {
+        if insecure {
             tracing::warn!(
                 address = %cfg.address,
                 "DEV MODE: talking to Vault over plain HTTP on loopback; never do this in production"
@@ -146,10 +272,26 @@ impl Vault {
             .map_err(|e| Error::internal(format!("HTTP client: {e}")))?;
         Ok(Self {
             http,
+            address,
             cfg,
-            token: RwLock::new(None),
+            session: RwLock::new(None),
             login_lock: tokio::sync::Mutex::new(()),
+            fixed_token: false,
         })
+    }
+
+    /// A client for the same Vault that uses `token` (an operator's, for bootstrap) instead of
+    /// logging in; it never logs in again and runs no renewal.
+    pub fn with_token(&self, token: &str) -> Self {
+        let s = self.new_session(Zeroizing::new(token.trim().to_string()));
+        Self {
+            http: self.http.clone(),
+            address: self.address.clone(),
+            cfg: self.cfg.clone(),
+            session: RwLock::new(Some(Arc::new(s))),
+            login_lock: tokio::sync::Mutex::new(()),
+            fixed_token: true,
+        }
     }
 
     /// The configuration this client was built with.
@@ -157,114 +299,92 @@ impl Vault {
         &self.cfg
     }
 
-    fn url(&self, path: &str) -> String {
-        format!("{}/v1/{}", self.cfg.address, path)
+    /// A vaultrs client over our HTTP client, sending `token` (none if empty).
+    fn new_session(&self, mut token: Zeroizing<String>) -> Session {
+        let settings = VaultClientSettings {
+            address: self.address.clone(),
+            ca_certs: Vec::new(),
+            identity: None,
+            timeout: Some(self.cfg.request_timeout),
+            // The middleware holds the one copy that is sent.
+            token: String::new(),
+            verify: true,
+            version: 1,
+            wrapping: false,
+            namespace: self.cfg.namespace.clone(),
+            proxy: None,
+        };
+        let middle = EndpointMiddleware {
+            // Moves the string out of its zeroizing owner (no copy); `Session` wipes it.
+            token: std::mem::take(&mut *token),
+            version: "v1".into(),
+            wrap: None,
+            namespace: self.cfg.namespace.clone(),
+        };
+        Session {
+            client: VaultClient {
+                http: rustify::clients::reqwest::Client::new(
+                    self.address.as_str().trim_end_matches('/'),
+                    self.http.clone(),
+                ),
+                middle,
+                settings,
+            },
+        }
     }
 
-    fn current_token(&self) -> Option<Arc<Token>> {
-        match self.token.read() {
+    fn current_session(&self) -> Option<Arc<Session>> {
+        match self.session.read() {
             Ok(g) => g.clone(),
             Err(p) => p.into_inner().clone(),
         }
     }
 
-    fn set_token(&self, t: Token) {
-        let t = Some(Arc::new(t));
-        match self.token.write() {
-            Ok(mut g) => *g = t,
-            Err(p) => *p.into_inner() = t,
+    fn set_session(&self, s: Arc<Session>) {
+        match self.session.write() {
+            Ok(mut g) => *g = Some(s),
+            Err(p) => *p.into_inner() = Some(s),
         }
     }
 
-    /// Sends one request; returns status and body bytes (kept in a zeroizing buffer).
-    async fn send<B: Serialize + ?Sized>(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<&B>,
-        token: Option<&Token>,
-    ) -> Result<(StatusCode, Zeroizing<Vec<u8>>)> {
-        let mut req = self.http.request(method.clone(), self.url(path));
-        if let Some(t) = token {
-            let mut hv = reqwest::header::HeaderValue::from_str(&t.0)
-                .map_err(|_| Error::internal("Vault token contains invalid characters"))?;
-            hv.set_sensitive(true);
-            req = req.header("X-Vault-Token", hv);
+    async fn session_or_login(&self) -> Result<Arc<Session>> {
+        if let Some(s) = self.current_session() {
+            return Ok(s);
         }
-        if let Some(ns) = &self.cfg.namespace {
-            req = req.header("X-Vault-Namespace", ns.as_str());
+        if self.fixed_token {
+            return Err(Error::internal("Vault client without a token"));
         }
-        if let Some(b) = body {
-            let bytes = Zeroizing::new(
-                serde_json::to_vec(b).map_err(|e| Error::internal(format!("encode: {e}")))?,
-            );
-            req = req
-                .header("Content-Type", "application/json")
-                .body(bytes.to_vec());
-        }
-        let op = op_label(&method, path, &self.cfg);
-        let started = std::time::Instant::now();
-        let sent = req.send().await;
-        let resp = match sent {
-            Ok(r) => r,
-            Err(e) => {
-                crate::metrics::vault_call(op, started.elapsed(), false);
-                return Err(Error::unavailable(format!("Vault request {path}: {e}")));
-            }
-        };
-        let status = resp.status();
-        let bytes = resp.bytes().await;
-        crate::metrics::vault_call(
-            op,
-            started.elapsed(),
-            bytes.is_ok() && !status.is_server_error(),
-        );
-        let bytes = bytes.map_err(|e| Error::unavailable(format!("Vault response {path}: {e}")))?;
-        Ok((status, Zeroizing::new(Vec::from(bytes))))
+        self.login().await?;
+        self.current_session()
+            .ok_or_else(|| Error::internal("no Vault token after login"))
     }
 
-    fn vault_error(path: &str, status: StatusCode, body: &[u8]) -> Error {
-        // Vault error bodies are {"errors":[...]} and carry no secrets of ours.
-        let text = String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned();
-        if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
-            Error::unavailable(format!("Vault {path}: HTTP {status}: {text}"))
-        } else {
-            Error::internal(format!("Vault {path}: HTTP {status}: {text}"))
-        }
-    }
-
-    /// An authenticated request. On 403 (token expired or revoked) logs in again once and
-    /// retries. Returns `None` for 404.
-    async fn call<B: Serialize + ?Sized>(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<&B>,
-    ) -> Result<(StatusCode, Zeroizing<Vec<u8>>)> {
+    /// An authenticated call: `f` runs with the current session; on 403 (token expired or
+    /// revoked) logs in again once and retries.
+    async fn call<T, F, Fut>(&self, op: &'static str, f: F) -> std::result::Result<T, CallError>
+    where
+        F: Fn(Arc<Session>) -> Fut,
+        Fut: Future<Output = std::result::Result<T, ClientError>>,
+    {
         let mut relogged = false;
         loop {
-            let token = match self.current_token() {
-                Some(t) => t,
-                None => {
-                    self.login().await?;
-                    self.current_token()
-                        .ok_or_else(|| Error::internal("no Vault token after login"))?
+            let s = self.session_or_login().await.map_err(CallError::Local)?;
+            match timed(op, f(s.clone())).await {
+                Err(e) if status_of(&e) == Some(403) && !relogged && !self.fixed_token => {
+                    relogged = true;
+                    tracing::warn!(op, "Vault answered 403; logging in again");
+                    self.relogin_if_unchanged(&s)
+                        .await
+                        .map_err(CallError::Local)?;
                 }
-            };
-            let (status, bytes) = self.send(method.clone(), path, body, Some(&token)).await?;
-            if status == StatusCode::FORBIDDEN && !relogged {
-                relogged = true;
-                tracing::warn!(path, "Vault answered 403; logging in again");
-                self.relogin_if_unchanged(&token).await?;
-                continue;
+                r => return r.map_err(CallError::Client),
             }
-            return Ok((status, bytes));
         }
     }
 
-    async fn relogin_if_unchanged(&self, seen: &Arc<Token>) -> Result<()> {
+    async fn relogin_if_unchanged(&self, seen: &Arc<Session>) -> Result<()> {
         let _g = self.login_lock.lock().await;
-        if let Some(cur) = self.current_token()
+        if let Some(cur) = self.current_session()
             && !Arc::ptr_eq(&cur, seen)
         {
             return Ok(()); // somebody else already logged in again
@@ -274,6 +394,9 @@ impl Vault {
 
     /// Logs in with the configured method and stores the token.
     pub async fn login(&self) -> Result<()> {
+        if self.fixed_token {
+            return Ok(());
+        }
         let _g = self.login_lock.lock().await;
         self.login_locked().await.map(|_| ())
     }
@@ -287,22 +410,19 @@ impl Vault {
             } => {
                 let role_id = read_secret_file(role_id_file)?;
                 let secret_id = read_secret_file(secret_id_file)?;
-                let body = ApproleLogin {
-                    role_id: &role_id,
-                    secret_id: &secret_id,
-                };
-                let path = format!("auth/{mount}/login");
-                let (status, bytes) = self.send(Method::POST, &path, Some(&body), None).await?;
-                if !status.is_success() {
-                    return Err(Self::vault_error(&path, status, &bytes));
-                }
-                let a: AuthBody = serde_json::from_slice(&bytes)
-                    .map_err(|e| Error::internal(format!("AppRole login response: {e}")))?;
+                let anonymous = self.new_session(Zeroizing::default());
+                let mut auth = timed(
+                    "auth",
+                    vaultrs::auth::approle::login(&anonymous.client, mount, &role_id, &secret_id),
+                )
+                .await
+                .map_err(|e| CallError::Client(e).into_error("AppRole login"))?;
+                let token = Zeroizing::new(std::mem::take(&mut auth.client_token));
                 let lease = Lease {
-                    ttl: Duration::from_secs(a.auth.lease_duration),
-                    renewable: a.auth.renewable,
+                    ttl: Duration::from_secs(auth.lease_duration),
+                    renewable: auth.renewable,
                 };
-                self.set_token(Token(a.auth.client_token));
+                self.set_session(Arc::new(self.new_session(token)));
                 tracing::info!(
                     ttl_secs = lease.ttl.as_secs(),
                     "logged in to Vault with AppRole"
@@ -310,9 +430,9 @@ impl Vault {
                 Ok(lease)
             }
             VaultAuth::TokenFile { token_file } => {
-                let t = Token(read_secret_file(token_file)?);
-                let lease = self.lookup_self(&t).await?;
-                self.set_token(t);
+                let s = Arc::new(self.new_session(read_secret_file(token_file)?));
+                let lease = self.lookup_self(&s).await?;
+                self.set_session(s);
                 tracing::info!(
                     ttl_secs = lease.ttl.as_secs(),
                     "using Vault token from file"
@@ -322,31 +442,29 @@ impl Vault {
         }
     }
 
-    async fn lookup_self(&self, t: &Token) -> Result<Lease> {
-        let path = "auth/token/lookup-self";
-        let (status, bytes) = self.send::<Value>(Method::GET, path, None, Some(t)).await?;
-        if !status.is_success() {
-            return Err(Self::vault_error(path, status, &bytes));
-        }
-        let v: Value = serde_json::from_slice(&bytes)
-            .map_err(|e| Error::internal(format!("lookup-self: {e}")))?;
+    async fn lookup_self(&self, s: &Session) -> Result<Lease> {
+        let mut r = timed("auth", vaultrs::token::lookup_self(&s.client))
+            .await
+            .map_err(|e| CallError::Client(e).into_error("token lookup-self"))?;
+        // The answer repeats the token itself.
+        r.id.zeroize();
         Ok(Lease {
-            ttl: Duration::from_secs(v["data"]["ttl"].as_u64().unwrap_or(0)),
-            renewable: v["data"]["renewable"].as_bool().unwrap_or(false),
+            ttl: Duration::from_secs(r.ttl),
+            renewable: r.renewable.unwrap_or(false),
         })
     }
 
     async fn renew_self(&self) -> Result<Lease> {
-        let path = "auth/token/renew-self";
-        let (status, bytes) = self.call(Method::POST, path, Some(&json!({}))).await?;
-        if !status.is_success() {
-            return Err(Self::vault_error(path, status, &bytes));
-        }
-        let a: AuthBody = serde_json::from_slice(&bytes)
-            .map_err(|e| Error::internal(format!("renew-self: {e}")))?;
+        let mut a = self
+            .call("auth", |s| async move {
+                vaultrs::token::renew_self(&s.client, None).await
+            })
+            .await
+            .map_err(|e| e.into_error("token renew-self"))?;
+        a.client_token.zeroize();
         Ok(Lease {
-            ttl: Duration::from_secs(a.auth.lease_duration),
-            renewable: a.auth.renewable,
+            ttl: Duration::from_secs(a.lease_duration),
+            renewable: a.renewable,
         })
     }
 
@@ -356,14 +474,17 @@ impl Vault {
     pub fn spawn_renewal(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let vault = self.clone();
         tokio::spawn(async move {
+            if vault.fixed_token {
+                return;
+            }
             let mut backoff = Duration::from_secs(1);
             let mut lease: Option<Lease> = None;
             loop {
                 let current = match lease {
                     Some(l) => l,
                     None => {
-                        let r = match vault.current_token() {
-                            Some(t) => vault.lookup_self(&t).await,
+                        let r = match vault.current_session() {
+                            Some(s) => vault.lookup_self(&s).await,
                             None => {
                                 let _g = vault.login_lock.lock().await;
                                 vault.login_locked().await
@@ -413,160 +534,151 @@ impl Vault {
         })
     }
 
-    /// Wraps `plaintext` with transit key `key`; returns Vault's `vault:vN:...` ciphertext.
-    pub async fn transit_encrypt(&self, key: &str, plaintext: &[u8]) -> Result<String> {
-        let path = format!("{}/encrypt/{key}", self.cfg.transit_mount);
-        let b64 = Zeroizing::new(B64.encode(plaintext));
-        let body = TransitPlaintext { plaintext: &b64 };
-        let (status, bytes) = self.call(Method::POST, &path, Some(&body)).await?;
-        if !status.is_success() {
-            return Err(Self::vault_error(&path, status, &bytes));
-        }
-        let v: Value =
-            serde_json::from_slice(&bytes).map_err(|e| Error::internal(format!("{path}: {e}")))?;
-        v["data"]["ciphertext"]
-            .as_str()
-            .map(str::to_string)
-            .ok_or_else(|| Error::internal(format!("{path}: no ciphertext in response")))
+    /// Wraps `dek` with transit key `kek`: the only way a [`WrappedDek`] is made from a
+    /// [`Dek`] (see [`crate::secret`]).
+    pub async fn wrap_dek(&self, kek: &str, dek: &Dek) -> Result<WrappedDek> {
+        let mount = self.cfg.transit_mount.as_str();
+        let plaintext = dek.to_transit_plaintext();
+        let pt: &str = &plaintext;
+        let r = self
+            .call("transit_encrypt", |s| async move {
+                vaultrs::transit::data::encrypt(&s.client, mount, kek, pt, None).await
+            })
+            .await
+            .map_err(|e| e.into_error(&format!("transit encrypt with {kek}")))?;
+        WrappedDek::parse(r.ciphertext)
+            .map_err(|e| Error::internal(format!("transit encrypt with {kek}: Vault answered {e}")))
+    }
+
+    /// Unwraps `wrapped` with transit key `kek`: the only way a [`Dek`] is made from a
+    /// [`WrappedDek`] (see [`crate::secret`]). The plaintext leaves vaultrs' response in the
+    /// statement that receives it.
+    pub async fn unwrap_dek(&self, kek: &str, wrapped: &WrappedDek) -> Result<Dek> {
+        let mount = self.cfg.transit_mount.as_str();
+        let ct = wrapped.as_str();
+        let r = self
+            .call("transit_decrypt", |s| async move {
+                vaultrs::transit::data::decrypt(&s.client, mount, kek, ct, None).await
+            })
+            .await
+            .map_err(|e| e.into_error(&format!("transit decrypt with {kek}")))?;
+        Dek::from_transit_plaintext(Zeroizing::new(r.plaintext))
+            .map_err(|e| Error::internal(format!("transit decrypt with {kek}: {e}")))
     }
 
     /// Signs `message` with transit RSA key `key`: RSA-PSS, SHA-256, salt length = hash length
     /// (so `openssl dgst -sha256 -sigopt rsa_padding_mode:pss` verifies it). Returns the key
-    /// version and the raw signature bytes.
+    /// version and the raw signature bytes. A custom endpoint: vaultrs cannot send
+    /// `salt_length`.
     pub async fn transit_sign(&self, key: &str, message: &[u8]) -> Result<(u32, Vec<u8>)> {
-        let path = format!("{}/sign/{key}", self.cfg.transit_mount);
-        let body = json!({
-            "input": B64.encode(message),
-            "hash_algorithm": "sha2-256",
-            "signature_algorithm": "pss",
-            "salt_length": "hash",
-        });
-        let (status, bytes) = self.call(Method::POST, &path, Some(&body)).await?;
-        if !status.is_success() {
-            return Err(Self::vault_error(&path, status, &bytes));
-        }
-        let v: Value =
-            serde_json::from_slice(&bytes).map_err(|e| Error::internal(format!("{path}: {e}")))?;
-        let sig = v["data"]["signature"]
-            .as_str()
-            .ok_or_else(|| Error::internal(format!("{path}: no signature")))?;
-        parse_vault_blob(sig)
-            .ok_or_else(|| Error::internal(format!("{path}: bad signature format")))
+        let mount = self.cfg.transit_mount.as_str();
+        let input = B64.encode(message);
+        let input: &str = &input;
+        let what = format!("transit sign with {key}");
+        let r = self
+            .call("transit_sign", |s| async move {
+                let e = endpoints::SignPss::new(mount, key, input.to_string());
+                vaultrs::api::exec_with_result(&s.client, e).await
+            })
+            .await
+            .map_err(|e| e.into_error(&what))?;
+        parse_vault_blob(&r.signature)
+            .ok_or_else(|| Error::internal(format!("{what}: bad signature format")))
     }
 
-    /// The PEM public keys of transit asymmetric key `key`, by key version.
+    /// The PEM public keys of transit asymmetric key `key`, by key version, oldest first.
     pub async fn transit_public_keys(&self, key: &str) -> Result<Vec<(u32, String)>> {
-        let path = format!("{}/keys/{key}", self.cfg.transit_mount);
-        let (status, bytes) = self.call::<Value>(Method::GET, &path, None).await?;
-        if !status.is_success() {
-            return Err(Self::vault_error(&path, status, &bytes));
-        }
-        let v: Value =
-            serde_json::from_slice(&bytes).map_err(|e| Error::internal(format!("{path}: {e}")))?;
-        let mut out: Vec<(u32, String)> = v["data"]["keys"]
-            .as_object()
-            .map(|m| {
-                m.iter()
-                    .filter_map(|(ver, k)| {
-                        Some((ver.parse().ok()?, k["public_key"].as_str()?.to_string()))
-                    })
-                    .collect()
+        let mount = self.cfg.transit_mount.as_str();
+        let what = format!("transit key {key}");
+        let r = self
+            .call("other", |s| async move {
+                vaultrs::transit::key::read(&s.client, mount, key).await
             })
-            .unwrap_or_default();
+            .await
+            .map_err(|e| e.into_error(&what))?;
+        let mut out: Vec<(u32, String)> = match r.keys {
+            ReadKeyData::Asymmetric(m) => m
+                .into_iter()
+                .filter_map(|(ver, k)| Some((ver.parse().ok()?, k.public_key)))
+                .collect(),
+            ReadKeyData::Symmetric(_) => Vec::new(),
+        };
         out.sort_by_key(|(v, _)| *v);
         if out.is_empty() {
-            return Err(Error::internal(format!("{path}: no public key")));
+            return Err(Error::internal(format!("{what}: no public key")));
         }
-        Ok(out)
-    }
-
-    /// Unwraps a transit ciphertext. The result is zeroized on drop.
-    pub async fn transit_decrypt(&self, key: &str, ciphertext: &str) -> Result<Zeroizing<Vec<u8>>> {
-        #[derive(Deserialize)]
-        struct Body {
-            data: Data,
-        }
-        #[derive(Deserialize)]
-        struct Data {
-            plaintext: Zeroizing<String>,
-        }
-        let path = format!("{}/decrypt/{key}", self.cfg.transit_mount);
-        let body = json!({ "ciphertext": ciphertext });
-        let (status, bytes) = self.call(Method::POST, &path, Some(&body)).await?;
-        if !status.is_success() {
-            return Err(Self::vault_error(&path, status, &bytes));
-        }
-        let b: Body = serde_json::from_slice(&bytes)
-            .map_err(|_| Error::internal(format!("{path}: unexpected response")))?;
-        let mut out = Zeroizing::new(Vec::with_capacity(64));
-        B64.decode_vec(b.data.plaintext.as_bytes(), &mut out)
-            .map_err(|_| Error::internal(format!("{path}: plaintext is not base64")))?;
         Ok(out)
     }
 
     /// Reads a KV v2 secret (latest or a given version). `None` if it does not exist or that
     /// version was deleted/destroyed.
     pub async fn kv_read(&self, path: &str, version: Option<u32>) -> Result<Option<KvEntry>> {
-        let mut p = format!("{}/data/{path}", self.cfg.kv_mount);
-        if let Some(v) = version {
-            p.push_str(&format!("?version={v}"));
-        }
-        let (status, bytes) = self.call::<Value>(Method::GET, &p, None).await?;
-        if status == StatusCode::NOT_FOUND {
+        let mount = self.cfg.kv_mount.as_str();
+        let r = self
+            .call("kv_read", |s| async move {
+                let e = ReadSecretRequest {
+                    mount: mount.to_string(),
+                    path: path.to_string(),
+                    version: version.map(u64::from),
+                };
+                vaultrs::api::exec_with_result(&s.client, e).await
+            })
+            .await;
+        let r = match r {
+            Ok(r) => r,
+            // 404: never written, or this version deleted or destroyed.
+            Err(e) if e.status() == Some(404) => return Ok(None),
+            Err(e) => return Err(e.into_error(&format!("KV read {mount}/{path}"))),
+        };
+        if r.data.is_null() {
             return Ok(None);
         }
-        if !status.is_success() {
-            return Err(Self::vault_error(&p, status, &bytes));
-        }
-        let mut v: Value =
-            serde_json::from_slice(&bytes).map_err(|e| Error::internal(format!("{p}: {e}")))?;
-        let data = v["data"]["data"].take();
-        if data.is_null() {
-            return Ok(None);
-        }
-        let version = v["data"]["metadata"]["version"]
-            .as_u64()
-            .and_then(|x| u32::try_from(x).ok())
-            .ok_or_else(|| Error::internal(format!("{p}: no version in response")))?;
-        Ok(Some(KvEntry { data, version }))
+        let version = u32::try_from(r.metadata.version)
+            .map_err(|_| Error::internal(format!("KV read {mount}/{path}: bad version")))?;
+        Ok(Some(KvEntry {
+            data: r.data,
+            version,
+        }))
     }
 
     /// Writes a KV v2 secret if its current version is `cas` (0 = must not exist).
     pub async fn kv_write_cas(&self, path: &str, data: &Value, cas: u32) -> Result<CasOutcome> {
-        let p = format!("{}/data/{path}", self.cfg.kv_mount);
-        let body = json!({ "options": { "cas": cas }, "data": data });
-        let (status, bytes) = self.call(Method::POST, &p, Some(&body)).await?;
-        if status == StatusCode::BAD_REQUEST {
-            let text = String::from_utf8_lossy(&bytes);
-            if text.contains("check-and-set") {
-                return Ok(CasOutcome::Mismatch);
+        let mount = self.cfg.kv_mount.as_str();
+        let r = self
+            .call("kv_write", |s| async move {
+                let opts = SetSecretRequestOptions { cas };
+                vaultrs::kv2::set_with_options(&s.client, mount, path, data, opts).await
+            })
+            .await;
+        match r {
+            Ok(m) => u32::try_from(m.version)
+                .map(CasOutcome::Written)
+                .map_err(|_| Error::internal(format!("KV write {mount}/{path}: bad version"))),
+            Err(e) if e.status() == Some(400) && e.vault_errors().contains("check-and-set") => {
+                Ok(CasOutcome::Mismatch)
             }
+            Err(e) => Err(e.into_error(&format!("KV write {mount}/{path}"))),
         }
-        if !status.is_success() {
-            return Err(Self::vault_error(&p, status, &bytes));
-        }
-        let v: Value =
-            serde_json::from_slice(&bytes).map_err(|e| Error::internal(format!("{p}: {e}")))?;
-        let version = v["data"]["version"]
-            .as_u64()
-            .and_then(|x| u32::try_from(x).ok())
-            .ok_or_else(|| Error::internal(format!("{p}: no version in response")))?;
-        Ok(CasOutcome::Written(version))
     }
 
     /// Deletes a KV v2 secret's metadata: every version is destroyed. Idempotent.
     pub async fn kv_delete_metadata(&self, path: &str) -> Result<()> {
-        let p = format!("{}/metadata/{path}", self.cfg.kv_mount);
-        let (status, bytes) = self.call::<Value>(Method::DELETE, &p, None).await?;
-        if status.is_success() || status == StatusCode::NOT_FOUND {
-            Ok(())
-        } else {
-            Err(Self::vault_error(&p, status, &bytes))
+        let mount = self.cfg.kv_mount.as_str();
+        let r = self
+            .call("kv_destroy", |s| async move {
+                vaultrs::kv2::delete_metadata(&s.client, mount, path).await
+            })
+            .await;
+        match r {
+            Ok(()) => Ok(()),
+            Err(e) if e.status() == Some(404) => Ok(()),
+            Err(e) => Err(e.into_error(&format!("KV delete {mount}/{path}"))),
         }
     }
 
-    /// A request with an explicit token (bootstrap, dev setup). Returns status and JSON body
-    /// (`Value::Null` for an empty body).
+    /// A request with an explicit token, or none (bootstrap, dev setup): `method` on `path`
+    /// (after `/v1/`). Returns the status and the JSON body (`Value::Null` if empty or not
+    /// JSON) whatever the status; an error only if no answer came.
     pub async fn raw(
         &self,
         method: Method,
@@ -574,40 +686,33 @@ impl Vault {
         body: Option<&Value>,
         token: Option<&str>,
     ) -> Result<(StatusCode, Value)> {
-        let t = token.map(|t| Token(Zeroizing::new(t.to_string())));
-        let (status, bytes) = self.send(method, path, body, t.as_ref()).await?;
-        let v = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+        let m = endpoints::request_method(&method)
+            .ok_or_else(|| Error::internal(format!("Vault {path}: method {method} not used")))?;
+        let s = self.new_session(Zeroizing::new(token.unwrap_or("").to_string()));
+        let e = endpoints::Raw {
+            method: m,
+            path,
+            body,
         };
-        Ok((status, v))
-    }
-}
-
-/// A low-cardinality label for the metrics of one Vault request.
-fn op_label(method: &Method, path: &str, cfg: &VaultConfig) -> &'static str {
-    let under = |mount: &str, sub: &str| {
-        path.strip_prefix(mount)
-            .and_then(|r| r.strip_prefix('/'))
-            .is_some_and(|r| r.starts_with(sub))
-    };
-    if path.starts_with("auth/") {
-        "auth"
-    } else if under(&cfg.transit_mount, "encrypt/") {
-        "transit_encrypt"
-    } else if under(&cfg.transit_mount, "decrypt/") {
-        "transit_decrypt"
-    } else if under(&cfg.transit_mount, "sign/") {
-        "transit_sign"
-    } else if under(&cfg.kv_mount, "metadata/") && *method == Method::DELETE {
-        "kv_destroy"
-    } else if under(&cfg.kv_mount, "data/") && *method == Method::GET {
-        "kv_read"
-    } else if under(&cfg.kv_mount, "data/") {
-        "kv_write"
-    } else {
-        "other"
+        let started = Instant::now();
+        let r = e
+            .with_middleware(&s.client.middle)
+            .exec(&s.client.http)
+            .await;
+        let json = |b: &[u8]| serde_json::from_slice(b).unwrap_or(Value::Null);
+        let out = match r {
+            Ok(resp) => Ok((resp.response.status(), json(resp.response.body()))),
+            Err(rustify::errors::ClientError::ServerResponseError { code, content }) => Ok((
+                StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                content.map(|c| json(c.as_bytes())).unwrap_or(Value::Null),
+            )),
+            Err(e) => {
+                Err(CallError::Client(ClientError::RestClientError { source: e }).into_error(path))
+            }
+        };
+        let ok = out.as_ref().is_ok_and(|(s, _)| !s.is_server_error());
+        crate::metrics::vault_call("other", started.elapsed(), ok);
+        out
     }
 }
 
@@ -616,4 +721,241 @@ pub fn parse_vault_blob(s: &str) -> Option<(u32, Vec<u8>)> {
     let rest = s.strip_prefix("vault:v")?;
     let (ver, b64) = rest.split_once(':')?;
     Some((ver.parse().ok()?, B64.decode(b64).ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::sync::Mutex;
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    const TOKEN: &str = "s.redirect-test-token-7f3a9c";
+    const SECRET_ID: &str = "secret-id-for-the-redirect-test-41d2";
+
+    /// Reads one request (head and a `Content-Length` body) from a connection.
+    async fn read_request(sock: &mut tokio::net::TcpStream) -> String {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let text = String::from_utf8_lossy(&buf).to_string();
+            if let Some(end) = text.find("\r\n\r\n") {
+                let len = text[..end]
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse::<usize>().ok())?
+                    })
+                    .unwrap_or(0);
+                if buf.len() >= end + 4 + len {
+                    return text;
+                }
+            }
+            match sock.read(&mut chunk).await {
+                Ok(0) | Err(_) => return String::from_utf8_lossy(&buf).to_string(),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// A loopback HTTP listener that records every request it receives and answers each with
+    /// `answer(path)`, one request per connection.
+    async fn listener(
+        answer: impl Fn(&str) -> String + Send + Sync + 'static,
+    ) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (seen2, answer) = (seen.clone(), Arc::new(answer));
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = l.accept().await {
+                let (seen, answer) = (seen2.clone(), answer.clone());
+                tokio::spawn(async move {
+                    let req = read_request(&mut sock).await;
+                    let path = req.split_whitespace().nth(1).unwrap_or("/").to_string();
+                    seen.lock().unwrap().push(req);
+                    let _ = sock.write_all(answer(&path).as_bytes()).await;
+                    let _ = sock.shutdown().await;
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    fn test_config(addr: SocketAddr, auth: VaultAuth) -> VaultConfig {
+        VaultConfig {
+            address: format!("http://{addr}"),
+            ca_cert: None,
+            insecure_http: true,
+            transit_mount: "transit".into(),
+            kv_mount: "kv".into(),
+            request_timeout: Duration::from_secs(5),
+            namespace: None,
+            auth,
+        }
+    }
+
+    /// Security finding 10: a Vault address answering 307 to another listener must not make
+    /// the client send its token (or AppRole secret id) there. Before the fix, reqwest followed
+    /// the redirect and resent `X-Vault-Token`, which it does not count as sensitive.
+    #[tokio::test]
+    async fn redirects_are_not_followed_and_the_token_goes_nowhere_else() {
+        let (other, other_seen) = listener(|_| {
+            "HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\n\
+             content-length: 19\r\nconnection: close\r\n\r\n{\"errors\":[\"evil\"]}"
+                .to_string()
+        })
+        .await;
+        let (vault_addr, vault_seen) = listener(move |path| {
+            format!(
+                "HTTP/1.1 307 Temporary Redirect\r\nlocation: http://{other}{path}\r\n\
+                 content-length: 0\r\nconnection: close\r\n\r\n"
+            )
+        })
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let token_file = dir.path().join("token");
+        std::fs::write(&token_file, TOKEN).unwrap();
+        let role_id_file = dir.path().join("role-id");
+        std::fs::write(&role_id_file, "role").unwrap();
+        let secret_id_file = dir.path().join("secret-id");
+        std::fs::write(&secret_id_file, SECRET_ID).unwrap();
+
+        // Token file: login looks the token up.
+        let v = Vault::new(test_config(vault_addr, VaultAuth::TokenFile { token_file })).unwrap();
+        let e = v.login().await.unwrap_err();
+        assert!(format!("{e:?}").contains("redirect"), "{e:?}");
+        // An authenticated call (it logs in first) and a given token (bootstrap).
+        assert!(v.kv_read("x", None).await.is_err());
+        let admin = v.with_token(TOKEN);
+        assert!(admin.kv_read("x", None).await.is_err());
+        let d = Dek::generate(32).unwrap();
+        assert!(admin.wrap_dek("kek-x", &d).await.is_err());
+        // Raw requests answer the 307 itself.
+        let (status, _) = v
+            .raw(Method::GET, "sys/mounts", None, Some(TOKEN))
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::TEMPORARY_REDIRECT);
+        // AppRole: the secret id is in the body, which a 307 would resend.
+        let v = Vault::new(test_config(
+            vault_addr,
+            VaultAuth::Approle {
+                role_id_file,
+                secret_id_file,
+                mount: "approle".into(),
+            },
+        ))
+        .unwrap();
+        assert!(v.login().await.is_err());
+
+        let vault_seen = vault_seen.lock().unwrap().clone();
+        assert!(vault_seen.len() >= 5, "{vault_seen:?}");
+        let with_token = vault_seen
+            .iter()
+            .filter(|r| {
+                r.to_ascii_lowercase()
+                    .contains(&format!("x-vault-token: {TOKEN}"))
+            })
+            .count();
+        assert!(
+            with_token >= 3,
+            "the configured address got the token: {vault_seen:?}"
+        );
+        assert!(vault_seen.iter().any(|r| r.contains(SECRET_ID)));
+        let other_seen = other_seen.lock().unwrap().clone();
+        assert!(
+            other_seen.is_empty(),
+            "the redirect target received {} request(s): {other_seen:?}",
+            other_seen.len()
+        );
+    }
+
+    /// The client checks the address itself too (a `VaultConfig` can be built without the
+    /// config parser, as dev setup does).
+    #[test]
+    fn the_client_refuses_a_non_loopback_plain_http_address() {
+        for bad in [
+            "http://localhost:8200@evil.example",
+            "http://127.0.0.1:8200@evil.example",
+            "http://10.0.0.1:8200",
+        ] {
+            let mut cfg = test_config(
+                "127.0.0.1:1".parse().unwrap(),
+                VaultAuth::TokenFile {
+                    token_file: "/nonexistent".into(),
+                },
+            );
+            cfg.address = bad.into();
+            assert!(Vault::new(cfg).is_err(), "{bad}");
+        }
+        let mut cfg = test_config(
+            "127.0.0.1:1".parse().unwrap(),
+            VaultAuth::TokenFile {
+                token_file: "/nonexistent".into(),
+            },
+        );
+        cfg.address = "https://vault.example:8200".into(); // https with insecure_http = true
+        assert!(Vault::new(cfg).is_err());
+    }
+
+    /// A response that does not parse may hold a plaintext (a transit decrypt answer): its
+    /// content never reaches the error message.
+    #[test]
+    fn unparsable_responses_do_not_leak_into_errors() {
+        let secret = "cGxhaW50ZXh0LWRlay1ieXRlcw==";
+        let e = CallError::Client(ClientError::RestClientError {
+            source: rustify::errors::ClientError::ResponseParseError {
+                source: serde_json::from_str::<u8>("x").unwrap_err().into(),
+                content: Some(format!("{{\"data\":{{\"plaintext\":\"{secret}\"}}}}")),
+            },
+        })
+        .into_error("transit decrypt with kek-x");
+        let text = format!("{e:?} {e}");
+        assert!(!text.contains(secret), "{text}");
+        assert!(text.contains("unexpected response"), "{text}");
+    }
+
+    #[test]
+    fn errors_are_mapped_by_status() {
+        let api = |code: u16| {
+            CallError::Client(ClientError::APIError {
+                code,
+                errors: vec!["permission denied".into()],
+            })
+        };
+        for code in [500, 502, 503, 429] {
+            assert!(matches!(
+                api(code).into_error("x"),
+                Error::Unavailable { .. }
+            ));
+        }
+        for code in [400, 403, 404] {
+            match api(code).into_error("x") {
+                Error::Internal { detail } => assert!(detail.contains("permission denied")),
+                other => panic!("{other:?}"),
+            }
+        }
+        let redirect = CallError::Client(ClientError::RestClientError {
+            source: rustify::errors::ClientError::ServerResponseError {
+                code: 307,
+                content: None,
+            },
+        });
+        assert_eq!(redirect.status(), Some(307));
+        match redirect.into_error("x") {
+            Error::Internal { detail } => assert!(detail.contains("redirect"), "{detail}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn vault_blobs_parse() {
+        assert_eq!(parse_vault_blob("vault:v2:AAEC"), Some((2, vec![0, 1, 2])));
+        assert_eq!(parse_vault_blob("vault:2:AAEC"), None);
+    }
 }

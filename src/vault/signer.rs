@@ -18,6 +18,7 @@ pub struct Signer {
 }
 
 impl Signer {
+    /// A signer with transit key `key` (piiguard's is `piiguard-signing`, made by bootstrap).
     pub fn new(vault: Arc<Vault>, key: impl Into<String>) -> Self {
         Self {
             vault,

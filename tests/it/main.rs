@@ -21,3 +21,4 @@ mod shred_stream;
 mod signing;
 mod store;
 mod tokens;
+mod vault;
