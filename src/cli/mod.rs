@@ -33,9 +33,12 @@ enum Cmd {
     },
     /// Dev mode: local OpenBao, dev PKI, bootstrap and serve, all in one folder. DEV ONLY.
     Dev {
-        /// Folder for the dev PKI, OpenBao data and generated config.
+        /// Folder for the OpenBao data, Vault credentials, audit log and generated config.
         #[arg(long, default_value = ".dev")]
         dir: PathBuf,
+        /// Folder of the dev PKI (CA, server and client certificates); generated if empty.
+        #[arg(long, default_value = "certs/dev")]
+        pki_dir: PathBuf,
         /// mTLS gRPC listener.
         #[arg(long, default_value = "127.0.0.1:7443")]
         listen: String,
@@ -105,7 +108,7 @@ enum Cmd {
     /// Generate a dev PKI: CA, server certificate for 127.0.0.1/localhost, client certificates.
     Certs {
         /// Output folder.
-        #[arg(long, default_value = ".dev/pki")]
+        #[arg(long, default_value = "certs/dev")]
         out: PathBuf,
         /// Extra clients as NAME=SPIFFE_URI (repeatable); the default set is always made.
         #[arg(long)]
@@ -119,13 +122,13 @@ struct ConnArgs {
     #[arg(long, default_value = "127.0.0.1:7443")]
     endpoint: String,
     /// CA that issued the server certificate.
-    #[arg(long, default_value = ".dev/pki/ca.pem")]
+    #[arg(long, default_value = "certs/dev/ca.pem")]
     ca: PathBuf,
     /// Client certificate (PEM).
-    #[arg(long, default_value = ".dev/pki/client-erasure.pem")]
+    #[arg(long, default_value = "certs/dev/client-erasure.pem")]
     cert: PathBuf,
     /// Client private key (PEM).
-    #[arg(long, default_value = ".dev/pki/client-erasure.key")]
+    #[arg(long, default_value = "certs/dev/client-erasure.key")]
     key: PathBuf,
     /// Name in the server certificate.
     #[arg(long, default_value = "localhost")]
@@ -228,6 +231,7 @@ pub fn run(cli: Cli) -> ExitCode {
         }
         Cmd::Dev {
             dir,
+            pki_dir,
             listen,
             health_listen,
             vault_port,
@@ -236,6 +240,7 @@ pub fn run(cli: Cli) -> ExitCode {
             init_logging(false, "info");
             let opts = crate::setup::dev::DevOptions {
                 dir,
+                pki_dir,
                 listen,
                 health_listen,
                 vault_port,

@@ -26,7 +26,7 @@ pub fn free_port_pair() -> u16 {
     panic!("no free port pair");
 }
 
-/// Grants for the test keyspaces and the throwaway identities of tests/mtls.rs (added to the
+/// Grants for the test keyspaces and the throwaway identities of tests/it/mtls.rs (added to the
 /// dev policy in tests).
 pub const TEST_GRANTS: &str = r#"
 # The order service also works in the test keyspaces of TEST_EXTRA.
@@ -36,7 +36,7 @@ operations = ["encrypt", "decrypt", "tokenize", "detokenize"]
 keyspaces = ["graced", "strict"]
 fields = ["*"]
 
-# Test identities of tests/mtls.rs (TLS admission, identity fallbacks).
+# Test identities of tests/it/mtls.rs (TLS admission, identity fallbacks).
 [[grant]]
 identities = ["spiffe://shop.local/good", "spiffe://shop.local/old", "spiffe://shop.local/fresh", "reports.shop.local"]
 operations = ["encrypt"]
