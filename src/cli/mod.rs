@@ -31,7 +31,7 @@ enum Cmd {
         #[arg(long, short, env = "PIIGUARD_CONFIG")]
         config: PathBuf,
     },
-    /// Dev mode: local OpenBao, dev PKI, bootstrap and serve, all in one folder. DEV ONLY.
+    /// Dev mode: local OpenBao, dev PKI, bootstrap and serve (state in --dir, PKI in --pki-dir). DEV ONLY.
     Dev {
         /// Folder for the OpenBao data, Vault credentials, audit log and generated config.
         #[arg(long, default_value = ".dev")]
