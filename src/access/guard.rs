@@ -1,4 +1,4 @@
-//! The per-call guard: every gRPC handler (crypto, and later tokens, erasure, admin) starts a
+//! The per-call guard: every gRPC handler (crypto, tokens, erasure, admin) starts a
 //! [`Guard`] with [`Sentry::begin`], asks it to [`Guard::authorize`] each operation on each
 //! keyspace/field, and ends with [`Guard::finish`], which writes the call's one audit record,
 //! counts failures towards lockout, updates metrics and maps the error to a status.

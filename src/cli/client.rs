@@ -10,20 +10,20 @@ use tonic::transport::Channel;
 use crate::tls::client::{ClientError, ClientSettings};
 
 /// Where the server is and who we are. Certificate and key default to the dev PKI's client of
-/// the command's identity (`.dev/pki/client-<identity>.pem`).
+/// the command's identity (`certs/dev/client-<identity>.pem`).
 #[derive(clap::Args, Debug, Clone)]
 pub struct ConnArgs {
     /// piiguard's mTLS address (`host:port` or `https://host:port`).
     #[arg(long, visible_alias = "address", default_value = "127.0.0.1:7443")]
     pub endpoint: String,
     /// CA that issued the server certificate (PEM).
-    #[arg(long, default_value = ".dev/pki/ca.pem")]
+    #[arg(long, default_value = "certs/dev/ca.pem")]
     pub ca: PathBuf,
-    /// Client certificate (PEM) [default: .dev/pki/client-<identity>.pem, where <identity> is
+    /// Client certificate (PEM) [default: certs/dev/client-<identity>.pem, where <identity> is
     /// `erasure` for shred and `admin` for admin].
     #[arg(long)]
     pub cert: Option<PathBuf>,
-    /// Client private key (PEM) [default: .dev/pki/client-<identity>.key]. Read into a buffer
+    /// Client private key (PEM) [default: certs/dev/client-<identity>.key]. Read into a buffer
     /// that is wiped after use; never printed.
     #[arg(long)]
     pub key: Option<PathBuf>,
@@ -39,7 +39,7 @@ pub struct ConnArgs {
 }
 
 /// Folder of the dev PKI that `piiguard dev` and `piiguard certs` write by default.
-pub const DEV_PKI_DIR: &str = ".dev/pki";
+pub const DEV_PKI_DIR: &str = "certs/dev";
 
 impl ConnArgs {
     /// The settings, with the dev client certificate of `identity` (a dev PKI file stem such
@@ -85,9 +85,9 @@ mod tests {
     fn defaults_are_the_dev_files_of_the_identity() {
         let t = T::parse_from(["t"]);
         let s = t.conn.settings("admin");
-        assert_eq!(s.ca, PathBuf::from(".dev/pki/ca.pem"));
-        assert_eq!(s.cert, PathBuf::from(".dev/pki/client-admin.pem"));
-        assert_eq!(s.key, PathBuf::from(".dev/pki/client-admin.key"));
+        assert_eq!(s.ca, PathBuf::from("certs/dev/ca.pem"));
+        assert_eq!(s.cert, PathBuf::from("certs/dev/client-admin.pem"));
+        assert_eq!(s.key, PathBuf::from("certs/dev/client-admin.key"));
         assert_eq!(s.endpoint, "127.0.0.1:7443");
         assert_eq!(s.connect_timeout, Duration::from_secs(10));
     }
@@ -98,6 +98,6 @@ mod tests {
         let s = t.conn.settings("erasure");
         assert_eq!(s.endpoint, "127.0.0.1:9");
         assert_eq!(s.cert, PathBuf::from("c.pem"));
-        assert_eq!(s.key, PathBuf::from(".dev/pki/client-erasure.key"));
+        assert_eq!(s.key, PathBuf::from("certs/dev/client-erasure.key"));
     }
 }

@@ -79,11 +79,14 @@ enum Cmd {
         #[arg(long, short, env = "PIIGUARD_CONFIG")]
         config: PathBuf,
     },
-    /// Dev mode: local OpenBao, dev PKI, bootstrap and serve, all in one folder. DEV ONLY.
+    /// Dev mode: local OpenBao, dev PKI, bootstrap and serve (state in --dir, PKI in --pki-dir). DEV ONLY.
     Dev {
-        /// Folder for the dev PKI, OpenBao data and generated config.
+        /// Folder for the OpenBao data, Vault credentials, audit log and generated config.
         #[arg(long, default_value = ".dev")]
         dir: PathBuf,
+        /// Folder of the dev PKI (CA, server and client certificates); generated if empty.
+        #[arg(long, default_value = "certs/dev")]
+        pki_dir: PathBuf,
         /// mTLS gRPC listener.
         #[arg(long, default_value = "127.0.0.1:7443")]
         listen: String,
@@ -153,7 +156,7 @@ enum Cmd {
     /// Generate a dev PKI: CA, server certificate for 127.0.0.1/localhost, client certificates.
     Certs {
         /// Output folder.
-        #[arg(long, default_value = ".dev/pki")]
+        #[arg(long, default_value = "certs/dev")]
         out: PathBuf,
         /// Extra clients as NAME=SPIFFE_URI (repeatable); the default set is always made.
         #[arg(long)]
@@ -282,6 +285,7 @@ pub fn run(cli: Cli) -> ExitCode {
         }
         Cmd::Dev {
             dir,
+            pki_dir,
             listen,
             health_listen,
             vault_port,
@@ -290,6 +294,7 @@ pub fn run(cli: Cli) -> ExitCode {
             init_logging(false, "info");
             let opts = crate::setup::dev::DevOptions {
                 dir,
+                pki_dir,
                 listen,
                 health_listen,
                 vault_port,

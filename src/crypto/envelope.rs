@@ -1,5 +1,5 @@
 //! Ciphertext format v1 (documented in docs/FORMAT.md, pinned by golden vectors in the tests
-//! below and in tests/golden_vectors.rs).
+//! below and in tests/it/golden_vectors.rs).
 //!
 //! ```text
 //! offset      size  field

@@ -1,6 +1,6 @@
 //! Pure cryptography: no I/O, no Vault, no clocks.
 //!
-//! May use: `domain`, `error`, `secret`. Nothing above.
+//! May use: `domain`, `error`. Nothing above.
 //!
 //! **Architecture Invariant:** nothing under `crypto/` performs I/O or knows about gRPC; it maps
 //! bytes to bytes and returns typed errors.

@@ -9,7 +9,7 @@
 //! - `piiguard_audit_records_total`, `piiguard_audit_write_errors_total`,
 //!   `piiguard_audit_lost_records_total`
 //! - `piiguard_dek_cache_entries`, `piiguard_dek_cache_total{result}` (hit / miss, fed by
-//!   `ops.rs` through [`dek_cache`])
+//!   `ops/mod.rs` through [`dek_cache`])
 //! - `piiguard_vault_request_duration_seconds{op}`, `piiguard_vault_errors_total{op}` ([`vault_call`]:
 //!   `dek_load` for cache misses, `sign` for audit checkpoints)
 //! - `piiguard_shreds_total{outcome}` ([`shred`], for the erasure service)

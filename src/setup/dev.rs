@@ -395,13 +395,16 @@ algorithm = "aes-128-gcm"
 #[derive(Debug, Clone)]
 pub struct DevOptions {
     pub dir: PathBuf,
+    /// Folder of the dev PKI (`certs/dev` by default); generated there if it holds none.
+    pub pki_dir: PathBuf,
     pub listen: String,
     pub health_listen: String,
     pub vault_port: u16,
     pub bao: Option<PathBuf>,
 }
 
-/// `piiguard dev`: local OpenBao, dev PKI, bootstrap, serve. Everything lands in `opts.dir`.
+/// `piiguard dev`: local OpenBao, dev PKI, bootstrap, serve. The dev PKI lands in
+/// `opts.pki_dir`, everything else in `opts.dir`.
 pub async fn run_dev(opts: DevOptions) -> Result<(), String> {
     crate::tls::install_default_provider();
     let bin = match find_bao(opts.bao.as_deref()) {
@@ -410,11 +413,11 @@ pub async fn run_dev(opts: DevOptions) -> Result<(), String> {
     };
     let dir = &opts.dir;
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let pki_dir = dir.join("pki");
+    let pki_dir = &opts.pki_dir;
     let pki = if pki_dir.join("ca.pem").exists() && pki_dir.join("server.pem").exists() {
-        DevPkiPaths::new(&pki_dir)
+        DevPkiPaths::new(pki_dir)
     } else {
-        crate::setup::pki::generate_dev_pki(&pki_dir, crate::setup::pki::DEFAULT_CLIENTS)?
+        crate::setup::pki::generate_dev_pki(pki_dir, crate::setup::pki::DEFAULT_CLIENTS)?
     };
     eprintln!(
         "WARNING: DEV MODE. Local OpenBao with its unseal key and root token in {}; never use this setup in production.",

@@ -1,6 +1,7 @@
 //! Dev PKI: a CA, a server certificate for 127.0.0.1/localhost (used by piiguard and by the
-//! dev OpenBao), and client certificates with SPIFFE URI SANs. Generated at run time into an
-//! ignored folder; nothing here is ever committed. Not for production.
+//! dev OpenBao), and client certificates with SPIFFE URI SANs. Generated at run time into
+//! `certs/dev/` by default (ignored by git); nothing here is ever committed. Not for production:
+//! certs/README.md says how to issue real identities.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};

@@ -55,10 +55,10 @@ async fn client_commands_share_one_mtls_connection_and_explain_a_wrong_ca() {
     assert!(o.status.success(), "{out}{err}");
     assert!(out.contains("BEGIN PUBLIC KEY"), "{out}");
 
-    // admin with the dev defaults (.dev/pki/ca.pem, client-admin.pem/.key), and the old
+    // admin with the dev defaults (certs/dev/ca.pem, client-admin.pem/.key), and the old
     // `--address` spelling.
-    std::fs::create_dir_all(work.path().join(".dev")).unwrap();
-    std::os::unix::fs::symlink(&env.pki.dir, work.path().join(".dev/pki")).unwrap();
+    std::fs::create_dir_all(work.path().join("certs")).unwrap();
+    std::os::unix::fs::symlink(&env.pki.dir, work.path().join("certs/dev")).unwrap();
     let o = piiguard(
         work.path(),
         &[

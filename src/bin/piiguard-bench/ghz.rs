@@ -214,7 +214,7 @@ mod tests {
             // mTLS with the dev PKI, through reflection (no proto/protoset given).
             for k in ["cacert", "cert", "key"] {
                 let p = cfg[k].as_str().unwrap_or_else(|| panic!("{what}: no {k}"));
-                assert!(p.starts_with(".dev/pki/"), "{what}: {k} = {p}");
+                assert!(p.starts_with("certs/dev/"), "{what}: {k} = {p}");
             }
             assert!(cfg.get("proto").is_none() && cfg.get("protoset").is_none());
             assert!(cfg.get("insecure").is_none_or(|v| v == false), "{what}");

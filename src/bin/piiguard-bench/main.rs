@@ -38,28 +38,31 @@ enum Cmd {
 /// Where the server and OpenBao are, and the credentials to reach them.
 #[derive(Args, Debug, Clone)]
 pub struct Target {
-    /// `piiguard dev` folder: default for every certificate, key and token path below.
+    /// `piiguard dev` folder: default for the OpenBao token path below.
     #[arg(long, default_value = ".dev")]
     pub dev_dir: PathBuf,
+    /// Dev PKI folder (`piiguard dev --pki-dir`): default for every certificate and key below.
+    #[arg(long, default_value = "certs/dev")]
+    pub pki_dir: PathBuf,
     /// piiguard mTLS address.
     #[arg(long, default_value = "127.0.0.1:7443")]
     pub addr: String,
     /// TLS server name to verify (the dev server certificate is for localhost and 127.0.0.1).
     #[arg(long, default_value = "localhost")]
     pub domain: String,
-    /// CA certificate of the server (default: <dev-dir>/pki/ca.pem).
+    /// CA certificate of the server (default: <pki-dir>/ca.pem).
     #[arg(long)]
     pub ca: Option<PathBuf>,
-    /// Client certificate (default: <dev-dir>/pki/client-orders.pem).
+    /// Client certificate (default: <pki-dir>/client-orders.pem).
     #[arg(long)]
     pub cert: Option<PathBuf>,
-    /// Client key (default: <dev-dir>/pki/client-orders.key).
+    /// Client key (default: <pki-dir>/client-orders.key).
     #[arg(long)]
     pub key: Option<PathBuf>,
     /// OpenBao/Vault address (needed by the bao-* scenarios).
     #[arg(long, default_value = "https://127.0.0.1:8200")]
     pub vault_addr: String,
-    /// CA bundle of OpenBao (default: <dev-dir>/pki/ca.pem).
+    /// CA bundle of OpenBao (default: <pki-dir>/ca.pem).
     #[arg(long)]
     pub vault_ca: Option<PathBuf>,
     /// File holding an OpenBao token allowed to use transit and KV (default:
@@ -90,22 +93,22 @@ impl Target {
     pub fn ca(&self) -> PathBuf {
         self.ca
             .clone()
-            .unwrap_or_else(|| self.dev_dir.join("pki/ca.pem"))
+            .unwrap_or_else(|| self.pki_dir.join("ca.pem"))
     }
     pub fn cert(&self) -> PathBuf {
         self.cert
             .clone()
-            .unwrap_or_else(|| self.dev_dir.join("pki/client-orders.pem"))
+            .unwrap_or_else(|| self.pki_dir.join("client-orders.pem"))
     }
     pub fn key(&self) -> PathBuf {
         self.key
             .clone()
-            .unwrap_or_else(|| self.dev_dir.join("pki/client-orders.key"))
+            .unwrap_or_else(|| self.pki_dir.join("client-orders.key"))
     }
     pub fn vault_ca(&self) -> PathBuf {
         self.vault_ca
             .clone()
-            .unwrap_or_else(|| self.dev_dir.join("pki/ca.pem"))
+            .unwrap_or_else(|| self.pki_dir.join("ca.pem"))
     }
     pub fn vault_token_file(&self) -> PathBuf {
         self.vault_token_file

@@ -23,7 +23,7 @@ operations = ["encrypt", "decrypt", "tokenize", "detokenize"]
 keyspaces = ["graced", "strict"]
 fields = ["*"]
 
-# Test identities of tests/mtls.rs (TLS admission, identity fallbacks).
+# Test identities of tests/it/mtls.rs (TLS admission, identity fallbacks).
 [[grant]]
 identities = ["spiffe://shop.local/good", "spiffe://shop.local/old", "spiffe://shop.local/fresh", "reports.shop.local"]
 operations = ["encrypt"]
