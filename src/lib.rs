@@ -20,6 +20,7 @@
 //! See docs/ARCHITECTURE.md for the map of this crate.
 
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod domain;
 pub mod error;

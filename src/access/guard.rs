@@ -397,12 +397,20 @@ impl Guard {
         }
     }
 
-    fn refuse(mut self, e: Error) -> Status {
+    /// Ends the call with `e`: its audit record, then its status (through the one mapping,
+    /// [`Error::into_status`]).
+    pub fn fail(mut self, e: Error) -> Status {
         match self.record(Err(e)) {
             Err(s) => s,
-            // A refusal is never turned into success.
-            Ok(()) => Status::internal("refusal lost"),
+            // `record` maps every error to a status; a refusal is never turned into success.
+            Ok(()) => {
+                Error::internal("a refusal was recorded as success").into_status(self.cid.as_str())
+            }
         }
+    }
+
+    fn refuse(self, e: Error) -> Status {
+        self.fail(e)
     }
 
     /// Ends the call: audit record, lockout accounting, metrics, status mapping. A successful
@@ -411,10 +419,7 @@ impl Guard {
     pub fn finish<T>(mut self, r: Result<T>) -> Result<Response<T>, Status> {
         match r {
             Ok(v) => self.record(Ok(())).map(|()| Response::new(v)),
-            Err(e) => Err(self
-                .record(Err(e))
-                .err()
-                .unwrap_or_else(|| Status::internal("error lost"))),
+            Err(e) => Err(self.fail(e)),
         }
     }
 

@@ -7,6 +7,24 @@
 
 pub mod ready;
 
+/// Why the service could not start (or stopped with an error): a message for the operator,
+/// naming the listener, file or backend. Vault's own answers are not in it (they are logged).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct StartError(pub String);
+
+impl From<String> for StartError {
+    fn from(s: String) -> Self {
+        Self(s)
+    }
+}
+
+impl From<crate::audit::webhook::WebhookError> for StartError {
+    fn from(e: crate::audit::webhook::WebhookError) -> Self {
+        Self(e.to_string())
+    }
+}
+
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -76,7 +94,7 @@ async fn connect_keys(
 pub async fn run(
     cfg: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), String> {
+) -> Result<(), StartError> {
     tls::install_default_provider();
     // A ready file of a previous run must not be taken for this one's.
     if let Some(path) = &cfg.server.ready_file {
@@ -359,7 +377,7 @@ pub async fn run(
             .await;
         let _ = stop_tx.send(true);
     });
-    let r = serve.await.map_err(|e| format!("server: {e}"));
+    let r = serve.await.map_err(|e| StartError(format!("server: {e}")));
     for h in reloaders {
         h.abort();
     }

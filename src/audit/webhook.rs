@@ -7,6 +7,18 @@ use crate::config::AlarmsConfig;
 use crate::domain::time::rfc3339;
 
 /// Posts alarms to a webhook from a background task (bounded queue; never blocks a call).
+/// Why the alarm webhook cannot be started.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("alarm webhook: {0}")]
+pub struct WebhookError(pub String);
+
+impl From<String> for WebhookError {
+    fn from(s: String) -> Self {
+        Self(s)
+    }
+}
+
+/// Posts alarms to the configured webhook.
 #[derive(Clone)]
 pub struct Webhook {
     tx: tokio::sync::mpsc::Sender<serde_json::Value>,
@@ -14,9 +26,12 @@ pub struct Webhook {
 
 impl Webhook {
     /// Starts the posting task. `url` must be https (or http to loopback).
-    pub fn start(cfg: &AlarmsConfig, runtime: &tokio::runtime::Handle) -> Result<Self, String> {
+    pub fn start(
+        cfg: &AlarmsConfig,
+        runtime: &tokio::runtime::Handle,
+    ) -> Result<Self, WebhookError> {
         let Some(url) = cfg.webhook_url.clone() else {
-            return Err("no webhook configured".into());
+            return Err(WebhookError("no webhook configured".into()));
         };
         let mut b = reqwest::Client::builder().timeout(Duration::from_secs(5));
         if let Some(ca) = &cfg.webhook_ca {

@@ -50,6 +50,9 @@ pub enum CommandError {
         /// Why it broke off.
         status: tonic::Status,
     },
+    /// A certificate of destruction does not verify.
+    #[error(transparent)]
+    Certificate(#[from] crate::ops::erasure::certificate::CertificateError),
     /// The server ended a stream without answering every request.
     #[error("server answered {answered} of {total} requests")]
     Incomplete {
@@ -330,12 +333,14 @@ pub fn run(cli: Cli) -> ExitCode {
                     &credentials_dir.join("role-id"),
                     creds.role_id.as_bytes(),
                     true,
-                )?;
+                )
+                .map_err(|e| e.to_string())?;
                 crate::setup::pki::write_file(
                     &credentials_dir.join("secret-id"),
                     creds.secret_id.as_bytes(),
                     true,
-                )?;
+                )
+                .map_err(|e| e.to_string())?;
                 eprintln!(
                     "bootstrap done; AppRole credentials written to {}",
                     credentials_dir.display()

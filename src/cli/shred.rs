@@ -177,13 +177,17 @@ pub async fn bulk_shred(
 
 /// `piiguard certificate verify`: checks a certificate's signature with a PEM public key and
 /// prints what it certifies.
-pub fn verify_certificate(cert_path: &Path, public_key: &Path) -> Result<String, String> {
-    let doc =
-        std::fs::read_to_string(cert_path).map_err(|e| format!("{}: {e}", cert_path.display()))?;
-    let pem = std::fs::read_to_string(public_key)
-        .map_err(|e| format!("{}: {e}", public_key.display()))?;
-    let cert = Certificate::parse(&doc).map_err(|e| e.to_string())?;
-    let p = cert.verify(&pem).map_err(|e| e.to_string())?;
+pub fn verify_certificate(cert_path: &Path, public_key: &Path) -> Result<String, CommandError> {
+    let read = |path: &Path| {
+        std::fs::read_to_string(path).map_err(|source| CommandError::File {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let doc = read(cert_path)?;
+    let pem = read(public_key)?;
+    let cert = Certificate::parse(&doc)?;
+    let p = cert.verify(&pem)?;
     Ok(format!(
         "OK: certificate {} verified (key {} v{}).\n  keyspace {}, subject_ref {}\n  {} key(s) destroyed at {} ({}), requested {} by request {:?}: {:?}\n  cached copies survive at most {} s; backups at most {} days",
         p.certificate_id,

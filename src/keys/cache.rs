@@ -69,14 +69,18 @@ impl Tick {
 /// One unwrapped DEK, ready to use. 136 bytes (152 with the `Arc` header, a 160-byte malloc
 /// chunk): keep it at most 136, or every cached DEK costs 16 bytes more.
 pub struct DekEntry {
+    /// Keyspace of the DEK.
     pub keyspace: Arc<str>,
+    /// Random id of the DEK.
     pub key_id: KeyId,
+    /// Keys derived from the DEK (the DEK itself is not kept).
     pub keys: DerivedKeys,
     /// Encryptions made with this DEK by this process (GCM random-nonce budget: 2^32).
     pub uses: AtomicU64,
     /// Subject index key (all zero if the subject is not known, e.g. a key loaded by id whose
     /// record has no readable subject reference).
     subject: SubjectTag,
+    /// Version of the DEK.
     pub dek_version: u32,
     /// Creation time: whole seconds since the cache epoch, and the milliseconds past them
     /// (a `u64` of milliseconds would push the entry over 136 bytes).
@@ -328,6 +332,7 @@ pub struct ShardedCache<I: IndexKind> {
 }
 
 impl<I: IndexKind> ShardedCache<I> {
+    /// An empty cache of at most `max_entries`, with idle and hard TTLs.
     pub fn new(max_entries: usize, idle: Duration, hard: Duration) -> Self {
         let (n, per_shard) = layout(max_entries);
         let hasher = CacheHasherBuilder::new();

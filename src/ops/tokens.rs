@@ -33,11 +33,17 @@ const CTX_TOKEN: &str = "piiguard.token";
 /// One Tokenize request (no `Debug`: it carries the value).
 #[derive(Clone, Copy)]
 pub struct TokenizeInput<'a> {
+    /// Keyspace name.
     pub keyspace: &'a str,
+    /// Raw subject id (hashed before use).
     pub subject: &'a str,
+    /// Field name.
     pub field: &'a str,
+    /// The value to tokenise.
     pub value: &'a str,
+    /// Token format.
     pub format: Format,
+    /// Random, deterministic or join.
     pub mode: Mode,
     /// Lifetime in seconds; 0 = no expiry.
     pub ttl_secs: u64,
@@ -45,13 +51,17 @@ pub struct TokenizeInput<'a> {
 
 /// A token (no `Debug`: tokens are not logged).
 pub struct Tokenized {
+    /// The token.
     pub token: String,
+    /// When it expires (Unix seconds), if it has a TTL.
     pub expires_at: Option<i64>,
 }
 
 /// The value behind a token.
 pub struct Detokenized {
+    /// The value (plaintext: zeroized on drop).
     pub value: Zeroizing<String>,
+    /// The field the token stands for.
     pub field: String,
 }
 

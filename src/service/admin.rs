@@ -44,10 +44,7 @@ impl AdminService {
     fn begin<T>(&self, req: &Request<T>, method: &'static str) -> Result<Guard, Status> {
         let mut g = self.sentry.begin(req, method, Op::Admin)?;
         if let Err(e) = g.authorize(Op::Admin, None, None) {
-            return Err(g
-                .finish::<()>(Err(e))
-                .err()
-                .unwrap_or_else(|| Status::internal("")));
+            return Err(g.fail(e));
         }
         Ok(g)
     }

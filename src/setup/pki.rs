@@ -6,6 +6,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 
+use super::SetupError;
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType,
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevocationReason,
@@ -34,8 +35,11 @@ pub enum ClientName {
 
 /// A certificate and its private key, PEM-encoded.
 pub struct Issued {
+    /// Certificate (PEM).
     pub cert_pem: String,
+    /// Private key (PEM, zeroized on drop).
     pub key_pem: zeroize::Zeroizing<String>,
+    /// Serial number (for CRLs).
     pub serial: Vec<u8>,
 }
 
@@ -43,14 +47,14 @@ fn e(x: impl std::fmt::Display) -> String {
     x.to_string()
 }
 
-fn random_serial() -> Result<SerialNumber, String> {
+fn random_serial() -> Result<SerialNumber, SetupError> {
     let mut b = [0u8; 16];
     aws_lc_rs::rand::fill(&mut b).map_err(|_| "CSPRNG failed".to_string())?;
     b[0] &= 0x7f; // positive
     Ok(SerialNumber::from_slice(&b))
 }
 
-fn ca_params() -> Result<CertificateParams, String> {
+fn ca_params() -> Result<CertificateParams, SetupError> {
     let mut p = CertificateParams::new(Vec::<String>::new()).map_err(e)?;
     p.distinguished_name
         .push(DnType::CommonName, "piiguard dev CA (not for production)");
@@ -69,13 +73,14 @@ fn ca_params() -> Result<CertificateParams, String> {
 
 /// A CA able to issue certificates.
 pub struct Ca {
+    /// Certificate (PEM).
     pub cert_pem: String,
     issuer: Issuer<'static, KeyPair>,
 }
 
 impl Ca {
     /// A new self-signed CA.
-    pub fn generate() -> Result<(Self, zeroize::Zeroizing<String>), String> {
+    pub fn generate() -> Result<(Self, zeroize::Zeroizing<String>), SetupError> {
         let key = KeyPair::generate().map_err(e)?;
         let params = ca_params()?;
         let cert = params.self_signed(&key).map_err(e)?;
@@ -90,7 +95,7 @@ impl Ca {
     }
 
     /// Loads a CA from its PEM certificate and key.
-    pub fn load(cert_pem: &str, key_pem: &str) -> Result<Self, String> {
+    pub fn load(cert_pem: &str, key_pem: &str) -> Result<Self, SetupError> {
         let key = KeyPair::from_pem(key_pem).map_err(e)?;
         let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(e)?;
         Ok(Self {
@@ -100,14 +105,14 @@ impl Ca {
     }
 
     /// Loads a CA from `dir/ca.pem` and `dir/ca.key`.
-    pub fn load_dir(dir: &Path) -> Result<Self, String> {
+    pub fn load_dir(dir: &Path) -> Result<Self, SetupError> {
         let c = std::fs::read_to_string(dir.join("ca.pem")).map_err(e)?;
         let k = zeroize::Zeroizing::new(std::fs::read_to_string(dir.join("ca.key")).map_err(e)?);
         Self::load(&c, &k)
     }
 
     /// A server certificate for 127.0.0.1, ::1 and localhost.
-    pub fn issue_server(&self) -> Result<Issued, String> {
+    pub fn issue_server(&self) -> Result<Issued, SetupError> {
         let mut p = CertificateParams::new(vec!["localhost".to_string()]).map_err(e)?;
         p.subject_alt_names
             .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
@@ -128,7 +133,7 @@ impl Ca {
         name: &ClientName,
         not_before: OffsetDateTime,
         not_after: OffsetDateTime,
-    ) -> Result<Issued, String> {
+    ) -> Result<Issued, SetupError> {
         let mut p = CertificateParams::new(Vec::<String>::new()).map_err(e)?;
         match name {
             ClientName::Spiffe(u) => {
@@ -149,7 +154,7 @@ impl Ca {
     }
 
     /// A client certificate valid for 90 days.
-    pub fn issue_client_now(&self, name: &ClientName) -> Result<Issued, String> {
+    pub fn issue_client_now(&self, name: &ClientName) -> Result<Issued, SetupError> {
         self.issue_client(
             name,
             OffsetDateTime::now_utc() - Duration::hours(1),
@@ -162,7 +167,7 @@ impl Ca {
         mut p: CertificateParams,
         not_before: OffsetDateTime,
         not_after: OffsetDateTime,
-    ) -> Result<Issued, String> {
+    ) -> Result<Issued, SetupError> {
         let serial = random_serial()?;
         p.serial_number = Some(serial.clone());
         p.not_before = not_before;
@@ -179,7 +184,7 @@ impl Ca {
     }
 
     /// A CRL revoking the given serial numbers, PEM-encoded.
-    pub fn crl(&self, revoked: &[Vec<u8>]) -> Result<String, String> {
+    pub fn crl(&self, revoked: &[Vec<u8>]) -> Result<String, SetupError> {
         let now = OffsetDateTime::now_utc();
         let params = CertificateRevocationListParams {
             this_update: now - Duration::minutes(5),
@@ -197,12 +202,16 @@ impl Ca {
                 .collect(),
             key_identifier_method: KeyIdMethod::Sha256,
         };
-        params.signed_by(&self.issuer).map_err(e)?.pem().map_err(e)
+        Ok(params
+            .signed_by(&self.issuer)
+            .map_err(e)?
+            .pem()
+            .map_err(e)?)
     }
 }
 
 /// Writes a file; private keys get mode 0600.
-pub fn write_file(path: &Path, contents: &[u8], private: bool) -> Result<(), String> {
+pub fn write_file(path: &Path, contents: &[u8], private: bool) -> Result<(), SetupError> {
     use std::io::Write as _;
     let mut o = std::fs::OpenOptions::new();
     o.write(true).create(true).truncate(true);
@@ -216,19 +225,24 @@ pub fn write_file(path: &Path, contents: &[u8], private: bool) -> Result<(), Str
         .open(path)
         .map_err(|x| format!("{}: {x}", path.display()))?;
     f.write_all(contents)
-        .map_err(|x| format!("{}: {x}", path.display()))
+        .map_err(|x| SetupError(format!("{}: {x}", path.display())))
 }
 
 /// Paths of a generated dev PKI.
 #[derive(Debug, Clone)]
 pub struct DevPkiPaths {
+    /// The folder.
     pub dir: PathBuf,
+    /// CA certificate (PEM).
     pub ca: PathBuf,
+    /// Server certificate (PEM).
     pub server_cert: PathBuf,
+    /// Server private key (PEM).
     pub server_key: PathBuf,
 }
 
 impl DevPkiPaths {
+    /// The paths of a dev PKI in `dir`.
     pub fn new(dir: &Path) -> Self {
         Self {
             dir: dir.to_path_buf(),
@@ -248,7 +262,7 @@ impl DevPkiPaths {
 }
 
 /// Generates the dev PKI into `dir` (created if needed). Existing files are replaced.
-pub fn generate_dev_pki(dir: &Path, clients: &[(&str, &str)]) -> Result<DevPkiPaths, String> {
+pub fn generate_dev_pki(dir: &Path, clients: &[(&str, &str)]) -> Result<DevPkiPaths, SetupError> {
     std::fs::create_dir_all(dir).map_err(|x| format!("{}: {x}", dir.display()))?;
     let paths = DevPkiPaths::new(dir);
     let (ca, ca_key) = Ca::generate()?;

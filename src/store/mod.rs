@@ -21,11 +21,13 @@ use crate::error::{Error, Result};
 /// Shred state of a subject in a keyspace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SubjectState {
+    /// In use.
     Active,
     /// A shred is scheduled (grace window); data calls are refused.
     Scheduled,
     /// A shred is in progress (its intent is recorded; Vault deletion may not be done yet).
     Shredding,
+    /// Keys destroyed and certified.
     Shredded,
 }
 
@@ -65,16 +67,25 @@ fn placeholders(first: usize, n: usize) -> String {
 /// A subject's registry row.
 #[derive(Debug, Clone)]
 pub struct SubjectRow {
+    /// Shred state.
     pub state: SubjectState,
+    /// When the row was made (Unix seconds).
     pub created_at: i64,
+    /// When it last changed (Unix seconds).
     pub updated_at: i64,
+    /// Retention end (Unix seconds), after which the reaper shreds.
     pub retain_until: Option<i64>,
+    /// When a scheduled shred runs (Unix seconds).
     pub shred_at: Option<i64>,
+    /// Request id of the shred.
     pub request_id: Option<String>,
+    /// Reason of the shred.
     pub reason: Option<String>,
+    /// When the shred was requested (Unix seconds).
     pub requested_at: Option<i64>,
     /// JSON list of the keys the pending shred destroys (`[{"key_id":…,"dek_version":…}]`).
     pub intent: Option<String>,
+    /// When the keys were destroyed (Unix seconds).
     pub executed_at: Option<i64>,
     /// The signed certificate of the last shred.
     pub certificate: Option<String>,
@@ -98,9 +109,13 @@ pub struct DueRow {
 /// A "drop these keys" message for every replica.
 #[derive(Debug, Clone)]
 pub struct Eviction {
+    /// Position in the feed.
     pub seq: i64,
+    /// The keyspace.
     pub keyspace: String,
+    /// Keyed hash of the subject.
     pub subject_ref: String,
+    /// Key ids to evict (JSON).
     pub intent: String,
 }
 
@@ -120,9 +135,13 @@ pub struct Certified<'a> {
 /// What a shred is about to do, recorded before it does it.
 #[derive(Debug, Clone)]
 pub struct ShredClaim<'a> {
+    /// Key ids to destroy (JSON).
     pub intent: &'a str,
+    /// Request id of the shred.
     pub request_id: &'a str,
+    /// Reason of the shred.
     pub reason: &'a str,
+    /// When it was requested (Unix seconds).
     pub requested_at: i64,
 }
 

@@ -25,8 +25,11 @@ const ROWS_PER_STATEMENT: usize = 32;
 /// State of a token row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TokenState {
+    /// In use.
     Live,
+    /// Past its TTL.
     Expired,
+    /// Keys destroyed and certified.
     Shredded,
 }
 
@@ -48,26 +51,38 @@ impl TokenState {
 /// A new token and its first sealed value.
 #[derive(Clone, Copy)]
 pub struct NewToken<'a> {
+    /// Keyspace name.
     pub keyspace: &'a str,
+    /// Keyed hash of the token.
     pub token_hash: &'a str,
+    /// Field name.
     pub field: &'a str,
+    /// Token format.
     pub format: &'a str,
     /// Deterministic tokens only.
     pub value_hash: Option<&'a str>,
+    /// Which draw made the token.
     pub attempt: u32,
+    /// Keyed hash of the subject.
     pub subject_ref: &'a str,
     /// The value sealed under the subject's DEK (text form).
     pub sealed: &'a str,
+    /// Unix seconds of the write.
     pub now: i64,
+    /// When it expires (Unix seconds), if it has a TTL.
     pub expires_at: Option<i64>,
 }
 
 /// A deterministic token found by its value hash.
 #[derive(Debug, Clone)]
 pub struct DeterministicRow {
+    /// Keyed hash of the token.
     pub token_hash: String,
+    /// Which draw made the token.
     pub attempt: u32,
+    /// Token state.
     pub state: TokenState,
+    /// When it expires (Unix seconds), if it has a TTL.
     pub expires_at: Option<i64>,
     /// Whether the asking subject already has its sealed value on this token.
     pub mine: bool,
@@ -75,11 +90,15 @@ pub struct DeterministicRow {
 
 /// A subject's sealed value for an existing (deterministic) token.
 pub struct AddValue<'a> {
+    /// Keyspace name.
     pub keyspace: &'a str,
+    /// Keyed hash of the token.
     pub token_hash: &'a str,
+    /// Keyed hash of the subject.
     pub subject_ref: &'a str,
     /// The value sealed under the subject's DEK (text form).
     pub sealed: &'a str,
+    /// Unix seconds of the write.
     pub now: i64,
     /// The token's new expiry (replaces the stored one).
     pub expires_at: Option<i64>,
@@ -155,9 +174,13 @@ fn insert_values_sql(rows: usize, sqlite: bool) -> String {
 
 /// What Detokenize needs: the token row and every sealed copy of its value.
 pub struct TokenRow {
+    /// The field the token stands for.
     pub field: String,
+    /// Token state.
     pub state: TokenState,
+    /// When it expires (Unix seconds), if it has a TTL.
     pub expires_at: Option<i64>,
+    /// The value sealed under each holder's DEK (text form).
     pub sealed: Vec<String>,
 }
 

@@ -27,7 +27,10 @@ pub enum Format {
     /// `pgt_` + 22 URL-safe characters.
     Opaque,
     /// Digits only, same length, the last `keep_last` digits kept.
-    Digits { keep_last: u8 },
+    Digits {
+        /// How many trailing digits stay as they are.
+        keep_last: u8,
+    },
     /// Local part tokenised, domain kept.
     Email,
     /// FF1 over the value's letters and digits, other characters kept in place.
@@ -162,7 +165,9 @@ pub fn ff1_applies(value: &str) -> bool {
 /// FF1 key material for one token: AES-256 key (per keyspace and field) and tweak (carrying
 /// the subject's secret, so that a shred makes the token impossible to invert).
 pub struct Ff1Params<'a> {
+    /// FF1 key (AES-256).
     pub key: &'a [u8; 32],
+    /// FF1 tweak.
     pub tweak: &'a [u8],
 }
 

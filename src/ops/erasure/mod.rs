@@ -54,21 +54,32 @@ pub enum Outcome {
 /// Shred state as reported to callers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
+    /// Never seen.
     Unknown,
+    /// In use.
     Active,
+    /// A shred is scheduled (grace window).
     Scheduled,
+    /// A shred is under way (claimed).
     Shredding,
+    /// Keys destroyed and certified.
     Shredded,
 }
 
 /// Status of a subject in one keyspace.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Status {
+    /// The keyspace.
     pub keyspace: String,
+    /// Its state.
     pub state: State,
+    /// When a scheduled shred runs (Unix seconds).
     pub scheduled_for: Option<i64>,
+    /// When the keys were destroyed (Unix seconds).
     pub shredded_at: Option<i64>,
+    /// Retention end (Unix seconds), after which the reaper shreds.
     pub retain_until: Option<i64>,
+    /// The certificate of destruction (JSON).
     pub certificate: Option<String>,
 }
 
@@ -126,6 +137,7 @@ fn intent_json(keys: &[(KeyId, u32)]) -> String {
 }
 
 impl Erasure {
+    /// The erasure engine over the key manager and the store, signing with `signer`.
     pub fn new(keys: Arc<KeyManager>, signer: Signer, config: &Config) -> Self {
         let mut nonce = [0u8; 8];
         // A CSPRNG failure leaves zeros: the instance name still tells replicas apart.

@@ -81,7 +81,7 @@ async fn start_bao_on(dir: &Path, pki: &DevPkiPaths, mut pick: impl FnMut() -> u
         tokio::select! {
             r = Bao::start(&bin, dir, port, pki) => match r {
                 Ok(bao) => return bao,
-                Err(e) if taken() => last = e,
+                Err(e) if taken() => last = e.to_string(),
                 Err(e) => panic!(
                     "start OpenBao: {e}\n{}",
                     std::fs::read_to_string(&log).unwrap_or_default()
