@@ -111,18 +111,19 @@ impl Sentry {
                         g.caller
                     ),
                 );
-                return Ok(g);
+            } else {
+                let e = exhausted(
+                    Reason::LockedOut,
+                    format!(
+                        "{} is locked out until {} (repeated denied or failed calls); an administrator can lift it",
+                        g.caller,
+                        crate::domain::time::rfc3339(until)
+                    ),
+                );
+                return Err(g.refuse(e));
             }
-            let e = exhausted(
-                Reason::LockedOut,
-                format!(
-                    "{} is locked out until {} (repeated denied or failed calls); an administrator can lift it",
-                    g.caller,
-                    crate::domain::time::rfc3339(until)
-                ),
-            );
-            return Err(g.refuse(e));
         }
+        // Break-glass calls included: every admitted call counts against the rate limit.
         if let Err(x) = self.limits.call(&g.caller) {
             let e = self.exceeded(&g, x);
             return Err(g.refuse(e));
