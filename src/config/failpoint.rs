@@ -7,9 +7,14 @@
 //! - `pause:<name>`: the first task that reaches `<name>` writes `<dir>/<name>.reached` and waits
 //!   until `<dir>/<name>.release` exists, `<dir>` being `PIIGUARD_FAILPOINT_DIR`; later arrivals
 //!   pass. A test uses it to interleave another call at an exact point (race tests).
+//! - `flag:<name>`: [`flag`] returns true for `<name>`: the process behaves as an older build
+//!   did at that point (compatibility tests).
 //!
 //! Points: `shred-before-claim`, `shred-after-intent`, `shred-after-vault-delete`
 //! (`ops::erasure`), `load-subject-after-state-check` (`keys::manager`).
+//!
+//! Flags: `ff1-subkey-v1` (`ops::tokens`: new FF1 tokens take their tweak from the subkey of
+//! builds before security finding 11, to make tokens as those builds made them).
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -19,6 +24,7 @@ use std::time::Duration;
 struct Actions {
     abort: Vec<String>,
     pause: Vec<(String, AtomicBool)>,
+    flags: Vec<String>,
     dir: PathBuf,
 }
 
@@ -29,18 +35,29 @@ fn actions() -> &'static Option<Actions> {
         let mut a = Actions {
             abort: Vec::new(),
             pause: Vec::new(),
+            flags: Vec::new(),
             dir: std::env::var_os("PIIGUARD_FAILPOINT_DIR")
                 .map(PathBuf::from)
                 .unwrap_or_else(std::env::temp_dir),
         };
         for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            match item.strip_prefix("pause:") {
-                Some(name) => a.pause.push((name.to_string(), AtomicBool::new(false))),
-                None => a.abort.push(item.to_string()),
+            if let Some(name) = item.strip_prefix("pause:") {
+                a.pause.push((name.to_string(), AtomicBool::new(false)));
+            } else if let Some(name) = item.strip_prefix("flag:") {
+                a.flags.push(name.to_string());
+            } else {
+                a.abort.push(item.to_string());
             }
         }
         Some(a)
     })
+}
+
+/// Whether the flag `name` is set (tests only; see the module documentation).
+pub fn flag(name: &str) -> bool {
+    actions()
+        .as_ref()
+        .is_some_and(|a| a.flags.iter().any(|n| n == name))
 }
 
 /// A failpoint: does nothing unless `PIIGUARD_FAILPOINT` names `name` (tests only; see the

@@ -41,6 +41,10 @@ pub const TEXT_PREFIX: &str = "pg1.";
 
 const KDF_SALT: &[u8] = b"piiguard/v1/kdf";
 const AAD_LABEL: &[u8] = b"piiguard/v1";
+/// HKDF-Expand label of the subkey PRK (beside `enc` and `commit`).
+const SUBKEY_LABEL: &[u8] = b"subkey";
+/// Info prefix of each subkey expanded from the subkey PRK.
+const SUBKEY_INFO_V2: &[u8] = b"piiguard/v2/subkey/";
 
 /// Why a ciphertext was refused. Deliberately coarse: which check failed is not told to the
 /// caller beyond "malformed" versus "does not authenticate".
@@ -81,18 +85,20 @@ impl KeyId {
     }
 }
 
-/// Keys derived from one DEK: the AES key and the commitment. Zeroized on drop; no `Debug`,
-/// no `Clone`.
+/// Keys derived from one DEK: the AES key, the commitment and the subkey PRK, each its own
+/// HKDF-Expand output with its own label. Zeroized on drop; no `Debug`, no `Clone`.
 pub struct DerivedKeys {
     alg: Algorithm,
     enc: [u8; 32],
     commitment: [u8; COMMITMENT_LEN],
+    sub: [u8; 32],
 }
 
 impl Drop for DerivedKeys {
     fn drop(&mut self) {
         self.enc.zeroize();
         self.commitment.zeroize();
+        self.sub.zeroize();
     }
 }
 
@@ -112,7 +118,10 @@ impl hkdf::KeyType for HkdfLen {
 }
 
 impl DerivedKeys {
-    /// Derives the AES key and the commitment from a DEK.
+    /// Derives the AES key, the commitment and the subkey PRK from a DEK: one HKDF-Extract
+    /// (salt `piiguard/v1/kdf`), then one HKDF-Expand per key, whose info is the context
+    /// (algorithm, keyspace, key id, DEK version) followed by the key's label (`enc`,
+    /// `commit`, `subkey`). No derived key is ever used as the key of another derivation.
     ///
     /// `dek` must be `alg.key_len()` bytes; anything else is refused.
     pub fn derive(
@@ -142,10 +151,17 @@ impl DerivedKeys {
         prk.expand(&info_commit, HkdfLen(COMMITMENT_LEN))
             .and_then(|okm| okm.fill(&mut commitment))
             .map_err(|_| EnvelopeError::Malformed)?;
+        let mut sub = [0u8; 32];
+        let mut info_sub = context;
+        info_sub[5] = SUBKEY_LABEL;
+        prk.expand(&info_sub, HkdfLen(32))
+            .and_then(|okm| okm.fill(&mut sub))
+            .map_err(|_| EnvelopeError::Malformed)?;
         Ok(Self {
             alg,
             enc,
             commitment,
+            sub,
         })
     }
 
@@ -154,10 +170,25 @@ impl DerivedKeys {
         self.alg
     }
 
-    /// A 32-byte key for another use of this DEK (tokenisation), derived as
-    /// HMAC-SHA256(enc_key, "piiguard/v1/subkey/" || label). It dies with the DEK: a shred
-    /// makes it underivable. Callers keep it zeroized.
+    /// A 32-byte key for another use of this DEK (tokenisation): HKDF-Expand of the subkey PRK
+    /// (itself expanded from the DEK's PRK with the label `subkey`, see [`DerivedKeys::derive`])
+    /// with info `"piiguard/v2/subkey/" || label`. Independent of the AES key: knowing one
+    /// never gives the other. It dies with the DEK: a shred makes it underivable. Callers keep
+    /// it zeroized.
     pub fn subkey(&self, label: &[u8]) -> Zeroizing<[u8; 32]> {
+        let prk = hkdf::Prk::new_less_safe(hkdf::HKDF_SHA256, &self.sub);
+        let mut out = Zeroizing::new([0u8; 32]);
+        // Expanding 32 bytes with SHA-256 cannot fail (the limit is 255 blocks).
+        if let Ok(okm) = prk.expand(&[SUBKEY_INFO_V2, label], HkdfLen(32)) {
+            let _ = okm.fill(&mut out[..]);
+        }
+        out
+    }
+
+    /// The subkey of builds before the security review (finding 11): HMAC-SHA256 keyed with
+    /// the AES key itself, `"piiguard/v1/subkey/" || label`. Only to recognise deterministic
+    /// FF1 tokens made then (their tweak came from it); never for anything new.
+    pub fn legacy_subkey_v1(&self, label: &[u8]) -> Zeroizing<[u8; 32]> {
         let k = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, self.enc_key());
         let mut ctx = aws_lc_rs::hmac::Context::with_key(&k);
         ctx.update(b"piiguard/v1/subkey/");
@@ -668,6 +699,47 @@ mod tests {
             p.open(&other, "f", &ctx(&[])).unwrap_err(),
             EnvelopeError::Authentication
         );
+    }
+
+    /// HMAC-SHA256, for the by-hand HKDF (RFC 5869) below.
+    fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+        let k = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, key);
+        let mut c = aws_lc_rs::hmac::Context::with_key(&k);
+        for p in parts {
+            c.update(p);
+        }
+        c.sign().as_ref().try_into().unwrap()
+    }
+
+    /// Security review finding 11: the subkeys (FF1 tweaks of tokens) came from
+    /// HMAC(AES key, ...), one key for two algorithms. They now come from their own HKDF-Expand
+    /// of the DEK's PRK: recomputed here by hand from RFC 5869, independent of the AES key.
+    #[test]
+    fn subkeys_are_expanded_from_the_prk_with_their_own_label_not_keyed_by_the_aes_key() {
+        for alg in [Algorithm::Aes128Gcm, Algorithm::Aes256Gcm] {
+            let (k, kid) = keys(alg);
+            let dek = vec![0x42; alg.key_len()];
+            let prk = hmac(KDF_SALT, &[&dek]);
+            let ctx: [&[u8]; 5] = [&[alg as u8], &[6], b"orders", &kid.0, &1u32.to_be_bytes()];
+            let expand = |label: &[u8]| {
+                let mut parts = ctx.to_vec();
+                parts.push(label);
+                parts.push(&[1]);
+                hmac(&prk, &parts)
+            };
+            // The model is right: it gives the AES key the envelope uses.
+            assert_eq!(k.enc_key(), &expand(b"enc")[..alg.key_len()]);
+            let sub_prk = expand(b"subkey");
+            let label = b"tokens/ff1-tweak/card";
+            let want = hmac(&sub_prk, &[b"piiguard/v2/subkey/", label, &[1]]);
+            assert_eq!(*k.subkey(label), want);
+            assert_ne!(*k.subkey(label), *k.legacy_subkey_v1(label));
+            assert_ne!(*k.subkey(label), *k.subkey(b"tokens/ff1-tweak/phone"));
+            // Not HMAC keyed with the AES key under any label.
+            let old = hmac(k.enc_key(), &[b"piiguard/v1/subkey/", label]);
+            assert_eq!(*k.legacy_subkey_v1(label), old);
+            assert_ne!(sub_prk[..alg.key_len()], *k.enc_key());
+        }
     }
 
     #[test]

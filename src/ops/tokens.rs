@@ -30,6 +30,27 @@ const BATCH_CONCURRENCY: usize = 16;
 /// Context key binding a sealed value to its token row.
 const CTX_TOKEN: &str = "piiguard.token";
 
+/// Which subkey of the subject's DEK gives an FF1 tweak its subject secret.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum TweakKey {
+    /// [`crate::crypto::envelope::DerivedKeys::subkey`]: every new token.
+    Current,
+    /// The pre-finding-11 subkey: recognises deterministic FF1 tokens made by older builds.
+    LegacyV1,
+}
+
+impl TweakKey {
+    /// The subkey of new tokens (the old one only under the `ff1-subkey-v1` test flag, to make
+    /// tokens as older builds did).
+    fn for_new() -> Self {
+        if crate::config::failpoint::flag("ff1-subkey-v1") {
+            TweakKey::LegacyV1
+        } else {
+            TweakKey::Current
+        }
+    }
+}
+
 /// One Tokenize request (no `Debug`: it carries the value).
 #[derive(Clone, Copy)]
 pub struct TokenizeInput<'a> {
@@ -161,6 +182,7 @@ impl TokenEngine {
         dek: &DekEntry,
         stream: &mut Stream,
         attempt: u32,
+        tweak_key: TweakKey,
     ) -> Result<String> {
         let mut ff1_key = Zeroizing::new([0u8; 32]);
         let mut tweak = Zeroizing::new(Vec::new());
@@ -169,7 +191,10 @@ impl TokenEngine {
             ff1_key.copy_from_slice(hmac::sign(&sp.ff1, i.field.as_bytes()).as_ref());
             let mut label = b"tokens/ff1-tweak/".to_vec();
             label.extend_from_slice(i.field.as_bytes());
-            let subject_secret = dek.keys.subkey(&label);
+            let subject_secret = match tweak_key {
+                TweakKey::Current => dek.keys.subkey(&label),
+                TweakKey::LegacyV1 => dek.keys.legacy_subkey_v1(&label),
+            };
             tweak.extend_from_slice(&subject_secret[..16]);
             match i.mode {
                 Mode::Deterministic | Mode::DeterministicJoin => {
@@ -247,7 +272,7 @@ impl TokenEngine {
         let tag = i.format.tag();
         for attempt in 0..MAX_ATTEMPTS {
             let mut stream = Stream::random().map_err(|_| Error::internal("CSPRNG failed"))?;
-            let token = self.render(i, sp, dek, &mut stream, attempt)?;
+            let token = self.render(i, sp, dek, &mut stream, attempt, TweakKey::for_new())?;
             if token == i.value {
                 continue; // never hand out the value itself as its token
             }
@@ -295,16 +320,36 @@ impl TokenEngine {
             Mode::Deterministic | Mode::Random => Scope::Subject(sref),
         };
         let vh = derive::value_hash(&sp.det, i.field, &tag, scope, i.value);
-        let token_of = |attempt: u32| -> Result<String> {
+        let token_of = |attempt: u32, tweak_key: TweakKey| -> Result<String> {
             let seed = derive::deterministic_seed(&sp.det, i.field, &tag, scope, i.value, attempt);
-            self.render(i, sp, dek, &mut Stream::from_seed(&seed), attempt)
+            self.render(
+                i,
+                sp,
+                dek,
+                &mut Stream::from_seed(&seed),
+                attempt,
+                tweak_key,
+            )
         };
         // Rounds: an existing token may be shredded, or a concurrent call may insert the
         // same value's token, between our read and our write; then look again.
         for _round in 0..4 {
             if let Some(row) = self.store.token_by_value(i.keyspace, &vh, sref).await? {
-                let token = token_of(row.attempt)?;
-                let th = derive::token_hash(&sp.lookup, &token);
+                let mut token = token_of(row.attempt, TweakKey::for_new())?;
+                let mut th = derive::token_hash(&sp.lookup, &token);
+                if th != row.token_hash && i.format == Format::Ff1 {
+                    // An FF1 token made before finding 11 took its tweak from the old subkey:
+                    // it stays the value's token.
+                    let old = token_of(row.attempt, TweakKey::LegacyV1)?;
+                    let old_th = derive::token_hash(&sp.lookup, &old);
+                    if old_th == row.token_hash {
+                        tracing::debug!(
+                            keyspace = i.keyspace,
+                            "deterministic FF1 token of an older build (pre-finding-11 subkey)"
+                        );
+                        (token, th) = (old, old_th);
+                    }
+                }
                 if th != row.token_hash {
                     return Err(Error::internal(
                         "deterministic token does not match its stored hash",
@@ -345,7 +390,7 @@ impl TokenEngine {
             }
             let mut raced = false;
             for attempt in 0..MAX_ATTEMPTS {
-                let token = token_of(attempt)?;
+                let token = token_of(attempt, TweakKey::for_new())?;
                 if token == i.value {
                     continue;
                 }

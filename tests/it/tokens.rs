@@ -1086,3 +1086,42 @@ fields = ["city"]
         "SUBJECT_SHREDDED"
     );
 }
+
+/// Security review finding 11 moved the FF1 tweak's subject secret off the AES key (its own
+/// HKDF label). Deterministic FF1 tokens made by older builds must stay their value's token:
+/// a server with the `ff1-subkey-v1` flag makes tokens as those builds did; after a restart
+/// without it, the same value gets the same token back, and it detokenises.
+#[tokio::test]
+async fn deterministic_ff1_tokens_made_before_the_subkey_change_stay_their_values_token() {
+    use pb::TokenFormat as F;
+    let env = TestEnv::start().await;
+    let mut server = env
+        .server_env(
+            "s",
+            "",
+            vec![("PIIGUARD_FAILPOINT".into(), "flag:ff1-subkey-v1".into())],
+        )
+        .await;
+    let mut c = tokens(&env, &server).await;
+    let old = tokenize(&mut c, det("cust-ff1", "acct", "ACCT-00123456", F::Ff1)).await;
+    server.stop();
+    server.set_env(Vec::new());
+    server.start().await;
+    let mut c = tokens(&env, &server).await;
+    let again = tokenize(&mut c, det("cust-ff1", "acct", "ACCT-00123456", F::Ff1)).await;
+    assert_eq!(
+        again, old,
+        "an old deterministic FF1 token must stay its value's token"
+    );
+    // ... recognised as an older build's token (so the flag did make one).
+    assert!(
+        server
+            .log_text()
+            .contains("deterministic FF1 token of an older build"),
+        "the token was not made with the old subkey"
+    );
+    assert_eq!(value_of(&mut c, &old).await, "ACCT-00123456");
+    // A new value of the same subject gets a token from the new subkey, and it round-trips.
+    let new = tokenize(&mut c, det("cust-ff1", "acct", "ACCT-00654321", F::Ff1)).await;
+    assert_eq!(value_of(&mut c, &new).await, "ACCT-00654321");
+}
