@@ -33,7 +33,10 @@ impl Webhook {
         let Some(url) = cfg.webhook_url.clone() else {
             return Err(WebhookError("no webhook configured".into()));
         };
-        let mut b = reqwest::Client::builder().timeout(Duration::from_secs(5));
+        // No redirects: the alarm goes to the configured URL or nowhere.
+        let mut b = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .redirect(reqwest::redirect::Policy::none());
         if let Some(ca) = &cfg.webhook_ca {
             let pem = std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
             let certs = reqwest::Certificate::from_pem_bundle(&pem)

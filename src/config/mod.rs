@@ -730,13 +730,7 @@ pub fn vault_address(raw: &str, allow_insecure_http: bool) -> Result<(String, bo
                      (plain HTTP is allowed only with vault.allow_insecure_http = true on loopback, for dev)"
                 ));
             }
-            let loopback = match url.host() {
-                Some(url::Host::Domain(d)) => d == "localhost",
-                Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-                Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-                None => false,
-            };
-            if !loopback {
+            if !is_loopback_host(&url) {
                 return err(format!(
                     "vault.address {raw:?}: plain HTTP is allowed only to a loopback address, \
                      and its host is {:?}",
@@ -751,6 +745,44 @@ pub fn vault_address(raw: &str, allow_insecure_http: bool) -> Result<(String, bo
         return err(format!("vault.address {raw:?} has no host"));
     }
     Ok((url.as_str().trim_end_matches('/').to_string(), insecure))
+}
+
+/// Whether a parsed URL's host is loopback (`localhost`, 127.0.0.0/8, `[::1]`). Always on the
+/// parsed host, never on the text: `http://localhost@evil.example` has the host `evil.example`.
+fn is_loopback_host(url: &url::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
+/// Parses and checks `alarms.webhook_url`: `https://`, or `http://` to a loopback host; no
+/// user info. Parsed as a URL before the loopback check, as [`vault_address`] is.
+pub fn webhook_url(raw: &str) -> Result<String, ConfigError> {
+    let url = url::Url::parse(raw.trim())
+        .map_err(|e| ConfigError(format!("alarms.webhook_url {raw:?} is not a URL: {e}")))?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return err(format!(
+            "alarms.webhook_url {raw:?} must not carry user info (user:password@host); \
+             its host would be {:?}",
+            url.host_str().unwrap_or("")
+        ));
+    }
+    let ok = match url.scheme() {
+        "https" => url.host_str().is_some_and(|h| !h.is_empty()),
+        "http" => is_loopback_host(&url),
+        _ => false,
+    };
+    if !ok {
+        return err(format!(
+            "alarms.webhook_url {raw:?} must be https:// (plain http only to a loopback host; \
+             its host is {:?})",
+            url.host_str().unwrap_or("")
+        ));
+    }
+    Ok(url.to_string())
 }
 
 /// How piiguard logs in to Vault.
@@ -1119,18 +1151,7 @@ impl RawConfig {
         let alarms = AlarmsConfig {
             webhook_url: match self.alarms.webhook_url.as_str() {
                 "" => None,
-                u if u.starts_with("https://")
-                    || u.starts_with("http://127.0.0.1")
-                    || u.starts_with("http://localhost")
-                    || u.starts_with("http://[::1]") =>
-                {
-                    Some(u.to_string())
-                }
-                u => {
-                    return err(format!(
-                        "alarms.webhook_url {u:?} must be https:// (plain http only to loopback)"
-                    ));
-                }
+                u => Some(webhook_url(u)?),
             },
             webhook_ca: self.alarms.webhook_ca,
         };
@@ -1414,6 +1435,34 @@ dir = "audit"
         let text = MINIMAL.replace("client_ca = \"ca.pem\"\n", "");
         let e = parse(&text, no_env()).unwrap_err();
         assert!(e.0.contains("client_ca"), "{e}");
+    }
+
+    /// Security review finding 10, second half: the webhook URL was checked on its text, so
+    /// `http://localhost@evil.example` (host `evil.example`) passed as loopback.
+    #[test]
+    fn webhook_url_is_parsed_before_the_loopback_check() {
+        for ok in [
+            "https://alerts.example/hook",
+            "http://127.0.0.1:9000/hook",
+            "http://localhost/hook",
+            "http://[::1]:8080/",
+            "http://127.9.9.9/x",
+        ] {
+            assert!(webhook_url(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "http://localhost@evil.example/hook",
+            "http://127.0.0.1:9000@evil.example/",
+            "http://localhost.evil.example/",
+            "http://127.0.0.1.evil.example/",
+            "http://[::1].evil.example/",
+            "https://user:pw@alerts.example/",
+            "http://evil.example/",
+            "ftp://127.0.0.1/",
+            "localhost/hook",
+        ] {
+            assert!(webhook_url(bad).is_err(), "{bad} was accepted");
+        }
     }
 
     #[test]
