@@ -335,12 +335,20 @@ async fn round_trips_refusals_batches_health_and_reflection() {
         server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
     };
     let mut r = ServerReflectionClient::new(ch);
-    let req = ServerReflectionRequest {
+    let ask = |m: MessageRequest| ServerReflectionRequest {
         host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
+        message_request: Some(m),
     };
+    // Our error details (google.rpc.ErrorInfo) are described too, so that grpcurl prints the
+    // reason of an error instead of "google.rpc.ErrorInfo is not recognized".
+    let reqs = vec![
+        ask(MessageRequest::ListServices(String::new())),
+        ask(MessageRequest::FileContainingSymbol(
+            "google.rpc.ErrorInfo".into(),
+        )),
+    ];
     let mut stream = r
-        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .server_reflection_info(tokio_stream::iter(reqs))
         .await
         .unwrap()
         .into_inner();
@@ -348,6 +356,26 @@ async fn round_trips_refusals_batches_health_and_reflection() {
     let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
         panic!("no service list");
     };
+    let resp = stream.message().await.unwrap().unwrap();
+    let Some(MessageResponse::FileDescriptorResponse(files)) = resp.message_response else {
+        panic!(
+            "no descriptor of google.rpc.ErrorInfo: {:?}",
+            resp.message_response
+        );
+    };
+    {
+        use prost::Message as _;
+        let described = files.file_descriptor_proto.iter().any(|b| {
+            prost_types::FileDescriptorProto::decode(b.as_slice()).is_ok_and(|f| {
+                f.package() == "google.rpc"
+                    && f.message_type.iter().any(|m| m.name() == "ErrorInfo")
+            })
+        });
+        assert!(
+            described,
+            "google.rpc.ErrorInfo not in the descriptors served"
+        );
+    }
     let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
     assert!(
         names.contains(&"piiguard.v1.Crypto".to_string()),
