@@ -15,6 +15,7 @@ mod golden_vectors;
 mod lifecycle;
 mod mtls;
 mod policy;
+mod properties;
 mod reload;
 mod review;
 mod shred_stream;
