@@ -1343,6 +1343,27 @@ dir = "audit"
     }
 
     #[test]
+    fn dek_use_limit_defaults_to_a_fraction_of_the_gcm_bound_and_is_bounded() {
+        let c = parse(MINIMAL, Vec::new()).unwrap();
+        assert_eq!(c.cache.max_uses_per_dek, 1 << 24);
+        let with = |v: &str| {
+            parse(
+                MINIMAL,
+                vec![(
+                    "PIIGUARD_CACHE__MAX_USES_PER_DEK".to_string(),
+                    v.to_string(),
+                )],
+            )
+        };
+        assert_eq!(with("1000").unwrap().cache.max_uses_per_dek, 1000);
+        assert_eq!(with("4294967296").unwrap().cache.max_uses_per_dek, 1 << 32);
+        for bad in ["0", "4294967297"] {
+            let e = with(bad).unwrap_err().to_string();
+            assert!(e.contains("cache.max_uses_per_dek"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn env_overrides_apply() {
         let env = vec![
             (

@@ -542,6 +542,56 @@ mod tests {
     }
 
     #[test]
+    fn a_reloaded_dek_goes_on_from_its_use_count() {
+        let kid = KeyId::random().unwrap();
+        let load = || {
+            let keys = DerivedKeys::derive(Algorithm::Aes256Gcm, &[7; 32], "ks", &kid, 1).unwrap();
+            Arc::new(DekEntry::new("ks".into(), kid, 1, keys))
+        };
+        let c: ShardedCache<ByKeyId> =
+            ShardedCache::new(1, Duration::from_secs(60), Duration::from_secs(60));
+        c.insert(load());
+        let e = c.get(&kid).unwrap();
+        assert!((0..3).all(|_| e.try_use(3)));
+        assert!(!e.try_use(3), "the limit");
+        drop(e);
+        // Pushed out of the cache (size bound), then loaded again.
+        c.insert(entry_n(99));
+        assert!(c.get(&kid).is_none());
+        let again = load();
+        assert!(!again.try_use(3), "a reload started from zero");
+        assert!(again.try_use(10), "counted, not frozen");
+        // A DEK this process never used starts at zero.
+        let other = KeyId::random().unwrap();
+        let keys = DerivedKeys::derive(Algorithm::Aes256Gcm, &[7; 32], "ks", &other, 1).unwrap();
+        assert!(DekEntry::new("ks".into(), other, 1, keys).try_use(1));
+    }
+
+    #[test]
+    fn the_use_ledger_forgets_only_the_smallest_counts_when_full() {
+        let l = UseLedger {
+            counts: Mutex::new((HashMap::new(), 1)),
+        };
+        let big = KeyId::random().unwrap();
+        l.record(big, 1 << 20);
+        for i in 0..LEDGER_CAP as u64 {
+            let mut k = [0u8; 16];
+            k[..8].copy_from_slice(&i.to_le_bytes());
+            l.record(KeyId(k), 1 + i % 3);
+        }
+        assert_eq!(l.get(&big), 1 << 20);
+        let (n, floor) = {
+            let g = l.counts.lock().unwrap();
+            (g.0.len(), g.1)
+        };
+        assert!(n < LEDGER_CAP, "{n}");
+        assert!(floor <= 4, "{floor}");
+        // The larger count wins (an entry starts from the recorded one).
+        l.record(big, 5);
+        assert_eq!(l.get(&big), 1 << 20);
+    }
+
+    #[test]
     fn entry_fits_its_malloc_chunk() {
         assert!(
             std::mem::size_of::<DekEntry>() <= 136,
