@@ -9,7 +9,8 @@
 //!   pass. A test uses it to interleave another call at an exact point (race tests).
 //!
 //! Points: `shred-before-claim`, `shred-after-intent`, `shred-after-vault-delete`
-//! (`ops::erasure`), `load-subject-after-state-check` (`keys::manager`).
+//! (`ops::erasure`), `load-subject-after-state-check`, `load-subject-before-cache-insert`
+//! (`keys::manager`), `publish-eviction-before-commit` (`store`).
 
 use std::path::PathBuf;
 use std::sync::OnceLock;

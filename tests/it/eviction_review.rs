@@ -266,16 +266,19 @@ async fn eviction_between_a_cold_loads_check_and_its_cache_insert_is_not_lost() 
     }
 
     release(&dir, POINT);
-    assert_shredded(racing.await.unwrap(), "the racing Encrypt");
+    let raced = racing.await.unwrap();
+    // The defect: the key stayed cached on B, so later calls used it.
     let mut cb = env.client(&b, "orders").await;
     assert_shredded(
         cb.encrypt(enc("strict", "cust-gap", "email", b"y")).await,
-        "an Encrypt after the shred",
+        "an Encrypt on B after the shred",
     );
     assert_shredded(
         cb.decrypt(dec("email", &ct)).await,
-        "a Decrypt after the shred",
+        "a Decrypt on B after the shred",
     );
+    // The racing call itself asked the store again after seeing the eviction.
+    assert_shredded(raced, "the racing Encrypt");
 }
 
 /// Finding 16: the per-process limit of encryptions with one DEK holds across a cache reload
