@@ -11,7 +11,8 @@
 //!   did at that point (compatibility tests).
 //!
 //! Points: `shred-before-claim`, `shred-after-intent`, `shred-after-vault-delete`
-//! (`ops::erasure`), `load-subject-after-state-check` (`keys::manager`).
+//! (`ops::erasure`), `load-subject-after-state-check`, `load-subject-before-cache-insert`
+//! (`keys::manager`), `publish-eviction-before-commit` (`store`).
 //!
 //! Flags: `ff1-subkey-v1` (`ops::tokens`: new FF1 tokens take their tweak from the subkey of
 //! builds before security finding 11, to make tokens as those builds made them).

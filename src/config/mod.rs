@@ -450,6 +450,8 @@ pub struct RawCache {
     pub idle_ttl_secs: u64,
     /// Longest time an unwrapped DEK may stay in memory, used or not.
     pub hard_ttl_secs: u64,
+    /// Most encryptions one process makes with one DEK (GCM random nonces).
+    pub max_uses_per_dek: u64,
 }
 
 impl Default for RawCache {
@@ -458,6 +460,7 @@ impl Default for RawCache {
             max_entries: 1_000_000,
             idle_ttl_secs: 600,
             hard_ttl_secs: 3600,
+            max_uses_per_dek: DEFAULT_MAX_USES_PER_DEK,
         }
     }
 }
@@ -643,6 +646,16 @@ pub enum AfterShred {
 /// Longest shred grace window: ADPP 1.7 requires deletion within 72 hours.
 pub const MAX_GRACE_SECS: u64 = 72 * 3600;
 
+/// NIST SP 800-38D: at most 2^32 encryptions with one AES-GCM key and random 96-bit nonces.
+pub const GCM_RANDOM_NONCE_LIMIT: u64 = 1 << 32;
+
+/// Default of `cache.max_uses_per_dek`: 2^24, 1/256 of [`GCM_RANDOM_NONCE_LIMIT`]. Counts are
+/// per process (they start at zero in every replica and after every restart, until issue 12
+/// makes them durable), so the budget of one process is a fraction of the key's: up to 256
+/// process lifetimes (replicas x restarts over the life of a DEK) each exhausting its count
+/// still stay within 2^32 (security review finding 16).
+pub const DEFAULT_MAX_USES_PER_DEK: u64 = 1 << 24;
+
 /// Listeners and request limits.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -813,6 +826,8 @@ pub struct CacheConfig {
     pub idle_ttl: Duration,
     /// Longest any DEK stays cached (bounds a missed eviction).
     pub hard_ttl: Duration,
+    /// Most encryptions this process makes with one DEK, across cache reloads.
+    pub max_uses_per_dek: u64,
 }
 
 /// Logging.
@@ -999,10 +1014,16 @@ impl RawConfig {
                 "cache.hard_ttl_secs must not exceed 86400 (it bounds how long a shredded key can survive)",
             );
         }
+        if c.max_uses_per_dek == 0 || c.max_uses_per_dek > GCM_RANDOM_NONCE_LIMIT {
+            return err(format!(
+                "cache.max_uses_per_dek must be between 1 and {GCM_RANDOM_NONCE_LIMIT} (2^32, the GCM limit of one key with random nonces)"
+            ));
+        }
         let cache = CacheConfig {
             max_entries: c.max_entries,
             idle_ttl: Duration::from_secs(c.idle_ttl_secs),
             hard_ttl: Duration::from_secs(c.hard_ttl_secs),
+            max_uses_per_dek: c.max_uses_per_dek,
         };
 
         let log = LogConfig {
@@ -1340,6 +1361,27 @@ dir = "audit"
         let known = c.keyspaces.keys().cloned().collect();
         crate::access::policy::Policy::parse(&policy, Some(&known)).unwrap();
         assert_eq!(c.server.listen.to_string(), "0.0.0.0:7443");
+    }
+
+    #[test]
+    fn dek_use_limit_defaults_to_a_fraction_of_the_gcm_bound_and_is_bounded() {
+        let c = parse(MINIMAL, Vec::new()).unwrap();
+        assert_eq!(c.cache.max_uses_per_dek, 1 << 24);
+        let with = |v: &str| {
+            parse(
+                MINIMAL,
+                vec![(
+                    "PIIGUARD_CACHE__MAX_USES_PER_DEK".to_string(),
+                    v.to_string(),
+                )],
+            )
+        };
+        assert_eq!(with("1000").unwrap().cache.max_uses_per_dek, 1000);
+        assert_eq!(with("4294967296").unwrap().cache.max_uses_per_dek, 1 << 32);
+        for bad in ["0", "4294967297"] {
+            let e = with(bad).unwrap_err().to_string();
+            assert!(e.contains("cache.max_uses_per_dek"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -12,10 +12,11 @@
 //! ~3/4 instead of just over half.
 
 use std::borrow::Borrow;
+use std::collections::HashMap;
 use std::collections::HashSet;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::crypto::envelope::{DerivedKeys, KeyId};
@@ -75,7 +76,9 @@ pub struct DekEntry {
     pub key_id: KeyId,
     /// Keys derived from the DEK (the DEK itself is not kept).
     pub keys: DerivedKeys,
-    /// Encryptions made with this DEK by this process (GCM random-nonce budget: 2^32).
+    /// Encryptions made with this DEK by this process, counted from what earlier entries of the
+    /// same DEK in this process made (see [`DekEntry::try_use`]). Not a system-wide count:
+    /// other replicas and earlier runs are not included (docs/FORMAT.md#nonce-budget).
     pub uses: AtomicU64,
     /// Subject index key (all zero if the subject is not known, e.g. a key loaded by id whose
     /// record has no readable subject reference).
@@ -119,13 +122,20 @@ impl DekEntry {
             keyspace,
             key_id,
             keys,
-            uses: AtomicU64::new(0),
+            // A reload of a DEK this process used before starts from its count, not from 0.
+            uses: AtomicU64::new(ledger().get(&key_id)),
             subject,
             dek_version,
             created_s: u32::try_from(now / 1000).unwrap_or(u32::MAX),
             created_ms: (now % 1000) as u16,
             last_used_ms: AtomicU32::new(0),
         }
+    }
+
+    /// Counts one encryption with this DEK; `false` (and nothing may be sealed) once this
+    /// process has made `limit` of them with it, across cache reloads of the DEK.
+    pub fn try_use(&self, limit: u64) -> bool {
+        self.uses.fetch_add(1, Ordering::Relaxed) < limit
     }
 
     /// The subject tag this entry is indexed under.
@@ -152,6 +162,66 @@ impl DekEntry {
 
     fn expired(&self, now: Tick, idle: Duration, hard: Duration) -> bool {
         now.since(self.created()) >= hard || now.since(self.last_used()) >= idle
+    }
+}
+
+impl Drop for DekEntry {
+    fn drop(&mut self) {
+        let n = *self.uses.get_mut();
+        if n > 0 {
+            ledger().record(self.key_id, n);
+        }
+    }
+}
+
+/// Most DEKs whose use count outlives their cache entries. Past it, the smallest counts are
+/// forgotten (see [`UseLedger::record`]). ~40 bytes each.
+const LEDGER_CAP: usize = 1 << 18;
+
+/// Encryption counts of DEKs whose cache entries are gone, by key id, so that a DEK reloaded
+/// into the cache (hard or idle TTL, size bound, shred of another subject...) goes on from its
+/// count instead of 0 (security review finding 16). Process-wide: an entry records its count
+/// when its last reference is dropped, wherever that happens. Key ids are 128 random bits,
+/// unique across keyspaces.
+struct UseLedger {
+    counts: Mutex<(HashMap<KeyId, u64>, u64)>,
+}
+
+fn ledger() -> &'static UseLedger {
+    static LEDGER: OnceLock<UseLedger> = OnceLock::new();
+    LEDGER.get_or_init(|| UseLedger {
+        counts: Mutex::new((HashMap::new(), 1)),
+    })
+}
+
+impl UseLedger {
+    /// The count recorded for `key_id` (0 if none).
+    fn get(&self, key_id: &KeyId) -> u64 {
+        let g = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        g.0.get(key_id).copied().unwrap_or(0)
+    }
+
+    /// Records that an entry of `key_id` ended at `n` uses (an entry starts from the recorded
+    /// count, so the larger one is the total; two entries of one DEK alive at once, a rare
+    /// race of the two indexes, may undercount by the smaller one's own uses). At
+    /// [`LEDGER_CAP`] the floor below which counts are forgotten doubles until a quarter of
+    /// the room is free: a DEK then loses at most the floor (a small count) per reload.
+    fn record(&self, key_id: KeyId, n: u64) {
+        let mut g = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let (counts, floor) = &mut *g;
+        if n < *floor {
+            return;
+        }
+        let e = counts.entry(key_id).or_insert(0);
+        *e = (*e).max(n);
+        while counts.len() >= LEDGER_CAP {
+            *floor = floor.saturating_mul(2);
+            let f = *floor;
+            counts.retain(|_, c| *c >= f);
+            if counts.len() < LEDGER_CAP / 4 * 3 {
+                break;
+            }
+        }
     }
 }
 
@@ -469,6 +539,56 @@ mod tests {
         let mut t = [0u8; 16];
         t[12..].copy_from_slice(&n.to_be_bytes());
         SubjectTag(t)
+    }
+
+    #[test]
+    fn a_reloaded_dek_goes_on_from_its_use_count() {
+        let kid = KeyId::random().unwrap();
+        let load = || {
+            let keys = DerivedKeys::derive(Algorithm::Aes256Gcm, &[7; 32], "ks", &kid, 1).unwrap();
+            Arc::new(DekEntry::new("ks".into(), kid, 1, keys))
+        };
+        let c: ShardedCache<ByKeyId> =
+            ShardedCache::new(1, Duration::from_secs(60), Duration::from_secs(60));
+        c.insert(load());
+        let e = c.get(&kid).unwrap();
+        assert!((0..3).all(|_| e.try_use(3)));
+        assert!(!e.try_use(3), "the limit");
+        drop(e);
+        // Pushed out of the cache (size bound), then loaded again.
+        c.insert(entry_n(99));
+        assert!(c.get(&kid).is_none());
+        let again = load();
+        assert!(!again.try_use(3), "a reload started from zero");
+        assert!(again.try_use(10), "counted, not frozen");
+        // A DEK this process never used starts at zero.
+        let other = KeyId::random().unwrap();
+        let keys = DerivedKeys::derive(Algorithm::Aes256Gcm, &[7; 32], "ks", &other, 1).unwrap();
+        assert!(DekEntry::new("ks".into(), other, 1, keys).try_use(1));
+    }
+
+    #[test]
+    fn the_use_ledger_forgets_only_the_smallest_counts_when_full() {
+        let l = UseLedger {
+            counts: Mutex::new((HashMap::new(), 1)),
+        };
+        let big = KeyId::random().unwrap();
+        l.record(big, 1 << 20);
+        for i in 0..LEDGER_CAP as u64 {
+            let mut k = [0u8; 16];
+            k[..8].copy_from_slice(&i.to_le_bytes());
+            l.record(KeyId(k), 1 + i % 3);
+        }
+        assert_eq!(l.get(&big), 1 << 20);
+        let (n, floor) = {
+            let g = l.counts.lock().unwrap();
+            (g.0.len(), g.1)
+        };
+        assert!(n < LEDGER_CAP, "{n}");
+        assert!(floor <= 4, "{floor}");
+        // The larger count wins (an entry starts from the recorded one).
+        l.record(big, 5);
+        assert_eq!(l.get(&big), 1 << 20);
     }
 
     #[test]

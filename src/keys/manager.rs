@@ -20,9 +20,6 @@ use crate::secret::{Dek, WrappedDek};
 use crate::store::{Store, SubjectState};
 use crate::vault::{CasOutcome, Vault};
 
-/// GCM with random 96-bit nonces: at most 2^32 encryptions per key.
-pub const MAX_USES_PER_DEK: u64 = 1 << 32;
-
 /// Keyed hash of a subject id within a keyspace: the only form in which a subject is stored,
 /// logged or used in a Vault path.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -118,6 +115,7 @@ pub struct KeyManager {
     subject_flight: SingleFlight<SubjectKey>,
     key_flight: SingleFlight<DekKey>,
     hard_ttl: Duration,
+    max_uses_per_dek: u64,
 }
 
 fn now_secs() -> u64 {
@@ -261,6 +259,7 @@ impl KeyManager {
             subject_flight: SingleFlight::new(),
             key_flight: SingleFlight::new(),
             hard_ttl: cache.hard_ttl,
+            max_uses_per_dek: cache.max_uses_per_dek,
         })
     }
 
@@ -284,6 +283,12 @@ impl KeyManager {
     /// The longest time an unwrapped DEK can stay in this process's memory.
     pub fn hard_ttl(&self) -> Duration {
         self.hard_ttl
+    }
+
+    /// The most encryptions this process makes with one DEK (`cache.max_uses_per_dek`); pass
+    /// it to [`DekEntry::try_use`].
+    pub fn max_uses_per_dek(&self) -> u64 {
+        self.max_uses_per_dek
     }
 
     /// The names of the configured keyspaces.
@@ -454,24 +459,43 @@ impl KeyManager {
                 _ => Error::shredded(),
             });
         }
-        if self.evicted_since(&Evicted::Subject(ck), started) {
-            // A shred or a schedule reached this replica while we loaded: ask the store.
-            match self.store.state(&ks.name, &href).await? {
-                Some(SubjectState::Scheduled) => return Err(Error::shred_scheduled()),
-                Some(SubjectState::Shredding | SubjectState::Shredded) => {
-                    return Err(Error::shredded());
-                }
-                _ => {}
-            }
+        crate::config::failpoint::point("load-subject-before-cache-insert").await;
+        let evicted = [Evicted::Subject(ck), Evicted::Key(ks.idx, e.key_id)];
+        if self.cache_unless_evicted(&evicted, started, &e, true) {
+            return Ok(e);
         }
-        self.by_subject.insert(e.clone());
-        self.by_key.insert(e.clone());
-        Ok(e)
+        // A shred or a schedule reached this replica while we loaded: ask the store.
+        match self.store.state(&ks.name, &href).await? {
+            Some(SubjectState::Scheduled) => Err(Error::shred_scheduled()),
+            Some(SubjectState::Shredding | SubjectState::Shredded) => Err(Error::shredded()),
+            // Still active (a late echo of an eviction that a cancelled schedule undid): serve
+            // this call, cache nothing; the next call loads again.
+            _ => Ok(e),
+        }
     }
 
-    fn evicted_since(&self, what: &Evicted, since: Instant) -> bool {
+    /// Caches `e` (in the key-id index, and in the subject index if `by_subject`) unless one
+    /// of `what` was evicted at or after `since`; returns whether it did. The check and the
+    /// insert hold the lock that [`evict`](Self::evict) holds while it removes and records,
+    /// so an eviction is either seen here or removes what was inserted (security review
+    /// finding 5: checked, then inserted without the lock, a shred landing in between left
+    /// the key cached until its hard TTL).
+    fn cache_unless_evicted(
+        &self,
+        what: &[Evicted],
+        since: Instant,
+        e: &Arc<DekEntry>,
+        by_subject: bool,
+    ) -> bool {
         let g = self.evicted.lock().unwrap_or_else(|p| p.into_inner());
-        g.get(what).is_some_and(|t| *t >= since)
+        if what.iter().any(|w| g.get(w).is_some_and(|t| *t >= since)) {
+            return false;
+        }
+        if by_subject {
+            self.by_subject.insert(e.clone());
+        }
+        self.by_key.insert(e.clone());
+        true
     }
 
     /// Drops a subject's keys from this replica's cache (shred, scheduled shred).
@@ -515,20 +539,22 @@ impl KeyManager {
             }
         };
         self.key_flight.done(&ck, &lock);
-        let mut e = result?;
-        if self.evicted_since(&Evicted::Key(ks.idx, key_id), started) {
-            // An eviction reached this replica while we loaded: a shred (then the record is
-            // gone or the store says so), a scheduled shred, or a late echo of an eviction
-            // that a cancelled schedule already undid. Load again: that asks Vault and the
-            // store for the current state instead of guessing "shredded".
-            let again = Instant::now();
-            e = self.load_by_id(ks, key_id, dek_version, alg).await?;
-            if self.evicted_since(&Evicted::Key(ks.idx, key_id), again) {
-                return Err(Error::shredded());
-            }
+        let e = result?;
+        let evicted = [Evicted::Key(ks.idx, key_id)];
+        if self.cache_unless_evicted(&evicted, started, &e, false) {
+            return Ok(e);
         }
-        self.by_key.insert(e.clone());
-        Ok(e)
+        // An eviction reached this replica while we loaded: a shred (then the record is gone or
+        // the store says so), a scheduled shred, or a late echo of an eviction that a cancelled
+        // schedule already undid. Load again: that asks Vault and the store for the current
+        // state instead of guessing "shredded".
+        let again = Instant::now();
+        let e = self.load_by_id(ks, key_id, dek_version, alg).await?;
+        if self.cache_unless_evicted(&evicted, again, &e, false) {
+            Ok(e)
+        } else {
+            Err(Error::shredded())
+        }
     }
 
     async fn load_by_id(

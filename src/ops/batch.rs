@@ -111,6 +111,7 @@ impl Engine {
             envelope::random_nonces(valid).map_err(|_| Error::internal("CSPRNG failed"))?;
         let mut nonces = nonces.iter();
         let mut prep: Option<(usize, envelope::PreparedKeys<'_>)> = None;
+        let max_uses = self.keys.max_uses_per_dek();
         Ok(items
             .iter()
             .zip(prepared)
@@ -120,7 +121,7 @@ impl Engine {
                         .next()
                         .ok_or_else(|| Error::internal("batch nonce missing"))?;
                     let (key, pk) = run_key(&runs, run, &mut prep)?;
-                    seal_item(key, Some((pk, nonce)), i, &ctx)
+                    seal_item(key, max_uses, Some((pk, nonce)), i, &ctx)
                 });
                 g.item_result(&r);
                 r

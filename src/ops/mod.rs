@@ -17,13 +17,11 @@ pub use encrypt::EncryptInput;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use crate::crypto::envelope::{self, EnvelopeError};
 use crate::error::{Error, Reason, Result};
 use crate::keys::KeyManager;
 use crate::keys::cache::DekEntry;
-use crate::keys::manager::MAX_USES_PER_DEK;
 
 /// The data-plane engine.
 pub struct Engine {
@@ -61,9 +59,11 @@ where
 }
 
 /// Seals one item with its key: with prepared keys and a nonce drawn by the batch, or (unary
-/// calls) a fresh nonce and a one-off key schedule. `ctx` is the validated context.
+/// calls) a fresh nonce and a one-off key schedule. `ctx` is the validated context. `max_uses`
+/// is [`KeyManager::max_uses_per_dek`].
 pub(crate) fn seal_item(
     key: &DekEntry,
+    max_uses: u64,
     batch: Option<(
         &envelope::PreparedKeys<'_>,
         &[u8; crate::crypto::aead::NONCE_LEN],
@@ -71,7 +71,7 @@ pub(crate) fn seal_item(
     i: &EncryptInput<'_>,
     ctx: &BTreeMap<&str, &str>,
 ) -> Result<Vec<u8>> {
-    if key.uses.fetch_add(1, Ordering::Relaxed) >= MAX_USES_PER_DEK {
+    if !key.try_use(max_uses) {
         return Err(Error::ResourceExhausted {
             reason: Reason::KeyUsageExhausted,
             message: "this subject's data key reached its encryption limit".into(),

@@ -2,7 +2,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use aws_lc_rs::hmac;
@@ -16,7 +15,7 @@ use crate::domain::names::{Field, SubjectId};
 use crate::error::{Error, Reason, Result};
 use crate::keys::KeyManager;
 use crate::keys::cache::DekEntry;
-use crate::keys::manager::{MAX_USES_PER_DEK, now_i64, truncate_for_message};
+use crate::keys::manager::{now_i64, truncate_for_message};
 use crate::store::Store;
 use crate::store::token_writer::{GroupWriter, Write};
 use crate::store::tokens::{NewToken, TokenState};
@@ -215,7 +214,7 @@ impl TokenEngine {
     }
 
     fn seal(&self, dek: &DekEntry, field: &str, token_hash: &str, value: &str) -> Result<String> {
-        if dek.uses.fetch_add(1, Ordering::Relaxed) >= MAX_USES_PER_DEK {
+        if !dek.try_use(self.keys.max_uses_per_dek()) {
             return Err(Error::ResourceExhausted {
                 reason: Reason::KeyUsageExhausted,
                 message: "this subject's data key reached its encryption limit".into(),

@@ -7,6 +7,7 @@
 //! hashes (`subject_ref`), keys only as their random ids.
 
 pub mod anchor;
+pub mod evictions;
 pub mod token_writer;
 pub mod tokens;
 
@@ -156,10 +157,23 @@ fn db(e: sqlx::Error) -> Error {
     }
 }
 
+/// A PostgreSQL URL, kept for the eviction listener's own connection. It may hold the
+/// database password: never printed.
+#[derive(Clone)]
+struct PgUrl(String);
+
+impl std::fmt::Debug for PgUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PgUrl(***)")
+    }
+}
+
 /// The store.
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: AnyPool,
+    /// Set on PostgreSQL (LISTEN/NOTIFY of the eviction feed).
+    postgres_url: Option<std::sync::Arc<PgUrl>>,
 }
 
 impl Store {
@@ -195,7 +209,9 @@ impl Store {
             .connect(&url)
             .await
             .map_err(|e| Error::internal(format!("cannot open store: {e}")))?;
-        let store = Self { pool };
+        let postgres_url = (url.starts_with("postgres:") || url.starts_with("postgresql:"))
+            .then(|| std::sync::Arc::new(PgUrl(url.clone())));
+        let store = Self { pool, postgres_url };
         store.migrate(sqlite).await?;
         Ok(store)
     }
@@ -709,7 +725,10 @@ impl Store {
         .transpose()
     }
 
-    /// Publishes an eviction for every replica.
+    /// Publishes an eviction for every replica: one transaction that inserts the row and, on
+    /// PostgreSQL, notifies the listeners ([`evictions::EVICTIONS_CHANNEL`], delivered at
+    /// commit). Readers must use [`next_evictions`](Self::next_evictions): the row's seq is
+    /// drawn before the commit, so rows can become visible out of seq order.
     pub async fn publish_eviction(
         &self,
         keyspace: &str,
@@ -717,6 +736,7 @@ impl Store {
         intent: &str,
         now: i64,
     ) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(db)?;
         sqlx::query(
             "INSERT INTO evictions (keyspace, subject_ref, intent, at) VALUES ($1, $2, $3, $4)",
         )
@@ -724,13 +744,24 @@ impl Store {
         .bind(subject_ref)
         .bind(intent)
         .bind(now)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(db)?;
+        crate::config::failpoint::point("publish-eviction-before-commit").await;
+        if self.postgres_url.is_some() {
+            // A constant statement; the simple query protocol (NOTIFY has no parameters).
+            sqlx::raw_sql("NOTIFY piiguard_evictions")
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)?;
         Ok(())
     }
 
-    /// Evictions after `seq`, oldest first.
+    /// Evictions after `seq`, oldest first. Only the rows committed when the query runs: a
+    /// reader that moves past the highest seq it saw must also ask again for the seqs it
+    /// skipped (see [`evictions::EvictionFeed`]).
     pub async fn evictions_since(&self, seq: i64, limit: i64) -> Result<Vec<Eviction>> {
         let rows = sqlx::query(
             "SELECT seq, keyspace, subject_ref, intent FROM evictions WHERE seq > $1

@@ -11,6 +11,7 @@ mod cli;
 mod crypto_api;
 mod erasure;
 mod erasure_review;
+mod eviction_review;
 mod golden_vectors;
 mod lifecycle;
 mod mtls;

@@ -727,31 +727,64 @@ impl Erasure {
             }
         });
         let me = self.clone();
-        tokio::spawn(async move {
-            let mut seq = loop {
-                match me.store.last_eviction_seq().await {
-                    Ok(s) => break s,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "eviction feed: cannot read; retrying");
-                        tokio::time::sleep(me.cfg.eviction_poll).await;
-                    }
-                }
-            };
-            loop {
-                tokio::time::sleep(me.cfg.eviction_poll).await;
-                match me.store.evictions_since(seq, 1000).await {
-                    Ok(evs) => {
-                        for ev in evs {
-                            seq = seq.max(ev.seq);
-                            match parse_intent(&ev.intent) {
-                                Ok(keys) => me.keys.evict(&ev.keyspace, &ev.subject_ref, &keys),
-                                Err(e) => tracing::warn!(error = %e, "eviction feed: bad entry"),
-                            }
-                        }
-                    }
-                    Err(e) => tracing::warn!(error = %e, "eviction feed: read failed"),
+        tokio::spawn(async move { me.follow_evictions().await });
+    }
+
+    /// Follows the eviction feed of the other replicas: reads it every
+    /// `erasure.eviction_poll_millis`, and at once when PostgreSQL notifies a committed
+    /// eviction. Rows that commit out of seq order are still delivered (the feed asks again
+    /// for the seqs it skipped, for the cache's hard TTL: security review finding 5).
+    async fn follow_evictions(&self) {
+        let poll = self.cfg.eviction_poll;
+        let mut feed = loop {
+            match self.store.eviction_feed(self.keys.hard_ttl()).await {
+                Ok(f) => break f,
+                Err(e) => {
+                    tracing::warn!(error = %e, "eviction feed: cannot read; retrying");
+                    tokio::time::sleep(poll).await;
                 }
             }
-        });
+        };
+        let mut wakeups = None;
+        let mut listen_retry_at = tokio::time::Instant::now();
+        loop {
+            if wakeups.is_none() && tokio::time::Instant::now() >= listen_retry_at {
+                match self.store.eviction_wakeups().await {
+                    Ok(w) => wakeups = w,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "eviction feed: cannot listen for notifications; polling");
+                    }
+                }
+                // SQLite (no listener) and a failed LISTEN: look again later, not every poll.
+                listen_retry_at = tokio::time::Instant::now() + poll.max(Duration::from_secs(5));
+            }
+            match wakeups.as_mut() {
+                Some(w) => {
+                    tokio::select! {
+                        r = w.wait() => if let Err(e) = r {
+                            tracing::warn!(error = %e, "eviction feed: listener failed; polling");
+                            wakeups = None;
+                            tokio::time::sleep(poll).await;
+                        },
+                        () = tokio::time::sleep(poll) => {}
+                    }
+                }
+                None => tokio::time::sleep(poll).await,
+            }
+            match self.store.next_evictions(&mut feed, 1000).await {
+                Ok(evs) => {
+                    for ev in evs {
+                        match parse_intent(&ev.intent) {
+                            Ok(keys) => {
+                                self.keys.evict(&ev.keyspace, &ev.subject_ref, &keys);
+                                tracing::debug!(seq = ev.seq, keyspace = %ev.keyspace, "eviction feed: applied");
+                            }
+                            Err(e) => tracing::warn!(error = %e, "eviction feed: bad entry"),
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "eviction feed: read failed"),
+            }
+        }
     }
 }
