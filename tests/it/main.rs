@@ -13,6 +13,7 @@ mod erasure;
 mod erasure_review;
 mod eviction_review;
 mod golden_vectors;
+mod known_answers;
 mod lifecycle;
 mod mtls;
 mod policy;
