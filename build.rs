@@ -10,6 +10,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("piiguard_descriptor.bin"))
+        // prost, but a request that does not decode is INVALID_ARGUMENT / MALFORMED_MESSAGE
+        // (src/codec.rs), not INTERNAL.
+        .codec_path("crate::codec::Codec")
         // Messages that carry plaintext get no derived Debug: a stray `{:?}` cannot leak PII.
         .skip_debug([
             ".piiguard.v1.EncryptRequest",

@@ -70,6 +70,9 @@ pub enum Reason {
     LockedOut,
     /// The audit log cannot be written: data calls fail closed.
     AuditUnavailable,
+    /// INVALID_ARGUMENT: the request bytes are not a valid protobuf message of the method's
+    /// type (a string that is not UTF-8, a wrong wire type, nesting past the depth limit).
+    MalformedMessage,
 }
 
 impl Reason {
@@ -101,6 +104,7 @@ impl Reason {
         Reason::VolumeBudgetExceeded,
         Reason::LockedOut,
         Reason::AuditUnavailable,
+        Reason::MalformedMessage,
     ];
 
     /// The stable string a caller sees.
@@ -132,6 +136,7 @@ impl Reason {
             Reason::VolumeBudgetExceeded => "VOLUME_BUDGET_EXCEEDED",
             Reason::LockedOut => "LOCKED_OUT",
             Reason::AuditUnavailable => "AUDIT_UNAVAILABLE",
+            Reason::MalformedMessage => "MALFORMED_MESSAGE",
         }
     }
 }

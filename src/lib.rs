@@ -5,7 +5,7 @@
 //!
 //! | layer | modules | what lives there |
 //! |---|---|---|
-//! | 0 | [`domain`], [`error`], [`secret`], [`pb`] | names, identities, time; errors and their one gRPC mapping; key material (`Dek`) and its public twin (`WrappedDek`); generated protobuf |
+//! | 0 | [`domain`], [`error`], [`codec`], [`secret`], [`pb`] | names, identities, time; errors and their one gRPC mapping; the protobuf codec (bad bytes are `INVALID_ARGUMENT`); key material (`Dek`) and its public twin (`WrappedDek`); generated protobuf |
 //! | 1 | [`crypto`] | pure byte transformations: envelope, AEAD seam, token formats, signatures |
 //! | 2 | [`config`] | raw (file + environment) configuration, validated into typed sections |
 //! | 3 | [`metrics`] | metric names and handles |
@@ -22,6 +22,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod codec;
 pub mod domain;
 pub mod error;
 pub mod secret;

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[(&str, u8)] = &[
     ("domain", 0),
     ("error", 0),
+    ("codec", 0),
     ("secret", 0),
     ("pb", 0),
     ("crypto", 1),
