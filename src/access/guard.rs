@@ -91,6 +91,16 @@ impl Sentry {
             canary: false,
             done: false,
         };
+        // A connection admitted before its certificate was revoked (CRL reload) or expired is
+        // refused from its next call on; the certificate is verified again only when the TLS
+        // config in force changed or the last check is older than a few seconds.
+        if let Err(e) = conn.peer.recheck() {
+            tracing::warn!(caller = &*g.caller, remote = %conn.remote, reason = %e, "call refused: client certificate no longer accepted");
+            let e = Error::CertificateRejected {
+                message: e.to_string(),
+            };
+            return Err(g.refuse(e));
+        }
         if !self.audit.is_healthy() {
             g.done = true;
             g.metrics
@@ -442,6 +452,7 @@ impl Guard {
                             Reason::RateLimited,
                             Reason::VolumeBudgetExceeded,
                             Reason::LockedOut,
+                            Reason::CertificateRejected,
                         ]
                         .contains(rs) =>
                     {
