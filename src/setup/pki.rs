@@ -183,19 +183,31 @@ impl Ca {
         })
     }
 
-    /// A CRL revoking the given serial numbers, PEM-encoded.
+    /// A CRL revoking the given serial numbers, valid for 7 days, PEM-encoded.
     pub fn crl(&self, revoked: &[Vec<u8>]) -> Result<String, SetupError> {
         let now = OffsetDateTime::now_utc();
+        self.crl_between(revoked, now - Duration::minutes(5), now + Duration::days(7))
+    }
+
+    /// A CRL revoking the given serial numbers with the given `thisUpdate` and `nextUpdate`
+    /// (a `nextUpdate` in the past makes an expired CRL), PEM-encoded.
+    pub fn crl_between(
+        &self,
+        revoked: &[Vec<u8>],
+        this_update: OffsetDateTime,
+        next_update: OffsetDateTime,
+    ) -> Result<String, SetupError> {
+        let now = OffsetDateTime::now_utc();
         let params = CertificateRevocationListParams {
-            this_update: now - Duration::minutes(5),
-            next_update: now + Duration::days(7),
+            this_update,
+            next_update,
             crl_number: random_serial()?,
             issuing_distribution_point: None,
             revoked_certs: revoked
                 .iter()
                 .map(|s| RevokedCertParams {
                     serial_number: SerialNumber::from_slice(s),
-                    revocation_time: now - Duration::minutes(1),
+                    revocation_time: (now - Duration::minutes(1)).max(this_update),
                     reason_code: Some(RevocationReason::KeyCompromise),
                     invalidity_date: None,
                 })
