@@ -393,21 +393,35 @@ async fn a_client_revoked_by_a_crl_reload_loses_access_on_its_open_connection() 
     );
 }
 
+/// Runs `piiguard serve` with `crl` and returns its exit code and stderr (`None`: still running
+/// after 30 s, then killed).
 fn serve_status(env: &TestEnv, name: &str, crl: &std::path::Path) -> (Option<i32>, String) {
     let cfg = env.dir.path().join(format!("{name}.toml"));
     std::fs::write(&cfg, env.config_toml("")).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_piiguard"))
+    let err = env.dir.path().join(format!("{name}.stderr"));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_piiguard"))
         .args(["serve", "--config"])
         .arg(&cfg)
         .env("PIIGUARD_TLS__CRL", format!("[\"{}\"]", crl.display()))
         .env("PIIGUARD_AUDIT__DIR", env.audit_dir(name))
         .stdin(std::process::Stdio::null())
-        .output()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
         .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let code = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st.code();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    (code, std::fs::read_to_string(&err).unwrap_or_default())
 }
 
 /// Finding 3: a CRL past its nextUpdate was accepted silently (`ExpirationPolicy::Ignore`).
