@@ -276,16 +276,7 @@ async fn a_dns_san_matches_only_a_dns_grant() {
     let env = TestEnv::start().await;
     env.write_policy(KIND_GRANTS);
     let ca = env.ca();
-    let server = env
-        .server_env(
-            "dns",
-            "",
-            vec![(
-                "PIIGUARD_TLS__ALLOW_CN_IDENTITY".to_string(),
-                "true".to_string(),
-            )],
-        )
-        .await;
+    let server = env.server("dns", "").await;
     // `dns:reports.shop.local` is granted (TEST_GRANTS); the SAN's case does not matter.
     let reports = ca
         .issue_client_now(&ClientName::Dns("Reports.Shop.Local".into()))
