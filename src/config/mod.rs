@@ -1527,6 +1527,26 @@ dir = "audit"
                 "server.listen",
             ),
             ("[tls]", "[server]\nbogus = 1\n[tls]", "bogus"),
+            (
+                "[tls]",
+                "[lockout]\nbreak_glass = [\"admin.shop.local\"]\n[tls]",
+                "does not name its kind",
+            ),
+            (
+                "[tls]",
+                "[lockout]\nbreak_glass = [\"spiffe://shop/*\"]\n[tls]",
+                "exact identities only",
+            ),
+            (
+                "[tls]",
+                "[limits.identity.\"reports.shop.local\"]\ncalls = [\"1/1s\"]\n[tls]",
+                "does not name its kind",
+            ),
+            (
+                "client_ca = \"ca.pem\"",
+                "client_ca = \"ca.pem\"\nmax_connection_age_secs = 0",
+                "tls.max_connection_age_secs",
+            ),
         ] {
             let e = parse(&MINIMAL.replace(from, to), no_env()).unwrap_err();
             assert!(e.0.contains(needle), "{needle}: {e}");
