@@ -9,7 +9,9 @@
 //! g.finish(r)
 //! ```
 //!
-//! [`Sentry::begin`] refuses, before any work: a sink that cannot write (`AUDIT_UNAVAILABLE`,
+//! [`Sentry::begin`] refuses, before any work: a connection whose client certificate no longer
+//! verifies against the client CA and CRLs in force (`CLIENT_CERTIFICATE_REJECTED`: revoked by a
+//! reloaded CRL, expired; `tls::Peer::recheck`), a sink that cannot write (`AUDIT_UNAVAILABLE`,
 //! fail closed), a locked-out caller (`LOCKED_OUT`), a caller over its call-rate limit
 //! (`RATE_LIMITED`). A guard dropped without `finish` (the client went away) still writes its
 //! record, as `CANCELLED`.

@@ -2,7 +2,9 @@
 //! certificate mandatory and verified against the configured CA, optional CRLs), an accept loop
 //! with a handshake timeout that takes the config in force from a `watch` channel (fed by
 //! `app::reload` on file change and SIGHUP), the caller identity taken once per connection from
-//! the client certificate, and [`client`], the one mTLS client of piiguard's own commands.
+//! the client certificate (typed: `spiffe://…`, `dns:<name>`, `cn:<CN>` only when
+//! `tls.allow_cn_identity`), the chain kept so that each call re-checks it against the CRLs in
+//! force ([`Peer::recheck`]), and [`client`], the one mTLS client of piiguard's own commands.
 //!
 //! **Architecture Invariant:** there is no code path that builds a server config without a
 //! client-certificate verifier; a connection without a verified client certificate never
