@@ -525,3 +525,83 @@ pub fn incoming(
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::setup::pki::{Ca, ClientName};
+    use time::{Duration as Days, OffsetDateTime};
+
+    struct Files {
+        _dir: tempfile::TempDir,
+        files: TlsFiles,
+        crl: PathBuf,
+    }
+
+    fn files(ca: &Ca) -> Files {
+        let dir = tempfile::tempdir().unwrap();
+        let server = ca.issue_server().unwrap();
+        let p = |n: &str| dir.path().join(n);
+        std::fs::write(p("s.pem"), &server.cert_pem).unwrap();
+        std::fs::write(p("s.key"), server.key_pem.as_bytes()).unwrap();
+        std::fs::write(p("ca.pem"), &ca.cert_pem).unwrap();
+        std::fs::write(p("crl.pem"), ca.crl(&[]).unwrap()).unwrap();
+        Files {
+            files: TlsFiles {
+                cert: p("s.pem"),
+                key: p("s.key"),
+                client_ca: p("ca.pem"),
+                crl: vec![p("crl.pem")],
+                allow_cn_identity: false,
+                max_connection_age: Duration::from_secs(3600),
+                max_connection_age_grace: Duration::from_secs(300),
+            },
+            crl: p("crl.pem"),
+            _dir: dir,
+        }
+    }
+
+    #[test]
+    fn a_crl_reload_revokes_an_open_connection_at_its_next_recheck() {
+        let (ca, _) = Ca::generate().unwrap();
+        let f = files(&ca);
+        let first = Arc::new(build_server_config(&f.files).unwrap());
+        let (tx, rx) = watch::channel(first.clone());
+        let client = ca
+            .issue_client_now(&ClientName::Spiffe("spiffe://shop/a".into()))
+            .unwrap();
+        let chain = vec![CertificateDer::from_pem_slice(client.cert_pem.as_bytes()).unwrap()];
+        let peer = Peer::new(chain, rx, &first);
+        assert!(peer.recheck().is_ok());
+        // The same files again (a reload that changed nothing relevant): still accepted.
+        tx.send_replace(Arc::new(build_server_config(&f.files).unwrap()));
+        assert!(peer.recheck().is_ok());
+        // A CRL revoking the client: refused from the next check on, and stays refused.
+        std::fs::write(
+            &f.crl,
+            ca.crl(std::slice::from_ref(&client.serial)).unwrap(),
+        )
+        .unwrap();
+        tx.send_replace(Arc::new(build_server_config(&f.files).unwrap()));
+        let e = peer.recheck().unwrap_err();
+        assert!(e.to_string().contains("Revoked"), "{e}");
+        assert!(peer.recheck().is_err());
+    }
+
+    #[test]
+    fn an_expired_crl_is_refused_when_the_files_are_loaded() {
+        let (ca, _) = Ca::generate().unwrap();
+        let f = files(&ca);
+        let now = OffsetDateTime::now_utc();
+        std::fs::write(
+            &f.crl,
+            ca.crl_between(&[], now - Days::days(8), now - Days::days(1))
+                .unwrap(),
+        )
+        .unwrap();
+        match build_server_config(&f.files) {
+            Err(TlsError::CrlExpired { path, .. }) => assert_eq!(path, f.crl),
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+    }
+}
