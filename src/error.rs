@@ -38,6 +38,9 @@ pub enum Reason {
     UnknownKey,
     /// UNAUTHENTICATED: the caller presented no usable identity.
     Unauthenticated,
+    /// UNAUTHENTICATED: the connection's client certificate no longer verifies against the
+    /// certificates and CRLs in force (revoked, expired, or the CRL in force has expired).
+    CertificateRejected,
     /// RESOURCE_EXHAUSTED: the DEK reached its safe number of encryptions.
     KeyUsageExhausted,
     /// UNAVAILABLE: Vault or the store cannot be reached; retryable.
@@ -88,6 +91,7 @@ impl Reason {
         Reason::DecryptionFailed,
         Reason::UnknownKey,
         Reason::Unauthenticated,
+        Reason::CertificateRejected,
         Reason::KeyUsageExhausted,
         Reason::VaultUnavailable,
         Reason::SubjectShredded,
@@ -120,6 +124,7 @@ impl Reason {
             Reason::DecryptionFailed => "DECRYPTION_FAILED",
             Reason::UnknownKey => "UNKNOWN_KEY",
             Reason::Unauthenticated => "UNAUTHENTICATED",
+            Reason::CertificateRejected => "CLIENT_CERTIFICATE_REJECTED",
             Reason::KeyUsageExhausted => "KEY_USAGE_EXHAUSTED",
             Reason::VaultUnavailable => "VAULT_UNAVAILABLE",
             Reason::SubjectShredded => "SUBJECT_SHREDDED",
@@ -188,6 +193,13 @@ pub enum Error {
     /// The caller presented no usable identity.
     #[error("caller identity missing")]
     Unauthenticated,
+    /// The connection's client certificate no longer verifies (revoked by a reloaded CRL,
+    /// expired, or the CRL in force expired). `message` names why, never certificate bytes.
+    #[error("{message}")]
+    CertificateRejected {
+        /// Why, for the caller.
+        message: String,
+    },
     /// The access policy does not allow the call. `message` names what was missing (identity,
     /// operation, keyspace, field), never request data.
     #[error("{message}")]
@@ -283,7 +295,7 @@ impl Error {
             Error::InvalidArgument { .. } | Error::BadCiphertext { .. } => Code::InvalidArgument,
             Error::FailedPrecondition { .. } => Code::FailedPrecondition,
             Error::NotFound { .. } => Code::NotFound,
-            Error::Unauthenticated => Code::Unauthenticated,
+            Error::Unauthenticated | Error::CertificateRejected { .. } => Code::Unauthenticated,
             Error::PermissionDenied { .. } => Code::PermissionDenied,
             Error::AuditUnavailable => Code::Unavailable,
             Error::ResourceExhausted { .. } => Code::ResourceExhausted,
@@ -301,6 +313,7 @@ impl Error {
             | Error::FailedPrecondition { reason, .. }
             | Error::NotFound { reason, .. } => *reason,
             Error::Unauthenticated => Reason::Unauthenticated,
+            Error::CertificateRejected { .. } => Reason::CertificateRejected,
             Error::PermissionDenied { .. } => Reason::PolicyDenied,
             Error::AuditUnavailable => Reason::AuditUnavailable,
             Error::Unavailable { .. } => Reason::VaultUnavailable,

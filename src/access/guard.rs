@@ -9,7 +9,9 @@
 //! g.finish(r)
 //! ```
 //!
-//! [`Sentry::begin`] refuses, before any work: a sink that cannot write (`AUDIT_UNAVAILABLE`,
+//! [`Sentry::begin`] refuses, before any work: a connection whose client certificate no longer
+//! verifies against the client CA and CRLs in force (`CLIENT_CERTIFICATE_REJECTED`: revoked by a
+//! reloaded CRL, expired; `tls::Peer::recheck`), a sink that cannot write (`AUDIT_UNAVAILABLE`,
 //! fail closed), a locked-out caller (`LOCKED_OUT`), a caller over its call-rate limit
 //! (`RATE_LIMITED`). A guard dropped without `finish` (the client went away) still writes its
 //! record, as `CANCELLED`.
@@ -91,6 +93,16 @@ impl Sentry {
             canary: false,
             done: false,
         };
+        // A connection admitted before its certificate was revoked (CRL reload) or expired is
+        // refused from its next call on; the certificate is verified again only when the TLS
+        // config in force changed or the last check is older than a few seconds.
+        if let Err(e) = conn.peer.recheck() {
+            tracing::warn!(caller = &*g.caller, remote = %conn.remote, reason = %e, "call refused: client certificate no longer accepted");
+            let e = Error::CertificateRejected {
+                message: e.to_string(),
+            };
+            return Err(g.refuse(e));
+        }
         if !self.audit.is_healthy() {
             g.done = true;
             g.metrics
@@ -442,6 +454,7 @@ impl Guard {
                             Reason::RateLimited,
                             Reason::VolumeBudgetExceeded,
                             Reason::LockedOut,
+                            Reason::CertificateRejected,
                         ]
                         .contains(rs) =>
                     {

@@ -6,7 +6,8 @@
 //!
 //! ```toml
 //! [[grant]]
-//! identity = "spiffe://shop.local/shipping"   # exact, or a prefix ending in `*`
+//! identity = "spiffe://shop.local/shipping"   # exact, or a prefix ending in `*`; the kind is
+//!                                             # named: spiffe://…, dns:NAME or cn:NAME
 //! operations = ["decrypt"]
 //! keyspaces = ["orders"]                      # required for keyspace operations; "*" = all
 //! fields = ["address", "name"]                # default ["*"]
@@ -293,17 +294,16 @@ impl Policy {
                 fields,
             };
             for id in ids {
-                match IdentityPattern::parse(&id).map_err(|e| at_err(&e))? {
+                let pattern = IdentityPattern::parse(&id).map_err(|e| at_err(&e))?;
+                if let Some(kind) = pattern.matches_whole_kind() {
+                    p.warnings.push(format!(
+                        "grant #{}: identity {id:?} matches every client certificate with a {kind} identity",
+                        n + 1
+                    ));
+                }
+                match pattern {
                     IdentityPattern::Exact(e) => p.exact.entry(e).or_default().push(grant.clone()),
-                    IdentityPattern::Prefix(pre) => {
-                        if pre.is_empty() || pre == "spiffe://" {
-                            p.warnings.push(format!(
-                                "grant #{}: identity {id:?} matches every client certificate",
-                                n + 1
-                            ));
-                        }
-                        p.prefixes.push((pre, grant.clone()));
-                    }
+                    IdentityPattern::Prefix(pre) => p.prefixes.push((pre, grant.clone())),
                 }
                 p.grant_count += 1;
             }
@@ -459,32 +459,32 @@ mod tests {
     #[test]
     fn scopes_fail_closed_when_a_call_names_no_keyspace_or_field() {
         let p = Policy::parse(
-            "[[grant]]\nidentity = \"a\"\noperations = [\"shred\", \"detokenize\"]\nkeyspaces = [\"orders\"]\nfields = [\"email\"]\n\n[[grant]]\nidentity = \"all\"\noperations = [\"shred\"]\nkeyspaces = [\"*\"]",
+            "[[grant]]\nidentity = \"cn:a\"\noperations = [\"shred\", \"detokenize\"]\nkeyspaces = [\"orders\"]\nfields = [\"email\"]\n\n[[grant]]\nidentity = \"cn:all\"\noperations = [\"shred\"]\nkeyspaces = [\"*\"]",
             None,
         )
         .unwrap();
         // A grant for one keyspace / one field never covers a call that names none.
-        assert!(!p.allows("a", Op::Shred, None, None));
-        assert!(!p.allows("a", Op::Detokenize, Some("orders"), None));
-        assert!(p.allows("a", Op::Detokenize, Some("orders"), Some("email")));
+        assert!(!p.allows("cn:a", Op::Shred, None, None));
+        assert!(!p.allows("cn:a", Op::Detokenize, Some("orders"), None));
+        assert!(p.allows("cn:a", Op::Detokenize, Some("orders"), Some("email")));
         // "*" does, and a lookup whose field is not known yet needs some field granted.
-        assert!(p.allows("all", Op::Shred, None, None));
-        assert!(p.allows_some_field("a", Op::Detokenize, Some("orders")));
-        assert!(!p.allows_some_field("a", Op::Detokenize, Some("crm")));
-        assert!(p.check_some_field("a", Op::Shred, Some("crm")).is_err());
+        assert!(p.allows("cn:all", Op::Shred, None, None));
+        assert!(p.allows_some_field("cn:a", Op::Detokenize, Some("orders")));
+        assert!(!p.allows_some_field("cn:a", Op::Detokenize, Some("crm")));
+        assert!(p.check_some_field("cn:a", Op::Shred, Some("crm")).is_err());
     }
 
     #[test]
     fn tokenize_join_is_a_grant_of_its_own() {
         let p = Policy::parse(
-            "[[grant]]\nidentity = \"t\"\noperations = [\"tokenize\", \"detokenize\"]\nkeyspaces = [\"*\"]\n\n[[grant]]\nidentity = \"j\"\noperations = [\"tokenize\", \"tokenize_join\"]\nkeyspaces = [\"orders\"]\nfields = [\"city\"]",
+            "[[grant]]\nidentity = \"cn:t\"\noperations = [\"tokenize\", \"detokenize\"]\nkeyspaces = [\"*\"]\n\n[[grant]]\nidentity = \"cn:j\"\noperations = [\"tokenize\", \"tokenize_join\"]\nkeyspaces = [\"orders\"]\nfields = [\"city\"]",
             None,
         )
         .unwrap();
         // `tokenize` (even on every keyspace and field) does not imply `tokenize_join`.
-        assert!(p.allows("t", Op::Tokenize, Some("orders"), Some("city")));
-        assert!(!p.allows("t", Op::TokenizeJoin, Some("orders"), Some("city")));
-        match p.check("t", Op::TokenizeJoin, Some("orders"), Some("city")) {
+        assert!(p.allows("cn:t", Op::Tokenize, Some("orders"), Some("city")));
+        assert!(!p.allows("cn:t", Op::TokenizeJoin, Some("orders"), Some("city")));
+        match p.check("cn:t", Op::TokenizeJoin, Some("orders"), Some("city")) {
             Err(Error::PermissionDenied { message }) => {
                 assert!(
                     message.contains("does not grant tokenize_join"),
@@ -493,9 +493,9 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert!(p.allows("j", Op::TokenizeJoin, Some("orders"), Some("city")));
-        assert!(!p.allows("j", Op::TokenizeJoin, Some("orders"), Some("email")));
-        assert!(!p.allows("j", Op::TokenizeJoin, Some("crm"), Some("city")));
+        assert!(p.allows("cn:j", Op::TokenizeJoin, Some("orders"), Some("city")));
+        assert!(!p.allows("cn:j", Op::TokenizeJoin, Some("orders"), Some("email")));
+        assert!(!p.allows("cn:j", Op::TokenizeJoin, Some("crm"), Some("city")));
         assert_eq!("tokenize_join".parse::<Op>(), Ok(Op::TokenizeJoin));
         assert_eq!(Op::TokenizeJoin.to_string(), "tokenize_join");
         assert!(!Op::TokenizeJoin.reveals() && Op::TokenizeJoin.keyspaced());
@@ -519,7 +519,7 @@ operations = ["shred", "shred_status"]
 keyspaces = ["*"]
 
 [[grant]]
-identities = ["spiffe://shop/batch/*", "reports.shop.local"]
+identities = ["spiffe://shop/batch/*", "dns:reports.shop.local"]
 operations = ["encrypt"]
 keyspaces = ["crm"]
 fields = ["email"]
@@ -571,7 +571,7 @@ operations = ["admin"]
             Some("email")
         ));
         assert!(p.allows(
-            "reports.shop.local",
+            "dns:reports.shop.local",
             Op::Encrypt,
             Some("crm"),
             Some("email")
@@ -589,7 +589,7 @@ operations = ["admin"]
             Some("name")
         ));
         assert!(!p.allows(
-            "x.reports.shop.local",
+            "dns:x.reports.shop.local",
             Op::Encrypt,
             Some("crm"),
             Some("email")
@@ -671,28 +671,36 @@ operations = ["admin"]
         let known: BTreeSet<String> = ["orders"].iter().map(|s| s.to_string()).collect();
         for (text, needle) in [
             (
-                "[[grant]]\nidentity = \"a\"\noperations = [\"peek\"]\nkeyspaces=[\"*\"]",
+                "[[grant]]\nidentity = \"cn:a\"\noperations = [\"peek\"]\nkeyspaces=[\"*\"]",
                 "unknown operation",
             ),
             (
-                "[[grant]]\nidentity = \"a\"\noperations = [\"decrypt\"]",
+                "[[grant]]\nidentity = \"cn:a\"\noperations = [\"decrypt\"]",
                 "`keyspaces` is required",
             ),
             (
-                "[[grant]]\nidentity = \"a\"\noperations = [\"decrypt\"]\nkeyspaces=[\"shop\"]",
+                "[[grant]]\nidentity = \"cn:a\"\noperations = [\"decrypt\"]\nkeyspaces=[\"shop\"]",
                 "not configured",
             ),
             (
-                "[[grant]]\nidentity = \"a*b\"\noperations = [\"admin\"]",
+                "[[grant]]\nidentity = \"cn:a*b\"\noperations = [\"admin\"]",
                 "only at the end",
             ),
             ("[[grant]]\noperations = [\"admin\"]", "needs `identity`"),
             (
-                "[[grant]]\nidentity = \"a\"\noperations = [\"decrypt\"]\nkeyspaces=[\"orders\"]\nfields=[]",
+                "[[grant]]\nidentity = \"reports.shop.local\"\noperations = [\"admin\"]",
+                "does not name its kind",
+            ),
+            (
+                "[[grant]]\nidentity = \"*\"\noperations = [\"admin\"]",
+                "does not name its kind",
+            ),
+            (
+                "[[grant]]\nidentity = \"cn:a\"\noperations = [\"decrypt\"]\nkeyspaces=[\"orders\"]\nfields=[]",
                 "fields is empty",
             ),
             (
-                "[[grant]]\nidentity = \"a\"\noperations = [\"admin\"]\nextra = 1",
+                "[[grant]]\nidentity = \"cn:a\"\noperations = [\"admin\"]\nextra = 1",
                 "extra",
             ),
             ("[[grant]\n", "TOML"),
@@ -701,7 +709,7 @@ operations = ["admin"]
             assert!(e.to_string().contains(needle), "{needle}: {e}");
         }
         let p = Policy::parse(
-            "[[grant]]\nidentity = \"*\"\noperations = [\"admin\"]",
+            "[[grant]]\nidentity = \"spiffe://*\"\noperations = [\"admin\"]",
             None,
         )
         .unwrap();

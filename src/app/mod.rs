@@ -344,6 +344,11 @@ pub async fn run(
     let incoming = tls::incoming(listener, tls_config, cfg.server.handshake_timeout);
     let mut rx = stop_rx;
     let serve = Server::builder()
+        // A connection is told to go away (GOAWAY) at this age and closed after the grace:
+        // the client reconnects through a new handshake against the certificates and CRLs in
+        // force. (Every call also re-checks the client certificate: `tls::Peer::recheck`.)
+        .max_connection_age(cfg.tls.max_connection_age)
+        .max_connection_age_grace(cfg.tls.max_connection_age_grace)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .initial_connection_window_size(Some(4 * 1024 * 1024))

@@ -253,7 +253,7 @@ impl AuditReport<Policy> {
     }
 }
 
-impl AuditReport<rustls::ServerConfig> {
+impl AuditReport<crate::tls::ServerTls> {
     /// Reports of the TLS reloader (server certificate and key, client CA, CRLs).
     pub fn tls(sentry: &Arc<Sentry>) -> Self {
         Self {

@@ -375,6 +375,26 @@ pub struct RawTls {
     /// Certificate revocation lists (PEM) checked for client certificates.
     #[serde(default)]
     pub crl: Vec<PathBuf>,
+    /// Accept a client certificate without SPIFFE URI or DNS SAN, naming it by its subject
+    /// CN as the identity `cn:<CN>`. Off by default: such a certificate is refused.
+    #[serde(default)]
+    pub allow_cn_identity: bool,
+    /// A connection older than this is told to go away (HTTP/2 GOAWAY); the client reconnects
+    /// with a new handshake against the certificates and CRLs in force.
+    #[serde(default = "default_max_connection_age")]
+    pub max_connection_age_secs: u64,
+    /// Calls still in flight on a connection past its age get this long to finish before it
+    /// is closed.
+    #[serde(default = "default_max_connection_age_grace")]
+    pub max_connection_age_grace_secs: u64,
+}
+
+fn default_max_connection_age() -> u64 {
+    3600
+}
+
+fn default_max_connection_age_grace() -> u64 {
+    300
 }
 
 /// `[vault]`.
@@ -689,6 +709,12 @@ pub struct TlsFiles {
     pub client_ca: PathBuf,
     /// Certificate revocation lists (PEM) checked for client certificates.
     pub crl: Vec<PathBuf>,
+    /// Whether a certificate without SPIFFE URI or DNS SAN is named by its CN (`cn:<CN>`).
+    pub allow_cn_identity: bool,
+    /// Age after which a connection is told to go away (GOAWAY).
+    pub max_connection_age: Duration,
+    /// How long calls in flight on a connection past its age may still run.
+    pub max_connection_age_grace: Duration,
 }
 
 /// Vault access.
@@ -966,7 +992,16 @@ impl RawConfig {
             key: self.tls.key,
             client_ca: self.tls.client_ca,
             crl: self.tls.crl,
+            allow_cn_identity: self.tls.allow_cn_identity,
+            max_connection_age: Duration::from_secs(self.tls.max_connection_age_secs),
+            max_connection_age_grace: Duration::from_secs(self.tls.max_connection_age_grace_secs),
         };
+        if tls.max_connection_age.is_zero() || tls.max_connection_age.as_secs() > 86_400 {
+            return err("tls.max_connection_age_secs must be between 1 and 86400");
+        }
+        if tls.max_connection_age_grace.as_secs() > 3600 {
+            return err("tls.max_connection_age_grace_secs must be at most 3600");
+        }
 
         let v = self.vault;
         let (address, insecure_http) = vault_address(&v.address, v.allow_insecure_http)?;
@@ -1127,20 +1162,24 @@ impl RawConfig {
             Some(socket("metrics.listen", &self.metrics.listen)?)
         };
         let limits = validate_limits(self.limits)?;
+        let mut break_glass = Vec::new();
+        for b in &self.lockout.break_glass {
+            match IdentityPattern::parse(b) {
+                Ok(IdentityPattern::Exact(e)) => break_glass.push(e),
+                Ok(IdentityPattern::Prefix(_)) => {
+                    return err(format!(
+                        "lockout.break_glass: {b:?}: exact identities only (no `*`)"
+                    ));
+                }
+                Err(e) => return err(format!("lockout.break_glass: {e}")),
+            }
+        }
         let lockout = limits::LockoutConfig {
             max_failures: self.lockout.max_failures,
             window: Duration::from_secs(self.lockout.window_secs),
             cooldown: Duration::from_secs(self.lockout.cooldown_secs),
-            break_glass: self.lockout.break_glass.clone(),
+            break_glass,
         };
-        if self
-            .lockout
-            .break_glass
-            .iter()
-            .any(|b| b.is_empty() || b.contains('*'))
-        {
-            return err("lockout.break_glass lists exact identities (no empty name, no `*`)");
-        }
         if lockout.max_failures > 0
             && (self.lockout.window_secs == 0 || self.lockout.cooldown_secs == 0)
         {
@@ -1579,6 +1618,26 @@ dir = "audit"
                 "server.listen",
             ),
             ("[tls]", "[server]\nbogus = 1\n[tls]", "bogus"),
+            (
+                "[tls]",
+                "[lockout]\nbreak_glass = [\"admin.shop.local\"]\n[tls]",
+                "does not name its kind",
+            ),
+            (
+                "[tls]",
+                "[lockout]\nbreak_glass = [\"spiffe://shop/*\"]\n[tls]",
+                "exact identities only",
+            ),
+            (
+                "[tls]",
+                "[limits.identity.\"reports.shop.local\"]\ncalls = [\"1/1s\"]\n[tls]",
+                "does not name its kind",
+            ),
+            (
+                "client_ca = \"ca.pem\"",
+                "client_ca = \"ca.pem\"\nmax_connection_age_secs = 0",
+                "tls.max_connection_age_secs",
+            ),
         ] {
             let e = parse(&MINIMAL.replace(from, to), no_env()).unwrap_err();
             assert!(e.0.contains(needle), "{needle}: {e}");

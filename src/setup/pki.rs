@@ -183,19 +183,31 @@ impl Ca {
         })
     }
 
-    /// A CRL revoking the given serial numbers, PEM-encoded.
+    /// A CRL revoking the given serial numbers, valid for 7 days, PEM-encoded.
     pub fn crl(&self, revoked: &[Vec<u8>]) -> Result<String, SetupError> {
         let now = OffsetDateTime::now_utc();
+        self.crl_between(revoked, now - Duration::minutes(5), now + Duration::days(7))
+    }
+
+    /// A CRL revoking the given serial numbers with the given `thisUpdate` and `nextUpdate`
+    /// (a `nextUpdate` in the past makes an expired CRL), PEM-encoded.
+    pub fn crl_between(
+        &self,
+        revoked: &[Vec<u8>],
+        this_update: OffsetDateTime,
+        next_update: OffsetDateTime,
+    ) -> Result<String, SetupError> {
+        let now = OffsetDateTime::now_utc();
         let params = CertificateRevocationListParams {
-            this_update: now - Duration::minutes(5),
-            next_update: now + Duration::days(7),
+            this_update,
+            next_update,
             crl_number: random_serial()?,
             issuing_distribution_point: None,
             revoked_certs: revoked
                 .iter()
                 .map(|s| RevokedCertParams {
                     serial_number: SerialNumber::from_slice(s),
-                    revocation_time: now - Duration::minutes(1),
+                    revocation_time: (now - Duration::minutes(1)).max(this_update),
                     reason_code: Some(RevocationReason::KeyCompromise),
                     invalidity_date: None,
                 })
@@ -285,7 +297,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn identities_are_read_in_priority_order() {
+    fn identities_are_read_in_priority_order_and_kinds_never_collide() {
+        use crate::domain::identity::IdentityKind;
+        use crate::tls::{NoIdentity, identity_of};
         let (ca, _) = Ca::generate().unwrap();
         let der = |i: &Issued| {
             rustls_pki_types::CertificateDer::from_pem_slice(i.cert_pem.as_bytes())
@@ -296,20 +310,32 @@ mod tests {
         let s = ca
             .issue_client_now(&ClientName::Spiffe("spiffe://shop.local/a".into()))
             .unwrap();
-        assert_eq!(
-            crate::tls::identity_of(&der(&s)).as_deref(),
-            Some("spiffe://shop.local/a")
-        );
+        let id = identity_of(&der(&s), false).unwrap();
+        assert_eq!(id.as_str(), "spiffe://shop.local/a");
+        assert_eq!(id.kind(), IdentityKind::Spiffe);
         let d = ca
-            .issue_client_now(&ClientName::Dns("svc.shop".into()))
+            .issue_client_now(&ClientName::Dns("Svc.Shop".into()))
             .unwrap();
         assert_eq!(
-            crate::tls::identity_of(&der(&d)).as_deref(),
-            Some("svc.shop")
+            identity_of(&der(&d), false).unwrap().as_str(),
+            "dns:svc.shop"
         );
         let c = ca
             .issue_client_now(&ClientName::CommonName("legacy".into()))
             .unwrap();
-        assert_eq!(crate::tls::identity_of(&der(&c)).as_deref(), Some("legacy"));
+        // A CN is an identity only when the operator opted in, and then only as `cn:`.
+        assert_eq!(identity_of(&der(&c), false), Err(NoIdentity::CnNotAllowed));
+        assert_eq!(identity_of(&der(&c), true).unwrap().as_str(), "cn:legacy");
+        // The finding: a CN that reads like a SPIFFE ID is never that SPIFFE ID.
+        let forged = ca
+            .issue_client_now(&ClientName::CommonName("spiffe://shop.local/admin".into()))
+            .unwrap();
+        assert_eq!(
+            identity_of(&der(&forged), false),
+            Err(NoIdentity::CnNotAllowed)
+        );
+        let id = identity_of(&der(&forged), true).unwrap();
+        assert_eq!(id.as_str(), "cn:spiffe://shop.local/admin");
+        assert_eq!(id.kind(), IdentityKind::Cn);
     }
 }

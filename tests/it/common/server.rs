@@ -25,7 +25,7 @@ fields = ["*"]
 
 # Test identities of tests/it/mtls.rs (TLS admission, identity fallbacks).
 [[grant]]
-identities = ["spiffe://shop.local/good", "spiffe://shop.local/old", "spiffe://shop.local/fresh", "reports.shop.local"]
+identities = ["spiffe://shop.local/good", "spiffe://shop.local/old", "spiffe://shop.local/fresh", "dns:reports.shop.local"]
 operations = ["encrypt"]
 keyspaces = ["orders"]
 fields = ["email"]
