@@ -118,6 +118,9 @@ pub struct RawAudit {
     pub fsync_interval_ms: u64,
     /// Records queued for the writer; when full, data calls fail closed.
     pub queue_capacity: usize,
+    /// Subject references (and, apart, key ids) listed by name in one call record of a batch
+    /// or stream; the rest are counted and covered by the record's digest.
+    pub max_refs_per_record: usize,
 }
 
 impl Default for RawAudit {
@@ -131,6 +134,7 @@ impl Default for RawAudit {
             checkpoint_secs: 60,
             fsync_interval_ms: 1000,
             queue_capacity: 65_536,
+            max_refs_per_record: 64,
         }
     }
 }
@@ -564,6 +568,10 @@ pub struct AuditConfig {
     pub fsync_interval: Duration,
     /// Records waiting for the writer beyond this refuse data calls (fail closed).
     pub queue_capacity: usize,
+    /// Subject references and key ids listed by name in one record of a call that touched
+    /// several (each list at most this long; the rest counted and covered by a digest). A
+    /// stream writes a part record each time it has collected this many.
+    pub max_refs_per_record: usize,
 }
 
 /// A canary subject from the config file.
@@ -1180,6 +1188,11 @@ fn validate_audit(a: RawAudit) -> Result<AuditConfig, ConfigError> {
     if a.queue_capacity < 16 {
         return err("audit.queue_capacity must be at least 16");
     }
+    if !(1..=MAX_REFS_PER_RECORD).contains(&a.max_refs_per_record) {
+        return err(format!(
+            "audit.max_refs_per_record must be between 1 and {MAX_REFS_PER_RECORD}"
+        ));
+    }
     Ok(AuditConfig {
         dir,
         rotate_bytes: a.rotate_bytes,
@@ -1188,8 +1201,12 @@ fn validate_audit(a: RawAudit) -> Result<AuditConfig, ConfigError> {
         checkpoint_interval: Duration::from_secs(a.checkpoint_secs),
         fsync_interval: Duration::from_millis(a.fsync_interval_ms),
         queue_capacity: a.queue_capacity,
+        max_refs_per_record: a.max_refs_per_record,
     })
 }
+
+/// Largest `audit.max_refs_per_record` (a record listing more would be a very long line).
+pub const MAX_REFS_PER_RECORD: usize = 10_000;
 
 fn limit_set(
     what: &str,
