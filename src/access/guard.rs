@@ -629,3 +629,36 @@ impl Drop for Guard {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn touched_values_are_kept_for_batches_and_from_a_unary_calls_second_one() {
+        // A unary call that touches one value keeps nothing (and allocates nothing).
+        let (mut slot, mut list) = (Slot::Empty, Vec::new());
+        for v in [1u8, 1] {
+            let was = slot;
+            slot.note(v);
+            assert!(!keep(false, was, v, &mut list));
+        }
+        assert!(list.is_empty() && list.capacity() == 0);
+        // Its second distinct value brings the first in with it.
+        let was = slot;
+        slot.note(2);
+        assert!(keep(false, was, 2, &mut list));
+        let was = slot;
+        slot.note(1);
+        assert!(keep(false, was, 1, &mut list));
+        assert_eq!(list, [1, 2, 1]);
+        // A batch keeps every value from the first.
+        let (mut slot, mut list) = (Slot::Empty, Vec::new());
+        for v in [5u8, 5, 6] {
+            let was = slot;
+            slot.note(v);
+            assert!(keep(true, was, v, &mut list));
+        }
+        assert_eq!(list, [5, 5, 6]);
+    }
+}

@@ -1361,6 +1361,7 @@ dir = "audit"
         assert_eq!(c.policy.reload_interval, Some(Duration::from_secs(10)));
         assert!(c.metrics_listen.is_none());
         assert_eq!(c.lockout.max_failures, 50);
+        assert_eq!(c.audit.max_refs_per_record, 64);
         for (from, to, needle) in [
             ("[audit]\ndir = \"audit\"\n", "", "audit.dir is required"),
             (
@@ -1377,6 +1378,16 @@ dir = "audit"
                 "dir = \"audit\"",
                 "dir = \"a\"\n[limits]\ncalls = [\"10/1w\"]",
                 "limits.calls",
+            ),
+            (
+                "dir = \"audit\"",
+                "dir = \"a\"\nmax_refs_per_record = 0",
+                "audit.max_refs_per_record",
+            ),
+            (
+                "dir = \"audit\"",
+                "dir = \"a\"\nmax_refs_per_record = 10001",
+                "audit.max_refs_per_record",
             ),
         ] {
             let e = parse(&MINIMAL.replace(from, to), no_env()).unwrap_err();
