@@ -185,7 +185,12 @@ const SUBJECT_REFS: [&str; 4] = [
     "subject_refs_omitted",
     "subject_refs_digest",
 ];
-const KEY_IDS: [&str; 4] = ["key_ids", "key_ids_total", "key_ids_omitted", "key_ids_digest"];
+const KEY_IDS: [&str; 4] = [
+    "key_ids",
+    "key_ids_total",
+    "key_ids_omitted",
+    "key_ids_digest",
+];
 
 /// The digest of a set of subject references or key ids (`subject_refs_digest`,
 /// `key_ids_digest`): SHA-256 over every distinct value as lowercase hex followed by a line
@@ -376,18 +381,22 @@ impl CallRecord {
             scopes,
             subject_ref: self.subject_ref.map(hex::encode),
             key_id: self.key_id.map(hex::encode),
-            subject_refs: subjects
-                .as_ref()
-                .map(|s| s.listed.iter().map(hex::encode).collect()),
-            subject_refs_total: subjects.as_ref().map(|s| s.total),
-            subject_refs_omitted: subjects.as_ref().map(RefSummary::omitted),
-            subject_refs_digest: subjects.as_ref().map(|s| hex::encode(s.digest)),
-            key_ids: keys
-                .as_ref()
-                .map(|s| s.listed.iter().map(hex::encode).collect()),
-            key_ids_total: keys.as_ref().map(|s| s.total),
-            key_ids_omitted: keys.as_ref().map(RefSummary::omitted),
-            key_ids_digest: keys.as_ref().map(|s| hex::encode(s.digest)),
+            touched: (subjects.is_some() || keys.is_some()).then(|| {
+                Box::new(super::TouchedLists {
+                    subject_refs: subjects
+                        .as_ref()
+                        .map(|s| s.listed.iter().map(hex::encode).collect()),
+                    subject_refs_total: subjects.as_ref().map(|s| s.total),
+                    subject_refs_omitted: subjects.as_ref().map(RefSummary::omitted),
+                    subject_refs_digest: subjects.as_ref().map(|s| hex::encode(s.digest)),
+                    key_ids: keys
+                        .as_ref()
+                        .map(|s| s.listed.iter().map(hex::encode).collect()),
+                    key_ids_total: keys.as_ref().map(|s| s.total),
+                    key_ids_omitted: keys.as_ref().map(RefSummary::omitted),
+                    key_ids_digest: keys.as_ref().map(|s| hex::encode(s.digest)),
+                })
+            }),
             items: self.items.map(|i| i[0]),
             failed_items: self.items.map(|i| i[1]),
             denied_items: self.items.map(|i| i[2]),

@@ -858,7 +858,8 @@ async fn batch_reads_name_the_subjects_and_keys_they_read() {
         )
         .await;
     let mut c = env.client(&server, "orders").await;
-    let mut t = piiguard::pb::tokens_client::TokensClient::new(env.channel(&server, "orders").await);
+    let mut t =
+        piiguard::pb::tokens_client::TokensClient::new(env.channel(&server, "orders").await);
     let subject = |i: usize| format!("bulk-read-{i:03}");
 
     // One unary Encrypt per subject: its record names the subject reference and key id, the
@@ -966,7 +967,10 @@ async fn batch_reads_name_the_subjects_and_keys_they_read() {
         .iter()
         .map(|f| std::fs::read_to_string(f).unwrap())
         .collect();
-    assert!(!text.contains("bulk-read-"), "a raw subject id is in the audit log");
+    assert!(
+        !text.contains("bulk-read-"),
+        "a raw subject id is in the audit log"
+    );
     assert!(!text.contains("@example.com"));
     assert!(tokens.iter().all(|tk| !text.contains(tk.as_str())));
 

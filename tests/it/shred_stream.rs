@@ -191,7 +191,10 @@ async fn shred_stream_names_every_subject_it_shredded_in_the_audit_log() {
         .server_env(
             "stream-audit",
             "",
-            vec![("PIIGUARD_AUDIT__MAX_REFS_PER_RECORD".into(), BOUND.to_string())],
+            vec![(
+                "PIIGUARD_AUDIT__MAX_REFS_PER_RECORD".into(),
+                BOUND.to_string(),
+            )],
         )
         .await;
     let mut c = env.client(&server, "orders").await;
@@ -244,7 +247,10 @@ async fn shred_stream_names_every_subject_it_shredded_in_the_audit_log() {
         {
             break recs;
         }
-        assert!(std::time::Instant::now() < deadline, "no final ShredStream record");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no final ShredStream record"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     };
     let shredded: Vec<String> = recs
@@ -290,5 +296,8 @@ async fn shred_stream_names_every_subject_it_shredded_in_the_audit_log() {
         .iter()
         .map(|f| std::fs::read_to_string(f).unwrap())
         .collect();
-    assert!(!text.contains("gone-subject-"), "a raw subject id is in the audit log");
+    assert!(
+        !text.contains("gone-subject-"),
+        "a raw subject id is in the audit log"
+    );
 }
