@@ -26,7 +26,7 @@ use crate::access::alarms::{Alarms, Severity, kinds};
 use crate::access::canary::Canaries;
 use crate::access::limits::{Exceeded, Limits, Lockouts};
 use crate::access::policy::{Op, Policy};
-use crate::audit::call::{CallRecord, ItemCounts, Name, Scopes};
+use crate::audit::call::{CallRecord, ItemCounts, Name, Scopes, Touched};
 use crate::audit::{Auditor, Record, code_name};
 use crate::crypto::envelope::KeyId;
 use crate::error::{CorrelationId, Error, Reason, Result};
@@ -86,6 +86,9 @@ impl Sentry {
             more_scopes: Vec::new(),
             subject_ref: Slot::Empty,
             key_id: Slot::Empty,
+            touched: Touched::default(),
+            collect: false,
+            stream: false,
             items: None,
             failed: 0,
             denied: 0,
@@ -174,6 +177,23 @@ impl Sentry {
     }
 }
 
+/// Pushes `v` onto the list of values a call touched when the call collects them (a batch or
+/// a stream), or when `v` is the second distinct value of a unary call (then the first goes
+/// in before it: a unary call that touches one subject allocates nothing). Returns whether
+/// it pushed.
+fn keep<T: PartialEq + Copy>(collect: bool, was: Slot<T>, v: T, list: &mut Vec<T>) -> bool {
+    match was {
+        _ if collect => list.push(v),
+        Slot::One(o) if o != v => {
+            list.push(o);
+            list.push(v);
+        }
+        Slot::Many => list.push(v),
+        _ => return false,
+    }
+    true
+}
+
 /// A value seen once, or several different ones (then the audit record omits it).
 #[derive(Debug, Clone, Copy)]
 enum Slot<T> {
@@ -232,6 +252,13 @@ pub struct Guard {
     more_scopes: Vec<Scope>,
     subject_ref: Slot<[u8; 32]>,
     key_id: Slot<[u8; crate::crypto::envelope::KEY_ID_LEN]>,
+    /// Every subject reference and key id noted, in order, once `collect` is on (a batch or
+    /// stream) or the call has touched a second one; empty (no allocation) otherwise.
+    touched: Touched,
+    /// Set by [`Guard::set_items`] and [`Guard::start_stream`].
+    collect: bool,
+    /// A stream: `touched` is written out in part records as it fills.
+    stream: bool,
     items: Option<u32>,
     failed: u32,
     denied: u32,
@@ -338,19 +365,53 @@ impl Guard {
         }
     }
 
-    /// Notes the subject of the call (keyed hash only).
+    /// Notes the subject of the call (keyed hash only). A batch, a stream or a call that
+    /// touches several subjects lists them all in its audit record (bounded, counted and
+    /// digested: [`Touched`]).
     pub fn note_subject(&mut self, keyspace: &str, subject: &SubjectRef) {
+        let was = self.subject_ref;
         self.subject_ref.note(subject.0);
+        if keep(self.collect, was, subject.0, &mut self.touched.subject_refs) {
+            self.part_if_full();
+        }
         if self.op.reveals() && self.sentry.canaries.is_canary_subject(keyspace, subject) {
             self.canary_touched("subject");
         }
     }
 
-    /// Notes the key a ciphertext names; alarms if it is a canary's and the call reveals.
+    /// Notes the key a ciphertext names; alarms if it is a canary's and the call reveals. Key
+    /// ids are listed like subjects (see [`Guard::note_subject`]).
     pub fn note_key(&mut self, keyspace: &str, key_id: &KeyId) {
+        let was = self.key_id;
         self.key_id.note(key_id.0);
+        if keep(self.collect, was, key_id.0, &mut self.touched.key_ids) {
+            self.part_if_full();
+        }
         if self.op.reveals() && self.sentry.canaries.is_canary_key(keyspace, key_id) {
             self.canary_touched("ciphertext");
+        }
+    }
+
+    /// Marks the call as a stream: it collects subject references and key ids like a batch,
+    /// and writes them out in a part record (outcome `progress`) each time one list reaches
+    /// `audit.max_refs_per_record`, so a long stream neither holds them all in memory nor
+    /// leaves them out of the audit log. Its final record lists the rest.
+    pub fn start_stream(&mut self) {
+        self.collect = true;
+        self.stream = true;
+    }
+
+    /// In a stream, writes a part record when a list is full.
+    fn part_if_full(&mut self) {
+        let max = self.sentry.audit.max_refs_per_record();
+        if self.stream
+            && (self.touched.subject_refs.len() >= max || self.touched.key_ids.len() >= max)
+        {
+            let latency = self.started.elapsed();
+            let rec = self.call_record("progress", tonic::Code::Ok, None, latency);
+            // Like a cancelled call's record, a part is kept even while the sink is failing
+            // (the stream's health was checked when it began).
+            self.sentry.audit.record_call_event(rec);
         }
     }
 
@@ -395,9 +456,11 @@ impl Guard {
         }
     }
 
-    /// Sets the number of items of a batch call.
+    /// Sets the number of items of a batch call (and has its audit record list every subject
+    /// reference and key id the call notes: [`Touched`]).
     pub fn set_items(&mut self, n: usize) {
         self.items = Some(u32::try_from(n).unwrap_or(u32::MAX));
+        self.collect = true;
     }
 
     /// Counts the outcome of one batch item (denials are counted by `authorize`).
@@ -466,10 +529,8 @@ impl Guard {
             }
         };
         self.account(code, outcome, why, latency);
-        let write = self
-            .sentry
-            .audit
-            .record_call(self.call_record(outcome, code, why, latency));
+        let rec = self.call_record(outcome, code, why, latency);
+        let write = self.sentry.audit.record_call(rec);
         match r {
             Ok(()) => write.map_err(|e| e.into_status(self.cid.as_str())),
             Err(e) => Err(e.into_status(self.cid.as_str())),
@@ -518,8 +579,9 @@ impl Guard {
         }
     }
 
+    /// The call's record; takes the subject references and key ids collected so far.
     fn call_record(
-        &self,
+        &mut self,
         outcome: &'static str,
         code: tonic::Code,
         why: Option<&'static str>,
@@ -549,6 +611,14 @@ impl Guard {
             scopes,
             subject_ref: self.subject_ref.get(),
             key_id: self.key_id.get(),
+            touched: (!self.touched.subject_refs.is_empty() || !self.touched.key_ids.is_empty())
+                .then(|| {
+                    Box::new(Touched {
+                        subject_refs: std::mem::take(&mut self.touched.subject_refs),
+                        key_ids: std::mem::take(&mut self.touched.key_ids),
+                        max_listed: self.sentry.audit.max_refs_per_record(),
+                    })
+                }),
             items: self
                 .items
                 .map(|n| -> ItemCounts { [n, self.failed, self.denied] }),
@@ -570,5 +640,38 @@ impl Drop for Guard {
             let rec = self.call_record("cancelled", tonic::Code::Cancelled, None, latency);
             self.sentry.audit.record_call_event(rec);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn touched_values_are_kept_for_batches_and_from_a_unary_calls_second_one() {
+        // A unary call that touches one value keeps nothing (and allocates nothing).
+        let (mut slot, mut list) = (Slot::Empty, Vec::new());
+        for v in [1u8, 1] {
+            let was = slot;
+            slot.note(v);
+            assert!(!keep(false, was, v, &mut list));
+        }
+        assert!(list.is_empty() && list.capacity() == 0);
+        // Its second distinct value brings the first in with it.
+        let was = slot;
+        slot.note(2);
+        assert!(keep(false, was, 2, &mut list));
+        let was = slot;
+        slot.note(1);
+        assert!(keep(false, was, 1, &mut list));
+        assert_eq!(list, [1, 2, 1]);
+        // A batch keeps every value from the first.
+        let (mut slot, mut list) = (Slot::Empty, Vec::new());
+        for v in [5u8, 5, 6] {
+            let was = slot;
+            slot.note(v);
+            assert!(keep(true, was, v, &mut list));
+        }
+        assert_eq!(list, [5, 5, 6]);
     }
 }

@@ -96,6 +96,121 @@ pub enum Scopes {
 /// Item counts of a batch call: `[items, failed, denied]`.
 pub type ItemCounts = [u32; 3];
 
+/// Length of a key id.
+const KEY_ID_LEN: usize = crate::crypto::envelope::KEY_ID_LEN;
+
+/// The subject references and key ids a call touched, in the order it touched them (repeats
+/// possible), kept when the call is a batch or a stream or touched more than one. The request
+/// path only pushes raw bytes; the writer thread sorts, counts, lists and digests them
+/// ([`RefSummary`]).
+#[derive(Debug, Clone, Default)]
+pub struct Touched {
+    /// Subject references (keyed hashes of subject ids, never the ids).
+    pub subject_refs: Vec<[u8; 32]>,
+    /// Random key ids of DEKs.
+    pub key_ids: Vec<[u8; KEY_ID_LEN]>,
+    /// How many of each the record lists by name (`audit.max_refs_per_record`).
+    pub max_listed: usize,
+}
+
+/// What a record says about one list of a [`Touched`]: the first `max_listed` distinct values
+/// in the order touched, how many distinct values there were, and [`refs_digest`] of them all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefSummary<const N: usize> {
+    /// The first distinct values, first touched first.
+    pub listed: Vec<[u8; N]>,
+    /// Distinct values, listed or not.
+    pub total: u64,
+    /// [`refs_digest`] of every distinct value.
+    pub digest: [u8; 32],
+}
+
+impl<const N: usize> RefSummary<N> {
+    /// The summary of `touched` (in the order touched, repeats allowed); `None` if empty.
+    pub fn of(touched: &[[u8; N]], max_listed: usize) -> Option<Self> {
+        if touched.is_empty() {
+            return None;
+        }
+        let mut sorted = touched.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let mut seen = vec![false; sorted.len()];
+        let mut listed = Vec::with_capacity(max_listed.min(sorted.len()));
+        for v in touched {
+            if listed.len() >= max_listed {
+                break;
+            }
+            if let Ok(i) = sorted.binary_search(v)
+                && !std::mem::replace(&mut seen[i], true)
+            {
+                listed.push(*v);
+            }
+        }
+        Some(Self {
+            listed,
+            total: sorted.len() as u64,
+            digest: refs_digest(&sorted),
+        })
+    }
+
+    /// Distinct values the list leaves out.
+    pub fn omitted(&self) -> u64 {
+        self.total - self.listed.len() as u64
+    }
+
+    /// Appends the four members `<name>`, `<name>_total`, `<name>_omitted`, `<name>_digest`.
+    fn write(&self, buf: &mut Vec<u8>, names: &[&str; 4]) {
+        member(buf, names[0]);
+        buf.push(b'[');
+        for (i, v) in self.listed.iter().enumerate() {
+            if i > 0 {
+                buf.push(b',');
+            }
+            buf.push(b'"');
+            push_hex(buf, v);
+            buf.push(b'"');
+        }
+        buf.push(b']');
+        member(buf, names[1]);
+        push_u64(buf, self.total);
+        member(buf, names[2]);
+        push_u64(buf, self.omitted());
+        hex_member(buf, names[3], &self.digest);
+    }
+}
+
+const SUBJECT_REFS: [&str; 4] = [
+    "subject_refs",
+    "subject_refs_total",
+    "subject_refs_omitted",
+    "subject_refs_digest",
+];
+const KEY_IDS: [&str; 4] = [
+    "key_ids",
+    "key_ids_total",
+    "key_ids_omitted",
+    "key_ids_digest",
+];
+
+/// The digest of a set of subject references or key ids (`subject_refs_digest`,
+/// `key_ids_digest`): SHA-256 over every distinct value as lowercase hex followed by a line
+/// feed, in ascending order, as lowercase hex. `sorted` must be sorted and without repeats
+/// (byte order is the order of the hex text). An auditor with a list of values recomputes it
+/// with `LC_ALL=C sort -u list.txt | sha256sum`.
+pub fn refs_digest<const N: usize>(sorted: &[[u8; N]]) -> [u8; 32] {
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    let mut line = Vec::with_capacity(2 * N + 1);
+    for v in sorted {
+        line.clear();
+        push_hex(&mut line, v);
+        line.push(b'\n');
+        ctx.update(&line);
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
+}
+
 /// One call's audit record. Hashes and ids are raw bytes, hex-encoded by the writer.
 #[derive(Debug, Clone)]
 pub struct CallRecord {
@@ -113,6 +228,9 @@ pub struct CallRecord {
     pub subject_ref: Option<[u8; 32]>,
     /// Random key id named by a ciphertext.
     pub key_id: Option<[u8; crate::crypto::envelope::KEY_ID_LEN]>,
+    /// Every subject reference and key id, when the call is a batch or a stream or touched
+    /// several (boxed: a unary call carries none and allocates nothing).
+    pub touched: Option<Box<Touched>>,
     /// Item counts of a batch.
     pub items: Option<ItemCounts>,
     /// `ok`, `partial`, `denied`, `refused`, `error`, `cancelled`.
@@ -200,6 +318,14 @@ impl CallRecord {
         if let Some(k) = &self.key_id {
             hex_member(buf, "key_id", k);
         }
+        if let Some(t) = &self.touched {
+            if let Some(s) = RefSummary::of(&t.subject_refs, t.max_listed) {
+                s.write(buf, &SUBJECT_REFS);
+            }
+            if let Some(s) = RefSummary::of(&t.key_ids, t.max_listed) {
+                s.write(buf, &KEY_IDS);
+            }
+        }
         if let Some([items, failed, denied]) = self.items {
             member(buf, "items");
             push_u64(buf, u64::from(items));
@@ -236,6 +362,14 @@ impl CallRecord {
             ),
             Scopes::Many(list) => (None, None, Some(list.clone())),
         };
+        let subjects = self
+            .touched
+            .as_ref()
+            .and_then(|t| RefSummary::of(&t.subject_refs, t.max_listed));
+        let keys = self
+            .touched
+            .as_ref()
+            .and_then(|t| RefSummary::of(&t.key_ids, t.max_listed));
         Record {
             at: Some(self.at),
             kind: kind::CALL,
@@ -247,6 +381,22 @@ impl CallRecord {
             scopes,
             subject_ref: self.subject_ref.map(hex::encode),
             key_id: self.key_id.map(hex::encode),
+            touched: (subjects.is_some() || keys.is_some()).then(|| {
+                Box::new(super::TouchedLists {
+                    subject_refs: subjects
+                        .as_ref()
+                        .map(|s| s.listed.iter().map(hex::encode).collect()),
+                    subject_refs_total: subjects.as_ref().map(|s| s.total),
+                    subject_refs_omitted: subjects.as_ref().map(RefSummary::omitted),
+                    subject_refs_digest: subjects.as_ref().map(|s| hex::encode(s.digest)),
+                    key_ids: keys
+                        .as_ref()
+                        .map(|s| s.listed.iter().map(hex::encode).collect()),
+                    key_ids_total: keys.as_ref().map(|s| s.total),
+                    key_ids_omitted: keys.as_ref().map(RefSummary::omitted),
+                    key_ids_digest: keys.as_ref().map(|s| hex::encode(s.digest)),
+                })
+            }),
             items: self.items.map(|i| i[0]),
             failed_items: self.items.map(|i| i[1]),
             denied_items: self.items.map(|i| i[2]),
@@ -278,6 +428,7 @@ mod tests {
             scopes,
             subject_ref: Some([0xab; 32]),
             key_id: Some([0x01; crate::crypto::envelope::KEY_ID_LEN]),
+            touched: None,
             items,
             outcome: "ok",
             code: "OK",
@@ -345,6 +496,19 @@ mod tests {
                 None,
             ),
         ];
+        let mut many = sample(Scopes::None, Some([5, 1, 0]), None);
+        many.touched = Some(Box::new(Touched {
+            subject_refs: vec![[3; 32], [1; 32], [3; 32], [2; 32], [9; 32]],
+            key_ids: vec![[7; KEY_ID_LEN]],
+            max_listed: 2,
+        }));
+        let mut only_keys = sample(Scopes::None, Some([0, 0, 0]), None);
+        only_keys.touched = Some(Box::new(Touched {
+            subject_refs: Vec::new(),
+            key_ids: vec![[7; KEY_ID_LEN], [6; KEY_ID_LEN]],
+            max_listed: 64,
+        }));
+        let cases: Vec<CallRecord> = cases.into_iter().chain([many, only_keys]).collect();
         let instance = "pod-\"1\"";
         let instance_json = serde_json::to_vec(instance).unwrap();
         for (i, c) in cases.iter().enumerate() {
@@ -358,6 +522,29 @@ mod tests {
                 "case {i}"
             );
         }
+    }
+
+    #[test]
+    fn touched_lists_are_bounded_counted_and_digested() {
+        let r = |b: u8| [b; 32];
+        let touched = [r(3), r(1), r(3), r(2), r(9), r(1)];
+        let s = RefSummary::of(&touched, 2).unwrap();
+        // First distinct values in the order touched; all distinct ones counted.
+        assert_eq!(s.listed, vec![r(3), r(1)]);
+        assert_eq!((s.total, s.omitted()), (4, 2));
+        // The documented canonical form: sorted distinct lowercase hex, one per line.
+        let text: String = [r(1), r(2), r(3), r(9)]
+            .iter()
+            .map(|v| format!("{}\n", hex::encode(v)))
+            .collect();
+        let want = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, text.as_bytes());
+        assert_eq!(s.digest.as_slice(), want.as_ref());
+        // The digest is of the set: order and repeats do not change it, the bound does not
+        // either.
+        let other = RefSummary::of(&[r(9), r(2), r(1), r(3)], 64).unwrap();
+        assert_eq!(other.digest, s.digest);
+        assert_eq!((other.listed.len(), other.omitted()), (4, 0));
+        assert!(RefSummary::<32>::of(&[], 64).is_none());
     }
 
     #[test]

@@ -91,6 +91,10 @@ pub struct Record {
     /// Random key id named by a ciphertext (hex): identifies the subject's DEK, not the subject.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key_id: Option<String>,
+    /// The subject references and key ids of a call that touched several, or is a batch or a
+    /// stream (its members appear in the record itself).
+    #[serde(flatten)]
+    pub touched: Option<Box<TouchedLists>>,
     /// Items of a batch.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub items: Option<u32>,
@@ -150,6 +154,38 @@ pub struct Record {
     /// removed by retention.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub file: Option<String>,
+}
+
+/// What a record says about the subject references and key ids a call touched
+/// ([`call::RefSummary`]; docs/OPERATIONS.md#audit-log).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TouchedLists {
+    /// Subject references a call touched when it touched several or is a batch or stream
+    /// (hex, distinct, the first `audit.max_refs_per_record` in the order touched).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subject_refs: Option<Vec<String>>,
+    /// How many distinct subject references the call touched (listed or not).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subject_refs_total: Option<u64>,
+    /// How many of them `subject_refs` leaves out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subject_refs_omitted: Option<u64>,
+    /// Digest of all of them ([`call::refs_digest`]: SHA-256, hex, over the sorted distinct
+    /// hex values, each followed by a line feed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subject_refs_digest: Option<String>,
+    /// Key ids a call touched, as `subject_refs` (hex, distinct, bounded).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_ids: Option<Vec<String>>,
+    /// How many distinct key ids the call touched.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_ids_total: Option<u64>,
+    /// How many of them `key_ids` leaves out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_ids_omitted: Option<u64>,
+    /// Digest of all of them ([`call::refs_digest`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_ids_digest: Option<String>,
 }
 
 impl Record {

@@ -108,6 +108,8 @@ pub struct Auditor {
     /// Records queued and not yet taken by the writer; bounded by `capacity`.
     depth: Arc<AtomicUsize>,
     capacity: usize,
+    /// `audit.max_refs_per_record`.
+    max_refs: usize,
     healthy: Arc<AtomicBool>,
     lost: Arc<AtomicU64>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -141,6 +143,7 @@ impl Auditor {
         let (tx, rx) = std::sync::mpsc::channel();
         let depth = Arc::new(AtomicUsize::new(0));
         let capacity = cfg.queue_capacity;
+        let max_refs = cfg.max_refs_per_record;
         let healthy = Arc::new(AtomicBool::new(true));
         let lost = Arc::new(AtomicU64::new(0));
         let head = previous_head(&cfg.dir);
@@ -197,10 +200,17 @@ impl Auditor {
             tx,
             depth,
             capacity,
+            max_refs,
             healthy,
             lost,
             thread: Mutex::new(Some(thread)),
         }))
+    }
+
+    /// How many subject references (and key ids) one call record lists by name
+    /// (`audit.max_refs_per_record`); see [`super::call::Touched`].
+    pub fn max_refs_per_record(&self) -> usize {
+        self.max_refs
     }
 
     /// Whether the sink is writing. Data calls are refused while it is not.

@@ -118,6 +118,9 @@ pub struct RawAudit {
     pub fsync_interval_ms: u64,
     /// Records queued for the writer; when full, data calls fail closed.
     pub queue_capacity: usize,
+    /// Subject references (and, apart, key ids) listed by name in one call record of a batch
+    /// or stream; the rest are counted and covered by the record's digest.
+    pub max_refs_per_record: usize,
 }
 
 impl Default for RawAudit {
@@ -131,6 +134,7 @@ impl Default for RawAudit {
             checkpoint_secs: 60,
             fsync_interval_ms: 1000,
             queue_capacity: 65_536,
+            max_refs_per_record: 64,
         }
     }
 }
@@ -587,6 +591,10 @@ pub struct AuditConfig {
     pub fsync_interval: Duration,
     /// Records waiting for the writer beyond this refuse data calls (fail closed).
     pub queue_capacity: usize,
+    /// Subject references and key ids listed by name in one record of a call that touched
+    /// several (each list at most this long; the rest counted and covered by a digest). A
+    /// stream writes a part record each time it has collected this many.
+    pub max_refs_per_record: usize,
 }
 
 /// A canary subject from the config file.
@@ -1261,6 +1269,11 @@ fn validate_audit(a: RawAudit) -> Result<AuditConfig, ConfigError> {
     if a.queue_capacity < 16 {
         return err("audit.queue_capacity must be at least 16");
     }
+    if !(1..=MAX_REFS_PER_RECORD).contains(&a.max_refs_per_record) {
+        return err(format!(
+            "audit.max_refs_per_record must be between 1 and {MAX_REFS_PER_RECORD}"
+        ));
+    }
     Ok(AuditConfig {
         dir,
         rotate_bytes: a.rotate_bytes,
@@ -1269,8 +1282,12 @@ fn validate_audit(a: RawAudit) -> Result<AuditConfig, ConfigError> {
         checkpoint_interval: Duration::from_secs(a.checkpoint_secs),
         fsync_interval: Duration::from_millis(a.fsync_interval_ms),
         queue_capacity: a.queue_capacity,
+        max_refs_per_record: a.max_refs_per_record,
     })
 }
+
+/// Largest `audit.max_refs_per_record` (a record listing more would be a very long line).
+pub const MAX_REFS_PER_RECORD: usize = 10_000;
 
 fn limit_set(
     what: &str,
@@ -1446,6 +1463,7 @@ dir = "audit"
         assert_eq!(c.policy.reload_interval, Some(Duration::from_secs(10)));
         assert!(c.metrics_listen.is_none());
         assert_eq!(c.lockout.max_failures, 50);
+        assert_eq!(c.audit.max_refs_per_record, 64);
         for (from, to, needle) in [
             ("[audit]\ndir = \"audit\"\n", "", "audit.dir is required"),
             (
@@ -1462,6 +1480,16 @@ dir = "audit"
                 "dir = \"audit\"",
                 "dir = \"a\"\n[limits]\ncalls = [\"10/1w\"]",
                 "limits.calls",
+            ),
+            (
+                "dir = \"audit\"",
+                "dir = \"a\"\nmax_refs_per_record = 0",
+                "audit.max_refs_per_record",
+            ),
+            (
+                "dir = \"audit\"",
+                "dir = \"a\"\nmax_refs_per_record = 10001",
+                "audit.max_refs_per_record",
             ),
         ] {
             let e = parse(&MINIMAL.replace(from, to), no_env()).unwrap_err();

@@ -106,6 +106,12 @@ impl Engine {
         crate::metrics::dek_cache_hits(hits);
         self.load_missing(&mut runs, |(ks, subj)| self.keys.key_for_subject(ks, subj))
             .await;
+        // The audit record lists the keys used (the subjects' DEKs).
+        for r in &runs {
+            if let Some(Ok(k)) = &r.key {
+                g.note_key(&k.keyspace, &k.key_id);
+            }
+        }
         let valid = prepared.iter().filter(|p| p.is_ok()).count();
         let nonces =
             envelope::random_nonces(valid).map_err(|_| Error::internal("CSPRNG failed"))?;
@@ -198,7 +204,9 @@ impl Engine {
                 let h = &p.header;
                 let want = (h.keyspace, h.key_id, h.dek_version, h.alg as u8);
                 if runs.last().is_none_or(|r| r.want != want) {
-                    // Noting a key again right after itself changes nothing in the guard.
+                    // The audit record lists every key id noted (repeats are counted once);
+                    // items that fail later (a key shredded or unknown, a ciphertext that
+                    // does not open) are listed too.
                     g.note_key(h.keyspace, &h.key_id);
                     let key =
                         self.keys

@@ -15,7 +15,7 @@ use crate::domain::names::{Field, SubjectId};
 use crate::error::{Error, Reason, Result};
 use crate::keys::KeyManager;
 use crate::keys::cache::DekEntry;
-use crate::keys::manager::{now_i64, truncate_for_message};
+use crate::keys::manager::{SubjectRef, now_i64, truncate_for_message};
 use crate::store::Store;
 use crate::store::token_writer::{GroupWriter, Write};
 use crate::store::tokens::{NewToken, TokenState};
@@ -83,6 +83,11 @@ pub struct Detokenized {
     pub value: Zeroizing<String>,
     /// The field the token stands for.
     pub field: String,
+    /// The subject whose value it is (keyed hash), for the audit record; `None` if the store
+    /// row names none that parses.
+    pub subject_ref: Option<SubjectRef>,
+    /// The key id of the DEK that opened the value, for the audit record.
+    pub key_id: envelope::KeyId,
 }
 
 /// Per-keyspace token keys, derived from the keyspace index key (which lives in Vault).
@@ -460,12 +465,14 @@ impl TokenEngine {
             return Err(expired());
         }
         let mut last = Error::shredded();
-        for sealed in &row.sealed {
+        for (sealed, sref) in row.sealed.iter().zip(&row.subject_refs) {
             match self.open(keyspace, &row.field, &th, sealed).await {
-                Ok(value) => {
+                Ok((value, key_id)) => {
                     return Ok(Detokenized {
                         value,
                         field: row.field,
+                        subject_ref: SubjectRef::from_hex(sref),
+                        key_id,
                     });
                 }
                 Err(e) => last = e,
@@ -480,7 +487,7 @@ impl TokenEngine {
         field: &str,
         token_hash: &str,
         sealed: &str,
-    ) -> Result<Zeroizing<String>> {
+    ) -> Result<(Zeroizing<String>, envelope::KeyId)> {
         let bad = || Error::internal("stored token value does not open");
         let mut scratch = Vec::new();
         let parsed = envelope::parse(sealed.as_bytes(), &mut scratch).map_err(|_| bad())?;
@@ -495,7 +502,7 @@ impl TokenEngine {
         let ctx = BTreeMap::from([(CTX_TOKEN, token_hash)]);
         let pt = parsed.open(&key.keys, field, &ctx).map_err(|_| bad())?;
         let s = std::str::from_utf8(&pt).map_err(|_| bad())?;
-        Ok(Zeroizing::new(s.to_string()))
+        Ok((Zeroizing::new(s.to_string()), h.key_id))
     }
 
     fn check_batch_len(&self, n: usize) -> Result<()> {

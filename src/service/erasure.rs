@@ -171,9 +171,12 @@ impl erasure_server::Erasure for ErasureService {
         &self,
         request: Request<Streaming<pb::ShredRequest>>,
     ) -> Result<Response<Self::ShredStreamStream>, Status> {
-        // One audit record for the whole stream (items counted), written when it ends; a
-        // stream the client drops is recorded as cancelled.
-        let g = self.sentry.begin(&request, "ShredStream", Op::Shred)?;
+        // One audit record for the whole stream (items counted), written when it ends, after a
+        // `progress` record per `audit.max_refs_per_record` subjects touched; a stream the
+        // client drops is recorded as cancelled.
+        let mut g = self.sentry.begin(&request, "ShredStream", Op::Shred)?;
+        // The subjects shredded go into the audit log in part records as they accumulate.
+        g.start_stream();
         let cid = g.correlation_id().to_string();
         let guard = Arc::new(Mutex::new(Some(g)));
         let items = Arc::new(AtomicUsize::new(0));

@@ -123,7 +123,8 @@ impl TokensService {
     }
 
     /// After a lookup: the caller must hold `detokenize` on the token's field before the value
-    /// is released, and the value counts against its volume budget.
+    /// is released, and the value counts against its volume budget. The subject and key whose
+    /// value it is go into the audit record (as Decrypt names its key).
     fn release(
         &self,
         g: &mut Guard,
@@ -131,6 +132,10 @@ impl TokensService {
         d: Detokenized,
     ) -> Result<pb::DetokenizeResponse, Error> {
         g.authorize(Op::Detokenize, Some(keyspace), Some(&d.field))?;
+        if let Some(sref) = &d.subject_ref {
+            g.note_subject(keyspace, sref);
+        }
+        g.note_key(keyspace, &d.key_id);
         g.reveal(1)?;
         Ok(detokenized(d))
     }

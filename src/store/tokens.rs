@@ -182,6 +182,8 @@ pub struct TokenRow {
     pub expires_at: Option<i64>,
     /// The value sealed under each holder's DEK (text form).
     pub sealed: Vec<String>,
+    /// The subject reference (hex) of each holder, in the order of `sealed`.
+    pub subject_refs: Vec<String>,
 }
 
 impl Store {
@@ -420,7 +422,7 @@ impl Store {
     /// A token and its sealed values.
     pub async fn token(&self, keyspace: &str, token_hash: &str) -> Result<Option<TokenRow>> {
         let rows = sqlx::query(
-            "SELECT m.field, m.state, m.expires_at, v.sealed
+            "SELECT m.field, m.state, m.expires_at, v.sealed, v.subject_ref
              FROM token_map m LEFT JOIN token_values v
                ON v.keyspace = m.keyspace AND v.token_hash = m.token_hash
              WHERE m.keyspace = $1 AND m.token_hash = $2",
@@ -438,10 +440,16 @@ impl Store {
             state: TokenState::parse(&first.try_get::<String, _>("state").map_err(db)?)?,
             expires_at: first.try_get("expires_at").map_err(db)?,
             sealed: Vec::with_capacity(rows.len()),
+            subject_refs: Vec::with_capacity(rows.len()),
         };
         for r in &rows {
             if let Some(s) = r.try_get::<Option<String>, _>("sealed").map_err(db)? {
                 out.sealed.push(s);
+                out.subject_refs.push(
+                    r.try_get::<Option<String>, _>("subject_ref")
+                        .map_err(db)?
+                        .unwrap_or_default(),
+                );
             }
         }
         Ok(Some(out))

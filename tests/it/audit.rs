@@ -795,3 +795,193 @@ async fn verify_fails_on_cut_resealed_dropped_deleted_reordered_and_replayed_log
     let e = errors(&r);
     assert!(e.contains("replayed"), "{e}");
 }
+
+/// The documented digest of a set of subject references or key ids (docs/OPERATIONS.md
+/// "Audit log"): SHA-256 of the distinct lowercase hex values, sorted, each followed by a line
+/// feed; what `LC_ALL=C sort -u | sha256sum` gives. Recomputed here from the unary records,
+/// independently of the server's code.
+pub(crate) fn set_digest(hex_values: &[String]) -> String {
+    let mut v: Vec<&str> = hex_values.iter().map(String::as_str).collect();
+    v.sort_unstable();
+    v.dedup();
+    let text: String = v.iter().map(|h| format!("{h}\n")).collect();
+    hex::encode(aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        text.as_bytes(),
+    ))
+}
+
+pub(crate) fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not a list: {v}"))
+        .iter()
+        .map(|s| s.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Asserts that `rec` lists `name` (`subject_refs` or `key_ids`) as the first `bound` distinct
+/// values of `touched` (in request order), counts them all and digests them all.
+fn assert_lists(rec: &Value, name: &str, touched: &[String], bound: usize) {
+    let mut first = Vec::new();
+    for t in touched {
+        if first.len() < bound && !first.contains(t) {
+            first.push(t.clone());
+        }
+    }
+    let mut distinct = touched.to_vec();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(strings(&rec[name]), first, "{name} of {rec}");
+    assert_eq!(rec[format!("{name}_total")], distinct.len(), "{rec}");
+    assert_eq!(
+        rec[format!("{name}_omitted")],
+        distinct.len() - first.len(),
+        "{rec}"
+    );
+    assert_eq!(rec[format!("{name}_digest")], set_digest(touched), "{rec}");
+}
+
+/// Security review finding 7: a DecryptBatch or DetokenizeBatch over many subjects names, in
+/// its one audit record, the key ids and subject references it read (a bounded list, the
+/// count and a digest of them all), so an insider's bulk read is visible; raw subject ids
+/// never appear, and the log still verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_reads_name_the_subjects_and_keys_they_read() {
+    const N: usize = 100;
+    const BOUND: usize = 10;
+    let env = TestEnv::start().await;
+    let server = env
+        .server_env(
+            "bulk",
+            "",
+            env_of(&[("PIIGUARD_AUDIT__MAX_REFS_PER_RECORD", "10")]),
+        )
+        .await;
+    let mut c = env.client(&server, "orders").await;
+    let mut t =
+        piiguard::pb::tokens_client::TokensClient::new(env.channel(&server, "orders").await);
+    let subject = |i: usize| format!("bulk-read-{i:03}");
+
+    // One unary Encrypt per subject: its record names the subject reference and key id, the
+    // facts the batch records below must list.
+    let mut cts = Vec::new();
+    for i in 0..N {
+        cts.push(
+            c.encrypt(enc("orders", &subject(i), "email", b"someone@example.com"))
+                .await
+                .unwrap()
+                .into_inner()
+                .ciphertext,
+        );
+    }
+    let tokens: Vec<String> = t
+        .tokenize_batch(piiguard::pb::TokenizeBatchRequest {
+            items: (0..N)
+                .map(|i| piiguard::pb::TokenizeRequest {
+                    keyspace: "orders".into(),
+                    subject: subject(i),
+                    field: "email".into(),
+                    value: format!("someone{i}@example.com"),
+                    ..Default::default()
+                })
+                .collect(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results
+        .into_iter()
+        .map(|r| match r.result.unwrap() {
+            piiguard::pb::tokenize_result::Result::Token(t) => t.token,
+            piiguard::pb::tokenize_result::Result::Error(e) => panic!("tokenize: {}", e.reason),
+        })
+        .collect();
+
+    // Read back in reverse order (so "first in request order" is not "first created"), with
+    // one subject twice (counted once) and one ciphertext that does not parse (no key id).
+    let order: Vec<usize> = (0..N).rev().chain([7]).collect();
+    let mut items: Vec<_> = order.iter().map(|&i| dec("email", &cts[i])).collect();
+    items.push(dec("email", b"not a ciphertext"));
+    let res = c
+        .decrypt_batch(piiguard::pb::DecryptBatchRequest { items })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(res.results.len(), N + 2);
+    let res = t
+        .detokenize_batch(piiguard::pb::DetokenizeBatchRequest {
+            items: order
+                .iter()
+                .map(|&i| piiguard::pb::DetokenizeRequest {
+                    keyspace: "orders".into(),
+                    token: tokens[i].clone(),
+                })
+                .collect(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(res.results.iter().all(|r| matches!(
+        r.result,
+        Some(piiguard::pb::detokenize_result::Result::Value(_))
+    )));
+
+    let recs = server.audit_records();
+    let encrypts: Vec<&Value> = recs.iter().filter(|r| r["method"] == "Encrypt").collect();
+    assert_eq!(encrypts.len(), N);
+    let sref = |i: usize| encrypts[i]["subject_ref"].as_str().unwrap().to_string();
+    let kid = |i: usize| encrypts[i]["key_id"].as_str().unwrap().to_string();
+    let read_refs: Vec<String> = order.iter().map(|&i| sref(i)).collect();
+    let read_keys: Vec<String> = order.iter().map(|&i| kid(i)).collect();
+
+    let batch = recs
+        .iter()
+        .find(|r| r["method"] == "DecryptBatch")
+        .expect("DecryptBatch audited");
+    assert_eq!(batch["items"], N + 2);
+    assert_eq!(batch["failed_items"], 1);
+    assert_lists(batch, "key_ids", &read_keys, BOUND);
+    assert_eq!(batch["key_ids_total"], N);
+    assert_eq!(batch["key_ids_omitted"], N - BOUND);
+
+    let batch = recs
+        .iter()
+        .find(|r| r["method"] == "DetokenizeBatch")
+        .expect("DetokenizeBatch audited");
+    assert_eq!(batch["items"], N + 1);
+    assert_lists(batch, "subject_refs", &read_refs, BOUND);
+    assert_lists(batch, "key_ids", &read_keys, BOUND);
+    assert_eq!(batch["subject_refs_total"], N);
+
+    // TokenizeBatch lists the subjects it wrote for, too.
+    let batch = recs
+        .iter()
+        .find(|r| r["method"] == "TokenizeBatch")
+        .expect("TokenizeBatch audited");
+    let written: Vec<String> = (0..N).map(sref).collect();
+    assert_lists(batch, "subject_refs", &written, BOUND);
+
+    // No raw subject id, value or token anywhere in the audit files.
+    let text: String = server
+        .audit_files()
+        .iter()
+        .map(|f| std::fs::read_to_string(f).unwrap())
+        .collect();
+    assert!(
+        !text.contains("bulk-read-"),
+        "a raw subject id is in the audit log"
+    );
+    assert!(!text.contains("@example.com"));
+    assert!(tokens.iter().all(|tk| !text.contains(tk.as_str())));
+
+    // The log with the new members still verifies.
+    let report = verify_files(
+        &server.audit_files(),
+        &Options {
+            public_keys: env.signing_public_keys().await,
+            allow_open_tail: true,
+            ..Options::default()
+        },
+    );
+    assert!(report.ok(), "{}", errors(&report));
+}

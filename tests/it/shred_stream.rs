@@ -176,3 +176,128 @@ async fn shred_file_command_with_summary_and_certificates() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("0 shredded, 20 already shredded"), "{err}");
 }
+
+/// Security review finding 7: a ShredStream names in the audit log every subject it shredded
+/// (and tried to): a `progress` record per `audit.max_refs_per_record` subjects as the stream
+/// runs, each listing them all with their digest, and the final record listing the rest; no
+/// raw subject id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shred_stream_names_every_subject_it_shredded_in_the_audit_log() {
+    use crate::audit::{set_digest, strings};
+    const N: usize = 30;
+    const BOUND: usize = 8;
+    let env = TestEnv::start().await;
+    let server = env
+        .server_env(
+            "stream-audit",
+            "",
+            vec![(
+                "PIIGUARD_AUDIT__MAX_REFS_PER_RECORD".into(),
+                BOUND.to_string(),
+            )],
+        )
+        .await;
+    let mut c = env.client(&server, "orders").await;
+    let subject = |i: usize| format!("gone-subject-{i:02}");
+    for i in 0..N {
+        c.encrypt(enc("orders", &subject(i), "email", b"x@example.com"))
+            .await
+            .unwrap();
+    }
+    let mut requests: Vec<pb::ShredRequest> = (0..N)
+        .map(|i| pb::ShredRequest {
+            subject: subject(i),
+            keyspace: "orders".into(),
+            reason: "bulk erasure".into(),
+            request_id: format!("audit-req-{i}"),
+        })
+        .collect();
+    // An invalid item: failed, and names no subject.
+    requests.push(pb::ShredRequest {
+        subject: String::new(),
+        keyspace: "orders".into(),
+        reason: "bulk erasure".into(),
+        request_id: "audit-req-bad".into(),
+    });
+    let mut e = env.erasure(&server).await;
+    let mut out = e
+        .shred_stream(tokio_stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut answered = 0;
+    while let Some(r) = out.message().await.unwrap() {
+        if answered < N {
+            assert_eq!(
+                pb::ShredOutcome::try_from(r.keyspaces[0].outcome).unwrap(),
+                pb::ShredOutcome::Shredded
+            );
+        }
+        answered += 1;
+    }
+    assert_eq!(answered, N + 1);
+
+    // The final record is written when the stream ends, just after its last response.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let recs = loop {
+        let recs = server.audit_records();
+        if recs
+            .iter()
+            .any(|r| r["method"] == "ShredStream" && r["outcome"] != "progress")
+        {
+            break recs;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no final ShredStream record"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let shredded: Vec<String> = recs
+        .iter()
+        .filter(|r| r["method"] == "Encrypt")
+        .map(|r| r["subject_ref"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(shredded.len(), N);
+    let stream: Vec<&serde_json::Value> = recs
+        .iter()
+        .filter(|r| r["method"] == "ShredStream")
+        .collect();
+    let outcomes: Vec<&str> = stream
+        .iter()
+        .map(|r| r["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        outcomes,
+        ["progress", "progress", "progress", "partial"],
+        "a part record per {BOUND} subjects, then the final one"
+    );
+    let cid = &stream[0]["correlation_id"];
+    let mut listed = Vec::new();
+    for r in &stream {
+        assert_eq!(&r["correlation_id"], cid, "one call");
+        let l = strings(&r["subject_refs"]);
+        // Every record of a stream lists all its subjects (none left out) and digests them.
+        assert_eq!(r["subject_refs_omitted"], 0, "{r}");
+        assert_eq!(r["subject_refs_total"], l.len(), "{r}");
+        assert_eq!(r["subject_refs_digest"], set_digest(&l), "{r}");
+        listed.extend(l);
+    }
+    let last = stream.last().unwrap();
+    assert_eq!(last["items"], N + 1);
+    assert_eq!(last["failed_items"], 1);
+    listed.sort();
+    let mut want = shredded.clone();
+    want.sort();
+    assert_eq!(listed, want, "every subject shredded is named once");
+
+    let text: String = server
+        .audit_files()
+        .iter()
+        .map(|f| std::fs::read_to_string(f).unwrap())
+        .collect();
+    assert!(
+        !text.contains("gone-subject-"),
+        "a raw subject id is in the audit log"
+    );
+}
