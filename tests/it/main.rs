@@ -4,6 +4,7 @@
 
 mod common;
 
+mod abuse;
 mod alarms;
 mod architecture;
 mod audit;
