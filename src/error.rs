@@ -70,6 +70,10 @@ pub enum Reason {
     LockedOut,
     /// The audit log cannot be written: data calls fail closed.
     AuditUnavailable,
+    /// UNAVAILABLE: the SQL store (PostgreSQL or SQLite) cannot be reached or cannot take a
+    /// write now (server stopped, connection lost, disk full, read-only file). Nothing was
+    /// changed; retry with backoff.
+    StoreUnavailable,
 }
 
 impl Reason {
@@ -101,6 +105,7 @@ impl Reason {
         Reason::VolumeBudgetExceeded,
         Reason::LockedOut,
         Reason::AuditUnavailable,
+        Reason::StoreUnavailable,
     ];
 
     /// The stable string a caller sees.
@@ -132,6 +137,7 @@ impl Reason {
             Reason::VolumeBudgetExceeded => "VOLUME_BUDGET_EXCEEDED",
             Reason::LockedOut => "LOCKED_OUT",
             Reason::AuditUnavailable => "AUDIT_UNAVAILABLE",
+            Reason::StoreUnavailable => "STORE_UNAVAILABLE",
         }
     }
 }
@@ -205,6 +211,14 @@ pub enum Error {
     /// Retryable. `detail` is logged, never sent.
     #[error("key store unavailable")]
     Unavailable {
+        /// What failed; logged with the correlation id, never sent.
+        detail: String,
+    },
+    /// The SQL store cannot be reached or cannot take the statement now. Retryable; the
+    /// statement changed nothing (it ran in no transaction, or in one that did not commit).
+    /// `detail` is logged, never sent.
+    #[error("store unavailable")]
+    StoreUnavailable {
         /// What failed; logged with the correlation id, never sent.
         detail: String,
     },
@@ -282,7 +296,7 @@ impl Error {
             Error::PermissionDenied { .. } => Code::PermissionDenied,
             Error::AuditUnavailable => Code::Unavailable,
             Error::ResourceExhausted { .. } => Code::ResourceExhausted,
-            Error::Unavailable { .. } => Code::Unavailable,
+            Error::Unavailable { .. } | Error::StoreUnavailable { .. } => Code::Unavailable,
             Error::Internal { .. } => Code::Internal,
         }
     }
@@ -299,6 +313,7 @@ impl Error {
             Error::PermissionDenied { .. } => Reason::PolicyDenied,
             Error::AuditUnavailable => Reason::AuditUnavailable,
             Error::Unavailable { .. } => Reason::VaultUnavailable,
+            Error::StoreUnavailable { .. } => Reason::StoreUnavailable,
             Error::Internal { .. } => Reason::Internal,
         }
     }
@@ -308,6 +323,9 @@ impl Error {
         match self {
             Error::Unavailable { .. } => {
                 "key store unavailable, retry later (see correlation_id in the server log)".into()
+            }
+            Error::StoreUnavailable { .. } => {
+                "store unavailable, retry later (see correlation_id in the server log)".into()
             }
             Error::Internal { .. } => {
                 "internal error (see correlation_id in the server log)".into()
@@ -322,7 +340,7 @@ impl Error {
     /// Logs what must be logged and converts into a gRPC status carrying `ErrorInfo`.
     pub fn into_status(self, correlation_id: &str) -> Status {
         match &self {
-            Error::Unavailable { detail } => {
+            Error::Unavailable { detail } | Error::StoreUnavailable { detail } => {
                 tracing::warn!(correlation_id, reason = %self.reason(), detail = %detail, "request failed: backend unavailable");
             }
             Error::Internal { detail } => {
@@ -431,6 +449,18 @@ mod tests {
                 && i.bytes()
                     .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
         }));
+    }
+
+    #[test]
+    fn store_unavailable_is_retryable_and_hides_its_detail() {
+        let s = Error::StoreUnavailable {
+            detail: "store: connection refused postgres://u:pw@db".into(),
+        }
+        .into_status("c");
+        assert_eq!(s.code(), Code::Unavailable);
+        assert!(!s.message().contains("pw@db"));
+        let info = s.get_details_error_info().expect("error info");
+        assert_eq!(info.reason, "STORE_UNAVAILABLE");
     }
 
     #[test]

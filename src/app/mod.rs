@@ -397,7 +397,9 @@ pub async fn run(
 
 fn detail_of(e: &Error) -> String {
     match e {
-        Error::Unavailable { detail } | Error::Internal { detail } => detail.clone(),
+        Error::Unavailable { detail }
+        | Error::StoreUnavailable { detail }
+        | Error::Internal { detail } => detail.clone(),
         other => other.to_string(),
     }
 }

@@ -141,7 +141,7 @@ pub struct GroupWriter {
 }
 
 fn stopped() -> Error {
-    Error::Unavailable {
+    Error::StoreUnavailable {
         detail: "token writer stopped".into(),
     }
 }
