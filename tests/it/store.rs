@@ -543,7 +543,7 @@ async fn postgres_stopped_under_load_fails_cleanly_and_recovers() {
 
     // Nothing half-written: only the two subjects that were served exist, in Vault and in the
     // store; no token, no shred claim, no certificate.
-    assert_eq!(env.bao.list_dek_records("orders").await.len(), 2);
+    assert_eq!(env.list_dek_records("orders").await.len(), 2);
     sqlx::any::install_default_drivers();
     let pool = sqlx::AnyPool::connect(&pg.url).await.unwrap();
     let count = |sql: &'static str| {
@@ -589,7 +589,8 @@ async fn postgres_stopped_under_load_fails_cleanly_and_recovers() {
     let err = c2
         .decrypt(dec("email", &warm_ct))
         .await
-        .expect_err("shredded");
+        .err()
+        .expect("shredded");
     assert_eq!(reason(&err), "SUBJECT_SHREDDED");
     assert_eq!(count("SELECT COUNT(*) AS n FROM certificates").await, 1);
     server.stop();
