@@ -1052,7 +1052,9 @@ mod tests {
 
     #[test]
     fn unavailable_codes_are_told_from_bugs() {
-        for c in ["08006", "08001", "57P01", "57P03", "53100", "53300", "25006"] {
+        for c in [
+            "08006", "08001", "57P01", "57P03", "53100", "53300", "25006",
+        ] {
             assert!(pg_code_unavailable(c), "{c}");
         }
         for c in ["23505", "42P01", "42601", "40001", "22P02"] {

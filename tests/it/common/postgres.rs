@@ -153,7 +153,14 @@ impl Postgres {
     pub fn stop(&self) {
         let out = as_postgres_user(
             &self.bin.join("pg_ctl"),
-            &["-D", self.data.to_str().unwrap(), "-m", "fast", "-w", "stop"],
+            &[
+                "-D",
+                self.data.to_str().unwrap(),
+                "-m",
+                "fast",
+                "-w",
+                "stop",
+            ],
         );
         assert!(
             out.status.success(),
