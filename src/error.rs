@@ -76,6 +76,10 @@ pub enum Reason {
     /// INVALID_ARGUMENT: the request bytes are not a valid protobuf message of the method's
     /// type (a string that is not UTF-8, a wrong wire type, nesting past the depth limit).
     MalformedMessage,
+    /// UNAVAILABLE: the SQL store (PostgreSQL or SQLite) cannot be reached or cannot take a
+    /// write now (server stopped, connection lost, disk full, read-only file). Nothing was
+    /// changed; retry with backoff.
+    StoreUnavailable,
 }
 
 impl Reason {
@@ -109,6 +113,7 @@ impl Reason {
         Reason::LockedOut,
         Reason::AuditUnavailable,
         Reason::MalformedMessage,
+        Reason::StoreUnavailable,
     ];
 
     /// The stable string a caller sees.
@@ -142,6 +147,7 @@ impl Reason {
             Reason::LockedOut => "LOCKED_OUT",
             Reason::AuditUnavailable => "AUDIT_UNAVAILABLE",
             Reason::MalformedMessage => "MALFORMED_MESSAGE",
+            Reason::StoreUnavailable => "STORE_UNAVAILABLE",
         }
     }
 }
@@ -225,6 +231,14 @@ pub enum Error {
         /// What failed; logged with the correlation id, never sent.
         detail: String,
     },
+    /// The SQL store cannot be reached or cannot take the statement now. Retryable; the
+    /// statement changed nothing (it ran in no transaction, or in one that did not commit).
+    /// `detail` is logged, never sent.
+    #[error("store unavailable")]
+    StoreUnavailable {
+        /// What failed; logged with the correlation id, never sent.
+        detail: String,
+    },
     /// A bug or an unexpected answer. `detail` is logged, never sent.
     #[error("internal error")]
     Internal {
@@ -299,7 +313,7 @@ impl Error {
             Error::PermissionDenied { .. } => Code::PermissionDenied,
             Error::AuditUnavailable => Code::Unavailable,
             Error::ResourceExhausted { .. } => Code::ResourceExhausted,
-            Error::Unavailable { .. } => Code::Unavailable,
+            Error::Unavailable { .. } | Error::StoreUnavailable { .. } => Code::Unavailable,
             Error::Internal { .. } => Code::Internal,
         }
     }
@@ -317,7 +331,19 @@ impl Error {
             Error::PermissionDenied { .. } => Reason::PolicyDenied,
             Error::AuditUnavailable => Reason::AuditUnavailable,
             Error::Unavailable { .. } => Reason::VaultUnavailable,
+            Error::StoreUnavailable { .. } => Reason::StoreUnavailable,
             Error::Internal { .. } => Reason::Internal,
+        }
+    }
+
+    /// What the error says, internal details included: for the server log and alarms, never
+    /// for a caller (see [`Error::public_message`]).
+    pub fn detail(&self) -> String {
+        match self {
+            Error::Unavailable { detail }
+            | Error::StoreUnavailable { detail }
+            | Error::Internal { detail } => detail.clone(),
+            other => other.to_string(),
         }
     }
 
@@ -326,6 +352,9 @@ impl Error {
         match self {
             Error::Unavailable { .. } => {
                 "key store unavailable, retry later (see correlation_id in the server log)".into()
+            }
+            Error::StoreUnavailable { .. } => {
+                "store unavailable, retry later (see correlation_id in the server log)".into()
             }
             Error::Internal { .. } => {
                 "internal error (see correlation_id in the server log)".into()
@@ -340,7 +369,7 @@ impl Error {
     /// Logs what must be logged and converts into a gRPC status carrying `ErrorInfo`.
     pub fn into_status(self, correlation_id: &str) -> Status {
         match &self {
-            Error::Unavailable { detail } => {
+            Error::Unavailable { detail } | Error::StoreUnavailable { detail } => {
                 tracing::warn!(correlation_id, reason = %self.reason(), detail = %detail, "request failed: backend unavailable");
             }
             Error::Internal { detail } => {
@@ -449,6 +478,18 @@ mod tests {
                 && i.bytes()
                     .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
         }));
+    }
+
+    #[test]
+    fn store_unavailable_is_retryable_and_hides_its_detail() {
+        let s = Error::StoreUnavailable {
+            detail: "store: connection refused postgres://u:pw@db".into(),
+        }
+        .into_status("c");
+        assert_eq!(s.code(), Code::Unavailable);
+        assert!(!s.message().contains("pw@db"));
+        let info = s.get_details_error_info().expect("error info");
+        assert_eq!(info.reason, "STORE_UNAVAILABLE");
     }
 
     #[test]

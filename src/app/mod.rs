@@ -401,10 +401,7 @@ pub async fn run(
 }
 
 fn detail_of(e: &Error) -> String {
-    match e {
-        Error::Unavailable { detail } | Error::Internal { detail } => detail.clone(),
-        other => other.to_string(),
-    }
+    e.detail()
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -953,10 +953,7 @@ impl Writer {
 
 /// What an error says, internal details included (for the log and alarms, never a caller).
 fn detail(e: &Error) -> String {
-    match e {
-        Error::Unavailable { detail } | Error::Internal { detail } => detail.clone(),
-        other => other.to_string(),
-    }
+    e.detail()
 }
 
 /// The audit files of a folder, in chain order (by name: `audit-<first seq>.jsonl`).

@@ -109,7 +109,12 @@ async fn shred_one(
                 crate::metrics::shred("failed");
                 k.outcome = pb::ShredOutcome::Failed as i32;
                 k.error = Some(item_error(&e));
-                if matches!(e, Error::Unavailable { .. } | Error::Internal { .. }) {
+                if matches!(
+                    e,
+                    Error::Unavailable { .. }
+                        | Error::StoreUnavailable { .. }
+                        | Error::Internal { .. }
+                ) {
                     tracing::warn!(correlation_id = cid, reason = %e.reason(), detail = ?e, "shred failed");
                 }
                 failure.get_or_insert(e);

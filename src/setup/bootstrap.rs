@@ -93,11 +93,7 @@ pub enum BootstrapError {
 
 impl BootstrapError {
     fn failed(step: impl Into<String>, e: &crate::error::Error) -> Self {
-        let detail = match e {
-            crate::error::Error::Unavailable { detail }
-            | crate::error::Error::Internal { detail } => detail.clone(),
-            other => other.to_string(),
-        };
+        let detail = e.detail();
         Self::Failed {
             step: step.into(),
             detail,

@@ -43,7 +43,8 @@ fn to_u64(v: i64, what: &str) -> Result<u64> {
 }
 
 impl Store {
-    pub(super) async fn migrate_anchors(&self) -> Result<()> {
+    /// The audit anchor table, on the migration transaction's connection.
+    pub(super) async fn migrate_anchors(conn: &mut sqlx::AnyConnection) -> Result<()> {
         sqlx::query(
             "CREATE TABLE IF NOT EXISTS audit_anchors (
                 instance TEXT PRIMARY KEY,
@@ -56,7 +57,7 @@ impl Store {
                 signature TEXT NOT NULL,
                 updated_at BIGINT NOT NULL)",
         )
-        .execute(&self.pool)
+        .execute(&mut *conn)
         .await
         .map_err(db)?;
         Ok(())

@@ -147,14 +147,53 @@ pub struct ShredClaim<'a> {
 }
 
 fn db(e: sqlx::Error) -> Error {
+    if unavailable(&e) {
+        Error::StoreUnavailable {
+            detail: format!("store: {e}"),
+        }
+    } else {
+        Error::internal(format!("store: {e}"))
+    }
+}
+
+/// Whether `e` says the database cannot be reached or cannot take the statement now (server
+/// stopped or restarting, connection lost, pool exhausted, disk full, read-only file): a
+/// retryable `STORE_UNAVAILABLE`, not an `INTERNAL`. Anything else (a constraint, a bad
+/// statement) stays a bug.
+fn unavailable(e: &sqlx::Error) -> bool {
     match e {
-        sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
-            Error::Unavailable {
-                detail: format!("store: {e}"),
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(d) => {
+            if let Some(pg) = d.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+                pg_code_unavailable(pg.code())
+            } else if d.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+                d.code()
+                    .and_then(|c| c.parse::<i32>().ok())
+                    .is_some_and(sqlite_code_unavailable)
+            } else {
+                false
             }
         }
-        other => Error::internal(format!("store: {other}")),
+        _ => false,
     }
+}
+
+/// PostgreSQL SQLSTATEs of an unavailable server: class 08 (connection exception), 53
+/// (insufficient resources: disk full, out of memory, too many connections), 57P01-57P05
+/// (shut down, crashed, starting up, idle session ended), 25006 (read-only transaction: a
+/// standby after a fail-over).
+fn pg_code_unavailable(code: &str) -> bool {
+    code.starts_with("08") || code.starts_with("53") || code.starts_with("57P") || code == "25006"
+}
+
+/// SQLite (extended) result codes of a store that cannot take the statement now: BUSY (5),
+/// LOCKED (6), READONLY (8), IOERR (10), FULL (13), CANTOPEN (14).
+fn sqlite_code_unavailable(extended: i32) -> bool {
+    matches!(extended & 0xff, 5 | 6 | 8 | 10 | 13 | 14)
 }
 
 /// A PostgreSQL URL, kept for the eviction listener's own connection. It may hold the
@@ -166,6 +205,27 @@ impl std::fmt::Debug for PgUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("PgUrl(***)")
     }
+}
+
+/// The schema version this binary writes (`schema_version.version`). Raise it with every
+/// schema change; see docs/OPERATIONS.md, "Store schema and upgrades".
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// The oldest schema version of a binary that can still run on the schema this binary writes
+/// (`schema_version.compatible_from`). Raise it only when a change breaks older binaries (a
+/// dropped or renamed column, a new NOT NULL column without a default).
+pub const SCHEMA_COMPATIBLE_FROM: i64 = 1;
+
+/// The PostgreSQL advisory lock key that serialises schema set-up ("piiguard" in ASCII).
+pub const MIGRATION_LOCK: i64 = 0x7069_6967_7561_7264;
+
+/// The schema version recorded in a store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchemaVersion {
+    /// The version of the binary that last migrated the store.
+    pub version: i64,
+    /// The oldest binary schema version that may use the store.
+    pub compatible_from: i64,
 }
 
 /// The store.
@@ -216,12 +276,60 @@ impl Store {
         Ok(store)
     }
 
+    /// Applies the schema, serialised across processes: on PostgreSQL every statement runs in
+    /// one transaction holding the advisory lock [`MIGRATION_LOCK`] (replicas started together
+    /// wait for each other instead of racing on the catalog); on SQLite in one `BEGIN
+    /// IMMEDIATE` transaction (the write lock, waited for up to `busy_timeout`). A store whose
+    /// recorded schema is newer than [`SCHEMA_VERSION`] is left untouched; it is used if it
+    /// accepts this binary ([`SchemaVersion::compatible_from`]), otherwise the start is refused.
     async fn migrate(&self, sqlite: bool) -> Result<()> {
         if sqlite {
+            // Not allowed inside a transaction; idempotent.
             sqlx::query("PRAGMA journal_mode = WAL")
                 .execute(&self.pool)
                 .await
                 .map_err(db)?;
+        }
+        let mut tx = self
+            .pool
+            .begin_with(if sqlite { "BEGIN IMMEDIATE" } else { "BEGIN" })
+            .await
+            .map_err(db)?;
+        if !sqlite {
+            // Released at commit or rollback (also if this process dies mid-way).
+            sqlx::query("SELECT 1 AS locked FROM pg_advisory_xact_lock($1)")
+                .bind(MIGRATION_LOCK)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS schema_version (
+                id BIGINT PRIMARY KEY,
+                version BIGINT NOT NULL,
+                compatible_from BIGINT NOT NULL,
+                updated_at BIGINT NOT NULL)",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        let found = Self::schema_version_in(&mut tx).await?;
+        if let Some(v) = found
+            && v.version > SCHEMA_VERSION
+        {
+            if v.compatible_from > SCHEMA_VERSION {
+                return Err(Error::internal(format!(
+                    "the store's schema is version {} and needs a binary of schema version {} or later; this binary writes version {SCHEMA_VERSION}: upgrade piiguard (or roll the store back)",
+                    v.version, v.compatible_from
+                )));
+            }
+            tracing::info!(
+                store_schema = v.version,
+                binary_schema = SCHEMA_VERSION,
+                "the store's schema is newer than this binary's but compatible with it: used as it is"
+            );
+            tx.commit().await.map_err(db)?;
+            return Ok(());
         }
         let serial = if sqlite {
             "INTEGER PRIMARY KEY AUTOINCREMENT"
@@ -275,7 +383,7 @@ impl Store {
         for stmt in ddl {
             // The only non-literal part is the serial column type chosen above.
             sqlx::query(sqlx::AssertSqlSafe(stmt))
-                .execute(&self.pool)
+                .execute(&mut *tx)
                 .await
                 .map_err(db)?;
         }
@@ -287,37 +395,81 @@ impl Store {
             ("reap_next_at", "BIGINT"),
             ("lease_owner", "TEXT"),
         ] {
-            self.add_subjects_column(column, ddl).await?;
+            Self::add_subjects_column(&mut tx, sqlite, column, ddl).await?;
         }
-        self.migrate_tokens().await?;
-        self.migrate_anchors().await
+        Self::migrate_tokens(&mut tx).await?;
+        Self::migrate_anchors(&mut tx).await?;
+        sqlx::query(
+            "INSERT INTO schema_version (id, version, compatible_from, updated_at)
+             VALUES (1, $1, $2, $3)
+             ON CONFLICT (id) DO UPDATE SET version = $1, compatible_from = $2, updated_at = $3",
+        )
+        .bind(SCHEMA_VERSION)
+        .bind(SCHEMA_COMPATIBLE_FROM)
+        .bind(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(db)
+    }
+
+    /// The recorded schema version, if any (a store made before versions were recorded has
+    /// none).
+    async fn schema_version_in(conn: &mut sqlx::AnyConnection) -> Result<Option<SchemaVersion>> {
+        let row = sqlx::query("SELECT version, compatible_from FROM schema_version WHERE id = 1")
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(db)?;
+        row.map(|r| {
+            Ok(SchemaVersion {
+                version: r.try_get("version").map_err(db)?,
+                compatible_from: r.try_get("compatible_from").map_err(db)?,
+            })
+        })
+        .transpose()
+    }
+
+    /// The schema version recorded in the store (`None` for a store made before versions were
+    /// recorded).
+    pub async fn schema_version(&self) -> Result<Option<SchemaVersion>> {
+        let mut conn = self.pool.acquire().await.map_err(db)?;
+        Self::schema_version_in(&mut conn).await
     }
 
     /// `ALTER TABLE subjects ADD COLUMN`, unless the column exists (SQLite has no `ADD COLUMN IF
-    /// NOT EXISTS`). Two replicas upgrading at once: the loser's ALTER fails, the re-check sees
-    /// the winner's column.
-    async fn add_subjects_column(&self, column: &'static str, ddl: &'static str) -> Result<()> {
-        let exists = || async {
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "SELECT {column} FROM subjects WHERE 1 = 0"
-            )))
-            .fetch_optional(&self.pool)
-            .await
-            .is_ok()
+    /// NOT EXISTS`). Runs inside the migration transaction, under its lock: no other replica
+    /// adds the column meanwhile.
+    async fn add_subjects_column(
+        conn: &mut sqlx::AnyConnection,
+        sqlite: bool,
+        column: &'static str,
+        ddl: &'static str,
+    ) -> Result<()> {
+        let probe = if sqlite {
+            "SELECT 1 AS found FROM pragma_table_info('subjects') WHERE name = $1"
+        } else {
+            "SELECT 1 AS found FROM information_schema.columns
+             WHERE table_schema = current_schema() AND table_name = 'subjects' AND column_name = $1"
         };
-        if exists().await {
-            return Ok(());
+        let exists = sqlx::query(probe)
+            .bind(column)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(db)?
+            .is_some();
+        if !exists {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "ALTER TABLE subjects ADD COLUMN {column} {ddl}"
+            )))
+            .execute(&mut *conn)
+            .await
+            .map_err(db)?;
         }
-        let added = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "ALTER TABLE subjects ADD COLUMN {column} {ddl}"
-        )))
-        .execute(&self.pool)
-        .await;
-        match added {
-            Ok(_) => Ok(()),
-            Err(_) if exists().await => Ok(()),
-            Err(e) => Err(db(e)),
-        }
+        Ok(())
     }
 
     /// The registry row of a subject.
@@ -891,5 +1043,99 @@ impl Store {
             .map_err(db)?;
         r.map(|r| r.try_get::<String, _>("state").map_err(db)?.parse())
             .transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unavailable_codes_are_told_from_bugs() {
+        for c in [
+            "08006", "08001", "57P01", "57P03", "53100", "53300", "25006",
+        ] {
+            assert!(pg_code_unavailable(c), "{c}");
+        }
+        for c in ["23505", "42P01", "42601", "40001", "22P02"] {
+            assert!(!pg_code_unavailable(c), "{c}");
+        }
+        // BUSY, READONLY, READONLY_DBMOVED (8 | 4 << 8), IOERR_WRITE (10 | 3 << 8), FULL.
+        for c in [5, 8, 1032, 778, 13, 14] {
+            assert!(sqlite_code_unavailable(c), "{c}");
+        }
+        // CONSTRAINT_PRIMARYKEY, ERROR, CORRUPT.
+        for c in [1555, 1, 11] {
+            assert!(!sqlite_code_unavailable(c), "{c}");
+        }
+    }
+
+    /// The same SQLite file through a one-connection pool on which `pragma` runs first.
+    async fn limited(url: &str, pragma: String) -> Store {
+        let pool = AnyPoolOptions::new()
+            .max_connections(1)
+            .after_connect(move |conn, _| {
+                let pragma = pragma.clone();
+                Box::pin(async move {
+                    sqlx::query(sqlx::AssertSqlSafe(pragma))
+                        .execute(&mut *conn)
+                        .await?;
+                    Ok(())
+                })
+            })
+            .connect(url)
+            .await
+            .unwrap();
+        Store {
+            pool,
+            postgres_url: None,
+        }
+    }
+
+    /// A full disk (SQLite's page limit: the same SQLITE_FULL an ENOSPC gives) and a
+    /// read-only database: writes fail as STORE_UNAVAILABLE, change nothing, and work once
+    /// the store can be written again. (Tests run as root in CI, where `chmod` does not make a
+    /// file read-only: the pragmas give SQLite's own codes for both faults.)
+    #[tokio::test]
+    async fn sqlite_full_or_read_only_is_store_unavailable() {
+        let d = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", d.path().join("t.db").display());
+        let s = Store::open(&url).await.unwrap();
+        s.register_subject("ks", "before", 1, None, false)
+            .await
+            .unwrap();
+        let pages: i64 = sqlx::query("PRAGMA page_count")
+            .fetch_one(&s.pool)
+            .await
+            .unwrap()
+            .get(0);
+        // One page of room: the big row below needs overflow pages.
+        let full = limited(&url, format!("PRAGMA max_page_count = {}", pages + 1)).await;
+        let big = "x".repeat(64 * 1024);
+        let e = full
+            .register_subject("ks", &big, 2, None, false)
+            .await
+            .expect_err("disk full");
+        assert_eq!(e.reason(), crate::error::Reason::StoreUnavailable, "{e:?}");
+        let ro = limited(&url, "PRAGMA query_only = ON".into()).await;
+        let e = ro
+            .register_subject("ks", "ro", 2, None, false)
+            .await
+            .expect_err("read-only");
+        assert_eq!(e.reason(), crate::error::Reason::StoreUnavailable, "{e:?}");
+        // Reads still work; nothing was written.
+        assert_eq!(ro.state("ks", "ro").await.unwrap(), None);
+        assert_eq!(s.state("ks", &big).await.unwrap(), None);
+        // Writable again: the same writes succeed.
+        s.register_subject("ks", &big, 3, None, false)
+            .await
+            .unwrap();
+        s.register_subject("ks", "ro", 3, None, false)
+            .await
+            .unwrap();
+        assert_eq!(
+            s.state("ks", "ro").await.unwrap(),
+            Some(SubjectState::Active)
+        );
     }
 }

@@ -10,7 +10,7 @@
 //! Guarantees: a caller gets `Ok` only after the transaction holding its row has committed;
 //! the transaction is all-or-nothing, so a failure never leaves a half-written mapping. When
 //! a group's transaction fails, each of its writes is retried alone, so one bad write fails
-//! only its own call. A writer that stops (or panics) drops its callers' reply channels:
+//! only its own call; unless the store is unavailable, which fails the whole group at once. A writer that stops (or panics) drops its callers' reply channels:
 //! they get an error, never a token.
 
 use std::sync::{Arc, OnceLock};
@@ -141,7 +141,7 @@ pub struct GroupWriter {
 }
 
 fn stopped() -> Error {
-    Error::Unavailable {
+    Error::StoreUnavailable {
         detail: "token writer stopped".into(),
     }
 }
@@ -202,9 +202,12 @@ async fn commit_group(store: &Store, jobs: &mut Vec<Job>) {
                 let _ = job.done.send(Ok(ok));
             }
         }
-        Err(e) if jobs.len() == 1 => {
-            if let Some(job) = jobs.pop() {
-                let _ = job.done.send(Err(e));
+        Err(e) if jobs.len() == 1 || matches!(e, Error::StoreUnavailable { .. }) => {
+            // The store is unreachable (or full, or read-only): it fails every write alike,
+            // and writing each alone would wait for it once per write (one pool acquire
+            // timeout each, minutes for a group). Nothing was written; all get the error.
+            for job in jobs.drain(..) {
+                let _ = job.done.send(Err(e.clone()));
             }
         }
         Err(e) => {

@@ -187,7 +187,8 @@ pub struct TokenRow {
 }
 
 impl Store {
-    pub(super) async fn migrate_tokens(&self) -> Result<()> {
+    /// The token tables, on the migration transaction's connection.
+    pub(super) async fn migrate_tokens(conn: &mut sqlx::AnyConnection) -> Result<()> {
         let ddl = [
             "CREATE TABLE IF NOT EXISTS token_map (
                 keyspace TEXT NOT NULL,
@@ -213,7 +214,7 @@ impl Store {
             "CREATE INDEX IF NOT EXISTS token_values_by_subject ON token_values (keyspace, subject_ref)",
         ];
         for stmt in ddl {
-            sqlx::query(stmt).execute(&self.pool).await.map_err(db)?;
+            sqlx::query(stmt).execute(&mut *conn).await.map_err(db)?;
         }
         Ok(())
     }

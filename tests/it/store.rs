@@ -1,9 +1,17 @@
 //! The subject registry's state machine, on SQLite and on a real PostgreSQL server: the same
-//! schema, the same queries, the same expectations.
+//! schema, the same queries, the same expectations. Then the schema set-up under concurrency
+//! (replicas starting together, a rolling upgrade, a newer schema) and the store going away
+//! under load (docs/RELIABILITY.md).
 
-use crate::common::Postgres;
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+use piiguard::error::Error;
 use piiguard::store::tokens::{AddValue, NewToken, TokenState, TokenWrite};
-use piiguard::store::{Certified, ShredClaim, Store, SubjectState};
+use piiguard::store::{
+    Certified, SCHEMA_COMPATIBLE_FROM, SCHEMA_VERSION, SchemaVersion, ShredClaim, Store,
+    SubjectState,
+};
 
 fn claim(intent: &str) -> ShredClaim<'_> {
     ShredClaim {
@@ -242,4 +250,346 @@ async fn sqlite_store() {
 async fn postgres_store() {
     let pg = Postgres::start();
     exercise(&pg.url).await;
+}
+
+// ---- Schema set-up: versions, replicas starting together, rolling upgrade (issue 13) ----
+
+async fn set_schema_version(url: &str, version: i64, compatible_from: i64) {
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(url).await.unwrap();
+    sqlx::query("UPDATE schema_version SET version = $1, compatible_from = $2 WHERE id = 1")
+        .bind(version)
+        .bind(compatible_from)
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+}
+
+/// The schema version is recorded; a newer schema that accepts this binary is used as it is
+/// (not downgraded), one that does not is refused with a message saying what to do.
+async fn newer_schema_is_used_or_refused(url: &str) {
+    let s = Store::open(url).await.expect("open");
+    assert_eq!(
+        s.schema_version().await.unwrap(),
+        Some(SchemaVersion {
+            version: SCHEMA_VERSION,
+            compatible_from: SCHEMA_COMPATIBLE_FROM
+        })
+    );
+    s.register_subject("ks", "kept", 1, None, false)
+        .await
+        .unwrap();
+    drop(s);
+    set_schema_version(url, SCHEMA_VERSION + 5, SCHEMA_VERSION).await;
+    let s = Store::open(url)
+        .await
+        .expect("a compatible newer schema opens");
+    assert_eq!(
+        s.schema_version().await.unwrap().unwrap().version,
+        SCHEMA_VERSION + 5,
+        "an older binary does not rewrite a newer schema's version"
+    );
+    assert_eq!(
+        s.state("ks", "kept").await.unwrap(),
+        Some(SubjectState::Active)
+    );
+    drop(s);
+    set_schema_version(url, SCHEMA_VERSION + 5, SCHEMA_VERSION + 1).await;
+    let e = Store::open(url)
+        .await
+        .expect_err("an incompatible newer schema is refused");
+    let Error::Internal { detail } = &e else {
+        panic!("{e:?}")
+    };
+    assert!(detail.contains("upgrade piiguard"), "{detail}");
+}
+
+#[tokio::test]
+async fn sqlite_newer_schema_is_used_or_refused() {
+    let d = tempfile::tempdir().unwrap();
+    newer_schema_is_used_or_refused(&format!("sqlite://{}", d.path().join("t.db").display())).await;
+}
+
+#[tokio::test]
+async fn postgres_newer_schema_is_used_or_refused() {
+    let pg = Postgres::start();
+    newer_schema_is_used_or_refused(&pg.url).await;
+}
+
+/// Starts `n` `piiguard serve` processes at the same instant (each is spawned at the first
+/// poll of its future, before any of them waits), and waits until all are ready.
+async fn start_together(env: &TestEnv, stem: &str, n: usize) -> Vec<Server> {
+    let names: Vec<String> = (0..n).map(|i| format!("{stem}{i}")).collect();
+    futures_util::future::join_all(names.iter().map(|name| env.server(name, ""))).await
+}
+
+/// Every replica serves a cold Encrypt (store read and write) and a Decrypt.
+async fn all_serve(env: &TestEnv, servers: &[Server], stem: &str) {
+    for (i, s) in servers.iter().enumerate() {
+        let mut c = env.client(s, "orders").await;
+        let subject = format!("cust-{stem}-{i}");
+        let ct = c
+            .encrypt(enc("orders", &subject, "email", b"a@example.com"))
+            .await
+            .unwrap()
+            .into_inner()
+            .ciphertext;
+        let pt = c.decrypt(dec("email", &ct)).await.unwrap().into_inner();
+        assert_eq!(pt.plaintext, b"a@example.com");
+    }
+}
+
+/// Issue 13: replicas started together on an empty PostgreSQL raced on the schema set-up and
+/// one failed ("duplicate key value violates unique constraint pg_type_typname_nsp_index").
+#[tokio::test]
+async fn replicas_started_together_on_an_empty_postgres_all_serve() {
+    let pg = Postgres::start();
+    let env = TestEnv::start_with_store(Some(pg.url.clone())).await;
+    let started = Instant::now();
+    let servers = start_together(&env, "fresh", 6).await;
+    eprintln!(
+        "RELIABILITY replicas-together: 6 replicas ready on an empty PostgreSQL in {:?}",
+        started.elapsed()
+    );
+    all_serve(&env, &servers, "fresh").await;
+    let s = Store::open(&pg.url).await.unwrap();
+    assert_eq!(
+        s.schema_version().await.unwrap().map(|v| v.version),
+        Some(SCHEMA_VERSION)
+    );
+}
+
+/// A database made by the first release (before the `ADD COLUMN` upgrades and before schema
+/// versions), with a subject in it; three replicas of this binary start on it together.
+#[tokio::test]
+async fn rolling_upgrade_replicas_start_together_on_an_old_postgres_schema() {
+    let pg = Postgres::start();
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(&pg.url).await.unwrap();
+    for stmt in [
+        "CREATE TABLE subjects (
+            keyspace TEXT NOT NULL, subject_ref TEXT NOT NULL, state TEXT NOT NULL,
+            created_at BIGINT NOT NULL, updated_at BIGINT NOT NULL, retain_until BIGINT,
+            shred_at BIGINT, request_id TEXT, reason TEXT, requested_at BIGINT, intent TEXT,
+            executed_at BIGINT, certificate TEXT, PRIMARY KEY (keyspace, subject_ref))",
+        "CREATE TABLE tombstones (keyspace TEXT NOT NULL, key_id TEXT NOT NULL,
+            subject_ref TEXT NOT NULL, shredded_at BIGINT NOT NULL, PRIMARY KEY (keyspace, key_id))",
+        "CREATE TABLE evictions (seq BIGSERIAL PRIMARY KEY, keyspace TEXT NOT NULL,
+            subject_ref TEXT NOT NULL, intent TEXT NOT NULL, at BIGINT NOT NULL)",
+        "CREATE TABLE certificates (certificate_id TEXT PRIMARY KEY, keyspace TEXT NOT NULL,
+            subject_ref TEXT NOT NULL, request_id TEXT NOT NULL, issued_at BIGINT NOT NULL,
+            document TEXT NOT NULL)",
+        "INSERT INTO subjects (keyspace, subject_ref, state, created_at, updated_at)
+            VALUES ('ks', 'old-subject', 'active', 1, 1)",
+    ] {
+        sqlx::query(stmt).execute(&pool).await.unwrap();
+    }
+    pool.close().await;
+    let env = TestEnv::start_with_store(Some(pg.url.clone())).await;
+    let servers = start_together(&env, "upgrade", 3).await;
+    all_serve(&env, &servers, "upgrade").await;
+    let s = Store::open(&pg.url).await.unwrap();
+    assert_eq!(
+        s.schema_version().await.unwrap().map(|v| v.version),
+        Some(SCHEMA_VERSION)
+    );
+    let old = s.subject("ks", "old-subject").await.unwrap().unwrap();
+    assert_eq!(old.state, SubjectState::Active, "old rows are kept");
+    // The upgraded columns work on the old row (reaper backoff, lease owner).
+    assert!(
+        s.claim_shred("ks", "old-subject", &claim("[]"), 2, "o1")
+            .await
+            .unwrap()
+    );
+}
+
+// ---- Store unavailable (issue 13) ----
+
+fn is_store_unavailable(e: &tonic::Status) -> bool {
+    e.code() == tonic::Code::Unavailable && reason(e) == "STORE_UNAVAILABLE"
+}
+
+/// PostgreSQL stopped under load: warm Encrypt/Decrypt keep working (no store on the warm
+/// path); calls that need the store fail with UNAVAILABLE / STORE_UNAVAILABLE (never INTERNAL,
+/// never a wrong answer) and write nothing (no subject row, no DEK in Vault, no token, no
+/// half-done shred); once PostgreSQL is back the same process serves them again.
+#[tokio::test]
+async fn postgres_stopped_under_load_fails_cleanly_and_recovers() {
+    use piiguard::pb;
+    use piiguard::pb::tokens_client::TokensClient;
+
+    let pg = Postgres::start();
+    let env = TestEnv::start_with_store(Some(pg.url.clone())).await;
+    let mut server = env.server("outage", "").await;
+    let c = env.client(&server, "orders").await;
+    let t = TokensClient::new(env.channel(&server, "orders").await);
+    let mut e = env.erasure(&server).await;
+    let pt: &[u8] = b"warm@example.com";
+    let warm_ct = c
+        .clone()
+        .encrypt(enc("orders", "cust-warm", "email", pt))
+        .await
+        .unwrap()
+        .into_inner()
+        .ciphertext;
+
+    pg.stop();
+    let outage = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    // 240 warm calls (half Encrypt, half Decrypt), 24 cold Encrypts of new subjects, 12
+    // Tokenizes: 276 calls at once.
+    for i in 0..240 {
+        let mut c = c.clone();
+        let ct = warm_ct.clone();
+        tasks.spawn(async move {
+            if i % 2 == 0 {
+                let r = c.encrypt(enc("orders", "cust-warm", "email", pt)).await;
+                let ct = r.map(|r| r.into_inner().ciphertext);
+                let back = match ct {
+                    Ok(ct) => c.decrypt(dec("email", &ct)).await.map(|r| r.into_inner()),
+                    Err(e) => Err(e),
+                };
+                ("warm", back.map(|r| r.plaintext == pt))
+            } else {
+                let r = c.decrypt(dec("email", &ct)).await;
+                ("warm", r.map(|r| r.into_inner().plaintext == pt))
+            }
+        });
+    }
+    for i in 0..24 {
+        let mut c = c.clone();
+        tasks.spawn(async move {
+            let r = c
+                .encrypt(enc("orders", &format!("cust-cold-{i}"), "email", pt))
+                .await;
+            ("cold", r.map(|_| true))
+        });
+    }
+    for i in 0..12 {
+        let mut t = t.clone();
+        tasks.spawn(async move {
+            let r = t
+                .tokenize(pb::TokenizeRequest {
+                    keyspace: "orders".into(),
+                    subject: "cust-warm".into(),
+                    field: "email".into(),
+                    value: format!("v{i}@example.com"),
+                    format: pb::TokenFormat::Opaque as i32,
+                    mode: pb::TokenMode::Random as i32,
+                    keep_last: 0,
+                    ttl_seconds: 0,
+                })
+                .await;
+            ("tokenize", r.map(|_| true))
+        });
+    }
+    let shred = e
+        .shred(pb::ShredRequest {
+            subject: "cust-warm".into(),
+            keyspace: "orders".into(),
+            reason: "GDPR art. 17".into(),
+            request_id: "outage-1".into(),
+        })
+        .await;
+    let shred_err = shred.expect_err("a shred without the store fails");
+    assert!(is_store_unavailable(&shred_err), "shred: {shred_err:?}");
+    let mut counts = std::collections::BTreeMap::<(&str, &str), usize>::new();
+    while let Some(r) = tasks.join_next().await {
+        let (kind, r) = r.unwrap();
+        let seen = match (kind, r) {
+            ("warm", Ok(true)) => "ok",
+            (_, Ok(false)) => panic!("{kind}: a wrong answer during the outage"),
+            ("warm", Err(e)) => panic!("warm call failed: {e:?}"),
+            (_, Ok(_)) => panic!("{kind} succeeded without the store"),
+            (_, Err(e)) if is_store_unavailable(&e) => "STORE_UNAVAILABLE",
+            (_, Err(e)) => panic!("{kind}: {e:?}"),
+        };
+        *counts.entry((kind, seen)).or_default() += 1;
+    }
+    let window = outage.elapsed();
+    assert_eq!(
+        counts,
+        [
+            (("cold", "STORE_UNAVAILABLE"), 24),
+            (("tokenize", "STORE_UNAVAILABLE"), 12),
+            (("warm", "ok"), 240),
+        ]
+        .into_iter()
+        .collect()
+    );
+    assert!(!server.exited(), "the server survived the outage");
+
+    pg.restart();
+    let back = Instant::now();
+    let mut c2 = c.clone();
+    let deadline = back + Duration::from_secs(60);
+    loop {
+        match c2.encrypt(enc("orders", "cust-after", "email", pt)).await {
+            Ok(_) => break,
+            Err(e) => {
+                assert!(is_store_unavailable(&e), "after restart: {e:?}");
+                assert!(Instant::now() < deadline, "no recovery in 60 s");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let recovery = back.elapsed();
+    eprintln!(
+        "RELIABILITY postgres-stopped: 276 calls during the outage ({counts:?}) answered in {window:?}; first cold Encrypt served {recovery:?} after PostgreSQL accepted connections again"
+    );
+
+    // Nothing half-written: only the two subjects that were served exist, in Vault and in the
+    // store; no token, no shred claim, no certificate.
+    assert_eq!(env.list_dek_records("orders").await.len(), 2);
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(&pg.url).await.unwrap();
+    let count = |sql: &'static str| {
+        let pool = pool.clone();
+        async move {
+            use sqlx::Row as _;
+            sqlx::query(sql)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+                .get::<i64, _>("n")
+        }
+    };
+    assert_eq!(
+        count("SELECT COUNT(*) AS n FROM subjects WHERE state = 'active'").await,
+        2
+    );
+    assert_eq!(count("SELECT COUNT(*) AS n FROM subjects").await, 2);
+    assert_eq!(count("SELECT COUNT(*) AS n FROM token_map").await, 0);
+    assert_eq!(count("SELECT COUNT(*) AS n FROM certificates").await, 0);
+    // The same calls work again: Tokenize, and the shred, which completes.
+    t.clone()
+        .tokenize(pb::TokenizeRequest {
+            keyspace: "orders".into(),
+            subject: "cust-warm".into(),
+            field: "email".into(),
+            value: "v@example.com".into(),
+            format: pb::TokenFormat::Opaque as i32,
+            mode: pb::TokenMode::Random as i32,
+            keep_last: 0,
+            ttl_seconds: 0,
+        })
+        .await
+        .unwrap();
+    e.shred(pb::ShredRequest {
+        subject: "cust-warm".into(),
+        keyspace: "orders".into(),
+        reason: "GDPR art. 17".into(),
+        request_id: "outage-2".into(),
+    })
+    .await
+    .unwrap();
+    let err = c2
+        .decrypt(dec("email", &warm_ct))
+        .await
+        .err()
+        .expect("shredded");
+    assert_eq!(reason(&err), "SUBJECT_SHREDDED");
+    assert_eq!(count("SELECT COUNT(*) AS n FROM certificates").await, 1);
+    server.stop();
 }

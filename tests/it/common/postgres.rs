@@ -10,6 +10,8 @@ pub struct Postgres {
     _dir: tempfile::TempDir,
     data: PathBuf,
     bin: PathBuf,
+    /// The postmaster's options (port, listen address, socket folder), for a restart.
+    opts: String,
     /// `postgres://piiguard@127.0.0.1:PORT/postgres` (trust authentication).
     pub url: String,
 }
@@ -128,6 +130,7 @@ impl Postgres {
                     _dir: dir,
                     data,
                     bin,
+                    opts,
                     url: format!("postgres://piiguard@127.0.0.1:{port}/postgres"),
                 };
             }
@@ -141,6 +144,54 @@ impl Postgres {
             );
         }
         unreachable!("the last attempt either returned or panicked")
+    }
+}
+
+impl Postgres {
+    /// `pg_ctl stop -m fast`: open sessions are terminated (FATAL 57P01), then the port closes.
+    /// The data folder stays; [`restart`](Self::restart) brings the same database back.
+    pub fn stop(&self) {
+        let out = as_postgres_user(
+            &self.bin.join("pg_ctl"),
+            &[
+                "-D",
+                self.data.to_str().unwrap(),
+                "-m",
+                "fast",
+                "-w",
+                "stop",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "pg_ctl stop: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Starts the stopped server again on the same port (same [`url`](Self::url)); returns
+    /// once it accepts connections.
+    pub fn restart(&self) {
+        let log = self._dir.path().join("pg.log");
+        let out = as_postgres_user(
+            &self.bin.join("pg_ctl"),
+            &[
+                "-D",
+                self.data.to_str().unwrap(),
+                "-o",
+                &self.opts,
+                "-l",
+                log.to_str().unwrap(),
+                "-w",
+                "start",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "pg_ctl start (restart): {}{}",
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
     }
 }
 
