@@ -3,6 +3,8 @@
 //! past prost's depth limit, a wrong wire type) is `INVALID_ARGUMENT` with the stable reason
 //! `MALFORMED_MESSAGE` and an `ErrorInfo`, instead of tonic's `INTERNAL`: the caller sent bad
 //! bytes, the server is fine, and an `INTERNAL` would page an operator for a client's bug.
+//! The generated clients (the CLI, the load generator) share it, so a response that does not
+//! decode is reported to them the same way.
 //!
 //! Layer 0 beside `pb`: uses only `error`.
 
