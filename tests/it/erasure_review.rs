@@ -1,7 +1,6 @@
 //! Security review findings 4 and 6: a shred racing a cold load (interleaved exactly with the
 //! `pause:` failpoints), and a reaper that a pile of unprocessable or failing rows cannot stall.
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::common::*;
@@ -25,59 +24,6 @@ fn shred_req(subject: &str, keyspace: &str) -> pb::ShredRequest {
     }
 }
 
-/// A server whose process pauses at failpoint `point` (first arrival) until released.
-async fn paused_server(env: &TestEnv, name: &str, point: &str) -> (Server, PathBuf) {
-    let dir = env.dir.path().join(format!("fp-{name}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let server = env
-        .server_env(
-            name,
-            "",
-            vec![
-                ("PIIGUARD_FAILPOINT".into(), format!("pause:{point}")),
-                ("PIIGUARD_FAILPOINT_DIR".into(), dir.display().to_string()),
-            ],
-        )
-        .await;
-    (server, dir)
-}
-
-async fn wait_reached(dir: &Path, point: &str) {
-    let f = dir.join(format!("{point}.reached"));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !f.exists() {
-        assert!(Instant::now() < deadline, "failpoint {point} never reached");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn release(dir: &Path, point: &str) {
-    std::fs::write(dir.join(format!("{point}.release")), b"").unwrap();
-}
-
-/// Vault KV metadata keys under `prefix` (as an operator would list them).
-async fn kv_list(env: &TestEnv, prefix: &str) -> Vec<String> {
-    let admin = env.bao.client().unwrap();
-    let (status, v) = admin
-        .raw(
-            reqwest::Method::from_bytes(b"LIST").unwrap(),
-            &format!("piiguard-kv/metadata/{prefix}"),
-            None,
-            Some(env.bao.root_token()),
-        )
-        .await
-        .unwrap();
-    if status.as_u16() == 404 {
-        return Vec::new();
-    }
-    v["data"]["keys"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|k| k.as_str().unwrap().to_string())
-        .collect()
-}
-
 async fn certified(env: &TestEnv, server: &Server, cert: &str) -> Payload {
     let mut e = env.erasure(server).await;
     let keys = e
@@ -97,7 +43,7 @@ async fn cold_load_paused_across_a_shred_cannot_revive_a_refuse_subject() {
     const POINT: &str = "load-subject-after-state-check";
     let env = TestEnv::start().await;
     let a = env.server("a", "").await;
-    let (b, dir) = paused_server(&env, "b", POINT).await;
+    let (b, dir) = env.paused_server("b", POINT, Vec::new()).await;
     let mut ca = env.client(&a, "orders").await;
     let ct = ca
         .encrypt(enc("strict", "cust-r4", "email", b"r4@example.com"))
@@ -141,8 +87,8 @@ async fn cold_load_paused_across_a_shred_cannot_revive_a_refuse_subject() {
         (err.code(), reason(&err).as_str()),
         (Code::FailedPrecondition, "SUBJECT_SHREDDED")
     );
-    assert_eq!(kv_list(&env, "deks/strict").await, Vec::<String>::new());
-    assert_eq!(kv_list(&env, "subjects/strict").await, Vec::<String>::new());
+    assert_eq!(env.kv_list("deks/strict").await, Vec::<String>::new());
+    assert_eq!(env.kv_list("subjects/strict").await, Vec::<String>::new());
     let st = env
         .erasure(&a)
         .await
@@ -169,7 +115,7 @@ async fn cold_load_paused_across_a_shred_cannot_revive_a_refuse_subject() {
 async fn key_made_just_before_the_claim_is_destroyed_and_certified() {
     const POINT: &str = "shred-before-claim";
     let env = TestEnv::start().await;
-    let (a, dir) = paused_server(&env, "a", POINT).await;
+    let (a, dir) = env.paused_server("a", POINT, Vec::new()).await;
     let mut e = env.erasure(&a).await;
     // Registered (a retention), no key yet.
     e.set_retention(pb::SetRetentionRequest {
@@ -204,7 +150,7 @@ async fn key_made_just_before_the_claim_is_destroyed_and_certified() {
         p.destroyed_keys
     );
     assert!(
-        !kv_list(&env, "deks/orders").await.contains(&kid),
+        !env.kv_list("deks/orders").await.contains(&kid),
         "the key survived the shred"
     );
     let err = c
@@ -297,7 +243,7 @@ async fn reaper_is_not_stalled_by_unconfigured_or_failing_rows(store: Option<Str
         .err()
         .expect("shredded data must not decrypt");
     assert_eq!(reason(&err), "SUBJECT_SHREDDED");
-    assert!(!kv_list(&env, "deks/orders").await.contains(&key_id(&ct)));
+    assert!(!env.kv_list("deks/orders").await.contains(&key_id(&ct)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,7 +2,6 @@
 //! that commits after a higher seq was read; a cold load caching a key an eviction had just
 //! removed), and DEK use counts that restarted at zero on every cache reload.
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::common::*;
@@ -26,37 +25,6 @@ fn shred_req(subject: &str, keyspace: &str) -> pb::ShredRequest {
 /// No takeover of a paused shred by a reaper (the test config's stale lease is 2 s).
 fn long_lease() -> (String, String) {
     ("PIIGUARD_ERASURE__STALE_SHRED_SECS".into(), "600".into())
-}
-
-/// A server whose process pauses at failpoint `point` (first arrival) until released.
-async fn paused_server(env: &TestEnv, name: &str, point: &str) -> (Server, PathBuf) {
-    let dir = env.dir.path().join(format!("fp-{name}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let server = env
-        .server_env(
-            name,
-            "",
-            vec![
-                ("PIIGUARD_FAILPOINT".into(), format!("pause:{point}")),
-                ("PIIGUARD_FAILPOINT_DIR".into(), dir.display().to_string()),
-                long_lease(),
-            ],
-        )
-        .await;
-    (server, dir)
-}
-
-async fn wait_reached(dir: &Path, point: &str) {
-    let f = dir.join(format!("{point}.reached"));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !f.exists() {
-        assert!(Instant::now() < deadline, "failpoint {point} never reached");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn release(dir: &Path, point: &str) {
-    std::fs::write(dir.join(format!("{point}.release")), b"").unwrap();
 }
 
 async fn encrypt(c: &mut Crypto, ks: &str, subject: &str) -> Vec<u8> {
@@ -195,7 +163,7 @@ async fn shred_whose_eviction_commits_late_still_reaches_the_other_replica_postg
     const POINT: &str = "publish-eviction-before-commit";
     let pg = Postgres::start();
     let env = TestEnv::start_with_store(Some(pg.url.clone())).await;
-    let (a, dir) = paused_server(&env, "a", POINT).await;
+    let (a, dir) = env.paused_server("a", POINT, vec![long_lease()]).await;
     let b = env.server_env("b", "", vec![long_lease()]).await;
     let mut ca = env.client(&a, "orders").await;
     let mut cb = env.client(&b, "orders").await;
@@ -241,7 +209,7 @@ async fn eviction_between_a_cold_loads_check_and_its_cache_insert_is_not_lost() 
     const POINT: &str = "load-subject-before-cache-insert";
     let env = TestEnv::start().await;
     let a = env.server_env("a", "", vec![long_lease()]).await;
-    let (b, dir) = paused_server(&env, "b", POINT).await;
+    let (b, dir) = env.paused_server("b", POINT, vec![long_lease()]).await;
     let mut ca = env.client(&a, "orders").await;
     let ct = encrypt(&mut ca, "strict", "cust-gap").await;
 

@@ -160,11 +160,16 @@ impl TestEnv {
 
     /// Lists the DEK records of a keyspace in Vault (as an operator would).
     pub async fn list_dek_records(&self, keyspace: &str) -> Vec<String> {
+        self.kv_list(&format!("deks/{keyspace}")).await
+    }
+
+    /// Vault KV metadata keys under `prefix` (as an operator would list them).
+    pub async fn kv_list(&self, prefix: &str) -> Vec<String> {
         let admin = self.bao.client().unwrap();
         let (status, v) = admin
             .raw(
                 reqwest::Method::from_bytes(b"LIST").unwrap(),
-                &format!("piiguard-kv/metadata/deks/{keyspace}"),
+                &format!("piiguard-kv/metadata/{prefix}"),
                 None,
                 Some(self.bao.root_token()),
             )

@@ -3,7 +3,7 @@
 //! (`server.ready_file`, see `piiguard::app::ready`).
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -93,6 +93,25 @@ impl TestEnv {
     /// Like [`server`](Self::server), with extra environment variables for the process.
     pub async fn server_env(&self, name: &str, extra: &str, env: Vec<(String, String)>) -> Server {
         self.server_custom(name, extra, env, |t| t).await
+    }
+
+    /// A server whose process pauses at failpoint `point` (first arrival, see
+    /// `piiguard::config::failpoint`) until [`release`]d; returns it and the failpoint folder.
+    /// `env` is added to the process environment.
+    pub async fn paused_server(
+        &self,
+        name: &str,
+        point: &str,
+        env: Vec<(String, String)>,
+    ) -> (Server, PathBuf) {
+        let dir = self.dir.path().join(format!("fp-{name}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut all = vec![
+            ("PIIGUARD_FAILPOINT".into(), format!("pause:{point}")),
+            ("PIIGUARD_FAILPOINT_DIR".into(), dir.display().to_string()),
+        ];
+        all.extend(env);
+        (self.server_env(name, "", all).await, dir)
     }
 
     /// Like [`server_env`](Self::server_env), with the config text passed through `edit`.
@@ -311,4 +330,20 @@ impl Drop for Server {
             let _ = c.wait();
         }
     }
+}
+
+/// Waits (at most 30 s) until a paused server reached failpoint `point` (see
+/// [`TestEnv::paused_server`]).
+pub async fn wait_reached(dir: &Path, point: &str) {
+    let f = dir.join(format!("{point}.reached"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !f.exists() {
+        assert!(Instant::now() < deadline, "failpoint {point} never reached");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Lets a server paused at failpoint `point` go on.
+pub fn release(dir: &Path, point: &str) {
+    std::fs::write(dir.join(format!("{point}.release")), b"").unwrap();
 }
