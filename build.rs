@@ -37,6 +37,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ".piiguard.v1.GetShredStatusRequest",
             ".piiguard.v1.CancelShredRequest",
             ".piiguard.v1.SetRetentionRequest",
+            // Sealed envelopes carry PII for a subject; blind-index requests carry values.
+            ".piiguard.v1.UnsealRequest",
+            ".piiguard.v1.UnsealResponse",
+            ".piiguard.v1.UnsealResult",
+            ".piiguard.v1.UnsealBatchRequest",
+            ".piiguard.v1.UnsealBatchResponse",
+            ".piiguard.v1.BlindIndexRequest",
+            ".piiguard.v1.BlindIndexBatchRequest",
+            ".piiguard.v1.RotateSubjectKeyRequest",
         ])
         .compile_protos(
             &[
@@ -44,6 +53,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "proto/piiguard/v1/erasure.proto",
                 "proto/piiguard/v1/admin.proto",
                 "proto/piiguard/v1/tokens.proto",
+                "proto/piiguard/v1/keys.proto",
             ],
             &["proto"],
         )?;

@@ -36,7 +36,8 @@ pub enum Op {
     Encrypt,
     /// Crypto.Decrypt and DecryptBatch.
     Decrypt,
-    /// Moving ciphertexts to newer keys without plaintext (planned: no RPC yet).
+    /// Crypto.Rewrap and RewrapBatch: moving ciphertexts to the subject's newest DEK version
+    /// without plaintext. Does not imply `decrypt`.
     Rewrap,
     /// Tokens.Tokenize and TokenizeBatch.
     Tokenize,
@@ -52,19 +53,27 @@ pub enum Op {
     /// value, which outlives one subject's shred while another subject holds it. Needed in
     /// addition to `tokenize`; never implied by it (docs/TOKENS.md).
     TokenizeJoin,
+    /// Crypto.BlindIndex and BlindIndexBatch, and Encrypt's blind index: equality search
+    /// without the right to decrypt.
+    Index,
+    /// The Keys service's keyspace calls (key status, KEK rotation and retirement, subject key
+    /// rotation). Public-key rotation and retirement need `admin`.
+    Keys,
 }
 
 impl Op {
     /// All operations, in policy-file spelling order.
-    pub const ALL: [Op; 9] = [
+    pub const ALL: [Op; 11] = [
         Op::Encrypt,
         Op::Decrypt,
         Op::Rewrap,
+        Op::Index,
         Op::Tokenize,
         Op::TokenizeJoin,
         Op::Detokenize,
         Op::Shred,
         Op::ShredStatus,
+        Op::Keys,
         Op::Admin,
     ];
 
@@ -79,6 +88,8 @@ impl Op {
             Op::Detokenize => "detokenize",
             Op::Shred => "shred",
             Op::ShredStatus => "shred_status",
+            Op::Index => "index",
+            Op::Keys => "keys",
             Op::Admin => "admin",
         }
     }

@@ -49,6 +49,7 @@ use crate::pb;
 use crate::service::admin::AdminService;
 use crate::service::crypto::CryptoService;
 use crate::service::erasure::ErasureService;
+use crate::service::keys::KeysService;
 use crate::service::tokens::TokensService;
 use crate::store::Store;
 use crate::tls;
@@ -241,6 +242,10 @@ pub async fn run(
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
 
+    let keys_svc = pb::keys_server::KeysServer::new(KeysService::new(sentry.clone(), keys.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
         .set_serving::<pb::crypto_server::CryptoServer<CryptoService>>()
@@ -253,6 +258,9 @@ pub async fn run(
         .await;
     reporter
         .set_serving::<pb::tokens_server::TokensServer<TokensService>>()
+        .await;
+    reporter
+        .set_serving::<pb::keys_server::KeysServer<KeysService>>()
         .await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -357,6 +365,7 @@ pub async fn run(
         .add_service(erasure_svc)
         .add_service(admin)
         .add_service(tokens_svc)
+        .add_service(keys_svc)
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -381,6 +390,9 @@ pub async fn run(
             .await;
         reporter
             .set_not_serving::<pb::tokens_server::TokensServer<TokensService>>()
+            .await;
+        reporter
+            .set_not_serving::<pb::keys_server::KeysServer<KeysService>>()
             .await;
         let _ = stop_tx.send(true);
     });

@@ -56,7 +56,10 @@ impl Crypto for CryptoService {
             .engine
             .encrypt(&mut g, &encrypt_input(&r))
             .await
-            .map(|ciphertext| pb::EncryptResponse { ciphertext });
+            .map(|ciphertext| pb::EncryptResponse {
+                ciphertext,
+                blind_index: String::new(),
+            });
         g.finish(result)
     }
 
@@ -72,6 +75,7 @@ impl Crypto for CryptoService {
             .await
             .map(|pt| pb::DecryptResponse {
                 plaintext: pt.to_vec(),
+                masked: false,
             });
         g.finish(result)
     }
@@ -95,6 +99,7 @@ impl Crypto for CryptoService {
                             Ok(c) => pb::encrypt_result::Result::Ciphertext(c),
                             Err(e) => pb::encrypt_result::Result::Error(item_error(&e)),
                         }),
+                        blind_index: String::new(),
                     })
                     .collect(),
             });
@@ -120,9 +125,56 @@ impl Crypto for CryptoService {
                             Ok(p) => pb::decrypt_result::Result::Plaintext(p.to_vec()),
                             Err(e) => pb::decrypt_result::Result::Error(item_error(&e)),
                         }),
+                        masked: false,
                     })
                     .collect(),
             });
         g.finish(result)
     }
+
+    async fn unseal(
+        &self,
+        _request: Request<pb::UnsealRequest>,
+    ) -> Result<Response<pb::UnsealResponse>, Status> {
+        Err(not_yet("Unseal"))
+    }
+
+    async fn unseal_batch(
+        &self,
+        _request: Request<pb::UnsealBatchRequest>,
+    ) -> Result<Response<pb::UnsealBatchResponse>, Status> {
+        Err(not_yet("UnsealBatch"))
+    }
+
+    async fn rewrap(
+        &self,
+        _request: Request<pb::RewrapRequest>,
+    ) -> Result<Response<pb::RewrapResponse>, Status> {
+        Err(not_yet("Rewrap"))
+    }
+
+    async fn rewrap_batch(
+        &self,
+        _request: Request<pb::RewrapBatchRequest>,
+    ) -> Result<Response<pb::RewrapBatchResponse>, Status> {
+        Err(not_yet("RewrapBatch"))
+    }
+
+    async fn blind_index(
+        &self,
+        _request: Request<pb::BlindIndexRequest>,
+    ) -> Result<Response<pb::BlindIndexResponse>, Status> {
+        Err(not_yet("BlindIndex"))
+    }
+
+    async fn blind_index_batch(
+        &self,
+        _request: Request<pb::BlindIndexBatchRequest>,
+    ) -> Result<Response<pb::BlindIndexBatchResponse>, Status> {
+        Err(not_yet("BlindIndexBatch"))
+    }
+}
+
+fn not_yet(method: &str) -> Status {
+    Status::unimplemented(format!("Crypto.{method} is not available in this build"))
 }

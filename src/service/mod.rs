@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod crypto;
 pub mod erasure;
+pub mod keys;
 pub mod tokens;
 
 use crate::error::Error;

@@ -92,6 +92,7 @@ fn detokenized(d: Detokenized) -> pb::DetokenizeResponse {
     pb::DetokenizeResponse {
         value: d.value.to_string(),
         field: d.field,
+        masked: false,
     }
 }
 

@@ -915,6 +915,7 @@ async fn batch_reads_name_the_subjects_and_keys_they_read() {
                 .map(|&i| piiguard::pb::DetokenizeRequest {
                     keyspace: "orders".into(),
                     token: tokens[i].clone(),
+                    reveal: 0,
                 })
                 .collect(),
         })

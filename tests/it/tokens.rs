@@ -73,6 +73,7 @@ async fn detokenize(c: &mut Client, token: &str) -> Result<pb::DetokenizeRespons
     c.detokenize(pb::DetokenizeRequest {
         keyspace: "orders".into(),
         token: token.into(),
+        reveal: 0,
     })
     .await
     .map(|r| r.into_inner())
@@ -427,6 +428,7 @@ async fn unknown_malformed_bad_input_and_expired_tokens() {
         .detokenize(pb::DetokenizeRequest {
             keyspace: "crm".into(),
             token: t.clone(),
+            reveal: 0,
         })
         .await);
     assert_eq!(reason(&e), "UNKNOWN_TOKEN");
@@ -619,6 +621,7 @@ async fn shred_kills_a_subjects_tokens_and_purges_its_rows() {
                 .map(|t| pb::DetokenizeRequest {
                     keyspace: "orders".into(),
                     token: t.clone(),
+                    reveal: 0,
                 })
                 .collect(),
         })
@@ -703,6 +706,7 @@ async fn batches_with_bad_items_and_a_deterministic_batch_without_collisions() {
     .map(|t| pb::DetokenizeRequest {
         keyspace: "orders".into(),
         token: t.to_string(),
+        reveal: 0,
     })
     .collect();
     let res = c
@@ -776,6 +780,7 @@ async fn batches_with_bad_items_and_a_deterministic_batch_without_collisions() {
                 .map(|t| pb::DetokenizeRequest {
                     keyspace: "orders".into(),
                     token: t.clone(),
+                    reveal: 0,
                 })
                 .collect(),
         })
@@ -831,6 +836,7 @@ fields = ["name"]
     let dreq = |t: &str| pb::DetokenizeRequest {
         keyspace: "orders".into(),
         token: t.into(),
+        reveal: 0,
     };
     // Allowed field.
     assert_eq!(

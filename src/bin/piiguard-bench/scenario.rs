@@ -277,6 +277,7 @@ fn enc_req(t: &Target, subject: &str, pt: &[u8]) -> pb::EncryptRequest {
         plaintext: pt.to_vec(),
         context: Default::default(),
         encoding: 0,
+        blind_index: false,
     }
 }
 
@@ -286,6 +287,7 @@ fn dec_req(t: &Target, ct: Vec<u8>) -> pb::DecryptRequest {
         ciphertext: ct,
         context: Default::default(),
         keyspace: String::new(),
+        reveal: 0,
     }
 }
 
@@ -538,6 +540,7 @@ async fn build(
                         pb::DetokenizeRequest {
                             keyspace: t.keyspace.clone(),
                             token,
+                            reveal: 0,
                         }
                         .encode_to_vec(),
                     )

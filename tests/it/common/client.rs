@@ -114,6 +114,7 @@ pub fn enc(keyspace: &str, subject: &str, field: &str, pt: &[u8]) -> piiguard::p
         plaintext: pt.to_vec(),
         context: Default::default(),
         encoding: 0,
+        blind_index: false,
     }
 }
 
@@ -124,5 +125,6 @@ pub fn dec(field: &str, ct: &[u8]) -> piiguard::pb::DecryptRequest {
         ciphertext: ct.to_vec(),
         context: Default::default(),
         keyspace: String::new(),
+        reveal: 0,
     }
 }
