@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
 use super::cache::{ByKeyId, BySubject, DekEntry, ShardedCache, SubjectTag, Tick};
+use super::record::DekRecord;
 use crate::config::{AfterShred, CacheConfig, KeyspaceConfig};
 use crate::crypto::aead::Algorithm;
 use crate::crypto::envelope::{DerivedKeys, KeyId};
@@ -149,7 +150,10 @@ pub fn subject_path(keyspace: &str, subject_ref_hex: &str) -> String {
     format!("subjects/{keyspace}/{subject_ref_hex}")
 }
 
-/// KV path of a DEK record.
+/// The version of a subject's first DEK.
+pub const FIRST_DEK_VERSION: u32 = 1;
+
+/// KV path of a DEK record ([`DekRecord`]: every version of one subject's DEK).
 pub fn dek_path(keyspace: &str, key_id: &KeyId) -> String {
     format!("deks/{keyspace}/{}", key_id.to_hex())
 }
@@ -160,16 +164,16 @@ pub fn subject_record_key(v: &Value) -> Result<(KeyId, u32)> {
     Ok((r.key_id, r.dek_version))
 }
 
-struct DekRecord {
+struct SubjectRecord {
     key_id: KeyId,
     dek_version: u32,
     wrapped: WrappedDek,
     alg: Algorithm,
 }
 
-fn parse_subject_record(v: &Value) -> Result<DekRecord> {
+fn parse_subject_record(v: &Value) -> Result<SubjectRecord> {
     let bad = || Error::internal("malformed subject record in Vault");
-    Ok(DekRecord {
+    Ok(SubjectRecord {
         key_id: KeyId::from_hex(v["key_id"].as_str().ok_or_else(bad)?).ok_or_else(bad)?,
         dek_version: v["dek_version"]
             .as_u64()
@@ -565,7 +569,9 @@ impl KeyManager {
         alg: Algorithm,
     ) -> Result<Arc<DekEntry>> {
         let path = dek_path(&ks.name, &key_id);
-        let Some(entry) = self.vault.kv_read(&path, Some(dek_version)).await? else {
+        // The newest KV version holds every DEK version (keys/record.rs).
+        let entry = self.vault.kv_read(&path, None).await?;
+        let Some(entry) = entry else {
             if self
                 .store
                 .tombstone(&ks.name, &key_id.to_hex())
@@ -579,9 +585,8 @@ impl KeyManager {
                 "the ciphertext names a key that does not exist",
             ));
         };
-        let bad = || Error::internal(format!("{path}: malformed DEK record"));
-        let sref = entry.data["subject_ref"].as_str().ok_or_else(bad)?;
-        match self.store.state(&ks.name, sref).await? {
+        let rec = DekRecord::parse(&entry.data, entry.version)?;
+        match self.store.state(&ks.name, &rec.subject_ref).await? {
             Some(SubjectState::Scheduled) => return Err(Error::shred_scheduled()),
             // The record still exists only if a shred was interrupted before Vault deletion.
             Some(SubjectState::Shredding | SubjectState::Shredded) => {
@@ -589,22 +594,20 @@ impl KeyManager {
             }
             _ => {}
         }
-        let rec_alg: Algorithm = entry.data["alg"]
-            .as_str()
-            .ok_or_else(bad)?
-            .parse()
-            .map_err(|_| bad())?;
-        if rec_alg != alg {
+        if rec.alg != alg {
             return Err(Error::bad_ciphertext(
                 Reason::DecryptionFailed,
                 "ciphertext does not authenticate",
             ));
         }
-        let wrapped = entry.data["wrapped"]
-            .as_str()
-            .and_then(|w| WrappedDek::parse(w).ok())
-            .ok_or_else(bad)?;
-        let subject = SubjectRef::from_hex(sref)
+        let Some(version) = rec.version(dek_version) else {
+            return Err(Error::bad_ciphertext(
+                Reason::UnknownKey,
+                "the ciphertext names a key version that does not exist",
+            ));
+        };
+        let (rec_alg, wrapped) = (rec.alg, version.wrapped.clone());
+        let subject = SubjectRef::from_hex(&rec.subject_ref)
             .map(|r| SubjectTag::of(&r.0))
             .unwrap_or_default();
         self.unwrap_entry(ks, key_id, dek_version, rec_alg, &wrapped, subject)
@@ -695,18 +698,19 @@ impl KeyManager {
             let wrapped = self.vault.wrap_dek(&ks.kek, &dek).await?;
             let dpath = dek_path(&ks.name, &key_id);
             let created_at = now_secs();
-            let drec = json!({
-                "subject_ref": sref.to_hex(),
-                "wrapped": wrapped.as_str(),
-                "alg": ks.alg.name(),
-                "created_at": created_at,
-            });
-            let CasOutcome::Written(dek_version) =
-                self.vault.kv_write_cas(&dpath, &drec, 0).await?
-            else {
+            let drec = DekRecord::new(
+                sref.to_hex(),
+                ks.alg,
+                FIRST_DEK_VERSION,
+                wrapped.clone(),
+                created_at as i64,
+            )
+            .to_json();
+            let CasOutcome::Written(_) = self.vault.kv_write_cas(&dpath, &drec, 0).await? else {
                 // A random 128-bit key id collided: astronomically unlikely; try again.
                 continue;
             };
+            let dek_version = FIRST_DEK_VERSION;
             let srec = json!({
                 "key_id": key_id.to_hex(),
                 "dek_version": dek_version,

@@ -10,10 +10,12 @@
 //! [`crate::secret::WrappedDek`] (as stored); only Vault turns one into the other.
 //! - `subjects/<ks>/<subject_ref>`: `{key_id, dek_version, wrapped, alg, created_at}`, where
 //!   `subject_ref` = hex(HMAC-SHA256(index key, subject id)). No raw subject id anywhere.
-//! - `deks/<ks>/<key_id>`: `{subject_ref, wrapped, alg, created_at}`; KV version = DEK version.
+//! - `deks/<ks>/<key_id>`: every version of the subject's DEK ([`record::DekRecord`]; older
+//!   builds wrote one version, numbered by its KV version, which still reads).
 //! - transit key `kek-<ks>`: the KEK (aes256-gcm96, not exportable).
 
 pub mod cache;
 pub mod manager;
+pub mod record;
 
 pub use manager::{KeyManager, SubjectRef};
