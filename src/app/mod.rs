@@ -350,6 +350,7 @@ pub async fn run(
         "piiguard serving (mutual TLS 1.2/1.3, client certificate required)"
     );
     let incoming = tls::incoming(listener, tls_config, cfg.server.handshake_timeout);
+    let stop_watch = stop_rx.clone();
     let mut rx = stop_rx;
     let serve = Server::builder()
         // A connection is told to go away (GOAWAY) at this age and closed after the grace:
@@ -396,7 +397,25 @@ pub async fn run(
             .await;
         let _ = stop_tx.send(true);
     });
-    let r = serve.await.map_err(|e| StartError(format!("server: {e}")));
+    // The drain is bounded: once stopping, calls in flight get `server.shutdown_grace`; a
+    // call still running then is cut (its connection dropped with the server future), so a
+    // stuck Vault or a paused client never holds the process (and its audit seal) forever.
+    let grace = cfg.server.shutdown_grace;
+    let mut stopping = stop_watch;
+    let r = tokio::select! {
+        r = serve => r.map_err(|e| StartError(format!("server: {e}"))),
+        _ = async {
+            let _ = stopping.wait_for(|s| *s).await;
+            tokio::time::sleep(grace).await;
+        } => {
+            tracing::warn!(
+                grace_secs = grace.as_secs(),
+                "shutdown grace period over: calls still in flight are cut"
+            );
+            metrics::counter!("piiguard_shutdown_grace_expired_total").increment(1);
+            Ok(())
+        }
+    };
     for h in reloaders {
         h.abort();
     }

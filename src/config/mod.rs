@@ -338,6 +338,9 @@ pub struct RawServer {
     pub health_listen: String,
     /// A TLS handshake not finished in this time is dropped.
     pub handshake_timeout_secs: u64,
+    /// On SIGTERM/SIGINT, calls in flight get this long to finish; then they are cut and the
+    /// process stops (audit log sealed).
+    pub shutdown_grace_secs: u64,
     /// Largest plaintext (or token value) accepted.
     pub max_plaintext_bytes: usize,
     /// Most items in one batch call.
@@ -357,6 +360,7 @@ impl Default for RawServer {
             listen: "127.0.0.1:7443".into(),
             health_listen: "127.0.0.1:7080".into(),
             handshake_timeout_secs: 5,
+            shutdown_grace_secs: 20,
             max_plaintext_bytes: 64 * 1024,
             max_batch_items: 10_000,
             tls_reload_interval_secs: 30,
@@ -693,6 +697,8 @@ pub struct ServerConfig {
     pub health_listen: Option<SocketAddr>,
     /// Longest TLS handshake.
     pub handshake_timeout: Duration,
+    /// How long calls in flight get to finish after a stop signal.
+    pub shutdown_grace: Duration,
     /// Largest plaintext (or token value) accepted.
     pub max_plaintext_bytes: usize,
     /// Most items in one batch call.
@@ -972,6 +978,9 @@ impl RawConfig {
         if s.handshake_timeout_secs == 0 || s.handshake_timeout_secs > 120 {
             return err("server.handshake_timeout_secs must be between 1 and 120");
         }
+        if s.shutdown_grace_secs == 0 || s.shutdown_grace_secs > 3600 {
+            return err("server.shutdown_grace_secs must be between 1 and 3600");
+        }
         if s.max_plaintext_bytes == 0 || s.max_plaintext_bytes > 4 * 1024 * 1024 {
             return err("server.max_plaintext_bytes must be between 1 and 4194304");
         }
@@ -987,6 +996,7 @@ impl RawConfig {
             listen,
             health_listen,
             handshake_timeout: Duration::from_secs(s.handshake_timeout_secs),
+            shutdown_grace: Duration::from_secs(s.shutdown_grace_secs),
             max_plaintext_bytes: s.max_plaintext_bytes,
             max_batch_items: s.max_batch_items,
             tls_reload_interval: (s.tls_reload_interval_secs > 0)

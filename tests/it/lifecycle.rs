@@ -282,3 +282,96 @@ async fn listeners_on_port_0_are_reported_in_the_ready_file() {
         .await
         .unwrap();
 }
+
+/// SIGTERM drains calls in flight for at most `server.shutdown_grace_secs`: a call that ends
+/// within the grace is answered; one still running at its end is cut, and the process stops
+/// anyway with its audit log sealed. Before the bound, a call held in flight (here by a pause
+/// failpoint: a stuck Vault or store looks the same) kept the process alive forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drain_is_bounded_by_the_grace_period() {
+    const POINT: &str = "load-subject-after-state-check";
+    const GRACE_SECS: u64 = 3;
+    let env = TestEnv::start().await;
+    for (name, released_in_grace) in [("drain-ok", true), ("drain-cut", false)] {
+        let (mut server, dir) = env
+            .paused_server(
+                name,
+                POINT,
+                vec![(
+                    "PIIGUARD_SERVER__SHUTDOWN_GRACE_SECS".into(),
+                    GRACE_SECS.to_string(),
+                )],
+            )
+            .await;
+        let mut c = env.client(&server, "orders").await;
+        let call = tokio::spawn(async move {
+            c.encrypt(enc("orders", "cust-drain", "email", b"d@example.com"))
+                .await
+        });
+        wait_reached(&dir, POINT).await;
+        let t0 = Instant::now();
+        let pid = server.pid().to_string();
+        assert!(
+            std::process::Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        // Draining: a new connection gets no service.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let fresh = tokio::time::timeout(Duration::from_secs(2), async {
+            let mut c = env.client_probe(&server).await?;
+            c.encrypt(enc("orders", "cust-other", "email", b"o@example.com"))
+                .await
+                .map_err(|s| s.to_string())
+        })
+        .await;
+        assert!(
+            !matches!(fresh, Ok(Ok(_))),
+            "{name}: a new call was served while draining"
+        );
+        if released_in_grace {
+            release(&dir, POINT);
+        }
+        // Bounded wait: the grace plus the audit seal; without the bound the paused call kept
+        // the process alive until this deadline.
+        let deadline = Instant::now() + Duration::from_secs(GRACE_SECS + 15);
+        while !server.exited() {
+            assert!(
+                Instant::now() < deadline,
+                "{name}: still running {:?} after SIGTERM (grace {GRACE_SECS} s); log:\n{}",
+                t0.elapsed(),
+                server.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let stopped_after = t0.elapsed();
+        let result = call.await.unwrap();
+        if released_in_grace {
+            let ct = result.expect("a call that ends within the grace is answered");
+            assert!(!ct.into_inner().ciphertext.is_empty());
+        } else {
+            let e = result.expect_err("a call still running after the grace is cut");
+            assert!(
+                matches!(
+                    e.code(),
+                    Code::Unavailable | Code::Cancelled | Code::Unknown
+                ),
+                "{name}: {e:?}"
+            );
+            assert!(
+                stopped_after >= Duration::from_secs(GRACE_SECS - 1),
+                "{name}: cut before the grace was over ({stopped_after:?})"
+            );
+            assert!(
+                server.log_text().contains("shutdown grace period over"),
+                "{name}"
+            );
+        }
+        // Either way the audit log is sealed: the `stop` record and a final signed checkpoint.
+        let records = server.audit_records();
+        assert!(records.iter().any(|r| r["event"] == "stop"), "{name}");
+        assert_eq!(records.last().unwrap()["final_seal"], true, "{name}");
+    }
+}

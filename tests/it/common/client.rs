@@ -38,6 +38,16 @@ impl TestEnv {
         server.channel(Some((&cert, &key))).await.expect("connect")
     }
 
+    /// A client with the dev `orders` identity whose connection may fail (a server that is
+    /// stopping): the error as text instead of a panic.
+    pub async fn client_probe(&self, server: &Server) -> Result<CryptoClient<Channel>, String> {
+        let (cert, key) = self.identity_pem("orders");
+        server
+            .client_with(Some((&cert, &key)))
+            .await
+            .map_err(|e| e.to_string())
+    }
+
     /// An Erasure client with the dev `erasure` identity.
     pub async fn erasure(&self, server: &Server) -> ErasureClient<Channel> {
         ErasureClient::new(self.channel(server, "erasure").await)
