@@ -244,6 +244,11 @@ ui = false
         }
     }
 
+    /// Process id of the running server, if it runs (fault tests pause it with SIGSTOP).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Stops the server (SIGKILL) and waits for it.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -26,3 +26,4 @@ mod signing;
 mod store;
 mod tokens;
 mod vault;
+mod vault_faults;
