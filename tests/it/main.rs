@@ -9,6 +9,7 @@ mod alarms;
 mod architecture;
 mod audit;
 mod cli;
+mod crash_loop;
 mod crypto_api;
 mod erasure;
 mod erasure_review;

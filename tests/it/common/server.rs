@@ -269,6 +269,14 @@ impl Server {
         }
     }
 
+    /// SIGKILL (no drain, no audit seal: a crash), then wait for the process.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// Process id of the running process.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
