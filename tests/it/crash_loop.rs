@@ -7,6 +7,7 @@
 //!   unreadable, or ACTIVE and readable), after at most the reaper's resume;
 //! - the audit log verifies (chain and signatures); the crash shows as an open tail, not as
 //!   tampering.
+//!
 //! At the end, every subject whose retention expired is shredded.
 //!
 //! `PIIGUARD_CRASH_LOOPS` sets the number of crashes (50 by default, the CI form;
