@@ -222,6 +222,8 @@ pub struct CallRecord {
     pub method: &'static str,
     /// Policy operation (e.g. `decrypt`).
     pub operation: &'static str,
+    /// `masked` for a masked reveal (docs/SEARCH.md); absent otherwise.
+    pub reveal: Option<&'static str>,
     /// Keyspace/field pairs the call touched.
     pub scopes: Scopes,
     /// Keyed hash of the subject id, never the id itself.
@@ -288,6 +290,10 @@ impl CallRecord {
         push_str(buf, self.method);
         member(buf, "operation");
         push_str(buf, self.operation);
+        if let Some(r) = self.reveal {
+            member(buf, "reveal");
+            push_str(buf, r);
+        }
         match &self.scopes {
             Scopes::None => {}
             Scopes::One { keyspace, field } => {
@@ -376,6 +382,7 @@ impl CallRecord {
             caller: Some(self.caller.clone()),
             method: Some(self.method),
             operation: Some(self.operation),
+            reveal: self.reveal,
             keyspace,
             field,
             scopes,
@@ -425,6 +432,7 @@ mod tests {
             caller: Arc::from("spiffe://shop.local/ns/\"odd\"\\name\u{1}é"),
             method: "Encrypt",
             operation: "encrypt",
+            reveal: None,
             scopes,
             subject_ref: Some([0xab; 32]),
             key_id: Some([0x01; crate::crypto::envelope::KEY_ID_LEN]),

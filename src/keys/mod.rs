@@ -12,8 +12,12 @@
 //!   `subject_ref` = hex(HMAC-SHA256(index key, subject id)). No raw subject id anywhere.
 //! - `deks/<ks>/<key_id>`: `{subject_ref, wrapped, alg, created_at}`; KV version = DEK version.
 //! - transit key `kek-<ks>`: the KEK (aes256-gcm96, not exportable).
+//!
+//! Blind-index keys are not stored: each (keyspace, field, version) key is derived from the
+//! keyspace's index key ([`index_keys`]).
 
 pub mod cache;
+pub mod index_keys;
 pub mod manager;
 
 pub use manager::{KeyManager, SubjectRef};
