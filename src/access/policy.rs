@@ -332,7 +332,7 @@ impl Policy {
                 Some("masked") => {
                     if !Op::ALL.iter().any(|o| o.reveals() && ops & o.bit() != 0) {
                         return Err(at(
-                            "`reveal` applies to grants of decrypt or detokenize".into(),
+                            "`reveal` applies to grants of decrypt or detokenize".into()
                         ));
                     }
                     true
@@ -488,13 +488,7 @@ impl Policy {
         op: Op,
         keyspace: Option<&str>,
     ) -> Result<(), Error> {
-        self.check_fields(
-            identity,
-            op,
-            keyspace,
-            FieldCheck::Some,
-            RevealMode::Masked,
-        )
+        self.check_fields(identity, op, keyspace, FieldCheck::Some, RevealMode::Masked)
     }
 
     fn check_fields(
@@ -651,8 +645,18 @@ mod tests {
             p.check_reveal(s, Op::Decrypt, Some("orders"), Some("name"), m),
             Err(Error::PermissionDenied { .. })
         ));
-        for bad in ["reveal = \"partial\"", "reveal = \"masked\"\noperations = [\"encrypt\"]"] {
-            let text = format!("[[grant]]\nidentity = \"cn:a\"\nkeyspaces = [\"*\"]\n{bad}\n{}", if bad.contains("operations") { "" } else { "operations = [\"decrypt\"]" });
+        for bad in [
+            "reveal = \"partial\"",
+            "reveal = \"masked\"\noperations = [\"encrypt\"]",
+        ] {
+            let text = format!(
+                "[[grant]]\nidentity = \"cn:a\"\nkeyspaces = [\"*\"]\n{bad}\n{}",
+                if bad.contains("operations") {
+                    ""
+                } else {
+                    "operations = [\"decrypt\"]"
+                }
+            );
             assert!(Policy::parse(&text, None).is_err(), "{text}");
         }
     }

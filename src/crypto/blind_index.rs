@@ -144,7 +144,9 @@ pub fn normalise(
             }
         }
         FieldKind::Card => {
-            if t.chars().any(|c| !c.is_ascii_digit() && c != ' ' && c != '-') {
+            if t.chars()
+                .any(|c| !c.is_ascii_digit() && c != ' ' && c != '-')
+            {
                 return Err(NormaliseError::NotCard);
             }
             let digits: String = t.chars().filter(char::is_ascii_digit).collect();
@@ -162,8 +164,13 @@ fn normalise_phone(t: &str, country: Option<&str>) -> Result<String, NormaliseEr
         Some(r) => (true, r),
         None => (false, t),
     };
-    if rest.chars().any(|c| !c.is_ascii_digit() && !is_separator(c)) {
-        return Err(NormaliseError::NotPhone("only digits, spaces, - . ( ) / and a leading +"));
+    if rest
+        .chars()
+        .any(|c| !c.is_ascii_digit() && !is_separator(c))
+    {
+        return Err(NormaliseError::NotPhone(
+            "only digits, spaces, - . ( ) / and a leading +",
+        ));
     }
     let digits: String = rest.chars().filter(char::is_ascii_digit).collect();
     if digits.is_empty() {
@@ -184,7 +191,9 @@ fn normalise_phone(t: &str, country: Option<&str>) -> Result<String, NormaliseEr
         format!("{cc}{national}")
     };
     if !(2..=15).contains(&full.len()) || full.starts_with('0') {
-        return Err(NormaliseError::NotPhone("E.164 has 2 to 15 digits, the first not 0"));
+        return Err(NormaliseError::NotPhone(
+            "E.164 has 2 to 15 digits, the first not 0",
+        ));
     }
     Ok(format!("+{full}"))
 }
@@ -238,14 +247,26 @@ mod tests {
             n(FieldKind::Email, "  Jane.Doe@Example.COM \n").unwrap(),
             "jane.doe@example.com"
         );
-        for bad in ["", "   ", "jane", "@example.com", "jane@", "a@b@c", "ja ne@x.org"] {
+        for bad in [
+            "",
+            "   ",
+            "jane",
+            "@example.com",
+            "jane@",
+            "a@b@c",
+            "ja ne@x.org",
+        ] {
             assert!(n(FieldKind::Email, bad).is_err(), "{bad:?}");
         }
     }
 
     #[test]
     fn phones_become_e164() {
-        for v in ["+44 20 7946 0958", "+44 (20) 7946-0958", "0044 20 7946 0958"] {
+        for v in [
+            "+44 20 7946 0958",
+            "+44 (20) 7946-0958",
+            "0044 20 7946 0958",
+        ] {
             assert_eq!(n(FieldKind::Phone, v).unwrap(), "+442079460958", "{v}");
         }
         let uk = NormaliseOptions {
@@ -261,7 +282,13 @@ mod tests {
                 "no leading + and no default country code configured"
             ))
         );
-        for bad in ["+", "call me", "+44 20 7946 0958 ext 1", "+1234567890123456", "---"] {
+        for bad in [
+            "+",
+            "call me",
+            "+44 20 7946 0958 ext 1",
+            "+1234567890123456",
+            "---",
+        ] {
             assert!(n(FieldKind::Phone, bad).is_err(), "{bad:?}");
         }
     }

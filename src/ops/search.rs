@@ -60,19 +60,24 @@ impl Engine {
 
     /// The index of `value` (names already checked), under the current version only or under
     /// every queryable one.
-    fn index_of(&self, keyspace: &str, field: &str, value: &[u8], all: bool) -> Result<BlindIndexed> {
+    fn index_of(
+        &self,
+        keyspace: &str,
+        field: &str,
+        value: &[u8],
+        all: bool,
+    ) -> Result<BlindIndexed> {
         let cfg = self.index_keys.field(keyspace, field);
         let opts = NormaliseOptions {
             default_country_code: cfg.phone_country_code.as_deref(),
         };
-        let normal = Zeroizing::new(
-            blind_index::normalise(cfg.kind, value, opts).map_err(|e| {
+        let normal =
+            Zeroizing::new(blind_index::normalise(cfg.kind, value, opts).map_err(|e| {
                 Error::invalid(
                     Reason::ValueNotNormalisable,
                     format!("field {field:?} ({}): {e}", cfg.kind.as_str()),
                 )
-            })?,
-        );
+            })?);
         let versions: Vec<u32> = if all {
             cfg.queryable_versions().collect()
         } else {
@@ -129,7 +134,9 @@ impl Engine {
     pub fn index_for_encrypt(&self, g: &mut Guard, i: &EncryptInput<'_>) -> Result<String> {
         self.check_encrypt(i)?;
         g.authorize(Op::Index, Some(i.keyspace), Some(i.field))?;
-        Ok(self.index_of(i.keyspace, i.field, i.plaintext, false)?.current)
+        Ok(self
+            .index_of(i.keyspace, i.field, i.plaintext, false)?
+            .current)
     }
 
     /// Encrypt with its blind index: the index first (so a bad value seals nothing), then the

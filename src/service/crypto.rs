@@ -92,15 +92,16 @@ pub(crate) fn reveal_mode(v: i32) -> Result<RevealMode, Error> {
     match pb::RevealMode::try_from(v) {
         Ok(pb::RevealMode::Unspecified | pb::RevealMode::Full) => Ok(RevealMode::Full),
         Ok(pb::RevealMode::Masked) => Ok(RevealMode::Masked),
-        Err(_) => Err(Error::invalid(Reason::InvalidRequest, "unknown reveal mode")),
+        Err(_) => Err(Error::invalid(
+            Reason::InvalidRequest,
+            "unknown reveal mode",
+        )),
     }
 }
 
 /// The one reveal mode of a batch: every item must ask for the same (a batch is authorised,
 /// budgeted and audited as one call).
-pub(crate) fn batch_reveal_mode(
-    modes: impl IntoIterator<Item = i32>,
-) -> Result<RevealMode, Error> {
+pub(crate) fn batch_reveal_mode(modes: impl IntoIterator<Item = i32>) -> Result<RevealMode, Error> {
     let mut out: Option<RevealMode> = None;
     for m in modes {
         let m = reveal_mode(m)?;
@@ -266,10 +267,11 @@ impl Crypto for CryptoService {
         let mut g = self.sentry.begin(&request, "DecryptBatch", Op::Decrypt)?;
         let r = request.into_inner();
         let inputs: Vec<_> = r.items.iter().map(decrypt_input).collect();
-        let mode = match Self::reveal_of(&mut g, batch_reveal_mode(r.items.iter().map(|i| i.reveal))) {
-            Ok(m) => m,
-            Err(e) => return g.finish(Err(e)),
-        };
+        let mode =
+            match Self::reveal_of(&mut g, batch_reveal_mode(r.items.iter().map(|i| i.reveal))) {
+                Ok(m) => m,
+                Err(e) => return g.finish(Err(e)),
+            };
         let masked = mode == RevealMode::Masked;
         let result = self
             .engine
@@ -339,9 +341,7 @@ impl Crypto for CryptoService {
         &self,
         request: Request<pb::BlindIndexBatchRequest>,
     ) -> Result<Response<pb::BlindIndexBatchResponse>, Status> {
-        let mut g = self
-            .sentry
-            .begin(&request, "BlindIndexBatch", Op::Index)?;
+        let mut g = self.sentry.begin(&request, "BlindIndexBatch", Op::Index)?;
         let r = request.into_inner();
         let inputs: Vec<_> = r.items.iter().map(blind_index_input).collect();
         let result = self

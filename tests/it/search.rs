@@ -68,7 +68,12 @@ fn bi(keyspace: &str, field: &str, value: &str) -> pb::BlindIndexRequest {
     }
 }
 
-async fn index(c: &mut CryptoClient<Channel>, ks: &str, field: &str, v: &str) -> pb::BlindIndexResponse {
+async fn index(
+    c: &mut CryptoClient<Channel>,
+    ks: &str,
+    field: &str,
+    v: &str,
+) -> pb::BlindIndexResponse {
     c.blind_index(bi(ks, field, v)).await.unwrap().into_inner()
 }
 
@@ -172,7 +177,12 @@ async fn blind_indexes_rotation_masked_reveals_and_shred() {
     // Encrypt with blind_index needs `index` too (orders has none on phone).
     refused(
         orders
-            .encrypt(indexed(enc("orders", "cust-s1", "phone", b"+44 20 7946 0958")))
+            .encrypt(indexed(enc(
+                "orders",
+                "cust-s1",
+                "phone",
+                b"+44 20 7946 0958",
+            )))
             .await,
         Code::PermissionDenied,
         "POLICY_DENIED",
@@ -269,14 +279,19 @@ async fn blind_indexes_rotation_masked_reveals_and_shred() {
     // Batches: one mode for every item.
     let db = support
         .decrypt_batch(pb::DecryptBatchRequest {
-            items: vec![masked(dec("card_number", &card)), masked(dec("email", &email))],
+            items: vec![
+                masked(dec("card_number", &card)),
+                masked(dec("email", &email)),
+            ],
         })
         .await
         .unwrap()
         .into_inner()
         .results;
     assert!(db.iter().all(|r| r.masked));
-    assert!(matches!(&db[0].result, Some(pb::decrypt_result::Result::Plaintext(p)) if p == "•••• 1111".as_bytes()));
+    assert!(
+        matches!(&db[0].result, Some(pb::decrypt_result::Result::Plaintext(p)) if p == "•••• 1111".as_bytes())
+    );
     refused(
         support
             .decrypt_batch(pb::DecryptBatchRequest {
@@ -287,7 +302,11 @@ async fn blind_indexes_rotation_masked_reveals_and_shred() {
         "INVALID_REQUEST",
     );
     // The volume budget (1 item an hour) counts full reveals only.
-    let full = support.decrypt(dec("address", &address)).await.unwrap().into_inner();
+    let full = support
+        .decrypt(dec("address", &address))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(!full.masked);
     assert_eq!(full.plaintext, b"1 Main Street");
     refused(
@@ -296,7 +315,14 @@ async fn blind_indexes_rotation_masked_reveals_and_shred() {
         "VOLUME_BUDGET_EXCEEDED",
     );
     for _ in 0..3 {
-        assert!(support.decrypt(masked(dec("phone", &phone))).await.unwrap().into_inner().masked);
+        assert!(
+            support
+                .decrypt(masked(dec("phone", &phone)))
+                .await
+                .unwrap()
+                .into_inner()
+                .masked
+        );
     }
 
     // Detokenize: the same masks and the same grant.
@@ -331,7 +357,10 @@ async fn blind_indexes_rotation_masked_reveals_and_shred() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!((d.value.as_str(), d.field.as_str(), d.masked), ("•••• 1111", "card_number", true));
+    assert_eq!(
+        (d.value.as_str(), d.field.as_str(), d.masked),
+        ("•••• 1111", "card_number", true)
+    );
     refused(
         tok_support.detokenize(detok(pb::RevealMode::Full)).await,
         Code::PermissionDenied,
@@ -363,7 +392,11 @@ async fn blind_indexes_rotation_masked_reveals_and_shred() {
         && r["outcome"] == "ok"
         && r.get("reveal").is_none()
         && r["field"] == "address"));
-    assert!(support_calls.iter().any(|r| r["reason"] == "MASKED_REVEAL_ONLY" && r["outcome"] == "denied"));
+    assert!(
+        support_calls
+            .iter()
+            .any(|r| r["reason"] == "MASKED_REVEAL_ONLY" && r["outcome"] == "denied")
+    );
 
     // Rotation: `b` makes new indexes with version 2 and still answers version 1.
     let b_srv = env.server("b", &config(2)).await;
@@ -383,13 +416,21 @@ async fn blind_indexes_rotation_masked_reveals_and_shred() {
     );
     let mut orders_b = env.client(&b_srv, "orders").await;
     let new_row = orders_b
-        .encrypt(indexed(enc("orders", "cust-s3", "email", b"jane.doe@example.com")))
+        .encrypt(indexed(enc(
+            "orders",
+            "cust-s3",
+            "email",
+            b"jane.doe@example.com",
+        )))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(new_row.blind_index, r2.index);
     // Fields not rotated keep their version.
-    assert_eq!(index(&mut search_b, "orders", "phone", "+442079460958").await, p1);
+    assert_eq!(
+        index(&mut search_b, "orders", "phone", "+442079460958").await,
+        p1
+    );
 
     // Shred: the index is a keyed hash of the value, not of the subject; it survives in the
     // caller's table, and the certificate says the caller must delete it.
@@ -412,7 +453,9 @@ async fn blind_indexes_rotation_masked_reveals_and_shred() {
         "SUBJECT_SHREDDED",
     );
     assert_eq!(
-        index(&mut search, "orders", "email", "jane.doe@example.com").await.index,
+        index(&mut search, "orders", "email", "jane.doe@example.com")
+            .await
+            .index,
         ct.blind_index,
         "a shred does not change blind indexes"
     );

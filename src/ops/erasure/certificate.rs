@@ -229,7 +229,9 @@ mod tests {
         let mut p2 = p;
         p2.caller_must_delete = Some(vec![CALLER_MUST_DELETE.into()]);
         let c2 = p2.canonical();
-        assert!(c2.contains("\"cache_max_survival_secs\":3600,\"caller_must_delete\":[\"blind indexes"));
+        assert!(
+            c2.contains("\"cache_max_survival_secs\":3600,\"caller_must_delete\":[\"blind indexes")
+        );
         assert_eq!(serde_json::from_str::<Payload>(&c2).unwrap(), p2);
     }
 }
