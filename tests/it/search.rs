@@ -18,9 +18,15 @@ operations = ["index"]
 keyspaces = ["orders", "crm"]
 fields = ["email", "alt_email", "phone", "postcode"]
 
-# The order service may index e-mail addresses (not phone numbers) when it encrypts.
+# A writer that may index e-mail addresses (not phone numbers) when it encrypts.
 [[grant]]
-identity = "spiffe://shop.local/orders"
+identity = "spiffe://shop.local/writer"
+operations = ["encrypt"]
+keyspaces = ["orders"]
+fields = ["*"]
+
+[[grant]]
+identity = "spiffe://shop.local/writer"
 operations = ["index"]
 keyspaces = ["orders"]
 fields = ["email"]
@@ -114,6 +120,10 @@ async fn blind_indexes_rotation_masked_reveals_and_shred() {
     let support_id = ca.issue_client_now(&spiffe("support")).unwrap();
     let mut support = a.client_issued(&support_id).await.unwrap();
     let mut orders = env.client(&a, "orders").await;
+    let mut writer = a
+        .client_issued(&ca.issue_client_now(&spiffe("writer")).unwrap())
+        .await
+        .unwrap();
 
     // Normalisation: equal values index equal.
     let e1 = index(&mut search, "orders", "email", " Jane.Doe@Example.COM\n").await;
@@ -174,9 +184,9 @@ async fn blind_indexes_rotation_masked_reveals_and_shred() {
         Code::PermissionDenied,
         "POLICY_DENIED",
     );
-    // Encrypt with blind_index needs `index` too (orders has none on phone).
+    // Encrypt with blind_index needs `index` too (the writer has none on phone).
     refused(
-        orders
+        writer
             .encrypt(indexed(enc(
                 "orders",
                 "cust-s1",
@@ -212,7 +222,7 @@ async fn blind_indexes_rotation_masked_reveals_and_shred() {
         other => panic!("{other:?}"),
     }
     assert_eq!(val(&b[2]), p1.index);
-    let eb = orders
+    let eb = writer
         .encrypt_batch(pb::EncryptBatchRequest {
             items: vec![
                 indexed(enc("orders", "cust-s2", "email", b"jane.doe@example.com")),
