@@ -516,7 +516,9 @@ mod tests {
             key_ids: vec![[7; KEY_ID_LEN], [6; KEY_ID_LEN]],
             max_listed: 64,
         }));
-        let cases: Vec<CallRecord> = cases.into_iter().chain([many, only_keys]).collect();
+        let mut masked = sample(Scopes::None, None, None);
+        masked.reveal = Some("masked");
+        let cases: Vec<CallRecord> = cases.into_iter().chain([many, only_keys, masked]).collect();
         let instance = "pod-\"1\"";
         let instance_json = serde_json::to_vec(instance).unwrap();
         for (i, c) in cases.iter().enumerate() {
