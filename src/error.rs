@@ -80,6 +80,12 @@ pub enum Reason {
     /// write now (server stopped, connection lost, disk full, read-only file). Nothing was
     /// changed; retry with backoff.
     StoreUnavailable,
+    /// INVALID_ARGUMENT: the value has no normal form for its field kind (a blind index of a
+    /// phone number with no digits, an e-mail address without `@`, bytes that are not UTF-8).
+    ValueNotNormalisable,
+    /// PERMISSION_DENIED: the caller's grant of the field allows masked reveals only; ask with
+    /// `REVEAL_MODE_MASKED`.
+    MaskedRevealOnly,
 }
 
 impl Reason {
@@ -114,6 +120,8 @@ impl Reason {
         Reason::AuditUnavailable,
         Reason::MalformedMessage,
         Reason::StoreUnavailable,
+        Reason::ValueNotNormalisable,
+        Reason::MaskedRevealOnly,
     ];
 
     /// The stable string a caller sees.
@@ -148,6 +156,8 @@ impl Reason {
             Reason::AuditUnavailable => "AUDIT_UNAVAILABLE",
             Reason::MalformedMessage => "MALFORMED_MESSAGE",
             Reason::StoreUnavailable => "STORE_UNAVAILABLE",
+            Reason::ValueNotNormalisable => "VALUE_NOT_NORMALISABLE",
+            Reason::MaskedRevealOnly => "MASKED_REVEAL_ONLY",
         }
     }
 }
@@ -211,6 +221,13 @@ pub enum Error {
     #[error("{message}")]
     PermissionDenied {
         /// What was missing (identity, operation, keyspace, field).
+        message: String,
+    },
+    /// The policy grants the caller only masked reveals of the field, and the call asked for
+    /// the whole value (PERMISSION_DENIED, reason `MASKED_REVEAL_ONLY`).
+    #[error("{message}")]
+    MaskedRevealOnly {
+        /// Which field and identity, never request data.
         message: String,
     },
     /// The audit sink cannot accept records; data calls fail closed. Retryable.
@@ -310,7 +327,9 @@ impl Error {
             Error::FailedPrecondition { .. } => Code::FailedPrecondition,
             Error::NotFound { .. } => Code::NotFound,
             Error::Unauthenticated | Error::CertificateRejected { .. } => Code::Unauthenticated,
-            Error::PermissionDenied { .. } => Code::PermissionDenied,
+            Error::PermissionDenied { .. } | Error::MaskedRevealOnly { .. } => {
+                Code::PermissionDenied
+            }
             Error::AuditUnavailable => Code::Unavailable,
             Error::ResourceExhausted { .. } => Code::ResourceExhausted,
             Error::Unavailable { .. } | Error::StoreUnavailable { .. } => Code::Unavailable,
@@ -329,6 +348,7 @@ impl Error {
             Error::Unauthenticated => Reason::Unauthenticated,
             Error::CertificateRejected { .. } => Reason::CertificateRejected,
             Error::PermissionDenied { .. } => Reason::PolicyDenied,
+            Error::MaskedRevealOnly { .. } => Reason::MaskedRevealOnly,
             Error::AuditUnavailable => Reason::AuditUnavailable,
             Error::Unavailable { .. } => Reason::VaultUnavailable,
             Error::StoreUnavailable { .. } => Reason::StoreUnavailable,

@@ -25,7 +25,7 @@ use tonic::{Request, Response, Status};
 use crate::access::alarms::{Alarms, Severity, kinds};
 use crate::access::canary::Canaries;
 use crate::access::limits::{Exceeded, Limits, Lockouts};
-use crate::access::policy::{Op, Policy};
+use crate::access::policy::{Op, Policy, RevealMode};
 use crate::audit::call::{CallRecord, ItemCounts, Name, Scopes, Touched};
 use crate::audit::{Auditor, Record, code_name};
 use crate::crypto::envelope::KeyId;
@@ -94,6 +94,7 @@ impl Sentry {
             denied: 0,
             probing: 0,
             canary: false,
+            reveal_mode: RevealMode::Full,
             done: false,
         };
         // A connection admitted before its certificate was revoked (CRL reload) or expired is
@@ -264,10 +265,24 @@ pub struct Guard {
     denied: u32,
     probing: u32,
     canary: bool,
+    /// How much the call's reveals return ([`Guard::set_reveal_mode`]).
+    reveal_mode: RevealMode,
     done: bool,
 }
 
 impl Guard {
+    /// Sets how much this call's reveals (decrypt, detokenize) return, before anything is
+    /// authorised: a masked call is allowed by masked-only grants, does not count against the
+    /// volume budget of revealed items, and its audit record says `"reveal":"masked"`.
+    pub fn set_reveal_mode(&mut self, mode: RevealMode) {
+        self.reveal_mode = mode;
+    }
+
+    /// The reveal mode of this call.
+    pub fn reveal_mode(&self) -> RevealMode {
+        self.reveal_mode
+    }
+
     /// The caller's identity.
     pub fn caller(&self) -> &Arc<str> {
         &self.caller
@@ -327,7 +342,8 @@ impl Guard {
         let checked = if some_field {
             self.policy.check_some_field(&self.caller, op, keyspace)
         } else {
-            self.policy.check(&self.caller, op, keyspace, field)
+            self.policy
+                .check_reveal(&self.caller, op, keyspace, field, self.reveal_mode)
         };
         match checked {
             Ok(()) => {
@@ -357,8 +373,12 @@ impl Guard {
     }
 
     /// Counts `n` items about to be revealed (decrypted / detokenised) against the caller's
-    /// volume budget.
+    /// volume budget. Masked reveals are not counted (docs/POLICY.md, masked reveals): the
+    /// budget bounds how much whole PII one identity can read.
     pub fn reveal(&mut self, n: u64) -> Result<()> {
+        if self.reveal_mode == RevealMode::Masked {
+            return Ok(());
+        }
         match self.sentry.limits.reveal(&self.caller, n) {
             Ok(()) => Ok(()),
             Err(x) => Err(self.sentry.exceeded(self, x)),
@@ -511,7 +531,7 @@ impl Guard {
                     self.probing += 1;
                 }
                 let outcome = match e {
-                    Error::PermissionDenied { .. } => "denied",
+                    Error::PermissionDenied { .. } | Error::MaskedRevealOnly { .. } => "denied",
                     Error::ResourceExhausted { reason: rs, .. }
                         if [
                             Reason::RateLimited,
@@ -608,6 +628,7 @@ impl Guard {
             caller: self.caller.clone(),
             method: self.method,
             operation: self.op.as_str(),
+            reveal: (self.reveal_mode == RevealMode::Masked).then_some("masked"),
             scopes,
             subject_ref: self.subject_ref.get(),
             key_id: self.key_id.get(),

@@ -11,6 +11,8 @@
 //! operations = ["decrypt"]
 //! keyspaces = ["orders"]                      # required for keyspace operations; "*" = all
 //! fields = ["address", "name"]                # default ["*"]
+//! reveal = "masked"                           # decrypt/detokenize return masked values
+//!                                             # only; default "full"
 //! ```
 //!
 //! The policy in force is an `Arc<Policy>` in a `watch` channel, published by `app::reload`
@@ -161,6 +163,9 @@ struct RawGrant {
     keyspaces: Option<Vec<String>>,
     #[serde(default)]
     fields: Option<Vec<String>>,
+    /// `full` (default) or `masked`: the grant's reveals (decrypt, detokenize) are masked only.
+    #[serde(default)]
+    reveal: Option<String>,
     /// Free text for reviewers; ignored.
     #[serde(default)]
     #[allow(dead_code)]
@@ -224,6 +229,29 @@ struct Grant {
     ops: u16,
     keyspaces: Scope,
     fields: Scope,
+    /// `reveal = "masked"`: the grant's reveal operations allow masked reveals only.
+    masked_only: bool,
+}
+
+/// How much of a value a reveal (decrypt, detokenize) returns; what the policy checks it
+/// against (docs/POLICY.md, masked reveals).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum RevealMode {
+    /// The whole value: needs a grant without `reveal = "masked"`.
+    #[default]
+    Full,
+    /// The masked value: any grant of the operation allows it.
+    Masked,
+}
+
+impl RevealMode {
+    /// The audit spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RevealMode::Full => "full",
+            RevealMode::Masked => "masked",
+        }
+    }
 }
 
 /// A validated policy.
@@ -299,10 +327,27 @@ impl Policy {
                 Field::is_valid,
             )
             .map_err(|e| at_err(&e))?;
+            let masked_only = match g.reveal.as_deref() {
+                None | Some("full") => false,
+                Some("masked") => {
+                    if !Op::ALL.iter().any(|o| o.reveals() && ops & o.bit() != 0) {
+                        return Err(at(
+                            "`reveal` applies to grants of decrypt or detokenize".into()
+                        ));
+                    }
+                    true
+                }
+                Some(other) => {
+                    return Err(at(format!(
+                        "reveal {other:?}: expected \"full\" or \"masked\""
+                    )));
+                }
+            };
             let grant = Grant {
                 ops,
                 keyspaces,
                 fields,
+                masked_only,
             };
             for id in ids {
                 let pattern = IdentityPattern::parse(&id).map_err(|e| at_err(&e))?;
@@ -356,13 +401,34 @@ impl Policy {
         keyspace: Option<&str>,
         field: Option<&str>,
     ) -> bool {
-        self.allows_fields(identity, op, keyspace, FieldCheck::One(field))
+        self.allows_fields(
+            identity,
+            op,
+            keyspace,
+            FieldCheck::One(field),
+            RevealMode::Full,
+        )
+    }
+
+    /// Like [`Policy::allows`] for a reveal in `mode`: a masked reveal is allowed by any grant
+    /// of the operation, a full one only by a grant without `reveal = "masked"` (for
+    /// operations that do not reveal, the mode changes nothing).
+    pub fn allows_reveal(
+        &self,
+        identity: &str,
+        op: Op,
+        keyspace: Option<&str>,
+        field: Option<&str>,
+        mode: RevealMode,
+    ) -> bool {
+        self.allows_fields(identity, op, keyspace, FieldCheck::One(field), mode)
     }
 
     /// Whether `identity` may do `op` in `keyspace` on at least one field: the check made
     /// before a lookup whose field is not yet known (Detokenize), repeated on the field after.
+    /// Masked-only grants count: the field check after the lookup decides the reveal mode.
     pub fn allows_some_field(&self, identity: &str, op: Op, keyspace: Option<&str>) -> bool {
-        self.allows_fields(identity, op, keyspace, FieldCheck::Some)
+        self.allows_fields(identity, op, keyspace, FieldCheck::Some, RevealMode::Masked)
     }
 
     fn allows_fields(
@@ -371,9 +437,11 @@ impl Policy {
         op: Op,
         keyspace: Option<&str>,
         field: FieldCheck<'_>,
+        mode: RevealMode,
     ) -> bool {
         self.grants_of(identity).any(|g| {
             g.ops & op.bit() != 0
+                && !(g.masked_only && op.reveals() && mode == RevealMode::Full)
                 && g.keyspaces.allows(keyspace)
                 && match field {
                     FieldCheck::One(f) => g.fields.allows(f),
@@ -390,7 +458,27 @@ impl Policy {
         keyspace: Option<&str>,
         field: Option<&str>,
     ) -> Result<(), Error> {
-        self.check_fields(identity, op, keyspace, FieldCheck::One(field))
+        self.check_fields(
+            identity,
+            op,
+            keyspace,
+            FieldCheck::One(field),
+            RevealMode::Full,
+        )
+    }
+
+    /// Like [`Policy::check`] for a reveal in `mode` ([`Policy::allows_reveal`]). A full
+    /// reveal refused only because the caller's grants of the field are masked-only is
+    /// [`Error::MaskedRevealOnly`] (reason `MASKED_REVEAL_ONLY`).
+    pub fn check_reveal(
+        &self,
+        identity: &str,
+        op: Op,
+        keyspace: Option<&str>,
+        field: Option<&str>,
+        mode: RevealMode,
+    ) -> Result<(), Error> {
+        self.check_fields(identity, op, keyspace, FieldCheck::One(field), mode)
     }
 
     /// Like [`Policy::check`] with [`Policy::allows_some_field`].
@@ -400,7 +488,7 @@ impl Policy {
         op: Op,
         keyspace: Option<&str>,
     ) -> Result<(), Error> {
-        self.check_fields(identity, op, keyspace, FieldCheck::Some)
+        self.check_fields(identity, op, keyspace, FieldCheck::Some, RevealMode::Masked)
     }
 
     fn check_fields(
@@ -409,9 +497,25 @@ impl Policy {
         op: Op,
         keyspace: Option<&str>,
         field_check: FieldCheck<'_>,
+        mode: RevealMode,
     ) -> Result<(), Error> {
-        if self.allows_fields(identity, op, keyspace, field_check) {
+        if self.allows_fields(identity, op, keyspace, field_check, mode) {
             return Ok(());
+        }
+        if mode == RevealMode::Full
+            && op.reveals()
+            && self.allows_fields(identity, op, keyspace, field_check, RevealMode::Masked)
+        {
+            let field = match field_check {
+                FieldCheck::One(f) => f.unwrap_or_default(),
+                FieldCheck::Some => "",
+            };
+            return Err(Error::MaskedRevealOnly {
+                message: format!(
+                    "the access policy grants {identity} only masked reveals ({op}) of field {field:?} in keyspace {:?}; ask with REVEAL_MODE_MASKED",
+                    keyspace.unwrap_or_default()
+                ),
+            });
         }
         let field = match field_check {
             FieldCheck::One(f) => f,
@@ -510,6 +614,51 @@ mod tests {
         assert_eq!("tokenize_join".parse::<Op>(), Ok(Op::TokenizeJoin));
         assert_eq!(Op::TokenizeJoin.to_string(), "tokenize_join");
         assert!(!Op::TokenizeJoin.reveals() && Op::TokenizeJoin.keyspaced());
+    }
+
+    #[test]
+    fn masked_only_grants_allow_masked_reveals_only() {
+        let p = Policy::parse(
+            "[[grant]]\nidentity = \"cn:support\"\noperations = [\"decrypt\", \"detokenize\", \"encrypt\"]\nkeyspaces = [\"orders\"]\nfields = [\"card_number\"]\nreveal = \"masked\"\n\n[[grant]]\nidentity = \"cn:support\"\noperations = [\"decrypt\"]\nkeyspaces = [\"orders\"]\nfields = [\"address\"]",
+            None,
+        )
+        .unwrap();
+        let s = "cn:support";
+        let (m, f) = (RevealMode::Masked, RevealMode::Full);
+        assert!(p.allows_reveal(s, Op::Decrypt, Some("orders"), Some("card_number"), m));
+        assert!(!p.allows_reveal(s, Op::Decrypt, Some("orders"), Some("card_number"), f));
+        assert!(!p.allows(s, Op::Decrypt, Some("orders"), Some("card_number")));
+        // Operations that reveal nothing are not limited by `reveal`.
+        assert!(p.allows(s, Op::Encrypt, Some("orders"), Some("card_number")));
+        // A full grant of another field allows both.
+        assert!(p.allows_reveal(s, Op::Decrypt, Some("orders"), Some("address"), m));
+        assert!(p.allows(s, Op::Decrypt, Some("orders"), Some("address")));
+        assert!(p.allows_some_field(s, Op::Detokenize, Some("orders")));
+        match p.check(s, Op::Detokenize, Some("orders"), Some("card_number")) {
+            Err(e @ Error::MaskedRevealOnly { .. }) => {
+                assert_eq!(e.reason(), crate::error::Reason::MaskedRevealOnly);
+            }
+            other => panic!("{other:?}"),
+        }
+        // Not granted at all: the ordinary denial.
+        assert!(matches!(
+            p.check_reveal(s, Op::Decrypt, Some("orders"), Some("name"), m),
+            Err(Error::PermissionDenied { .. })
+        ));
+        for bad in [
+            "reveal = \"partial\"",
+            "reveal = \"masked\"\noperations = [\"encrypt\"]",
+        ] {
+            let text = format!(
+                "[[grant]]\nidentity = \"cn:a\"\nkeyspaces = [\"*\"]\n{bad}\n{}",
+                if bad.contains("operations") {
+                    ""
+                } else {
+                    "operations = [\"decrypt\"]"
+                }
+            );
+            assert!(Policy::parse(&text, None).is_err(), "{text}");
+        }
     }
 
     const POLICY: &str = r#"

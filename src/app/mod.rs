@@ -41,6 +41,7 @@ use crate::audit::Auditor;
 use crate::config::Config;
 use crate::error::Error;
 use crate::keys::KeyManager;
+use crate::keys::index_keys::IndexKeys;
 use crate::keys::manager::SIGNING_KEY;
 use crate::ops::Engine;
 use crate::ops::erasure::Erasure;
@@ -126,10 +127,12 @@ pub async fn run(
     vault.spawn_renewal();
     keys.spawn_sweeper();
 
+    let index_keys = Arc::new(IndexKeys::new(keys.clone(), &cfg.keyspaces));
     let engine = Arc::new(Engine {
         keys: keys.clone(),
         max_plaintext: cfg.server.max_plaintext_bytes,
         max_batch: cfg.server.max_batch_items,
+        index_keys: index_keys.clone(),
     });
 
     // Metrics, audit, alarms, limits, canaries: all ready before any port is bound.
@@ -227,6 +230,7 @@ pub async fn run(
         token_engine,
         keys.clone(),
         sentry.clone(),
+        index_keys,
     ))
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);

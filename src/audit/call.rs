@@ -222,6 +222,8 @@ pub struct CallRecord {
     pub method: &'static str,
     /// Policy operation (e.g. `decrypt`).
     pub operation: &'static str,
+    /// `masked` for a masked reveal (docs/SEARCH.md); absent otherwise.
+    pub reveal: Option<&'static str>,
     /// Keyspace/field pairs the call touched.
     pub scopes: Scopes,
     /// Keyed hash of the subject id, never the id itself.
@@ -288,6 +290,10 @@ impl CallRecord {
         push_str(buf, self.method);
         member(buf, "operation");
         push_str(buf, self.operation);
+        if let Some(r) = self.reveal {
+            member(buf, "reveal");
+            push_str(buf, r);
+        }
         match &self.scopes {
             Scopes::None => {}
             Scopes::One { keyspace, field } => {
@@ -376,6 +382,7 @@ impl CallRecord {
             caller: Some(self.caller.clone()),
             method: Some(self.method),
             operation: Some(self.operation),
+            reveal: self.reveal,
             keyspace,
             field,
             scopes,
@@ -425,6 +432,7 @@ mod tests {
             caller: Arc::from("spiffe://shop.local/ns/\"odd\"\\name\u{1}é"),
             method: "Encrypt",
             operation: "encrypt",
+            reveal: None,
             scopes,
             subject_ref: Some([0xab; 32]),
             key_id: Some([0x01; crate::crypto::envelope::KEY_ID_LEN]),
@@ -508,7 +516,9 @@ mod tests {
             key_ids: vec![[7; KEY_ID_LEN], [6; KEY_ID_LEN]],
             max_listed: 64,
         }));
-        let cases: Vec<CallRecord> = cases.into_iter().chain([many, only_keys]).collect();
+        let mut masked = sample(Scopes::None, None, None);
+        masked.reveal = Some("masked");
+        let cases: Vec<CallRecord> = cases.into_iter().chain([many, only_keys, masked]).collect();
         let instance = "pod-\"1\"";
         let instance_json = serde_json::to_vec(instance).unwrap();
         for (i, c) in cases.iter().enumerate() {

@@ -76,6 +76,9 @@ pub struct Record {
     /// Policy operation (e.g. `decrypt`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub operation: Option<&'static str>,
+    /// `masked` for a masked reveal (a decrypt or detokenize that returned masked values).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reveal: Option<&'static str>,
     /// Keyspace named by the call (after validation).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub keyspace: Option<String>,

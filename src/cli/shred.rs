@@ -188,8 +188,13 @@ pub fn verify_certificate(cert_path: &Path, public_key: &Path) -> Result<String,
     let pem = read(public_key)?;
     let cert = Certificate::parse(&doc)?;
     let p = cert.verify(&pem)?;
+    let must_delete = p
+        .caller_must_delete
+        .as_ref()
+        .map(|l| format!("\n  the caller must delete: {}", l.join("; ")))
+        .unwrap_or_default();
     Ok(format!(
-        "OK: certificate {} verified (key {} v{}).\n  keyspace {}, subject_ref {}\n  {} key(s) destroyed at {} ({}), requested {} by request {:?}: {:?}\n  cached copies survive at most {} s; backups at most {} days",
+        "OK: certificate {} verified (key {} v{}).\n  keyspace {}, subject_ref {}\n  {} key(s) destroyed at {} ({}), requested {} by request {:?}: {:?}\n  cached copies survive at most {} s; backups at most {} days{}",
         p.certificate_id,
         cert.signature.key,
         cert.signature.key_version,
@@ -203,6 +208,7 @@ pub fn verify_certificate(cert_path: &Path, public_key: &Path) -> Result<String,
         p.reason,
         p.cache_max_survival_secs,
         p.backup_retention_days,
+        must_delete,
     ))
 }
 

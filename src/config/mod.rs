@@ -7,6 +7,7 @@
 //! Values are read as TOML scalars (numbers, booleans) when they parse as such, else as strings.
 
 pub mod failpoint;
+pub mod fields;
 pub mod limits;
 
 use std::collections::BTreeMap;
@@ -532,6 +533,10 @@ pub struct RawKeyspace {
     /// or `refuse` (the subject id can never be used again in this keyspace).
     #[serde(default)]
     pub after_shred: Option<String>,
+    /// `[keyspaces.NAME.fields.FIELD]`: field kind, blind index and mask settings
+    /// (docs/SEARCH.md); a field not named here gets its defaults.
+    #[serde(default)]
+    pub fields: BTreeMap<String, fields::RawField>,
 }
 
 /// Validated configuration.
@@ -892,6 +897,19 @@ pub struct KeyspaceConfig {
     pub default_retention: Option<Duration>,
     /// What a shredded subject id gets when used again.
     pub after_shred: AfterShred,
+    /// Fields with settings of their own (blind indexes, masks); others get
+    /// [`fields::FieldConfig::default_for`].
+    pub fields: BTreeMap<String, fields::FieldConfig>,
+}
+
+impl KeyspaceConfig {
+    /// The settings of `field` (its own, or the defaults for its name).
+    pub fn field(&self, field: &str) -> std::borrow::Cow<'_, fields::FieldConfig> {
+        match self.fields.get(field) {
+            Some(f) => std::borrow::Cow::Borrowed(f),
+            None => std::borrow::Cow::Owned(fields::FieldConfig::default_for(field)),
+        }
+    }
 }
 
 /// Reads and validates a config file, applying `PIIGUARD_*` overrides from `env`.
@@ -1124,6 +1142,11 @@ impl RawConfig {
                     ));
                 }
             };
+            let mut field_cfgs = BTreeMap::new();
+            for (field, raw) in ks.fields {
+                let f = fields::FieldConfig::from_raw(&name, &field, raw)?;
+                field_cfgs.insert(field, f);
+            }
             keyspaces.insert(
                 name,
                 KeyspaceConfig {
@@ -1133,6 +1156,7 @@ impl RawConfig {
                     default_retention: (ks.default_retention_secs > 0)
                         .then(|| Duration::from_secs(ks.default_retention_secs)),
                     after_shred,
+                    fields: field_cfgs,
                 },
             );
         }

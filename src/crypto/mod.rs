@@ -6,6 +6,8 @@
 //! bytes to bytes and returns typed errors.
 
 pub mod aead;
+pub mod blind_index;
 pub mod envelope;
+pub mod mask;
 pub mod signature;
 pub mod tokens;

@@ -13,8 +13,12 @@
 //! - `deks/<ks>/<key_id>`: every version of the subject's DEK ([`record::DekRecord`]; older
 //!   builds wrote one version, numbered by its KV version, which still reads).
 //! - transit key `kek-<ks>`: the KEK (aes256-gcm96, not exportable).
+//!
+//! Blind-index keys are not stored: each (keyspace, field, version) key is derived from the
+//! keyspace's index key ([`index_keys`]).
 
 pub mod cache;
+pub mod index_keys;
 pub mod manager;
 pub mod record;
 

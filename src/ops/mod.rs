@@ -10,6 +10,7 @@ pub mod batch;
 pub mod decrypt;
 pub mod encrypt;
 pub mod erasure;
+pub mod search;
 pub mod tokens;
 
 pub use decrypt::DecryptInput;
@@ -22,6 +23,7 @@ use crate::crypto::envelope::{self, EnvelopeError};
 use crate::error::{Error, Reason, Result};
 use crate::keys::KeyManager;
 use crate::keys::cache::DekEntry;
+use crate::keys::index_keys::IndexKeys;
 
 /// The data-plane engine.
 pub struct Engine {
@@ -31,6 +33,8 @@ pub struct Engine {
     pub max_plaintext: usize,
     /// Most items in one batch.
     pub max_batch: usize,
+    /// Blind-index keys and field settings (kinds, masks): [`search`].
+    pub index_keys: Arc<IndexKeys>,
 }
 
 /// Awaits a key lookup and records whether it was a cache hit (ready at the first poll: no

@@ -5,14 +5,16 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use crate::access::guard::{Guard, Sentry};
-use crate::access::policy::Op;
+use crate::access::policy::{Op, RevealMode};
 use crate::crypto::tokens::{Format, Mode};
 use crate::domain::names::Field;
 use crate::error::{Error, Reason};
 use crate::keys::KeyManager;
+use crate::keys::index_keys::IndexKeys;
 use crate::ops::tokens::{Detokenized, TokenEngine, TokenizeInput, Tokenized};
 use crate::pb;
 use crate::pb::tokens_server::Tokens;
+use crate::service::crypto::{batch_reveal_mode, reveal_mode};
 use crate::service::item_error;
 
 /// The Tokens service.
@@ -20,15 +22,23 @@ pub struct TokensService {
     engine: Arc<TokenEngine>,
     keys: Arc<KeyManager>,
     sentry: Arc<Sentry>,
+    fields: Arc<IndexKeys>,
 }
 
 impl TokensService {
-    /// The Tokens service over its engine, guarded by `sentry`.
-    pub fn new(engine: Arc<TokenEngine>, keys: Arc<KeyManager>, sentry: Arc<Sentry>) -> Self {
+    /// The Tokens service over its engine, guarded by `sentry`; `fields` gives the mask of a
+    /// field for masked reveals.
+    pub fn new(
+        engine: Arc<TokenEngine>,
+        keys: Arc<KeyManager>,
+        sentry: Arc<Sentry>,
+        fields: Arc<IndexKeys>,
+    ) -> Self {
         Self {
             engine,
             keys,
             sentry,
+            fields,
         }
     }
 }
@@ -138,7 +148,17 @@ impl TokensService {
         }
         g.note_key(keyspace, &d.key_id);
         g.reveal(1)?;
-        Ok(detokenized(d))
+        Ok(match g.reveal_mode() {
+            RevealMode::Full => detokenized(d),
+            RevealMode::Masked => pb::DetokenizeResponse {
+                value: crate::crypto::mask::mask(
+                    self.fields.field(keyspace, &d.field).mask,
+                    d.value.as_bytes(),
+                ),
+                field: d.field.clone(),
+                masked: true,
+            },
+        })
     }
 
     /// Detokenises one token (see [`pre_detokenize`](Self::pre_detokenize) and
@@ -178,7 +198,13 @@ impl Tokens for TokensService {
     ) -> Result<Response<pb::DetokenizeResponse>, Status> {
         let mut g = self.sentry.begin(&request, "Detokenize", Op::Detokenize)?;
         let r = request.into_inner();
-        let result = self.detokenize_one(&mut g, &r.keyspace, &r.token).await;
+        let result = match reveal_mode(r.reveal) {
+            Ok(m) => {
+                g.set_reveal_mode(m);
+                self.detokenize_one(&mut g, &r.keyspace, &r.token).await
+            }
+            Err(e) => Err(e),
+        };
         g.finish(result)
     }
 
@@ -241,6 +267,10 @@ impl Tokens for TokensService {
             .sentry
             .begin(&request, "DetokenizeBatch", Op::Detokenize)?;
         let r = request.into_inner();
+        match batch_reveal_mode(r.items.iter().map(|i| i.reveal)) {
+            Ok(m) => g.set_reveal_mode(m),
+            Err(e) => return g.finish(Err(e)),
+        }
         g.set_items(r.items.len());
         // Keyspace-level check before any lookup (no probing), then the engine's concurrent
         // batch (which enforces the batch size), then the field check and the budget per item.

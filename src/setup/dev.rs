@@ -288,10 +288,11 @@ impl Drop for Bao {
 pub const DEV_POLICY: &str = r#"# Access policy of `piiguard dev` (DEV ONLY). Default deny: a call is allowed only if a grant
 # below names the caller, the operation, the keyspace and the field. See docs/POLICY.md.
 
-# The order service stores and reads every kind of PII of orders and of the CRM.
+# The order service stores and reads every kind of PII of orders and of the CRM, and makes
+# blind indexes to find it again (docs/SEARCH.md).
 [[grant]]
 identity = "spiffe://shop.local/orders"
-operations = ["encrypt", "decrypt", "tokenize", "detokenize"]
+operations = ["encrypt", "decrypt", "index", "tokenize", "detokenize"]
 keyspaces = ["orders", "crm"]
 fields = ["*"]
 

@@ -22,6 +22,7 @@ mod policy;
 mod properties;
 mod reload;
 mod review;
+mod search;
 mod shred_stream;
 mod signing;
 mod store;

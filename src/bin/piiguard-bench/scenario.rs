@@ -47,6 +47,8 @@ pub const ALL: &[&str] = &[
     "tokenize-random",
     "tokenize-det",
     "detokenize",
+    "blind-index",
+    "encrypt-index",
 ];
 
 fn expand(list: &str) -> Result<Vec<String>, String> {
@@ -79,6 +81,7 @@ fn expand(list: &str) -> Result<Vec<String>, String> {
                 "tokenize-det",
                 "detokenize",
             ],
+            "all-search" => &["health", "encrypt-hot", "blind-index", "encrypt-index"],
             one if ALL.contains(&one) => &[],
             other => return Err(format!("unknown scenario {other:?}; known: {ALL:?}")),
         };
@@ -104,6 +107,9 @@ pub fn warm_subject(i: usize) -> String {
 }
 
 pub const HOT_SUBJECT: &str = "bench-hot";
+
+/// The value of the blind-index scenarios.
+const BENCH_EMAIL: &str = " Jane.Doe@Example.com";
 
 fn run_id() -> u64 {
     let mut b = [0u8; 8];
@@ -550,6 +556,37 @@ async fn build(
                 1,
                 true,
                 grpc_work(chs, "/piiguard.v1.Tokens/Detokenize", bodies, None),
+            )
+        }
+        // Blind indexes (docs/SEARCH.md) of an e-mail address: BlindIndex alone, and Encrypt
+        // of the hot subject with `blind_index` (field `email`, whatever `--field` says).
+        "blind-index" => {
+            let body = Bytes::from(
+                pb::BlindIndexRequest {
+                    keyspace: t.keyspace.clone(),
+                    field: "email".into(),
+                    value: BENCH_EMAIL.as_bytes().to_vec(),
+                }
+                .encode_to_vec(),
+            );
+            piiguard(
+                1,
+                true,
+                grpc_work(chs, "/piiguard.v1.Crypto/BlindIndex", vec![body], None),
+            )
+        }
+        "encrypt-index" => {
+            encrypt_all(t, &chs[0], &[HOT_SUBJECT.to_string()], &pt).await?;
+            let req = pb::EncryptRequest {
+                field: "email".into(),
+                blind_index: true,
+                ..enc_req(t, HOT_SUBJECT, BENCH_EMAIL.as_bytes())
+            };
+            let body = Bytes::from(req.encode_to_vec());
+            piiguard(
+                1,
+                true,
+                grpc_work(chs, "/piiguard.v1.Crypto/Encrypt", vec![body], None),
             )
         }
         "encrypt-warm" => {

@@ -42,6 +42,9 @@ pub enum CertificateError {
 pub const FORMAT_V1: &str = "piiguard-certificate-of-destruction/v1";
 /// The erasure method certified.
 pub const METHOD: &str = "cryptographic erase, NIST SP 800-88 Rev. 1";
+/// What every certificate lists in `caller_must_delete`.
+pub const CALLER_MUST_DELETE: &str = "blind indexes (bi1.…) of this subject's values stored beside its ciphertexts: keyed hashes of the values, which the shred leaves valid and matching";
+
 /// The signature algorithm.
 pub const SIGNATURE_ALG: &str = "RSASSA-PSS-SHA256-SALT32";
 
@@ -64,6 +67,12 @@ pub struct Payload {
     pub backup_retention_days: u64,
     /// The longest an unwrapped copy can survive in a replica that missed the eviction.
     pub cache_max_survival_secs: u64,
+    /// What the shred did not destroy and the caller must delete itself: the blind indexes
+    /// of the subject's values (keyed hashes of the values, not of the subject: a shred leaves
+    /// them valid; docs/SEARCH.md). Absent in certificates made before blind indexes existed,
+    /// which verify unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caller_must_delete: Option<Vec<String>>,
     /// Unique id of this certificate.
     pub certificate_id: String,
     /// Every DEK destroyed.
@@ -186,6 +195,7 @@ mod tests {
         Payload {
             backup_retention_days: 35,
             cache_max_survival_secs: 3600,
+            caller_must_delete: None,
             certificate_id: "cod-1".into(),
             destroyed_keys: vec![DestroyedKey {
                 dek_version: 1,
@@ -213,5 +223,15 @@ mod tests {
         assert!(!c.contains(' ') || c.contains("Rev. 1"));
         let back: Payload = serde_json::from_str(&c).unwrap();
         assert_eq!(back, p);
+        // A certificate made before `caller_must_delete` existed keeps its bytes; a new one
+        // has the member in its sorted place.
+        assert!(!c.contains("caller_must_delete"));
+        let mut p2 = p;
+        p2.caller_must_delete = Some(vec![CALLER_MUST_DELETE.into()]);
+        let c2 = p2.canonical();
+        assert!(
+            c2.contains("\"cache_max_survival_secs\":3600,\"caller_must_delete\":[\"blind indexes")
+        );
+        assert_eq!(serde_json::from_str::<Payload>(&c2).unwrap(), p2);
     }
 }

@@ -428,6 +428,7 @@ impl Erasure {
         let payload = Payload {
             backup_retention_days: self.cfg.backup_retention_days,
             cache_max_survival_secs: self.keys.hard_ttl().as_secs(),
+            caller_must_delete: Some(vec![certificate::CALLER_MUST_DELETE.into()]),
             certificate_id: certificate_id.clone(),
             destroyed_keys: keys
                 .iter()
