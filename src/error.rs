@@ -80,6 +80,15 @@ pub enum Reason {
     /// write now (server stopped, connection lost, disk full, read-only file). Nothing was
     /// changed; retry with backoff.
     StoreUnavailable,
+    /// INVALID_ARGUMENT: the bytes are not a sealed envelope (truncated, unknown kind or
+    /// version, bad text form).
+    MalformedEnvelope,
+    /// INVALID_ARGUMENT: the sealed envelope names a sealing key version that does not exist
+    /// or has been retired.
+    UnknownSealingKeyVersion,
+    /// FAILED_PRECONDITION: a key piiguard needs in Vault (the sealing key) does not exist or
+    /// the Vault policy does not cover it: run `piiguard bootstrap` again.
+    KeyNotProvisioned,
 }
 
 impl Reason {
@@ -114,6 +123,9 @@ impl Reason {
         Reason::AuditUnavailable,
         Reason::MalformedMessage,
         Reason::StoreUnavailable,
+        Reason::MalformedEnvelope,
+        Reason::UnknownSealingKeyVersion,
+        Reason::KeyNotProvisioned,
     ];
 
     /// The stable string a caller sees.
@@ -148,6 +160,9 @@ impl Reason {
             Reason::AuditUnavailable => "AUDIT_UNAVAILABLE",
             Reason::MalformedMessage => "MALFORMED_MESSAGE",
             Reason::StoreUnavailable => "STORE_UNAVAILABLE",
+            Reason::MalformedEnvelope => "MALFORMED_ENVELOPE",
+            Reason::UnknownSealingKeyVersion => "UNKNOWN_SEALING_KEY_VERSION",
+            Reason::KeyNotProvisioned => "KEY_NOT_PROVISIONED",
         }
     }
 }

@@ -7,5 +7,6 @@
 
 pub mod aead;
 pub mod envelope;
+pub mod sealed;
 pub mod signature;
 pub mod tokens;

@@ -11,9 +11,11 @@ pub mod decrypt;
 pub mod encrypt;
 pub mod erasure;
 pub mod tokens;
+pub mod unseal;
 
 pub use decrypt::DecryptInput;
 pub use encrypt::EncryptInput;
+pub use unseal::{UnsealInput, Unsealed};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
