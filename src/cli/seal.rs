@@ -26,7 +26,9 @@ pub enum SealError {
         source: std::io::Error,
     },
     /// The file holds no RSA-2048 SubjectPublicKeyInfo PEM.
-    #[error("not an RSA-2048 public key (SubjectPublicKeyInfo PEM, from `piiguard keys public-key`)")]
+    #[error(
+        "not an RSA-2048 public key (SubjectPublicKeyInfo PEM, from `piiguard keys public-key`)"
+    )]
     BadKey,
     /// A `--context` argument is not `KEY=VALUE`.
     #[error("context {0:?}: expected KEY=VALUE")]
@@ -78,7 +80,10 @@ pub fn oaep_encrypt(key: &rsa::PublicKey, msg: &[u8]) -> Result<Vec<u8>, rsa::Er
 /// Parses `KEY=VALUE` context arguments.
 pub fn parse_context_args(args: &[String]) -> Result<BTreeMap<&str, &str>, SealError> {
     args.iter()
-        .map(|a| a.split_once('=').ok_or_else(|| SealError::BadContext(a.clone())))
+        .map(|a| {
+            a.split_once('=')
+                .ok_or_else(|| SealError::BadContext(a.clone()))
+        })
         .collect()
 }
 
@@ -93,9 +98,15 @@ pub fn seal_value(
     context: &BTreeMap<&str, &str>,
     value: &[u8],
 ) -> Result<Vec<u8>, SealError> {
-    Ok(sealed::seal(kind, key_version, keyspace, field, context, value, |m| {
-        oaep_encrypt(key, m)
-    })?)
+    Ok(sealed::seal(
+        kind,
+        key_version,
+        keyspace,
+        field,
+        context,
+        value,
+        |m| oaep_encrypt(key, m),
+    )?)
 }
 
 /// `piiguard seal`: reads the value from stdin, prints the text form.

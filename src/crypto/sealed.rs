@@ -192,7 +192,8 @@ pub fn aad(
     field: &str,
     context: &BTreeMap<&str, &str>,
 ) -> Vec<u8> {
-    let mut out = Vec::with_capacity(AAD_LABEL.len() + HEADER_LEN + 6 + keyspace.len() + field.len());
+    let mut out =
+        Vec::with_capacity(AAD_LABEL.len() + HEADER_LEN + 6 + keyspace.len() + field.len());
     out.extend_from_slice(AAD_LABEL);
     out.extend_from_slice(header);
     out.extend_from_slice(&(keyspace.len() as u16).to_be_bytes());
@@ -349,16 +350,34 @@ mod tests {
     #[test]
     fn both_kinds_round_trip_and_bind_keyspace_field_context() {
         for kind in [Kind::Hybrid, Kind::Direct] {
-            let env = seal(kind, 3, "orders", "email", &ctx(), b"a@example.com", fake_wrap).unwrap();
+            let env = seal(
+                kind,
+                3,
+                "orders",
+                "email",
+                &ctx(),
+                b"a@example.com",
+                fake_wrap,
+            )
+            .unwrap();
             let mut scratch = Vec::new();
             let text = to_text(&env);
             for input in [&env[..], text.as_bytes()] {
                 let p = parse(input, &mut scratch, 1024).unwrap();
                 assert_eq!((p.kind, p.key_version), (kind, 3));
                 let k = fake_unwrap(p.rsa_ciphertext);
-                assert_eq!(&p.open(&k, "orders", "email", &ctx()).unwrap()[..], b"a@example.com");
-                assert_eq!(p.open(&k, "orders", "phone", &ctx()), Err(SealedError::Authentication));
-                assert_eq!(p.open(&k, "other", "email", &ctx()), Err(SealedError::Authentication));
+                assert_eq!(
+                    &p.open(&k, "orders", "email", &ctx()).unwrap()[..],
+                    b"a@example.com"
+                );
+                assert_eq!(
+                    p.open(&k, "orders", "phone", &ctx()),
+                    Err(SealedError::Authentication)
+                );
+                assert_eq!(
+                    p.open(&k, "other", "email", &ctx()),
+                    Err(SealedError::Authentication)
+                );
                 assert_eq!(
                     p.open(&k, "orders", "email", &BTreeMap::new()),
                     Err(SealedError::Authentication)
@@ -369,7 +388,16 @@ mod tests {
 
     #[test]
     fn every_flipped_header_or_body_bit_is_refused() {
-        let env = seal(Kind::Hybrid, 1, "orders", "email", &ctx(), b"value", fake_wrap).unwrap();
+        let env = seal(
+            Kind::Hybrid,
+            1,
+            "orders",
+            "email",
+            &ctx(),
+            b"value",
+            fake_wrap,
+        )
+        .unwrap();
         for i in 0..env.len() {
             if (HEADER_LEN..HEADER_LEN + RSA_LEN).contains(&i) {
                 continue; // the RSA part is checked by Vault (tests/it/sealing.rs)
@@ -387,22 +415,51 @@ mod tests {
 
     #[test]
     fn malformed_truncated_and_oversized_inputs_are_refused() {
-        let env = seal(Kind::Hybrid, 1, "orders", "email", &ctx(), &[7u8; 100], fake_wrap).unwrap();
+        let env = seal(
+            Kind::Hybrid,
+            1,
+            "orders",
+            "email",
+            &ctx(),
+            &[7u8; 100],
+            fake_wrap,
+        )
+        .unwrap();
         let mut s = Vec::new();
         for n in 0..HYBRID_OVERHEAD {
             assert!(parse(&env[..n], &mut s, 1024).is_err(), "truncated to {n}");
         }
         assert_eq!(parse(&env, &mut s, 99).unwrap_err(), SealedError::TooLarge);
-        assert_eq!(parse(b"ps1.!!", &mut s, 99).unwrap_err(), SealedError::Malformed);
-        assert_eq!(parse(&[2, 1, 0, 0, 0, 1], &mut s, 99).unwrap_err(), SealedError::UnsupportedVersion);
-        assert_eq!(parse(&[1, 9, 0, 0, 0, 1], &mut s, 99).unwrap_err(), SealedError::Malformed);
+        assert_eq!(
+            parse(b"ps1.!!", &mut s, 99).unwrap_err(),
+            SealedError::Malformed
+        );
+        assert_eq!(
+            parse(&[2, 1, 0, 0, 0, 1], &mut s, 99).unwrap_err(),
+            SealedError::UnsupportedVersion
+        );
+        assert_eq!(
+            parse(&[1, 9, 0, 0, 0, 1], &mut s, 99).unwrap_err(),
+            SealedError::Malformed
+        );
         let direct = seal(Kind::Direct, 1, "orders", "email", &ctx(), b"x", fake_wrap).unwrap();
         let mut longer = direct.clone();
         longer.push(0);
-        assert_eq!(parse(&longer, &mut s, 99).unwrap_err(), SealedError::Malformed);
         assert_eq!(
-            seal(Kind::Direct, 1, "o", "f", &ctx(), &[0; DIRECT_MAX_VALUE + 1], fake_wrap)
-                .unwrap_err(),
+            parse(&longer, &mut s, 99).unwrap_err(),
+            SealedError::Malformed
+        );
+        assert_eq!(
+            seal(
+                Kind::Direct,
+                1,
+                "o",
+                "f",
+                &ctx(),
+                &[0; DIRECT_MAX_VALUE + 1],
+                fake_wrap
+            )
+            .unwrap_err(),
             SealedError::TooLarge
         );
         assert_eq!(DIRECT_MAX_VALUE, 158);

@@ -126,7 +126,11 @@ impl Keys for KeysService {
                     .vault()
                     .transit_set_min_decryption_version(key, r.min_version)
                     .await?;
-                tracing::info!(key, min_version = r.min_version, "retired public key versions");
+                tracing::info!(
+                    key,
+                    min_version = r.min_version,
+                    "retired public key versions"
+                );
             }
             Ok(pb::RetirePublicKeyVersionsResponse {
                 min_version: r.min_version,
@@ -191,5 +195,8 @@ fn spki_fingerprint(pem: &str) -> Result<String, Error> {
         .map_err(|_| Error::internal("Vault returned a public key that is not PEM"))?
         .1
         .contents;
-    Ok(hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &der)))
+    Ok(hex::encode(aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        &der,
+    )))
 }

@@ -613,8 +613,9 @@ impl Vault {
     }
 
     /// A request with the service's token (logging in again once on 403): `method` on `path`
-    /// (after `/v1/`). Answers below 500 other than 403 come back as status and JSON body
-    /// (`Value::Null` if empty); the rest is an error.
+    /// (after `/v1/`). Answers below 500 other than 403, and a 500 that carries transit
+    /// `batch_results`, come back as status and JSON body (`Value::Null` if empty); the rest is
+    /// an error.
     async fn service_raw(
         &self,
         op: &'static str,
@@ -627,12 +628,26 @@ impl Vault {
             async move {
                 let e = endpoints::Raw { method, path, body };
                 let json = |b: &[u8]| serde_json::from_slice(b).unwrap_or(Value::Null);
-                match e.with_middleware(&s.client.middle).exec(&s.client.http).await {
+                match e
+                    .with_middleware(&s.client.middle)
+                    .exec(&s.client.http)
+                    .await
+                {
                     Ok(resp) => Ok((resp.response.status().as_u16(), json(resp.response.body()))),
+                    // OpenBao answers a transit batch whose every item failed with 400, or
+                    // with 500 if they failed in the cipher (a bad RSA ciphertext): per-item
+                    // answers all the same.
                     Err(rustify::errors::ClientError::ServerResponseError { code, content })
-                        if code < 500 && code != 403 =>
+                        if (code < 500 && code != 403)
+                            || (code == 500
+                                && content
+                                    .as_deref()
+                                    .is_some_and(|c| c.contains("\"batch_results\""))) =>
                     {
-                        Ok((code, content.map(|c| json(c.as_bytes())).unwrap_or(Value::Null)))
+                        Ok((
+                            code,
+                            content.map(|c| json(c.as_bytes())).unwrap_or(Value::Null),
+                        ))
                     }
                     Err(e) => Err(ClientError::RestClientError { source: e }),
                 }
@@ -709,7 +724,12 @@ impl Vault {
         let what = format!("transit key config {key}");
         let body = serde_json::json!({ "min_decryption_version": version });
         let (status, body) = self
-            .service_raw("other", rustify::enums::RequestMethod::POST, &path, Some(&body))
+            .service_raw(
+                "other",
+                rustify::enums::RequestMethod::POST,
+                &path,
+                Some(&body),
+            )
             .await
             .map_err(|e| key_call_error(e, &what))?;
         if (200..300).contains(&status) {
@@ -719,7 +739,10 @@ impl Vault {
         if errors.contains("not found") {
             return Err(key_missing(key));
         }
-        Err(Error::internal(format!("{what}: HTTP {status}: {}", truncate(&errors, 512))))
+        Err(Error::internal(format!(
+            "{what}: HTTP {status}: {}",
+            truncate(&errors, 512)
+        )))
     }
 
     /// RSA-OAEP-SHA256 decrypt with transit key `key`, many at once (`batch_input`, chunks of
@@ -744,7 +767,12 @@ impl Vault {
                 "partial_failure_response_code": 200,
             });
             let (status, mut body) = self
-                .service_raw("transit_decrypt", rustify::enums::RequestMethod::POST, &path, Some(&body))
+                .service_raw(
+                    "transit_decrypt",
+                    rustify::enums::RequestMethod::POST,
+                    &path,
+                    Some(&body),
+                )
                 .await
                 .map_err(|e| key_call_error(e, &what))?;
             let results = body["data"]["batch_results"].as_array_mut();

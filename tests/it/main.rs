@@ -21,6 +21,7 @@ mod policy;
 mod properties;
 mod reload;
 mod review;
+mod sealing;
 mod shred_stream;
 mod signing;
 mod store;
