@@ -154,7 +154,13 @@ async fn audit_record(server: &Server, method: &str) -> serde_json::Value {
 async fn sealed_envelopes_from_three_producers_open_and_every_bad_one_is_refused() {
     let env = TestEnv::start().await;
     env.write_policy(SHIPPING_ENCRYPTS_EMAIL);
-    let server = env.server("a", "").await;
+    let mut server = env
+        .server_env(
+            "a",
+            "",
+            vec![("PIIGUARD_AUDIT__CHECKPOINT_SECS".into(), "1".into())],
+        )
+        .await;
     let mut c = env.client(&server, "orders").await;
     let mut keys = KeysClient::new(env.channel(&server, "orders").await);
     let mut admin_keys = KeysClient::new(env.channel(&server, "admin").await);
@@ -605,4 +611,186 @@ async fn sealed_envelopes_from_three_producers_open_and_every_bad_one_is_refused
         (e.code(), reason(&e).as_str()),
         (Code::InvalidArgument, "INVALID_REQUEST")
     );
+
+    signing_rotation_keeps_old_certificates_and_checkpoints_verifiable(&env, &mut server).await;
+}
+
+fn shred_req(subject: &str, request_id: &str) -> pb::ShredRequest {
+    pb::ShredRequest {
+        subject: subject.into(),
+        keyspace: "orders".into(),
+        reason: "GDPR art. 17".into(),
+        request_id: request_id.into(),
+    }
+}
+
+/// Encrypts a value for `subject`, shreds it: the certificate of destruction (JSON).
+async fn certificate(env: &TestEnv, server: &Server, subject: &str, request_id: &str) -> String {
+    let mut c = env.client(server, "orders").await;
+    c.encrypt(enc("orders", subject, "email", b"cert@example.com"))
+        .await
+        .unwrap();
+    let mut e = env.erasure(server).await;
+    let r = e
+        .shred(shred_req(subject, request_id))
+        .await
+        .unwrap()
+        .into_inner();
+    r.keyspaces[0].certificate.clone()
+}
+
+/// Waits (bounded) for a checkpoint signed with signing key version `v`.
+async fn checkpoint_with_version(server: &Server, v: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !server
+        .audit_records()
+        .iter()
+        .any(|r| r["kind"] == "checkpoint" && r["key_version"].as_u64() == Some(v))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no checkpoint signed with version {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A signing-key rotation: certificates and checkpoints signed before it still verify (with
+/// openssl, `piiguard certificate verify` and `piiguard audit verify`) with the old version's
+/// published key; new ones use the new version.
+async fn signing_rotation_keeps_old_certificates_and_checkpoints_verifiable(
+    env: &TestEnv,
+    server: &mut Server,
+) {
+    use piiguard::ops::erasure::certificate::Certificate;
+    let old = certificate(env, server, "cust-cert-1", "req-c1").await;
+    assert_eq!(Certificate::parse(&old).unwrap().signature.key_version, 1);
+    checkpoint_with_version(server, 1).await;
+
+    let mut admin_keys = KeysClient::new(env.channel(server, "admin").await);
+    let v2 = admin_keys
+        .rotate_public_key(pb::RotatePublicKeyRequest {
+            purpose: pb::KeyPurpose::Signing as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .new_version;
+    assert_eq!(v2, 2);
+    let new = certificate(env, server, "cust-cert-2", "req-c2").await;
+    assert_eq!(Certificate::parse(&new).unwrap().signature.key_version, 2);
+    checkpoint_with_version(server, 2).await;
+
+    // Both versions published (CLI over mTLS), newest first.
+    let (cert, key) = env.pki.client("admin");
+    let out = Command::new(env!("CARGO_BIN_EXE_piiguard"))
+        .args(["keys", "--address", &server.addr.to_string()])
+        .arg("--ca")
+        .arg(&env.pki.ca)
+        .arg("--cert")
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .args(["public-key", "--purpose", "signing"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listing = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        listing.contains("piiguard-signing version 2 (current)"),
+        "{listing}"
+    );
+    assert!(
+        listing.contains("piiguard-signing version 1 sha256:"),
+        "{listing}"
+    );
+    let d = env.dir.path();
+    let all_keys = d.join("signing-all.pem");
+    std::fs::write(&all_keys, &listing).unwrap();
+    let mut keys = KeysClient::new(env.channel(server, "orders").await);
+    let pks = public_keys(&mut keys, pb::KeyPurpose::Signing).await;
+    for k in &pks {
+        std::fs::write(
+            d.join(format!("signing-v{}.pem", k.version)),
+            &k.public_key_pem,
+        )
+        .unwrap();
+    }
+
+    // The old certificate: openssl with the v1 key verifies it, the v2 key does not; the CLI
+    // verifies each certificate with its own version's key.
+    for (json, v) in [(&old, 1), (&new, 2)] {
+        let c = Certificate::parse(json).unwrap();
+        std::fs::write(d.join(format!("payload-{v}.json")), &c.payload).unwrap();
+        std::fs::write(d.join(format!("sig-{v}.bin")), c.signature_bytes().unwrap()).unwrap();
+        std::fs::write(d.join(format!("cert-{v}.json")), json).unwrap();
+    }
+    let openssl = |cert_v: u32, key_v: u32| {
+        Command::new("openssl")
+            .args(["dgst", "-sha256", "-sigopt", "rsa_padding_mode:pss"])
+            .args(["-sigopt", "rsa_pss_saltlen:auto", "-verify"])
+            .arg(d.join(format!("signing-v{key_v}.pem")))
+            .arg("-signature")
+            .arg(d.join(format!("sig-{cert_v}.bin")))
+            .arg(d.join(format!("payload-{cert_v}.json")))
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(
+        openssl(1, 1),
+        "a certificate signed before the rotation verifies with openssl"
+    );
+    assert!(!openssl(1, 2));
+    assert!(openssl(2, 2));
+    let cli = |cert_v: u32, key_v: u32| {
+        Command::new(env!("CARGO_BIN_EXE_piiguard"))
+            .args(["certificate", "verify"])
+            .arg(d.join(format!("cert-{cert_v}.json")))
+            .arg("--public-key")
+            .arg(d.join(format!("signing-v{key_v}.pem")))
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(cli(1, 1) && cli(2, 2) && !cli(1, 2));
+
+    // The whole audit log, checkpoints of both versions, verifies with the published keys.
+    server.stop();
+    let out = Command::new(env!("CARGO_BIN_EXE_piiguard"))
+        .args(["audit", "verify"])
+        .arg(env.audit_dir("a"))
+        .arg("--public-key")
+        .arg(&all_keys)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary = String::from_utf8_lossy(&out.stdout).to_string();
+    let verified: u32 = summary
+        .split(" checkpoint signature(s) verified")
+        .next()
+        .and_then(|head| head.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(verified >= 2 && summary.contains(": OK"), "{summary}");
+    // With only the new key, the checkpoints signed before the rotation do not verify.
+    let out = Command::new(env!("CARGO_BIN_EXE_piiguard"))
+        .args(["audit", "verify"])
+        .arg(env.audit_dir("a"))
+        .arg("--public-key")
+        .arg(d.join("signing-v2.pem"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
 }
