@@ -612,7 +612,95 @@ async fn sealed_envelopes_from_three_producers_open_and_every_bad_one_is_refused
         (Code::InvalidArgument, "INVALID_REQUEST")
     );
 
+    sealing_key_missing_until_bootstrap_runs_again(&env, &mut c, &mut keys, &sealed_v2).await;
     signing_rotation_keeps_old_certificates_and_checkpoints_verifiable(&env, &mut server).await;
+}
+
+/// A deployment bootstrapped before the sealing key existed (simulated: an operator deletes it
+/// with the root token): the server keeps serving, the sealing calls answer
+/// KEY_NOT_PROVISIONED, and running bootstrap again adds the key.
+async fn sealing_key_missing_until_bootstrap_runs_again(
+    env: &TestEnv,
+    c: &mut CryptoClient<Channel>,
+    keys: &mut KeysClient<Channel>,
+    envelope: &[u8],
+) {
+    let admin = env.bao.client().unwrap();
+    let root = Some(env.bao.root_token());
+    let path = "piiguard-transit/keys/piiguard-sealing";
+    let body = serde_json::json!({"deletion_allowed": true});
+    let (st, _) = admin
+        .raw(
+            reqwest::Method::POST,
+            &format!("{path}/config"),
+            Some(&body),
+            root,
+        )
+        .await
+        .unwrap();
+    assert!(st.is_success());
+    let (st, _) = admin
+        .raw(reqwest::Method::DELETE, path, None, root)
+        .await
+        .unwrap();
+    assert!(st.is_success(), "delete {st}");
+
+    let e = keys
+        .get_public_key(pb::GetPublicKeyRequest {
+            purpose: pb::KeyPurpose::Sealing as i32,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), reason(&e).as_str()),
+        (Code::FailedPrecondition, "KEY_NOT_PROVISIONED"),
+        "{}",
+        e.message()
+    );
+    assert!(e.message().contains("bootstrap"), "{}", e.message());
+    let e = refused(
+        c.unseal(unseal_req("cust-m", "email", envelope, &[])).await,
+        "no key",
+    );
+    assert_eq!(
+        (e.code(), reason(&e).as_str()),
+        (Code::FailedPrecondition, "KEY_NOT_PROVISIONED"),
+        "{}",
+        e.message()
+    );
+    // Everything else keeps working.
+    let ct = c
+        .encrypt(enc("orders", "cust-m", "email", b"m"))
+        .await
+        .unwrap()
+        .into_inner()
+        .ciphertext;
+    assert_eq!(
+        c.decrypt(dec("email", &ct))
+            .await
+            .unwrap()
+            .into_inner()
+            .plaintext,
+        b"m"
+    );
+
+    let cfg = piiguard::config::parse(&env.config_toml(""), Vec::new()).unwrap();
+    piiguard::setup::bootstrap::bootstrap(&admin, env.bao.root_token(), &cfg)
+        .await
+        .expect("bootstrap again");
+    let pks = public_keys(keys, pb::KeyPurpose::Sealing).await;
+    assert_eq!(
+        pks.iter()
+            .map(|k| (k.version, k.current))
+            .collect::<Vec<_>>(),
+        [(1, true)]
+    );
+    // The new key is another key: the old envelope does not open.
+    let e = refused(
+        c.unseal(unseal_req("cust-m", "email", envelope, &[])).await,
+        "new key",
+    );
+    assert_eq!(reason(&e), "UNKNOWN_SEALING_KEY_VERSION");
 }
 
 fn shred_req(subject: &str, request_id: &str) -> pb::ShredRequest {
