@@ -41,7 +41,7 @@ use crate::audit::Auditor;
 use crate::config::Config;
 use crate::error::Error;
 use crate::keys::KeyManager;
-use crate::keys::manager::SIGNING_KEY;
+use crate::keys::manager::{SEALING_KEY, SIGNING_KEY};
 use crate::ops::Engine;
 use crate::ops::erasure::Erasure;
 use crate::ops::tokens::TokenEngine;
@@ -125,6 +125,14 @@ pub async fn run(
     );
     vault.spawn_renewal();
     keys.spawn_sweeper();
+    // Sealed envelopes need the sealing key; a deployment bootstrapped before it existed
+    // serves everything else (docs/KEYS.md).
+    if !matches!(vault.transit_key_info(SEALING_KEY).await, Ok(Some(_))) {
+        tracing::warn!(
+            key = SEALING_KEY,
+            "sealing key missing or not readable: Crypto.Unseal and Keys.GetPublicKey(SEALING) answer KEY_NOT_PROVISIONED until `piiguard bootstrap` is run again"
+        );
+    }
 
     let engine = Arc::new(Engine {
         keys: keys.clone(),
