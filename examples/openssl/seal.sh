@@ -15,7 +15,7 @@ trap 'rm -rf "$tmp"' EXIT
 
 # Writes the bytes of an unsigned integer of $2 bytes, big-endian.
 be() {
-  n=$1 i=$2 hex=$(printf "%0$(( $2 * 2 ))x" "$1")
+  hex=$(printf "%0$(( $2 * 2 ))x" "$1")
   while [ -n "$hex" ]; do
     rest=${hex#??}
     printf "\\$(printf '%03o' "0x${hex%"$rest"}")"
