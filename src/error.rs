@@ -86,6 +86,15 @@ pub enum Reason {
     /// PERMISSION_DENIED: the caller's grant of the field allows masked reveals only; ask with
     /// `REVEAL_MODE_MASKED`.
     MaskedRevealOnly,
+    /// INVALID_ARGUMENT: the bytes are not a sealed envelope (truncated, unknown kind or
+    /// version, bad text form).
+    MalformedEnvelope,
+    /// INVALID_ARGUMENT: the sealed envelope names a sealing key version that does not exist
+    /// or has been retired.
+    UnknownSealingKeyVersion,
+    /// FAILED_PRECONDITION: a key piiguard needs in Vault (the sealing key) does not exist or
+    /// the Vault policy does not cover it: run `piiguard bootstrap` again.
+    KeyNotProvisioned,
 }
 
 impl Reason {
@@ -122,6 +131,9 @@ impl Reason {
         Reason::StoreUnavailable,
         Reason::ValueNotNormalisable,
         Reason::MaskedRevealOnly,
+        Reason::MalformedEnvelope,
+        Reason::UnknownSealingKeyVersion,
+        Reason::KeyNotProvisioned,
     ];
 
     /// The stable string a caller sees.
@@ -158,6 +170,9 @@ impl Reason {
             Reason::StoreUnavailable => "STORE_UNAVAILABLE",
             Reason::ValueNotNormalisable => "VALUE_NOT_NORMALISABLE",
             Reason::MaskedRevealOnly => "MASKED_REVEAL_ONLY",
+            Reason::MalformedEnvelope => "MALFORMED_ENVELOPE",
+            Reason::UnknownSealingKeyVersion => "UNKNOWN_SEALING_KEY_VERSION",
+            Reason::KeyNotProvisioned => "KEY_NOT_PROVISIONED",
         }
     }
 }

@@ -19,6 +19,36 @@ path "piiguard-transit/keys/piiguard-signing" {
   capabilities = ["read"]
 }
 
+# Open sealed envelopes (RSA-OAEP decrypt with the sealing key); read its public keys.
+path "piiguard-transit/decrypt/piiguard-sealing" {
+  capabilities = ["update"]
+}
+path "piiguard-transit/keys/piiguard-sealing" {
+  capabilities = ["read"]
+}
+
+# Keys.RotatePublicKey and RetirePublicKeyVersions (admin): rotate the signing and sealing
+# keys, and raise their minimum decryption version; no other key setting (no export, no
+# deletion).
+path "piiguard-transit/keys/piiguard-signing/rotate" {
+  capabilities = ["update"]
+}
+path "piiguard-transit/keys/piiguard-sealing/rotate" {
+  capabilities = ["update"]
+}
+path "piiguard-transit/keys/piiguard-signing/config" {
+  capabilities = ["update"]
+  allowed_parameters = {
+    "min_decryption_version" = []
+  }
+}
+path "piiguard-transit/keys/piiguard-sealing/config" {
+  capabilities = ["update"]
+  allowed_parameters = {
+    "min_decryption_version" = []
+  }
+}
+
 # Wrapped DEKs and subject records. Writes use check-and-set.
 path "piiguard-kv/data/*" {
   capabilities = ["create", "read", "update"]

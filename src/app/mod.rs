@@ -42,7 +42,7 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::keys::KeyManager;
 use crate::keys::index_keys::IndexKeys;
-use crate::keys::manager::SIGNING_KEY;
+use crate::keys::manager::{SEALING_KEY, SIGNING_KEY};
 use crate::ops::Engine;
 use crate::ops::erasure::Erasure;
 use crate::ops::tokens::TokenEngine;
@@ -126,6 +126,14 @@ pub async fn run(
     );
     vault.spawn_renewal();
     keys.spawn_sweeper();
+    // Sealed envelopes need the sealing key; a deployment bootstrapped before it existed
+    // serves everything else (docs/KEYS.md).
+    if !matches!(vault.transit_key_info(SEALING_KEY).await, Ok(Some(_))) {
+        tracing::warn!(
+            key = SEALING_KEY,
+            "sealing key missing or not readable: Crypto.Unseal and Keys.GetPublicKey(SEALING) answer KEY_NOT_PROVISIONED until `piiguard bootstrap` is run again"
+        );
+    }
 
     let index_keys = Arc::new(IndexKeys::new(keys.clone(), &cfg.keyspaces));
     let engine = Arc::new(Engine {

@@ -1,6 +1,6 @@
 //! The command line: every `piiguard` subcommand, its arguments (their doc comments are the
 //! `--help` text) and what it runs. Server commands hand over to `app` and `setup`; client
-//! commands (`shred`, `admin`) talk to a running server over mutual TLS.
+//! commands (`shred`, `admin`, `keys`) talk to a running server over mutual TLS.
 //!
 //! The top layer, beside `setup`: may use every module below it.
 
@@ -11,6 +11,8 @@ use clap::{Parser, Subcommand};
 
 pub mod admin;
 pub mod client;
+pub mod keys;
+pub mod seal;
 pub mod shred;
 
 use crate::cli::client::ConnArgs;
@@ -155,6 +157,39 @@ enum Cmd {
         conn: ConnArgs,
         #[command(subcommand)]
         command: crate::cli::admin::AdminCmd,
+    },
+    /// Public keys (sealing, signing) of a running server over mutual TLS: print, rotate,
+    /// retire.
+    Keys {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(subcommand)]
+        command: crate::cli::keys::KeysCmd,
+    },
+    /// Seal a value (read from stdin) for piiguard with the sealing public key only, offline;
+    /// prints the sealed envelope's text form (`ps1.…`), which Crypto.Unseal opens.
+    Seal {
+        /// The sealing public key (PEM, from `piiguard keys public-key --purpose sealing`).
+        #[arg(long)]
+        public_key: PathBuf,
+        /// Its version (printed beside it).
+        #[arg(long)]
+        key_version: u32,
+        /// Keyspace the value is for.
+        #[arg(long)]
+        keyspace: String,
+        /// Field the value is for.
+        #[arg(long)]
+        field: String,
+        /// Context entry KEY=VALUE (repeatable), bound into the envelope.
+        #[arg(long)]
+        context: Vec<String>,
+        /// The direct kind (value under RSA-OAEP itself, at most 158 bytes) instead of hybrid.
+        #[arg(long)]
+        direct: bool,
+        /// Write the binary form instead of the text form.
+        #[arg(long)]
+        binary: bool,
     },
     /// Generate a dev PKI: CA, server certificate for 127.0.0.1/localhost, client certificates.
     Certs {
@@ -521,6 +556,26 @@ pub fn run(cli: Cli) -> ExitCode {
         Cmd::Admin { conn, command } => {
             report(runtime().block_on(crate::cli::admin::run(conn, command)))
         }
+        Cmd::Keys { conn, command } => {
+            report(runtime().block_on(crate::cli::keys::run(conn, command)))
+        }
+        Cmd::Seal {
+            public_key,
+            key_version,
+            keyspace,
+            field,
+            context,
+            direct,
+            binary,
+        } => report(crate::cli::seal::run(
+            &public_key,
+            key_version,
+            direct,
+            &keyspace,
+            &field,
+            &context,
+            binary,
+        )),
         Cmd::Certs { out, client } => {
             let mut clients: Vec<(String, String)> = crate::setup::pki::DEFAULT_CLIENTS
                 .iter()

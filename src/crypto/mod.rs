@@ -9,5 +9,6 @@ pub mod aead;
 pub mod blind_index;
 pub mod envelope;
 pub mod mask;
+pub mod sealed;
 pub mod signature;
 pub mod tokens;

@@ -133,6 +133,8 @@ pub fn now_i64() -> i64 {
 
 /// Transit RSA-2048 key that signs certificates of destruction and audit checkpoints.
 pub const SIGNING_KEY: &str = "piiguard-signing";
+/// Transit RSA-2048 key producers seal PII to (RSA-OAEP-SHA256); only Vault decrypts with it.
+pub const SEALING_KEY: &str = "piiguard-sealing";
 
 /// Name of the transit KEK of a keyspace.
 pub fn kek_name(keyspace: &str) -> String {

@@ -56,7 +56,7 @@ fn run_key<'k, 'p, W>(
 type KeyWant<'a> = (&'a str, envelope::KeyId, u32, u8);
 
 impl Engine {
-    fn check_batch_len(&self, n: usize) -> Result<()> {
+    pub(super) fn check_batch_len(&self, n: usize) -> Result<()> {
         if n > self.max_batch {
             return Err(Error::invalid(
                 Reason::BatchTooLarge,

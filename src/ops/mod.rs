@@ -12,9 +12,11 @@ pub mod encrypt;
 pub mod erasure;
 pub mod search;
 pub mod tokens;
+pub mod unseal;
 
 pub use decrypt::DecryptInput;
 pub use encrypt::EncryptInput;
+pub use unseal::{UnsealInput, Unsealed};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -8,7 +8,7 @@ use crate::access::guard::{Guard, Sentry};
 use crate::access::policy::{Op, RevealMode};
 use crate::error::{Error, Reason};
 use crate::ops::search::{BlindIndexInput, BlindIndexed};
-use crate::ops::{DecryptInput, EncryptInput, Engine};
+use crate::ops::{DecryptInput, EncryptInput, Engine, UnsealInput, Unsealed};
 use crate::pb;
 use crate::pb::crypto_server::Crypto;
 use crate::service::item_error;
@@ -65,6 +65,31 @@ fn decrypt_input(r: &pb::DecryptRequest) -> DecryptInput<'_> {
         field: &r.field,
         ciphertext: &r.ciphertext,
         context: &r.context,
+    }
+}
+
+fn unseal_input(r: &pb::UnsealRequest) -> UnsealInput<'_> {
+    UnsealInput {
+        keyspace: &r.keyspace,
+        subject: &r.subject,
+        field: &r.field,
+        envelope: &r.envelope,
+        context: &r.context,
+        text: r.encoding == pb::CiphertextEncoding::Text as i32,
+        return_plaintext: r.return_plaintext,
+    }
+}
+
+fn unseal_response(u: Unsealed) -> pb::UnsealResponse {
+    match u {
+        Unsealed::Ciphertext(ciphertext) => pb::UnsealResponse {
+            ciphertext,
+            plaintext: Vec::new(),
+        },
+        Unsealed::Plaintext(p) => pb::UnsealResponse {
+            ciphertext: Vec::new(),
+            plaintext: p.to_vec(),
+        },
     }
 }
 
@@ -298,16 +323,47 @@ impl Crypto for CryptoService {
 
     async fn unseal(
         &self,
-        _request: Request<pb::UnsealRequest>,
+        request: Request<pb::UnsealRequest>,
     ) -> Result<Response<pb::UnsealResponse>, Status> {
-        Err(not_yet("Unseal"))
+        // Returning the plaintext is a reveal: audited as one.
+        let op = if request.get_ref().return_plaintext {
+            Op::Decrypt
+        } else {
+            Op::Encrypt
+        };
+        let mut g = self.sentry.begin(&request, "Unseal", op)?;
+        let r = request.into_inner();
+        let result = self
+            .engine
+            .unseal(&mut g, &unseal_input(&r))
+            .await
+            .map(unseal_response);
+        g.finish(result)
     }
 
     async fn unseal_batch(
         &self,
-        _request: Request<pb::UnsealBatchRequest>,
+        request: Request<pb::UnsealBatchRequest>,
     ) -> Result<Response<pb::UnsealBatchResponse>, Status> {
-        Err(not_yet("UnsealBatch"))
+        let mut g = self.sentry.begin(&request, "UnsealBatch", Op::Encrypt)?;
+        let r = request.into_inner();
+        let inputs: Vec<_> = r.items.iter().map(unseal_input).collect();
+        let result = self
+            .engine
+            .unseal_batch(&mut g, &inputs)
+            .await
+            .map(|results| pb::UnsealBatchResponse {
+                results: results
+                    .into_iter()
+                    .map(|res| pb::UnsealResult {
+                        result: Some(match res {
+                            Ok(u) => pb::unseal_result::Result::Value(unseal_response(u)),
+                            Err(e) => pb::unseal_result::Result::Error(item_error(&e)),
+                        }),
+                    })
+                    .collect(),
+            });
+        g.finish(result)
     }
 
     async fn rewrap(

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use crate::access::guard::Sentry;
-use crate::keys::manager::KeyManager;
+use crate::access::policy::Op;
+use crate::error::{Error, Reason};
+use crate::keys::manager::{KeyManager, SEALING_KEY, SIGNING_KEY};
 use crate::pb;
 use crate::pb::keys_server::Keys;
 
@@ -33,23 +35,109 @@ fn not_yet(method: &str) -> Status {
 impl Keys for KeysService {
     async fn get_public_key(
         &self,
-        _request: Request<pb::GetPublicKeyRequest>,
+        request: Request<pb::GetPublicKeyRequest>,
     ) -> Result<Response<pb::GetPublicKeyResponse>, Status> {
-        Err(not_yet("GetPublicKey"))
+        // Open to every authenticated caller (public keys are public); audited.
+        let g = self.sentry.begin(&request, "GetPublicKey", Op::Keys)?;
+        let r = request.into_inner();
+        let result = async {
+            let (purpose, key) = public_key_purpose(r.purpose)?;
+            let info = self
+                .keys
+                .vault()
+                .transit_key_info(key)
+                .await?
+                .ok_or_else(|| public_key_missing(key))?;
+            let mut keys = Vec::new();
+            for k in info.versions.iter().rev() {
+                if k.version < info.min_decryption_version {
+                    continue;
+                }
+                keys.push(pb::PublicKey {
+                    purpose: purpose as i32,
+                    key_name: key.to_string(),
+                    version: k.version,
+                    fingerprint_sha256: spki_fingerprint(&k.public_key_pem)?,
+                    public_key_pem: k.public_key_pem.clone(),
+                    created_at: k.creation_time.clone(),
+                    current: k.version == info.latest_version,
+                });
+            }
+            Ok(pb::GetPublicKeyResponse { keys })
+        }
+        .await;
+        g.finish(result)
     }
 
     async fn rotate_public_key(
         &self,
-        _request: Request<pb::RotatePublicKeyRequest>,
+        request: Request<pb::RotatePublicKeyRequest>,
     ) -> Result<Response<pb::RotatePublicKeyResponse>, Status> {
-        Err(not_yet("RotatePublicKey"))
+        let mut g = self.sentry.begin(&request, "RotatePublicKey", Op::Admin)?;
+        let r = request.into_inner();
+        let result = async {
+            g.authorize(Op::Admin, None, None)?;
+            let (_, key) = public_key_purpose(r.purpose)?;
+            let new_version = self.keys.vault().transit_rotate(key).await?;
+            tracing::info!(key, new_version, "rotated public key");
+            Ok(pb::RotatePublicKeyResponse { new_version })
+        }
+        .await;
+        g.finish(result)
     }
 
     async fn retire_public_key_versions(
         &self,
-        _request: Request<pb::RetirePublicKeyVersionsRequest>,
+        request: Request<pb::RetirePublicKeyVersionsRequest>,
     ) -> Result<Response<pb::RetirePublicKeyVersionsResponse>, Status> {
-        Err(not_yet("RetirePublicKeyVersions"))
+        let mut g = self
+            .sentry
+            .begin(&request, "RetirePublicKeyVersions", Op::Admin)?;
+        let r = request.into_inner();
+        let result = async {
+            g.authorize(Op::Admin, None, None)?;
+            let (_, key) = public_key_purpose(r.purpose)?;
+            let info = self
+                .keys
+                .vault()
+                .transit_key_info(key)
+                .await?
+                .ok_or_else(|| public_key_missing(key))?;
+            if r.min_version < 1 || r.min_version > info.latest_version {
+                return Err(Error::invalid(
+                    Reason::InvalidRequest,
+                    format!(
+                        "min_version must be between 1 and the current version {}",
+                        info.latest_version
+                    ),
+                ));
+            }
+            if r.min_version < info.min_decryption_version {
+                return Err(Error::invalid(
+                    Reason::InvalidRequest,
+                    format!(
+                        "versions below {} are already retired; a retired version cannot come back",
+                        info.min_decryption_version
+                    ),
+                ));
+            }
+            if r.min_version > info.min_decryption_version {
+                self.keys
+                    .vault()
+                    .transit_set_min_decryption_version(key, r.min_version)
+                    .await?;
+                tracing::info!(
+                    key,
+                    min_version = r.min_version,
+                    "retired public key versions"
+                );
+            }
+            Ok(pb::RetirePublicKeyVersionsResponse {
+                min_version: r.min_version,
+            })
+        }
+        .await;
+        g.finish(result)
     }
 
     async fn get_key_status(
@@ -79,4 +167,36 @@ impl Keys for KeysService {
     ) -> Result<Response<pb::RotateSubjectKeyResponse>, Status> {
         Err(not_yet("RotateSubjectKey"))
     }
+}
+
+/// The purpose and transit key of a request's `purpose`.
+fn public_key_purpose(purpose: i32) -> Result<(pb::KeyPurpose, &'static str), Error> {
+    match pb::KeyPurpose::try_from(purpose) {
+        Ok(pb::KeyPurpose::Sealing) => Ok((pb::KeyPurpose::Sealing, SEALING_KEY)),
+        Ok(pb::KeyPurpose::Signing) => Ok((pb::KeyPurpose::Signing, SIGNING_KEY)),
+        _ => Err(Error::invalid(
+            Reason::InvalidRequest,
+            "purpose must be KEY_PURPOSE_SEALING or KEY_PURPOSE_SIGNING",
+        )),
+    }
+}
+
+/// A public-key purpose whose key bootstrap has not made (a deployment older than it).
+fn public_key_missing(key: &str) -> Error {
+    Error::FailedPrecondition {
+        reason: Reason::KeyNotProvisioned,
+        message: format!("transit key {key} does not exist; run `piiguard bootstrap` again"),
+    }
+}
+
+/// SHA-256 of the DER SubjectPublicKeyInfo of a PEM public key, lower-case hex.
+fn spki_fingerprint(pem: &str) -> Result<String, Error> {
+    let der = x509_parser::pem::parse_x509_pem(pem.as_bytes())
+        .map_err(|_| Error::internal("Vault returned a public key that is not PEM"))?
+        .1
+        .contents;
+    Ok(hex::encode(aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        &der,
+    )))
 }

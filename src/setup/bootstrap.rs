@@ -1,7 +1,8 @@
 //! Bootstrap: creates what piiguard needs in Vault, with an operator's token, idempotently:
 //! the transit and KV v2 mounts, one KEK per keyspace (aes256-gcm96, not exportable, auto
 //! rotation), each keyspace's index key (the HMAC key of its subject references; `serve`
-//! refuses to start without it and never creates it), a least-privilege policy, and an AppRole
+//! refuses to start without it and never creates it), the RSA-2048 signing and sealing keys, a
+//! least-privilege policy, and an AppRole
 //! bound to it.
 
 use reqwest::Method;
@@ -15,7 +16,7 @@ use crate::vault::Vault;
 /// Name of the Vault policy and the AppRole role.
 pub const ROLE: &str = "piiguard";
 
-pub use crate::keys::manager::SIGNING_KEY;
+pub use crate::keys::manager::{SEALING_KEY, SIGNING_KEY};
 
 /// The least-privilege Vault policy for the given mounts. `deploy/vault/piiguard-policy.hcl`
 /// is this text for the default mounts.
@@ -42,6 +43,36 @@ path "{transit}/keys/{signing}" {{
   capabilities = ["read"]
 }}
 
+# Open sealed envelopes (RSA-OAEP decrypt with the sealing key); read its public keys.
+path "{transit}/decrypt/{sealing}" {{
+  capabilities = ["update"]
+}}
+path "{transit}/keys/{sealing}" {{
+  capabilities = ["read"]
+}}
+
+# Keys.RotatePublicKey and RetirePublicKeyVersions (admin): rotate the signing and sealing
+# keys, and raise their minimum decryption version; no other key setting (no export, no
+# deletion).
+path "{transit}/keys/{signing}/rotate" {{
+  capabilities = ["update"]
+}}
+path "{transit}/keys/{sealing}/rotate" {{
+  capabilities = ["update"]
+}}
+path "{transit}/keys/{signing}/config" {{
+  capabilities = ["update"]
+  allowed_parameters = {{
+    "min_decryption_version" = []
+  }}
+}}
+path "{transit}/keys/{sealing}/config" {{
+  capabilities = ["update"]
+  allowed_parameters = {{
+    "min_decryption_version" = []
+  }}
+}}
+
 # Wrapped DEKs and subject records. Writes use check-and-set.
 path "{kv}/data/*" {{
   capabilities = ["create", "read", "update"]
@@ -61,6 +92,7 @@ path "auth/token/lookup-self" {{
 }}
 "#,
         signing = SIGNING_KEY,
+        sealing = SEALING_KEY,
     )
 }
 
@@ -218,24 +250,29 @@ pub async fn bootstrap(
             tracing::info!(keyspace = %name, "created keyspace index key");
         }
     }
-    let r = call(
-        Method::POST,
-        format!("{transit}/keys/{SIGNING_KEY}"),
-        Some(json!({"type": "rsa-2048", "exportable": false, "allow_plaintext_backup": false})),
-    )
-    .await?;
-    if !r.0.is_success() && !r.1.to_string().contains("already exists") {
-        ok("create signing key", r)?;
-    }
-    ok(
-        "signing key config",
-        call(
+    // The RSA-2048 keys: signing (certificates, checkpoints) and sealing (producers seal PII
+    // to its public key). Created if missing, so that re-running bootstrap on an older
+    // deployment adds the sealing key; existing keys and their versions are kept.
+    for (key, what) in [(SIGNING_KEY, "signing"), (SEALING_KEY, "sealing")] {
+        let r = call(
             Method::POST,
-            format!("{transit}/keys/{SIGNING_KEY}/config"),
-            Some(json!({"deletion_allowed": false})),
+            format!("{transit}/keys/{key}"),
+            Some(json!({"type": "rsa-2048", "exportable": false, "allow_plaintext_backup": false})),
         )
-        .await?,
-    )?;
+        .await?;
+        if !r.0.is_success() && !r.1.to_string().contains("already exists") {
+            ok(&format!("create {what} key"), r)?;
+        }
+        ok(
+            &format!("{what} key config"),
+            call(
+                Method::POST,
+                format!("{transit}/keys/{key}/config"),
+                Some(json!({"deletion_allowed": false})),
+            )
+            .await?,
+        )?;
+    }
     ok(
         "policy",
         call(

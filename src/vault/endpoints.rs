@@ -9,9 +9,9 @@
 //!   whatever the status (bootstrap and dev setup read Vault's error texts, e.g. "already
 //!   exists").
 //!
-//! Transit `batch_input` is not here: piiguard's library makes no batch transit call (cold
-//! keys are unwrapped one by one, single-flight per key); only `piiguard-bench` sends
-//! `batch_input`, straight to OpenBao, to measure OpenBao itself.
+//! Transit RSA decrypt with `batch_input` (sealed envelopes, `Vault::transit_rsa_decrypt`),
+//! key read, rotate and config go through [`Raw`] with the service's token; cold DEKs are
+//! still unwrapped one by one, single-flight per key.
 
 use rustify::endpoint::Endpoint;
 use rustify::enums::{RequestMethod, RequestType, ResponseType};

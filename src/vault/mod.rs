@@ -5,7 +5,9 @@
 //!   see [`crate::secret`]), transit key read (public keys), KV v2 read, check-and-set write
 //!   and metadata delete.
 //! - Our endpoints on vaultrs' `exec_with_result` ([`endpoints`]): what vaultrs lacks, transit
-//!   sign with a PSS `salt_length`, and raw admin requests for bootstrap and dev setup.
+//!   sign with a PSS `salt_length`, and raw admin requests for bootstrap and dev setup; with
+//!   the service's token, transit RSA decrypt in `batch_input` form (sealed envelopes) and the
+//!   read, rotate and config of the RSA keys.
 //! - Ours around it: the HTTP client (built here and handed to vaultrs: HTTPS with the CA
 //!   bundle only, plain HTTP only to loopback with the dev flag, **no redirects**, no proxy),
 //!   the token (kept in a [`Session`], wiped on drop), logging in again once on 403, the
@@ -610,6 +612,204 @@ impl Vault {
         Ok(out)
     }
 
+    /// A request with the service's token (logging in again once on 403): `method` on `path`
+    /// (after `/v1/`). Answers below 500 other than 403, and a 500 that carries transit
+    /// `batch_results`, come back as status and JSON body (`Value::Null` if empty); the rest is
+    /// an error.
+    async fn service_raw(
+        &self,
+        op: &'static str,
+        method: rustify::enums::RequestMethod,
+        path: &str,
+        body: Option<&Value>,
+    ) -> std::result::Result<(u16, Value), CallError> {
+        self.call(op, |s| {
+            let method = method.clone();
+            async move {
+                let e = endpoints::Raw { method, path, body };
+                let json = |b: &[u8]| serde_json::from_slice(b).unwrap_or(Value::Null);
+                match e
+                    .with_middleware(&s.client.middle)
+                    .exec(&s.client.http)
+                    .await
+                {
+                    Ok(resp) => Ok((resp.response.status().as_u16(), json(resp.response.body()))),
+                    // OpenBao answers a transit batch whose every item failed with 400, or
+                    // with 500 if they failed in the cipher (a bad RSA ciphertext): per-item
+                    // answers all the same.
+                    Err(rustify::errors::ClientError::ServerResponseError { code, content })
+                        if (code < 500 && code != 403)
+                            || (code == 500
+                                && content
+                                    .as_deref()
+                                    .is_some_and(|c| c.contains("\"batch_results\""))) =>
+                    {
+                        Ok((
+                            code,
+                            content.map(|c| json(c.as_bytes())).unwrap_or(Value::Null),
+                        ))
+                    }
+                    Err(e) => Err(ClientError::RestClientError { source: e }),
+                }
+            }
+        })
+        .await
+    }
+
+    /// Versions, validity and public keys of transit asymmetric key `key`; `None` if the key
+    /// does not exist.
+    pub async fn transit_key_info(&self, key: &str) -> Result<Option<TransitKeyInfo>> {
+        let path = format!("{}/keys/{key}", self.cfg.transit_mount);
+        let what = format!("transit key read {key}");
+        let (status, body) = self
+            .service_raw("other", rustify::enums::RequestMethod::GET, &path, None)
+            .await
+            .map_err(|e| key_call_error(e, &what))?;
+        if status == 404 {
+            return Ok(None);
+        }
+        if !(200..300).contains(&status) {
+            return Err(Error::internal(format!("{what}: HTTP {status}")));
+        }
+        let d = &body["data"];
+        let num = |v: &Value| v.as_u64().and_then(|n| u32::try_from(n).ok());
+        let bad = || Error::internal(format!("{what}: unexpected response"));
+        let latest_version = num(&d["latest_version"]).ok_or_else(bad)?;
+        let min_decryption_version = num(&d["min_decryption_version"]).ok_or_else(bad)?;
+        let mut versions = Vec::new();
+        if let Some(m) = d["keys"].as_object() {
+            for (ver, k) in m {
+                let (Ok(version), Some(pem)) = (ver.parse::<u32>(), k["public_key"].as_str())
+                else {
+                    continue;
+                };
+                versions.push(TransitPublicKey {
+                    version,
+                    public_key_pem: pem.to_string(),
+                    creation_time: k["creation_time"].as_str().unwrap_or_default().to_string(),
+                });
+            }
+        }
+        versions.sort_by_key(|k| k.version);
+        Ok(Some(TransitKeyInfo {
+            latest_version,
+            min_decryption_version,
+            versions,
+        }))
+    }
+
+    /// Makes a new version of transit key `key`; returns the new latest version.
+    pub async fn transit_rotate(&self, key: &str) -> Result<u32> {
+        let path = format!("{}/keys/{key}/rotate", self.cfg.transit_mount);
+        let what = format!("transit key rotate {key}");
+        let (status, _) = self
+            .service_raw("other", rustify::enums::RequestMethod::POST, &path, None)
+            .await
+            .map_err(|e| key_call_error(e, &what))?;
+        if status == 404 || status == 400 {
+            return Err(key_missing(key));
+        }
+        if !(200..300).contains(&status) {
+            return Err(Error::internal(format!("{what}: HTTP {status}")));
+        }
+        self.transit_key_info(key)
+            .await?
+            .map(|i| i.latest_version)
+            .ok_or_else(|| key_missing(key))
+    }
+
+    /// Sets transit key `key`'s minimum decryption version (retires older versions).
+    pub async fn transit_set_min_decryption_version(&self, key: &str, version: u32) -> Result<()> {
+        let path = format!("{}/keys/{key}/config", self.cfg.transit_mount);
+        let what = format!("transit key config {key}");
+        let body = serde_json::json!({ "min_decryption_version": version });
+        let (status, body) = self
+            .service_raw(
+                "other",
+                rustify::enums::RequestMethod::POST,
+                &path,
+                Some(&body),
+            )
+            .await
+            .map_err(|e| key_call_error(e, &what))?;
+        if (200..300).contains(&status) {
+            return Ok(());
+        }
+        let errors = body["errors"].to_string();
+        if errors.contains("not found") {
+            return Err(key_missing(key));
+        }
+        Err(Error::internal(format!(
+            "{what}: HTTP {status}: {}",
+            truncate(&errors, 512)
+        )))
+    }
+
+    /// RSA-OAEP-SHA256 decrypt with transit key `key`, many at once (`batch_input`, chunks of
+    /// [`TRANSIT_BATCH_CHUNK`]): `items` are (key version, RSA ciphertext); one result per item.
+    /// Always the batch form, even for one item: OpenBao answers a bad RSA ciphertext sent
+    /// alone with HTTP 500, in a batch with a per-item error.
+    pub async fn transit_rsa_decrypt(
+        &self,
+        key: &str,
+        items: &[(u32, &[u8])],
+    ) -> Result<Vec<std::result::Result<Zeroizing<Vec<u8>>, TransitItemError>>> {
+        let path = format!("{}/decrypt/{key}", self.cfg.transit_mount);
+        let what = format!("transit decrypt with {key}");
+        let mut out = Vec::with_capacity(items.len());
+        for chunk in items.chunks(TRANSIT_BATCH_CHUNK) {
+            let batch: Vec<Value> = chunk
+                .iter()
+                .map(|(v, c)| serde_json::json!({"ciphertext": format!("vault:v{v}:{}", B64.encode(c))}))
+                .collect();
+            let body = serde_json::json!({
+                "batch_input": batch,
+                "partial_failure_response_code": 200,
+            });
+            let (status, mut body) = self
+                .service_raw(
+                    "transit_decrypt",
+                    rustify::enums::RequestMethod::POST,
+                    &path,
+                    Some(&body),
+                )
+                .await
+                .map_err(|e| key_call_error(e, &what))?;
+            let results = body["data"]["batch_results"].as_array_mut();
+            let results = match results {
+                Some(r) if r.len() == chunk.len() => r,
+                _ => {
+                    let errors = body["errors"].to_string();
+                    if errors.contains("not found") {
+                        return Err(key_missing(key));
+                    }
+                    return Err(Error::internal(format!(
+                        "{what}: HTTP {status}: {}",
+                        truncate(&errors, 512)
+                    )));
+                }
+            };
+            for r in results.iter_mut() {
+                let failed = r
+                    .get("error")
+                    .and_then(Value::as_str)
+                    .filter(|e| !e.is_empty())
+                    .map(TransitItemError::of);
+                let item = match (failed, r.get_mut("plaintext")) {
+                    (Some(e), _) => Err(e),
+                    (None, Some(Value::String(p))) => {
+                        let pt = B64.decode(p.as_bytes()).map(Zeroizing::new);
+                        p.zeroize();
+                        pt.map_err(|_| TransitItemError::Failed)
+                    }
+                    _ => Err(TransitItemError::Failed),
+                };
+                out.push(item);
+            }
+        }
+        Ok(out)
+    }
+
     /// Reads a KV v2 secret (latest or a given version). `None` if it does not exist or that
     /// version was deleted/destroyed.
     pub async fn kv_read(&self, path: &str, version: Option<u32>) -> Result<Option<KvEntry>> {
@@ -713,6 +913,77 @@ impl Vault {
         let ok = out.as_ref().is_ok_and(|(s, _)| !s.is_server_error());
         crate::metrics::vault_call("other", started.elapsed(), ok);
         out
+    }
+}
+
+/// Most items in one transit `batch_input` call.
+pub const TRANSIT_BATCH_CHUNK: usize = 250;
+
+/// Versions and public keys of a transit asymmetric key.
+#[derive(Debug, Clone)]
+pub struct TransitKeyInfo {
+    /// The newest version.
+    pub latest_version: u32,
+    /// Versions below this are retired (no decryption, no verification).
+    pub min_decryption_version: u32,
+    /// Every version Vault still has, oldest first.
+    pub versions: Vec<TransitPublicKey>,
+}
+
+/// One version of a transit asymmetric key.
+#[derive(Debug, Clone)]
+pub struct TransitPublicKey {
+    /// The key version.
+    pub version: u32,
+    /// SubjectPublicKeyInfo, PEM.
+    pub public_key_pem: String,
+    /// RFC 3339, as Vault gave it (may be empty).
+    pub creation_time: String,
+}
+
+/// Why Vault refused one item of a transit decrypt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransitItemError {
+    /// The version is below the key's minimum decryption version.
+    VersionRetired,
+    /// The version does not exist (yet).
+    VersionUnknown,
+    /// The ciphertext does not decrypt (wrong key, modified bytes).
+    Failed,
+}
+
+impl TransitItemError {
+    fn of(vault_error: &str) -> Self {
+        if vault_error.contains("too old") {
+            TransitItemError::VersionRetired
+        } else if vault_error.contains("too new") || vault_error.contains("invalid key version") {
+            TransitItemError::VersionUnknown
+        } else {
+            TransitItemError::Failed
+        }
+    }
+}
+
+/// The error of a key that bootstrap has not created (or that the policy does not cover).
+fn key_missing(key: &str) -> Error {
+    Error::FailedPrecondition {
+        reason: crate::error::Reason::KeyNotProvisioned,
+        message: format!(
+            "transit key {key} does not exist or the Vault policy does not cover it; run `piiguard bootstrap` again"
+        ),
+    }
+}
+
+/// A failed key-management call: 403 (after logging in again) means the policy predates the
+/// key; the rest as any Vault error.
+fn key_call_error(e: CallError, what: &str) -> Error {
+    match &e {
+        CallError::Client(c) if status_of(c) == Some(403) => {
+            tracing::warn!("{what}: Vault answered 403 (policy written by an older bootstrap?)");
+            let key = what.rsplit(' ').next().unwrap_or(what);
+            key_missing(key)
+        }
+        _ => e.into_error(what),
     }
 }
 

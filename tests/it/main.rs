@@ -22,6 +22,7 @@ mod policy;
 mod properties;
 mod reload;
 mod review;
+mod sealing;
 mod search;
 mod shred_stream;
 mod signing;
