@@ -80,6 +80,10 @@ pub enum Reason {
     /// write now (server stopped, connection lost, disk full, read-only file). Nothing was
     /// changed; retry with backoff.
     StoreUnavailable,
+    /// FAILED_PRECONDITION: a KEK version cannot be retired yet: a wrapped DEK still needs it
+    /// (the background rewrap has not finished), or it is too new for wraps in flight to have
+    /// landed. Nothing was changed; wait for the rewrap (`piiguard keys status`) and retry.
+    KekVersionInUse,
 }
 
 impl Reason {
@@ -114,6 +118,7 @@ impl Reason {
         Reason::AuditUnavailable,
         Reason::MalformedMessage,
         Reason::StoreUnavailable,
+        Reason::KekVersionInUse,
     ];
 
     /// The stable string a caller sees.
@@ -148,6 +153,7 @@ impl Reason {
             Reason::AuditUnavailable => "AUDIT_UNAVAILABLE",
             Reason::MalformedMessage => "MALFORMED_MESSAGE",
             Reason::StoreUnavailable => "STORE_UNAVAILABLE",
+            Reason::KekVersionInUse => "KEK_VERSION_IN_USE",
         }
     }
 }

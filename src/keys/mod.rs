@@ -15,6 +15,7 @@
 //! - transit key `kek-<ks>`: the KEK (aes256-gcm96, not exportable).
 
 pub mod cache;
+pub mod kek;
 pub mod manager;
 pub mod record;
 

@@ -26,6 +26,7 @@
 //! client.
 
 pub mod endpoints;
+pub mod kek;
 pub mod signer;
 
 use std::future::Future;
