@@ -11,17 +11,12 @@ path "piiguard-transit/rewrap/kek-*" {
   capabilities = ["update"]
 }
 
-# KEK rotation (docs/KEYS.md): read a KEK's versions, rotate it, set its min_decryption_version
-# (retiring old versions after the rewrap) and its auto_rotate_period (from the config). Not
-# trimming (`keys/kek-*/trim`), export or deletion (needs `delete` on `keys/kek-*`).
+# KEK rotation (docs/KEYS.md): read a KEK's versions. Rotating a KEK and setting its
+# min_decryption_version (retiring old versions after the rewrap) and auto_rotate_period (from
+# the config) are granted per keyspace below this text (`keys/kek-<ks>/rotate` and
+# `/config`, "update"; a policy glob only ends a path), never trimming, export or deletion.
 path "piiguard-transit/keys/kek-*" {
   capabilities = ["read"]
-}
-path "piiguard-transit/keys/kek-*/rotate" {
-  capabilities = ["update"]
-}
-path "piiguard-transit/keys/kek-*/config" {
-  capabilities = ["update"]
 }
 
 # Sign certificates of destruction and audit checkpoints (RSA-PSS); read the public key.

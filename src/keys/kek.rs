@@ -26,9 +26,11 @@
 //! Counts: the run tallies every wrapped value it sees (DEK versions and the index key; the
 //! subject records' copies are rewrapped but counted as subjects) and, when it finishes,
 //! replaces the stored counts and their scan time; while it runs, each rewrap moves one value
-//! from its old version's count to the new. New DEKs made after the scan are not in the counts
-//! until the next run: they are wrapped with the latest version, so the counts of older
-//! versions can only fall between scans.
+//! from its old version's count to the new. Subjects registered in the store since the scan
+//! began, less those the scan saw, are added to the latest version's count by
+//! [`KekRotation::status`] (one DEK each; new DEK versions of existing subjects are not, until
+//! the next scan). New wraps always use the
+//! latest version, so the counts of older versions can only fall between scans.
 //!
 //! Why nothing fails during a rotation: new wraps use the latest KEK version; every older
 //! version keeps decrypting until it is retired; cached DEKs are plaintext in memory and do not
@@ -163,6 +165,8 @@ struct RecordOutcome {
     versions: Vec<u32>,
     /// (old, new) KEK versions of every value rewrapped.
     moved: Vec<(u32, u32)>,
+    /// The record's `created_at` (subject records).
+    created_at: Option<i64>,
 }
 
 /// Key status of a keyspace.
@@ -172,16 +176,34 @@ pub struct KeyStatus {
     pub kek: KekInfo,
     /// The job's row, if the job ever ran.
     pub job: Option<KekJob>,
+    /// Subjects registered since the last full scan (each with one DEK, wrapped with the
+    /// latest KEK version), less the DEK records the scan saw of them.
+    pub new_since_scan: u64,
+    /// The same, less the subject records the scan saw of them.
+    pub new_subjects_since_scan: u64,
 }
 
 impl KeyStatus {
     /// Wrapped DEKs per KEK version: the last full scan adjusted by rewraps since, or, before
     /// the first scan has finished, what the running scan has seen so far.
     pub fn counts(&self) -> KekCounts {
-        match &self.job {
+        let mut c = match &self.job {
             Some(j) if j.scanned_at > 0 => j.counts.clone(),
             Some(j) => j.run_counts.clone(),
             None => KekCounts::new(),
+        };
+        if self.new_since_scan > 0 {
+            *c.entry(self.kek.latest_version).or_default() += self.new_since_scan;
+        }
+        c
+    }
+
+    /// Subjects with a DEK: the last full scan's and those registered since.
+    pub fn subjects(&self) -> u64 {
+        match &self.job {
+            Some(j) if j.scanned_at > 0 => j.subjects + self.new_subjects_since_scan,
+            Some(j) => j.run_subjects,
+            None => 0,
         }
     }
 
@@ -267,21 +289,38 @@ impl KekRotation {
         let ks = self.ks(keyspace)?;
         let kek = self.vault.kek_info(&ks.kek).await?;
         let job = self.store.kek_job(keyspace).await?;
-        Ok(KeyStatus { kek, job })
+        let (new_since_scan, new_subjects_since_scan) = match &job {
+            Some(j) if j.scanned_at > 0 => {
+                let n = self
+                    .store
+                    .subjects_created_since(keyspace, j.scanned_at)
+                    .await?;
+                (
+                    n.saturating_sub(j.seen_new),
+                    n.saturating_sub(j.seen_new_subjects),
+                )
+            }
+            _ => (0, 0),
+        };
+        Ok(KeyStatus {
+            kek,
+            job,
+            new_since_scan,
+            new_subjects_since_scan,
+        })
     }
 
     /// Makes a new KEK version and wakes the job. Returns the new version and how many wrapped
     /// DEKs the counts say are on older versions.
     pub async fn rotate(&self, keyspace: &str) -> Result<(u32, u64)> {
         let ks = self.ks(keyspace)?;
+        let before = self.status(keyspace).await?;
         let info = self.vault.rotate_kek(&ks.kek).await?;
-        let job = self.store.kek_job(keyspace).await?;
-        let counts = KeyStatus {
-            kek: info.clone(),
-            job,
-        }
-        .counts();
-        let to_rewrap = counts.range(..info.latest_version).map(|(_, n)| *n).sum();
+        let to_rewrap = before
+            .counts()
+            .range(..info.latest_version)
+            .map(|(_, n)| *n)
+            .sum();
         tracing::info!(
             keyspace,
             new_version = info.latest_version,
@@ -443,6 +482,8 @@ impl KekRotation {
             job.finished_at = 0;
             job.run_counts.clear();
             job.run_subjects = 0;
+            job.run_seen_new = 0;
+            job.run_seen_new_subjects = 0;
         }
         tracing::info!(keyspace, target_version = latest, resume_after = %job.cursor, "KEK rewrap run began");
         let result = self.run_locked(ks, &mut job).await;
@@ -478,7 +519,11 @@ impl KekRotation {
             for chunk in todo.chunks(self.cfg.batch) {
                 let outcomes = self.step(ks, phase, chunk, latest).await?;
                 for o in &outcomes {
+                    let new_record = o.created_at.is_some_and(|t| t >= job.started_at);
                     if phase.counted() {
+                        if phase == Phase::Deks && new_record {
+                            job.run_seen_new += 1;
+                        }
                         for v in &o.versions {
                             *job.run_counts.entry(*v).or_default() += 1;
                         }
@@ -490,6 +535,9 @@ impl KekRotation {
                         }
                     } else if !o.versions.is_empty() {
                         job.run_subjects += 1;
+                        if new_record {
+                            job.run_seen_new_subjects += 1;
+                        }
                     }
                 }
                 job.counts.retain(|_, n| *n > 0);
@@ -507,13 +555,18 @@ impl KekRotation {
                     tracing::warn!(keyspace = %ks.name, "KEK rewrap lease lost; another replica continues");
                     return Ok(false);
                 }
-                crate::config::failpoint::point("kek-rewrap-after-batch").await;
+                if phase == Phase::Deks {
+                    crate::config::failpoint::point("kek-rewrap-after-batch").await;
+                }
             }
         }
         job.finished_at = now_i64();
         job.counts = std::mem::take(&mut job.run_counts);
         job.subjects = job.run_subjects;
-        job.scanned_at = job.finished_at;
+        job.seen_new = job.run_seen_new;
+        job.seen_new_subjects = job.run_seen_new_subjects;
+        // The counts are of the records as listed from the run's start on.
+        job.scanned_at = job.started_at;
         job.cursor.clear();
         if !self.store.kek_save(job, &self.owner).await? {
             return Ok(false);
@@ -569,6 +622,7 @@ impl KekRotation {
                 outcomes.push(RecordOutcome {
                     versions: values.iter().map(WrappedDek::kek_version).collect(),
                     moved: Vec::new(),
+                    created_at: entry.data["created_at"].as_i64(),
                 });
             } else {
                 pending.push((path, entry, values));
@@ -612,6 +666,7 @@ impl KekRotation {
                     CasOutcome::Written(_) => Ok(RecordOutcome {
                         versions: new.iter().map(WrappedDek::kek_version).collect(),
                         moved,
+                        created_at: entry.data["created_at"].as_i64(),
                     }),
                     CasOutcome::Mismatch => self.redo(ks, phase, &path, latest).await,
                 }
@@ -641,6 +696,7 @@ impl KekRotation {
                 return Ok(RecordOutcome {
                     versions: values.iter().map(WrappedDek::kek_version).collect(),
                     moved: Vec::new(),
+                    created_at: entry.data["created_at"].as_i64(),
                 });
             }
             let mut fresh = self.vault.rewrap_batch(&ks.kek, &old).await?.into_iter();
@@ -664,6 +720,7 @@ impl KekRotation {
                 return Ok(RecordOutcome {
                     versions: new.iter().map(WrappedDek::kek_version).collect(),
                     moved,
+                    created_at: entry.data["created_at"].as_i64(),
                 });
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -100,11 +100,7 @@ fn status_response(keyspace: &str, s: &KeyStatus) -> pb::GetKeyStatusResponse {
                 secs(job.finished_at)
             },
         }),
-        subjects: if job.scanned_at > 0 {
-            job.subjects
-        } else {
-            job.run_subjects
-        },
+        subjects: s.subjects(),
         max_dek_uses: 0,
         dek_use_limit: 0,
         counts_scanned_at: secs(job.scanned_at),

@@ -34,17 +34,12 @@ path "{transit}/rewrap/kek-*" {{
   capabilities = ["update"]
 }}
 
-# KEK rotation (docs/KEYS.md): read a KEK's versions, rotate it, set its min_decryption_version
-# (retiring old versions after the rewrap) and its auto_rotate_period (from the config). Not
-# trimming (`keys/kek-*/trim`), export or deletion (needs `delete` on `keys/kek-*`).
+# KEK rotation (docs/KEYS.md): read a KEK's versions. Rotating a KEK and setting its
+# min_decryption_version (retiring old versions after the rewrap) and auto_rotate_period (from
+# the config) are granted per keyspace below this text (`keys/kek-<ks>/rotate` and
+# `/config`, "update"; a policy glob only ends a path), never trimming, export or deletion.
 path "{transit}/keys/kek-*" {{
   capabilities = ["read"]
-}}
-path "{transit}/keys/kek-*/rotate" {{
-  capabilities = ["update"]
-}}
-path "{transit}/keys/kek-*/config" {{
-  capabilities = ["update"]
 }}
 
 # Sign certificates of destruction and audit checkpoints (RSA-PSS); read the public key.
@@ -255,7 +250,11 @@ pub async fn bootstrap(
         call(
             Method::PUT,
             format!("sys/policies/acl/{ROLE}"),
-            Some(json!({"policy": vault_policy(transit, kv)})),
+            Some(json!({"policy": format!(
+                "{}{}",
+                vault_policy(transit, kv),
+                kek_policy(transit, cfg.keyspaces.keys().map(String::as_str))
+            )})),
         )
         .await?,
     )?;
@@ -329,6 +328,22 @@ pub async fn bootstrap(
         return Err(BootstrapError::NoCredentials);
     }
     Ok(Credentials { role_id, secret_id })
+}
+
+/// The per-keyspace part of the Vault policy: rotate each configured keyspace's KEK and set
+/// its configuration (min_decryption_version, auto_rotate_period). Appended to
+/// [`vault_policy`] by bootstrap.
+pub fn kek_policy<'a>(transit: &str, keyspaces: impl Iterator<Item = &'a str>) -> String {
+    let mut out = String::from("\n# KEK rotation and retirement, per keyspace (docs/KEYS.md).\n");
+    for ks in keyspaces {
+        let kek = kek_name(ks);
+        for op in ["rotate", "config"] {
+            out.push_str(&format!(
+                "path \"{transit}/keys/{kek}/{op}\" {{\n  capabilities = [\"update\"]\n}}\n"
+            ));
+        }
+    }
+    out
 }
 
 #[cfg(test)]

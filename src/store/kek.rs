@@ -35,7 +35,8 @@ pub struct KekJob {
     pub finished_at: i64,
     /// Wrapped DEKs per KEK version: the last full scan, adjusted by every rewrap since.
     pub counts: KekCounts,
-    /// Unix seconds of the last full scan (0: none yet).
+    /// Unix seconds the last full scan began (0: none finished yet): its counts are of the
+    /// records as listed from then on.
     pub scanned_at: i64,
     /// This run's tally so far (becomes `counts` when the run finishes).
     pub run_counts: KekCounts,
@@ -43,6 +44,15 @@ pub struct KekJob {
     pub subjects: u64,
     /// Subject records seen so far in this run.
     pub run_subjects: u64,
+    /// DEK records the last full scan saw that were created at or after its start (so that
+    /// the subjects the store registered since are not counted twice).
+    pub seen_new: u64,
+    /// The same, so far in this run.
+    pub run_seen_new: u64,
+    /// Subject records the last full scan saw that were created at or after its start.
+    pub seen_new_subjects: u64,
+    /// The same, so far in this run.
+    pub run_seen_new_subjects: u64,
 }
 
 /// Counts as stored.
@@ -89,6 +99,10 @@ impl Store {
                 run_counts TEXT NOT NULL DEFAULT '{}',
                 subjects BIGINT NOT NULL DEFAULT 0,
                 run_subjects BIGINT NOT NULL DEFAULT 0,
+                seen_new BIGINT NOT NULL DEFAULT 0,
+                run_seen_new BIGINT NOT NULL DEFAULT 0,
+                seen_new_subjects BIGINT NOT NULL DEFAULT 0,
+                run_seen_new_subjects BIGINT NOT NULL DEFAULT 0,
                 lease_owner TEXT,
                 lease_until BIGINT NOT NULL DEFAULT 0)",
         )
@@ -102,7 +116,8 @@ impl Store {
     pub async fn kek_job(&self, keyspace: &str) -> Result<Option<KekJob>> {
         let r = sqlx::query(
             "SELECT target_version, resume_key, done, total, started_at, finished_at, counts,
-                    scanned_at, run_counts, subjects, run_subjects
+                    scanned_at, run_counts, subjects, run_subjects, seen_new, run_seen_new,
+                    seen_new_subjects, run_seen_new_subjects
              FROM kek_rewrap WHERE keyspace = $1",
         )
         .bind(keyspace)
@@ -125,6 +140,10 @@ impl Store {
             run_counts: counts_from_json(&r.try_get::<String, _>("run_counts").map_err(db)?),
             subjects: u(g("subjects")?),
             run_subjects: u(g("run_subjects")?),
+            seen_new: u(g("seen_new")?),
+            run_seen_new: u(g("run_seen_new")?),
+            seen_new_subjects: u(g("seen_new_subjects")?),
+            run_seen_new_subjects: u(g("run_seen_new_subjects")?),
         }))
     }
 
@@ -174,13 +193,27 @@ impl Store {
         Ok(())
     }
 
+    /// Subjects of `keyspace` registered at or after `t` (Unix seconds).
+    pub async fn subjects_created_since(&self, keyspace: &str, t: i64) -> Result<u64> {
+        let r = sqlx::query(
+            "SELECT COUNT(*) AS n FROM subjects WHERE keyspace = $1 AND created_at >= $2",
+        )
+        .bind(keyspace)
+        .bind(t)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(u(r.try_get::<i64, _>("n").map_err(db)?))
+    }
+
     /// Writes the job's state, only while `owner` holds the lease. Returns false if the lease
     /// was lost (the caller stops).
     pub async fn kek_save(&self, job: &KekJob, owner: &str) -> Result<bool> {
         let r = sqlx::query(
             "UPDATE kek_rewrap SET target_version = $3, resume_key = $4, done = $5, total = $6,
                     started_at = $7, finished_at = $8, counts = $9, scanned_at = $10,
-                    run_counts = $11, subjects = $12, run_subjects = $13
+                    run_counts = $11, subjects = $12, run_subjects = $13, seen_new = $14,
+                    run_seen_new = $15, seen_new_subjects = $16, run_seen_new_subjects = $17
              WHERE keyspace = $1 AND lease_owner = $2",
         )
         .bind(&job.keyspace)
@@ -196,6 +229,10 @@ impl Store {
         .bind(counts_to_json(&job.run_counts))
         .bind(i(job.subjects))
         .bind(i(job.run_subjects))
+        .bind(i(job.seen_new))
+        .bind(i(job.run_seen_new))
+        .bind(i(job.seen_new_subjects))
+        .bind(i(job.run_seen_new_subjects))
         .execute(&self.pool)
         .await
         .map_err(db)?;
