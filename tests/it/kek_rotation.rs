@@ -266,7 +266,7 @@ async fn kek_rotation_under_load_loses_nothing_and_retires_after_the_rewrap() {
             .any(|c| c.kek_version == 2 && c.deks >= 25)
     );
     let versions = wrapped_versions(&env, "orders").await;
-    assert!(versions.len() >= 2 * 24 + 1, "{versions:?}");
+    assert!(versions.len() > 2 * 24, "{versions:?}");
     assert!(
         versions.iter().all(|v| *v == 2),
         "Vault still holds v1 wraps: {versions:?}"
