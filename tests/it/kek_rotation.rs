@@ -483,6 +483,39 @@ async fn kek_rewrap_resumes_after_kill_9_on_one_replica_only() {
             c.decrypt(dec("email", ct)).await.unwrap();
         }
     }
+    // The command line: rotate with progress until the rewrap ends, then the status.
+    let (cert, key) = env.pki.client("admin");
+    let conn = |cmd: &[&str]| {
+        let mut args: Vec<String> = vec!["keys".into(), "--endpoint".into(), b.addr.to_string()];
+        for (f, p) in [("--ca", &env.pki.ca), ("--cert", &cert), ("--key", &key)] {
+            args.push(f.into());
+            args.push(p.display().to_string());
+        }
+        args.extend(cmd.iter().map(|x| x.to_string()));
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_piiguard"))
+            .args(&args)
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout).to_string();
+        assert!(
+            o.status.success(),
+            "{out}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        out
+    };
+    let out = conn(&["rotate-kek", "orders", "--wait", "--every", "1"]);
+    assert!(out.contains("KEK of orders is now version 3"), "{out}");
+    assert!(
+        out.contains("rewrap to KEK v3") && out.contains("finished"),
+        "{out}"
+    );
+    let out = conn(&["status", "orders"]);
+    assert!(out.contains("latest version 3"), "{out}");
+    assert!(
+        out.contains("  v3\t31"),
+        "30 DEKs and the index key on v3:\n{out}"
+    );
     a.stop();
     b.stop();
 }
