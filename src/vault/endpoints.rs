@@ -9,9 +9,10 @@
 //!   whatever the status (bootstrap and dev setup read Vault's error texts, e.g. "already
 //!   exists").
 //!
-//! Transit `batch_input` is not here: piiguard's library makes no batch transit call (cold
-//! keys are unwrapped one by one, single-flight per key); only `piiguard-bench` sends
-//! `batch_input`, straight to OpenBao, to measure OpenBao itself.
+//! Transit `batch_input` on the request path is not here: cold keys are unwrapped one by one,
+//! single-flight per key. The one batch call is the KEK rewrap job's transit `rewrap`
+//! ([`super::kek`], a [`Raw`] body); `piiguard-bench` also sends `batch_input`, straight to
+//! OpenBao, to measure OpenBao itself.
 
 use rustify::endpoint::Endpoint;
 use rustify::enums::{RequestMethod, RequestType, ResponseType};

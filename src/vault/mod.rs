@@ -5,7 +5,8 @@
 //!   see [`crate::secret`]), transit key read (public keys), KV v2 read, check-and-set write
 //!   and metadata delete.
 //! - Our endpoints on vaultrs' `exec_with_result` ([`endpoints`]): what vaultrs lacks, transit
-//!   sign with a PSS `salt_length`, and raw admin requests for bootstrap and dev setup.
+//!   sign with a PSS `salt_length`, and raw admin requests for bootstrap and dev setup; KEK
+//!   administration (key info, rotate, config), batch rewrap and KV list in [`kek`].
 //! - Ours around it: the HTTP client (built here and handed to vaultrs: HTTPS with the CA
 //!   bundle only, plain HTTP only to loopback with the dev flag, **no redirects**, no proxy),
 //!   the token (kept in a [`Session`], wiped on drop), logging in again once on 403, the
