@@ -1,7 +1,7 @@
 //! Transit KEK administration and bulk reads for the KEK rotation job (`keys/kek.rs`): key
 //! information (latest and minimum decryption versions, version creation times, the
 //! auto-rotation period), rotation, key configuration, transit `rewrap` with `batch_input`, and
-//! KV v2 `LIST`. Custom endpoints ([`endpoints::Raw`](super::endpoints::Raw)) through vaultrs'
+//! KV v2 `LIST`. Custom endpoints ([`endpoints::Raw`]) through vaultrs'
 //! `exec_with_result` / `exec_with_empty`: vaultrs' own key read lacks `latest_version` and
 //! `auto_rotate_period`, and it has no batch rewrap.
 //!
