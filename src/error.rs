@@ -95,6 +95,10 @@ pub enum Reason {
     /// FAILED_PRECONDITION: a key piiguard needs in Vault (the sealing key) does not exist or
     /// the Vault policy does not cover it: run `piiguard bootstrap` again.
     KeyNotProvisioned,
+    /// FAILED_PRECONDITION: a KEK version cannot be retired yet: a wrapped DEK still needs it
+    /// (the background rewrap has not finished), or it is too new for wraps in flight to have
+    /// landed. Nothing was changed; wait for the rewrap (`piiguard keys status`) and retry.
+    KekVersionInUse,
 }
 
 impl Reason {
@@ -134,6 +138,7 @@ impl Reason {
         Reason::MalformedEnvelope,
         Reason::UnknownSealingKeyVersion,
         Reason::KeyNotProvisioned,
+        Reason::KekVersionInUse,
     ];
 
     /// The stable string a caller sees.
@@ -173,6 +178,7 @@ impl Reason {
             Reason::MalformedEnvelope => "MALFORMED_ENVELOPE",
             Reason::UnknownSealingKeyVersion => "UNKNOWN_SEALING_KEY_VERSION",
             Reason::KeyNotProvisioned => "KEY_NOT_PROVISIONED",
+            Reason::KekVersionInUse => "KEK_VERSION_IN_USE",
         }
     }
 }

@@ -254,9 +254,26 @@ pub async fn run(
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
 
-    let keys_svc = pb::keys_server::KeysServer::new(KeysService::new(sentry.clone(), keys.clone()))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    // The KEK rotation job: applies each KEK's auto-rotation period from the config, then
+    // rewraps wrapped DEKs after every KEK rotation (one replica at a time, by a store lease).
+    let kek = Arc::new(
+        crate::keys::kek::KekRotation::new(
+            vault.clone(),
+            keys.store().clone(),
+            cfg.kek.clone(),
+            &cfg.server.instance,
+            &cfg.keyspaces,
+        )
+        .map_err(|e| StartError(format!("KEK rotation job: {e}")))?,
+    );
+    kek.spawn();
+    let keys_svc = pb::keys_server::KeysServer::new(KeysService::new(
+        sentry.clone(),
+        keys.clone(),
+        kek.clone(),
+    ))
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
 
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter

@@ -158,8 +158,9 @@ enum Cmd {
         #[command(subcommand)]
         command: crate::cli::admin::AdminCmd,
     },
-    /// Public keys (sealing, signing) of a running server over mutual TLS: print, rotate,
-    /// retire.
+    /// Keys of a running server over mutual TLS: public keys (sealing, signing: print, rotate,
+    /// retire) and a keyspace's key lifecycle (status, KEK rotation with its background rewrap,
+    /// retiring old KEK versions; needs the `keys` grant).
     Keys {
         #[command(flatten)]
         conn: ConnArgs,

@@ -12,7 +12,8 @@
 //!
 //! Points: `shred-before-claim`, `shred-after-intent`, `shred-after-vault-delete`
 //! (`ops::erasure`), `load-subject-after-state-check`, `load-subject-before-cache-insert`
-//! (`keys::manager`), `publish-eviction-before-commit` (`store`).
+//! (`keys::manager`), `publish-eviction-before-commit` (`store`), `kek-rewrap-after-batch`
+//! (`keys::kek`: a batch of DEK records rewrapped and its progress saved).
 //!
 //! Flags: `ff1-subkey-v1` (`ops::tokens`: new FF1 tokens take their tweak from the subkey of
 //! builds before security finding 11, to make tokens as those builds made them).

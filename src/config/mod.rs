@@ -78,6 +78,49 @@ pub struct RawConfig {
     /// `[alarms]`: the alarm webhook.
     #[serde(default)]
     pub alarms: RawAlarms,
+    /// `[kek]`: the background rewrap of wrapped DEKs after a KEK rotation.
+    #[serde(default)]
+    pub kek: RawKek,
+}
+
+/// `[kek]`: the KEK rewrap job (docs/KEYS.md, "KEK rotation").
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawKek {
+    /// How often each keyspace's KEK is checked for a version newer than its wrapped DEKs (a
+    /// rotation by Vault's `auto_rotate_period` or by another replica).
+    pub poll_secs: u64,
+    /// Records read, and wrapped values sent in one transit `rewrap` batch, per step.
+    pub batch: usize,
+    /// Vault requests (KV reads and writes) in flight at once per step.
+    pub concurrency: usize,
+    /// The job's lease in the store: another replica takes the job over this long after the
+    /// replica running it stopped renewing it.
+    pub lease_secs: u64,
+}
+
+impl Default for RawKek {
+    fn default() -> Self {
+        Self {
+            poll_secs: 60,
+            batch: 100,
+            concurrency: 4,
+            lease_secs: 60,
+        }
+    }
+}
+
+/// The KEK rewrap job's settings (`[kek]`).
+#[derive(Debug, Clone)]
+pub struct KekConfig {
+    /// How often KEK versions are polled.
+    pub poll: Duration,
+    /// Records per step (and wrapped values per transit batch).
+    pub batch: usize,
+    /// Vault requests in flight at once.
+    pub concurrency: usize,
+    /// Lease in the store.
+    pub lease: Duration,
 }
 
 /// `[policy]`: the access policy file (docs/POLICY.md).
@@ -572,6 +615,8 @@ pub struct Config {
     pub canaries: CanariesConfig,
     /// Alarm webhook.
     pub alarms: AlarmsConfig,
+    /// The KEK rewrap job.
+    pub kek: KekConfig,
 }
 
 /// The access policy file and how often it is re-read.
@@ -1179,6 +1224,24 @@ impl RawConfig {
         if Duration::from_millis(e.eviction_poll_millis) > cache.hard_ttl {
             return err("erasure.eviction_poll_millis must not exceed cache.hard_ttl_secs");
         }
+        let k = &self.kek;
+        if k.poll_secs == 0
+            || k.batch == 0
+            || k.batch > 1000
+            || k.concurrency == 0
+            || k.concurrency > 64
+        {
+            return err("kek: poll_secs must be at least 1, batch 1..=1000, concurrency 1..=64");
+        }
+        if k.lease_secs < 2 {
+            return err("kek.lease_secs must be at least 2");
+        }
+        let kek = KekConfig {
+            poll: Duration::from_secs(k.poll_secs),
+            batch: k.batch,
+            concurrency: k.concurrency,
+            lease: Duration::from_secs(k.lease_secs),
+        };
         let erasure = ErasureConfig {
             reaper_interval: Duration::from_secs(e.reaper_interval_secs),
             eviction_poll: Duration::from_millis(e.eviction_poll_millis),
@@ -1273,6 +1336,7 @@ impl RawConfig {
             lockout,
             canaries,
             alarms,
+            kek,
         })
     }
 }

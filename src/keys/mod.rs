@@ -19,6 +19,7 @@
 
 pub mod cache;
 pub mod index_keys;
+pub mod kek;
 pub mod manager;
 pub mod record;
 

@@ -313,6 +313,12 @@ keyspaces = ["*"]
 [[grant]]
 identity = "spiffe://shop.local/admin"
 operations = ["admin"]
+
+# Key lifecycle of every keyspace (`piiguard keys ...`: status, KEK rotation and retirement).
+[[grant]]
+identity = "spiffe://shop.local/admin"
+operations = ["keys"]
+keyspaces = ["*"]
 "#;
 
 /// Where [`dev_config_toml`] points `policy.file`: next to the AppRole credentials.

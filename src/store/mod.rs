@@ -8,6 +8,7 @@
 
 pub mod anchor;
 pub mod evictions;
+pub mod kek;
 pub mod token_writer;
 pub mod tokens;
 
@@ -209,7 +210,7 @@ impl std::fmt::Debug for PgUrl {
 
 /// The schema version this binary writes (`schema_version.version`). Raise it with every
 /// schema change; see docs/OPERATIONS.md, "Store schema and upgrades".
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// The oldest schema version of a binary that can still run on the schema this binary writes
 /// (`schema_version.compatible_from`). Raise it only when a change breaks older binaries (a
@@ -399,6 +400,7 @@ impl Store {
         }
         Self::migrate_tokens(&mut tx).await?;
         Self::migrate_anchors(&mut tx).await?;
+        Self::migrate_kek(&mut tx).await?;
         sqlx::query(
             "INSERT INTO schema_version (id, version, compatible_from, updated_at)
              VALUES (1, $1, $2, $3)

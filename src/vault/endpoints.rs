@@ -10,8 +10,10 @@
 //!   exists").
 //!
 //! Transit RSA decrypt with `batch_input` (sealed envelopes, `Vault::transit_rsa_decrypt`),
-//! key read, rotate and config go through [`Raw`] with the service's token; cold DEKs are
-//! still unwrapped one by one, single-flight per key.
+//! key read, rotate and config go through [`Raw`] with the service's token, as does the KEK
+//! rewrap job's batch transit `rewrap` ([`super::kek`]); cold DEKs are still unwrapped one by
+//! one, single-flight per key. `piiguard-bench` also sends `batch_input`, straight to OpenBao,
+//! to measure OpenBao itself.
 
 use rustify::endpoint::Endpoint;
 use rustify::enums::{RequestMethod, RequestType, ResponseType};

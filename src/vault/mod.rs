@@ -6,8 +6,9 @@
 //!   and metadata delete.
 //! - Our endpoints on vaultrs' `exec_with_result` ([`endpoints`]): what vaultrs lacks, transit
 //!   sign with a PSS `salt_length`, and raw admin requests for bootstrap and dev setup; with
-//!   the service's token, transit RSA decrypt in `batch_input` form (sealed envelopes) and the
-//!   read, rotate and config of the RSA keys.
+//!   the service's token, transit RSA decrypt in `batch_input` form (sealed envelopes), the
+//!   read, rotate and config of the RSA keys, and KEK administration (key info, rotate,
+//!   config), batch rewrap and KV list in [`kek`].
 //! - Ours around it: the HTTP client (built here and handed to vaultrs: HTTPS with the CA
 //!   bundle only, plain HTTP only to loopback with the dev flag, **no redirects**, no proxy),
 //!   the token (kept in a [`Session`], wiped on drop), logging in again once on 403, the
@@ -28,6 +29,7 @@
 //! client.
 
 pub mod endpoints;
+pub mod kek;
 pub mod signer;
 
 use std::future::Future;

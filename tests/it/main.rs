@@ -15,6 +15,7 @@ mod erasure;
 mod erasure_review;
 mod eviction_review;
 mod golden_vectors;
+mod kek_rotation;
 mod known_answers;
 mod lifecycle;
 mod mtls;
