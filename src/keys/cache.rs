@@ -67,14 +67,25 @@ impl Tick {
     }
 }
 
+/// Which DEK: its key id and version (the key of the key-id index, which holds every cached
+/// version of a key: after a rotation the old version keeps decrypting while the new one
+/// encrypts, without the two pushing each other out).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct DekId {
+    /// Random id of the DEK (the same for every version of one subject's DEK).
+    pub key_id: KeyId,
+    /// Version of the DEK.
+    pub dek_version: u32,
+}
+
 /// One unwrapped DEK, ready to use. 168 bytes (184 with the `Arc` header, a 192-byte malloc
 /// chunk): keep it at most 168, or every cached DEK costs 16 bytes more. It was 136 until the
 /// subkey PRK (security finding 11: subkeys no longer keyed by the AES key) added 32 bytes.
 pub struct DekEntry {
     /// Keyspace of the DEK.
     pub keyspace: Arc<str>,
-    /// Random id of the DEK.
-    pub key_id: KeyId,
+    /// Key id and version of the DEK.
+    pub id: DekId,
     /// Keys derived from the DEK (the DEK itself is not kept).
     pub keys: DerivedKeys,
     /// Encryptions made with this DEK by this process, counted from what earlier entries of the
@@ -84,8 +95,6 @@ pub struct DekEntry {
     /// Subject index key (all zero if the subject is not known, e.g. a key loaded by id whose
     /// record has no readable subject reference).
     subject: SubjectTag,
-    /// Version of the DEK.
-    pub dek_version: u32,
     /// Creation time: whole seconds since the cache epoch, and the milliseconds past them
     /// (a `u64` of milliseconds would push the entry over 136 bytes).
     created_s: u32,
@@ -98,8 +107,8 @@ impl std::fmt::Debug for DekEntry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DekEntry")
             .field("keyspace", &self.keyspace)
-            .field("key_id", &self.key_id)
-            .field("dek_version", &self.dek_version)
+            .field("key_id", &self.id.key_id)
+            .field("dek_version", &self.id.dek_version)
             .finish_non_exhaustive()
     }
 }
@@ -119,14 +128,17 @@ impl DekEntry {
         subject: SubjectTag,
     ) -> Self {
         let now = Tick::now().0;
+        let id = DekId {
+            key_id,
+            dek_version,
+        };
         Self {
             keyspace,
-            key_id,
+            id,
             keys,
             // A reload of a DEK this process used before starts from its count, not from 0.
-            uses: AtomicU64::new(ledger().get(&key_id)),
+            uses: AtomicU64::new(ledger().get(&id)),
             subject,
-            dek_version,
             created_s: u32::try_from(now / 1000).unwrap_or(u32::MAX),
             created_ms: (now % 1000) as u16,
             last_used_ms: AtomicU32::new(0),
@@ -170,7 +182,7 @@ impl Drop for DekEntry {
     fn drop(&mut self) {
         let n = *self.uses.get_mut();
         if n > 0 {
-            ledger().record(self.key_id, n);
+            ledger().record(self.id, n);
         }
     }
 }
@@ -185,7 +197,7 @@ const LEDGER_CAP: usize = 1 << 18;
 /// when its last reference is dropped, wherever that happens. Key ids are 128 random bits,
 /// unique across keyspaces.
 struct UseLedger {
-    counts: Mutex<(HashMap<KeyId, u64>, u64)>,
+    counts: Mutex<(HashMap<DekId, u64>, u64)>,
 }
 
 fn ledger() -> &'static UseLedger {
@@ -197,7 +209,7 @@ fn ledger() -> &'static UseLedger {
 
 impl UseLedger {
     /// The count recorded for `key_id` (0 if none).
-    fn get(&self, key_id: &KeyId) -> u64 {
+    fn get(&self, key_id: &DekId) -> u64 {
         let g = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         g.0.get(key_id).copied().unwrap_or(0)
     }
@@ -207,7 +219,7 @@ impl UseLedger {
     /// race of the two indexes, may undercount by the smaller one's own uses). At
     /// [`LEDGER_CAP`] the floor below which counts are forgotten doubles until a quarter of
     /// the room is free: a DEK then loses at most the floor (a small count) per reload.
-    fn record(&self, key_id: KeyId, n: u64) {
+    fn record(&self, key_id: DekId, n: u64) {
         let mut g = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         let (counts, floor) = &mut *g;
         if n < *floor {
@@ -243,8 +255,8 @@ pub trait IndexKind: Send + Sync + 'static {
 
 /// The subject index: [`SubjectTag`].
 pub struct BySubject;
-/// The key-id index: [`KeyId`] (the DEK version is checked on a hit by the caller; there is
-/// one version per key id in practice).
+/// The key-id index: [`DekId`] (key id and version: every cached version of a key has its own
+/// slot).
 pub struct ByKeyId;
 
 /// Defines a slot type whose `Hash`/`Eq` are its entry's key (so that `Borrow<Key>` is
@@ -285,7 +297,7 @@ macro_rules! slot {
     };
 }
 slot!(SubjectSlot, BySubject, SubjectTag, subject);
-slot!(KeySlot, ByKeyId, KeyId, key_id);
+slot!(KeySlot, ByKeyId, DekId, id);
 
 /// The cache's hasher: a seeded multiply-fold over the key's bytes (a few cycles for 16
 /// bytes) instead of SipHash-1-3 (~20 ns, twice per lookup before: shard, then map).
@@ -552,13 +564,17 @@ mod tests {
         let c: ShardedCache<ByKeyId> =
             ShardedCache::new(1, Duration::from_secs(60), Duration::from_secs(60));
         c.insert(load());
-        let e = c.get(&kid).unwrap();
+        let id = DekId {
+            key_id: kid,
+            dek_version: 1,
+        };
+        let e = c.get(&id).unwrap();
         assert!((0..3).all(|_| e.try_use(3)));
         assert!(!e.try_use(3), "the limit");
         drop(e);
         // Pushed out of the cache (size bound), then loaded again.
         c.insert(entry_n(99));
-        assert!(c.get(&kid).is_none());
+        assert!(c.get(&id).is_none());
         let again = load();
         assert!(!again.try_use(3), "a reload started from zero");
         assert!(again.try_use(10), "counted, not frozen");
@@ -573,12 +589,21 @@ mod tests {
         let l = UseLedger {
             counts: Mutex::new((HashMap::new(), 1)),
         };
-        let big = KeyId::random().unwrap();
+        let big = DekId {
+            key_id: KeyId::random().unwrap(),
+            dek_version: 1,
+        };
         l.record(big, 1 << 20);
         for i in 0..LEDGER_CAP as u64 {
             let mut k = [0u8; 16];
             k[..8].copy_from_slice(&i.to_le_bytes());
-            l.record(KeyId(k), 1 + i % 3);
+            l.record(
+                DekId {
+                    key_id: KeyId(k),
+                    dek_version: 1,
+                },
+                1 + i % 3,
+            );
         }
         assert_eq!(l.get(&big), 1 << 20);
         let (n, floor) = {
@@ -690,16 +715,45 @@ mod tests {
             by_key.insert(e);
         }
         let e = by_subject.get(&tag(42)).unwrap();
-        let k = by_key.get(&e.key_id).unwrap();
+        let k = by_key.get(&e.id).unwrap();
         assert!(Arc::ptr_eq(&e, &k));
         assert!(by_subject.remove(&tag(42)));
-        assert!(by_key.remove(&e.key_id));
+        assert!(by_key.remove(&e.id));
         assert!(by_subject.get(&tag(42)).is_none());
-        assert!(by_key.get(&e.key_id).is_none());
+        assert!(by_key.get(&e.id).is_none());
         drop(k);
         assert_eq!(Arc::strong_count(&e), 1);
         assert_eq!(by_subject.len(), 499);
         assert_eq!(by_key.len(), 499);
+    }
+
+    #[test]
+    fn the_key_index_holds_every_version_of_a_key() {
+        let ttl = Duration::from_secs(60);
+        let c: ShardedCache<ByKeyId> = ShardedCache::new(100, ttl, ttl);
+        let kid = KeyId::random().unwrap();
+        let v = |n: u32| {
+            let keys =
+                DerivedKeys::derive(Algorithm::Aes256Gcm, &[n as u8; 32], "ks", &kid, n).unwrap();
+            Arc::new(DekEntry::new("ks".into(), kid, n, keys))
+        };
+        c.insert(v(1));
+        c.insert(v(2));
+        assert_eq!(c.len(), 2, "a new version does not push the old one out");
+        for n in [1, 2] {
+            let id = DekId {
+                key_id: kid,
+                dek_version: n,
+            };
+            assert_eq!(c.get(&id).unwrap().id.dek_version, n);
+        }
+        assert!(
+            c.get(&DekId {
+                key_id: kid,
+                dek_version: 3
+            })
+            .is_none()
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use aws_lc_rs::hmac;
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
-use super::cache::{ByKeyId, BySubject, DekEntry, ShardedCache, SubjectTag, Tick};
+use super::cache::{ByKeyId, BySubject, DekEntry, DekId, ShardedCache, SubjectTag, Tick};
 use super::record::DekRecord;
 use crate::config::{AfterShred, CacheConfig, KeyspaceConfig};
 use crate::crypto::aead::Algorithm;
@@ -329,8 +329,8 @@ impl KeyManager {
         (Arc::ptr_eq(&e.keyspace, &ks.name) || e.keyspace == ks.name).then_some(e)
     }
 
-    /// A cached entry of the key-id index, if it has this keyspace and DEK version (the index
-    /// holds one version per key id; DEKs have a single version today).
+    /// A cached entry of the key-id index, if it is this keyspace's (the index holds every
+    /// cached version of a key, each under its (key id, version)).
     fn key_hit(
         &self,
         ks: &Keyspace,
@@ -338,10 +338,12 @@ impl KeyManager {
         dek_version: u32,
         now: Tick,
     ) -> Option<Arc<DekEntry>> {
-        let e = self.by_key.get_at(key_id, now)?;
-        (e.dek_version == dek_version
-            && (Arc::ptr_eq(&e.keyspace, &ks.name) || e.keyspace == ks.name))
-            .then_some(e)
+        let id = DekId {
+            key_id: *key_id,
+            dek_version,
+        };
+        let e = self.by_key.get_at(&id, now)?;
+        (Arc::ptr_eq(&e.keyspace, &ks.name) || e.keyspace == ks.name).then_some(e)
     }
 
     /// The subject's DEK if it is cached, without Vault and without waiting: `Ok(None)` on a
@@ -464,7 +466,7 @@ impl KeyManager {
             });
         }
         crate::config::failpoint::point("load-subject-before-cache-insert").await;
-        let evicted = [Evicted::Subject(ck), Evicted::Key(ks.idx, e.key_id)];
+        let evicted = [Evicted::Subject(ck), Evicted::Key(ks.idx, e.id.key_id)];
         if self.cache_unless_evicted(&evicted, started, &e, true) {
             return Ok(e);
         }
@@ -502,7 +504,10 @@ impl KeyManager {
         true
     }
 
-    /// Drops a subject's keys from this replica's cache (shred, scheduled shred).
+    /// Drops a subject's keys from this replica's cache (shred, scheduled shred; with no keys,
+    /// a subject key rotation: only the subject's current key is dropped, every version keeps
+    /// decrypting). For each key id, every version up to the highest listed is dropped
+    /// (versions are numbered from 1 without gaps, and a shred lists up to the current one).
     pub fn evict(&self, keyspace: &str, subject_ref_hex: &str, keys: &[(KeyId, u32)]) {
         let Some(ks) = self.find_keyspace(keyspace) else {
             return;
@@ -513,9 +518,21 @@ impl KeyManager {
             self.by_subject.remove(&SubjectTag::of(&sref.0));
             g.insert(Evicted::Subject((ks.idx, sref.0)), now);
         }
-        for (kid, _version) in keys {
-            // The key-id index holds one entry per key id, whatever its version: drop it.
-            self.by_key.remove(kid);
+        for (kid, version) in keys {
+            let newest = keys
+                .iter()
+                .filter(|(k, _)| k == kid)
+                .map(|(_, v)| *v)
+                .max()
+                .unwrap_or(*version);
+            if newest == *version {
+                for dek_version in 1..=newest {
+                    self.by_key.remove(&DekId {
+                        key_id: *kid,
+                        dek_version,
+                    });
+                }
+            }
             g.insert(Evicted::Key(ks.idx, *kid), now);
         }
     }
@@ -748,6 +765,166 @@ impl KeyManager {
                 }
             }
         }
+    }
+
+    /// Gives a subject a new DEK version (`Keys.RotateSubjectKey`, or a use or age limit):
+    /// a new DEK from the CSPRNG, wrapped by the KEK, added to the DEK record (check-and-set
+    /// against the KV version read), then named by the subject record (check-and-set too), so
+    /// that a concurrent KEK rewrap of either record and this rotation never lose each other's
+    /// change. `only_if_current`: rotate only if the DEK record's current version is still
+    /// this one (a limit reached by several replicas at once makes one new version, not one
+    /// each). Drops the subject's current key from this replica's cache and publishes a
+    /// rotation on the eviction feed for the others (an eviction naming no keys: every
+    /// version keeps decrypting). Returns the key id, the current version after the call, and
+    /// whether this call made it.
+    pub async fn rotate_subject(
+        &self,
+        keyspace: &str,
+        sref: &SubjectRef,
+        only_if_current: Option<u32>,
+    ) -> Result<(KeyId, u32, bool)> {
+        let ks = self.keyspace(keyspace)?;
+        let ck = (ks.idx, sref.0);
+        let lock = self.subject_flight.lock_for(&ck);
+        let result = {
+            let _g = lock.lock().await;
+            self.rotate_locked(ks, sref, only_if_current).await
+        };
+        self.subject_flight.done(&ck, &lock);
+        let (key_id, version, made) = result?;
+        if made {
+            let href = sref.to_hex();
+            self.evict(&ks.name, &href, &[]);
+            self.store
+                .publish_eviction(&ks.name, &href, "[]", now_i64())
+                .await?;
+        }
+        Ok((key_id, version, made))
+    }
+
+    async fn rotate_locked(
+        &self,
+        ks: &Keyspace,
+        sref: &SubjectRef,
+        only_if_current: Option<u32>,
+    ) -> Result<(KeyId, u32, bool)> {
+        let href = sref.to_hex();
+        let check_state = |state: Option<SubjectState>| match state {
+            Some(SubjectState::Scheduled) => Err(Error::shred_scheduled()),
+            Some(SubjectState::Shredding | SubjectState::Shredded) => Err(Error::shredded()),
+            _ => Ok(()),
+        };
+        check_state(self.store.state(&ks.name, &href).await?)?;
+        let spath = subject_path(&ks.name, &href);
+        let unknown = || {
+            Error::not_found(
+                Reason::UnknownSubject,
+                "the subject has no key in this keyspace",
+            )
+        };
+        let key_id = {
+            let e = self
+                .vault
+                .kv_read(&spath, None)
+                .await?
+                .ok_or_else(unknown)?;
+            parse_subject_record(&e.data)?.key_id
+        };
+        let dpath = dek_path(&ks.name, &key_id);
+        let mut made: Option<(WrappedDek, i64)> = None;
+        // 1. The DEK record gets the new version (CAS; re-read on a mismatch).
+        let mut version = None;
+        for _ in 0..16 {
+            let e = self
+                .vault
+                .kv_read(&dpath, None)
+                .await?
+                .ok_or_else(unknown)?;
+            let mut rec = DekRecord::parse(&e.data, e.version)?;
+            if let Some(cur) = only_if_current
+                && rec.current != cur
+            {
+                // Another replica (or call) rotated it already: use theirs.
+                version = Some((rec.current, false));
+                break;
+            }
+            if made.is_none() {
+                let dek = Dek::generate(ks.alg.key_len()).map_err(Error::internal)?;
+                let wrapped = self.vault.wrap_dek(&ks.kek, &dek).await?;
+                made = Some((wrapped, now_i64()));
+            }
+            let (wrapped, at) = made.clone().ok_or_else(|| Error::internal("no new DEK"))?;
+            let n = rec.push_version(wrapped, at);
+            crate::config::failpoint::point("rotate-before-dek-record-write").await;
+            if let CasOutcome::Written(_) = self
+                .vault
+                .kv_write_cas(&dpath, &rec.to_json(), e.version)
+                .await?
+            {
+                version = Some((n, true));
+                break;
+            }
+        }
+        let (n, pushed) = version.ok_or_else(|| {
+            Error::unavailable("subject key rotation: the DEK record kept changing; retry")
+        })?;
+        crate::config::failpoint::point("rotate-between-record-writes").await;
+        // 2. The subject record names the DEK record's current version (CAS; re-read on a
+        // mismatch). A crash before this leaves the DEK record one version ahead: harmless,
+        // the next rotation (or a limit) repairs it from the DEK record.
+        for _ in 0..16 {
+            let Some(se) = self.vault.kv_read(&spath, None).await? else {
+                return Err(Error::shredded());
+            };
+            let srec = parse_subject_record(&se.data)?;
+            if srec.key_id != key_id || srec.dek_version >= n {
+                break;
+            }
+            let Some(de) = self.vault.kv_read(&dpath, None).await? else {
+                return Err(Error::shredded());
+            };
+            let rec = DekRecord::parse(&de.data, de.version)?;
+            let Some(cur) = rec.version(n) else {
+                return Err(Error::internal("the new DEK version vanished"));
+            };
+            let mut data = se.data.clone();
+            data["dek_version"] = json!(n);
+            data["wrapped"] = json!(cur.wrapped.as_str());
+            if let CasOutcome::Written(_) =
+                self.vault.kv_write_cas(&spath, &data, se.version).await?
+            {
+                break;
+            }
+        }
+        // A shred that claimed the subject meanwhile destroys the record with every version
+        // (KV metadata delete); nothing was sealed with the new one.
+        check_state(self.store.state(&ks.name, &href).await?)?;
+        if pushed {
+            tracing::info!(keyspace = %ks.name, subject_ref = ?sref, dek_version = n, "subject DEK rotated");
+        }
+        Ok((key_id, n, pushed))
+    }
+
+    /// The key that re-encrypts what `old` sealed (Rewrap): the current DEK of `old`'s
+    /// subject, as Encrypt would use it. From the subject index if cached; else the DEK
+    /// record names the subject, whose current key is then loaded (and cached) as for Encrypt.
+    pub async fn current_key_of(&self, old: &DekEntry) -> Result<Arc<DekEntry>> {
+        let ks = self.keyspace(&old.keyspace)?;
+        let tag = old.subject();
+        if tag != SubjectTag::default()
+            && let Some(e) = self.by_subject.get_at(&tag, Tick::now())
+            && (Arc::ptr_eq(&e.keyspace, &ks.name) || e.keyspace == ks.name)
+        {
+            return Ok(e);
+        }
+        let path = dek_path(&ks.name, &old.id.key_id);
+        let Some(e) = self.vault.kv_read(&path, None).await? else {
+            return Err(Error::shredded());
+        };
+        let rec = DekRecord::parse(&e.data, e.version)?;
+        let sref = SubjectRef::from_hex(&rec.subject_ref)
+            .ok_or_else(|| Error::internal("malformed DEK record in Vault: subject_ref"))?;
+        self.key_for_subject_ref(&ks.name, &sref).await
     }
 
     async fn register(

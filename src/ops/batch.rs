@@ -56,7 +56,7 @@ fn run_key<'k, 'p, W>(
 type KeyWant<'a> = (&'a str, envelope::KeyId, u32, u8);
 
 impl Engine {
-    fn check_batch_len(&self, n: usize) -> Result<()> {
+    pub(super) fn check_batch_len(&self, n: usize) -> Result<()> {
         if n > self.max_batch {
             return Err(Error::invalid(
                 Reason::BatchTooLarge,
@@ -109,7 +109,7 @@ impl Engine {
         // The audit record lists the keys used (the subjects' DEKs).
         for r in &runs {
             if let Some(Ok(k)) = &r.key {
-                g.note_key(&k.keyspace, &k.key_id);
+                g.note_key(&k.keyspace, &k.id.key_id);
             }
         }
         let valid = prepared.iter().filter(|p| p.is_ok()).count();

@@ -56,7 +56,7 @@ impl Engine {
         let sref = self.keys.subject_ref(i.keyspace, i.subject)?;
         g.note_subject(i.keyspace, &sref);
         let key = observed(self.keys.key_for_subject_ref(i.keyspace, &sref)).await?;
-        g.note_key(i.keyspace, &key.key_id);
+        g.note_key(i.keyspace, &key.id.key_id);
         seal_item(&key, self.keys.max_uses_per_dek(), None, i, &ctx)
     }
 
@@ -71,7 +71,7 @@ impl Engine {
         let key = self.keys.key_for_subject(i.keyspace, i.subject).await?;
         Ok((
             seal_item(&key, self.keys.max_uses_per_dek(), None, i, &ctx)?,
-            key.key_id,
+            key.id.key_id,
         ))
     }
 }

@@ -1,4 +1,4 @@
-//! The data operations (encrypt, decrypt and their batch forms), independent of gRPC: inputs
+//! The data operations (encrypt, decrypt, rewrap and their batch forms), independent of gRPC: inputs
 //! are validated here, keys come from the [`KeyManager`], bytes from [`crate::crypto`].
 //!
 //! Every operation is authorised through the call's [`Guard`], per item and after validation
@@ -10,10 +10,12 @@ pub mod batch;
 pub mod decrypt;
 pub mod encrypt;
 pub mod erasure;
+pub mod rewrap;
 pub mod tokens;
 
 pub use decrypt::DecryptInput;
 pub use encrypt::EncryptInput;
+pub use rewrap::{RewrapInput, Rewrapped};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -81,8 +83,8 @@ pub(crate) fn seal_item(
         Some((prepared, nonce)) => envelope::seal_prepared(
             prepared,
             &key.keyspace,
-            &key.key_id,
-            key.dek_version,
+            &key.id.key_id,
+            key.id.dek_version,
             i.field,
             ctx,
             i.plaintext,
@@ -91,8 +93,8 @@ pub(crate) fn seal_item(
         None => envelope::seal(
             &key.keys,
             &key.keyspace,
-            &key.key_id,
-            key.dek_version,
+            &key.id.key_id,
+            key.id.dek_version,
             i.field,
             ctx,
             i.plaintext,

@@ -229,8 +229,8 @@ impl TokenEngine {
         let ct = envelope::seal(
             &dek.keys,
             &dek.keyspace,
-            &dek.key_id,
-            dek.dek_version,
+            &dek.id.key_id,
+            dek.id.dek_version,
             field,
             &ctx,
             value.as_bytes(),

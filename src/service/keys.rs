@@ -5,16 +5,17 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use crate::access::guard::Sentry;
+use crate::access::guard::{Guard, Sentry};
+use crate::access::policy::Op;
+use crate::domain::names::SubjectId;
+use crate::error::Error;
 use crate::keys::manager::KeyManager;
 use crate::pb;
 use crate::pb::keys_server::Keys;
 
 /// The Keys service.
 pub struct KeysService {
-    #[allow(dead_code)]
     sentry: Arc<Sentry>,
-    #[allow(dead_code)]
     keys: Arc<KeyManager>,
 }
 
@@ -75,8 +76,31 @@ impl Keys for KeysService {
 
     async fn rotate_subject_key(
         &self,
-        _request: Request<pb::RotateSubjectKeyRequest>,
+        request: Request<pb::RotateSubjectKeyRequest>,
     ) -> Result<Response<pb::RotateSubjectKeyResponse>, Status> {
-        Err(not_yet("RotateSubjectKey"))
+        let mut g = self.sentry.begin(&request, "RotateSubjectKey", Op::Keys)?;
+        let r = request.into_inner();
+        let result = rotate_subject_key(&self.keys, &mut g, &r).await;
+        g.finish(result)
     }
+}
+
+/// `Keys.RotateSubjectKey`: validated, authorised (`keys` on the keyspace), audited with the
+/// subject reference only.
+async fn rotate_subject_key(
+    keys: &KeyManager,
+    g: &mut Guard,
+    r: &pb::RotateSubjectKeyRequest,
+) -> Result<pb::RotateSubjectKeyResponse, Error> {
+    SubjectId::parse(&r.subject)?;
+    let sref = keys.subject_ref(&r.keyspace, &r.subject)?;
+    g.authorize(Op::Keys, Some(&r.keyspace), None)?;
+    g.note_subject(&r.keyspace, &sref);
+    let (key_id, dek_version, _) = keys.rotate_subject(&r.keyspace, &sref, None).await?;
+    g.note_key(&r.keyspace, &key_id);
+    crate::metrics::dek_rotation(&r.keyspace, crate::metrics::RotationReason::Requested);
+    Ok(pb::RotateSubjectKeyResponse {
+        dek_version,
+        key_id: key_id.to_hex(),
+    })
 }

@@ -14,6 +14,7 @@ mod erasure;
 mod erasure_review;
 mod eviction_review;
 mod golden_vectors;
+mod key_rotation;
 mod known_answers;
 mod lifecycle;
 mod mtls;
