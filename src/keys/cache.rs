@@ -12,11 +12,10 @@
 //! ~3/4 instead of just over half.
 
 use std::borrow::Borrow;
-use std::collections::HashMap;
 use std::collections::HashSet;
 use std::hash::{BuildHasher, Hash, Hasher};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::crypto::envelope::{DerivedKeys, KeyId};
@@ -88,10 +87,12 @@ pub struct DekEntry {
     pub id: DekId,
     /// Keys derived from the DEK (the DEK itself is not kept).
     pub keys: DerivedKeys,
-    /// Encryptions made with this DEK by this process, counted from what earlier entries of the
-    /// same DEK in this process made (see [`DekEntry::try_use`]). Not a system-wide count:
-    /// other replicas and earlier runs are not included (docs/FORMAT.md#nonce-budget).
-    pub uses: AtomicU64,
+    /// Encryptions this entry may still make: raised by each block reserved in the store for
+    /// this DEK version ([`DekEntry::grant`]), lowered by each use; an entry encrypts nothing
+    /// before its first block (docs/KEYS.md#usage-limits). Negative after refused attempts.
+    left: AtomicI64,
+    /// Whether a background reservation of the next block is running (one at a time).
+    pub prefetching: AtomicBool,
     /// Subject index key (all zero if the subject is not known, e.g. a key loaded by id whose
     /// record has no readable subject reference).
     subject: SubjectTag,
@@ -137,7 +138,8 @@ impl DekEntry {
             id,
             keys,
             // A reload of a DEK this process used before starts from its count, not from 0.
-            uses: AtomicU64::new(ledger().get(&id)),
+            left: AtomicI64::new(0),
+            prefetching: AtomicBool::new(false),
             subject,
             created_s: u32::try_from(now / 1000).unwrap_or(u32::MAX),
             created_ms: (now % 1000) as u16,
@@ -145,10 +147,27 @@ impl DekEntry {
         }
     }
 
-    /// Counts one encryption with this DEK; `false` (and nothing may be sealed) once this
-    /// process has made `limit` of them with it, across cache reloads of the DEK.
-    pub fn try_use(&self, limit: u64) -> bool {
-        self.uses.fetch_add(1, Ordering::Relaxed) < limit
+    /// Counts one encryption with this DEK; `false` (and nothing may be sealed) once the
+    /// blocks reserved in the store for it ([`grant`](Self::grant)) are used up. The durable,
+    /// cross-replica count is the sum of the blocks: this only spends them.
+    pub fn try_use(&self) -> bool {
+        self.left.fetch_sub(1, Ordering::AcqRel) > 0
+    }
+
+    /// Encryptions this entry may still make from its reserved blocks.
+    pub fn available(&self) -> u64 {
+        u64::try_from(self.left.load(Ordering::Acquire)).unwrap_or(0)
+    }
+
+    /// Adds `n` encryptions reserved in the store for this DEK version.
+    pub fn grant(&self, n: u64) {
+        let n = i64::try_from(n).unwrap_or(i64::MAX);
+        // Refused attempts (below zero) used nothing: they are not taken from the new block.
+        let _ = self
+            .left
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |l| {
+                Some(l.max(0).saturating_add(n))
+            });
     }
 
     /// The subject tag this entry is indexed under.
@@ -175,66 +194,6 @@ impl DekEntry {
 
     fn expired(&self, now: Tick, idle: Duration, hard: Duration) -> bool {
         now.since(self.created()) >= hard || now.since(self.last_used()) >= idle
-    }
-}
-
-impl Drop for DekEntry {
-    fn drop(&mut self) {
-        let n = *self.uses.get_mut();
-        if n > 0 {
-            ledger().record(self.id, n);
-        }
-    }
-}
-
-/// Most DEKs whose use count outlives their cache entries. Past it, the smallest counts are
-/// forgotten (see [`UseLedger::record`]). ~40 bytes each.
-const LEDGER_CAP: usize = 1 << 18;
-
-/// Encryption counts of DEKs whose cache entries are gone, by key id, so that a DEK reloaded
-/// into the cache (hard or idle TTL, size bound, shred of another subject...) goes on from its
-/// count instead of 0 (security review finding 16). Process-wide: an entry records its count
-/// when its last reference is dropped, wherever that happens. Key ids are 128 random bits,
-/// unique across keyspaces.
-struct UseLedger {
-    counts: Mutex<(HashMap<DekId, u64>, u64)>,
-}
-
-fn ledger() -> &'static UseLedger {
-    static LEDGER: OnceLock<UseLedger> = OnceLock::new();
-    LEDGER.get_or_init(|| UseLedger {
-        counts: Mutex::new((HashMap::new(), 1)),
-    })
-}
-
-impl UseLedger {
-    /// The count recorded for `key_id` (0 if none).
-    fn get(&self, key_id: &DekId) -> u64 {
-        let g = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        g.0.get(key_id).copied().unwrap_or(0)
-    }
-
-    /// Records that an entry of `key_id` ended at `n` uses (an entry starts from the recorded
-    /// count, so the larger one is the total; two entries of one DEK alive at once, a rare
-    /// race of the two indexes, may undercount by the smaller one's own uses). At
-    /// [`LEDGER_CAP`] the floor below which counts are forgotten doubles until a quarter of
-    /// the room is free: a DEK then loses at most the floor (a small count) per reload.
-    fn record(&self, key_id: DekId, n: u64) {
-        let mut g = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        let (counts, floor) = &mut *g;
-        if n < *floor {
-            return;
-        }
-        let e = counts.entry(key_id).or_insert(0);
-        *e = (*e).max(n);
-        while counts.len() >= LEDGER_CAP {
-            *floor = floor.saturating_mul(2);
-            let f = *floor;
-            counts.retain(|_, c| *c >= f);
-            if counts.len() < LEDGER_CAP / 4 * 3 {
-                break;
-            }
-        }
     }
 }
 
@@ -555,66 +514,20 @@ mod tests {
     }
 
     #[test]
-    fn a_reloaded_dek_goes_on_from_its_use_count() {
+    fn an_entry_seals_only_what_its_reserved_blocks_allow() {
         let kid = KeyId::random().unwrap();
-        let load = || {
-            let keys = DerivedKeys::derive(Algorithm::Aes256Gcm, &[7; 32], "ks", &kid, 1).unwrap();
-            Arc::new(DekEntry::new("ks".into(), kid, 1, keys))
-        };
-        let c: ShardedCache<ByKeyId> =
-            ShardedCache::new(1, Duration::from_secs(60), Duration::from_secs(60));
-        c.insert(load());
-        let id = DekId {
-            key_id: kid,
-            dek_version: 1,
-        };
-        let e = c.get(&id).unwrap();
-        assert!((0..3).all(|_| e.try_use(3)));
-        assert!(!e.try_use(3), "the limit");
-        drop(e);
-        // Pushed out of the cache (size bound), then loaded again.
-        c.insert(entry_n(99));
-        assert!(c.get(&id).is_none());
-        let again = load();
-        assert!(!again.try_use(3), "a reload started from zero");
-        assert!(again.try_use(10), "counted, not frozen");
-        // A DEK this process never used starts at zero.
-        let other = KeyId::random().unwrap();
-        let keys = DerivedKeys::derive(Algorithm::Aes256Gcm, &[7; 32], "ks", &other, 1).unwrap();
-        assert!(DekEntry::new("ks".into(), other, 1, keys).try_use(1));
-    }
-
-    #[test]
-    fn the_use_ledger_forgets_only_the_smallest_counts_when_full() {
-        let l = UseLedger {
-            counts: Mutex::new((HashMap::new(), 1)),
-        };
-        let big = DekId {
-            key_id: KeyId::random().unwrap(),
-            dek_version: 1,
-        };
-        l.record(big, 1 << 20);
-        for i in 0..LEDGER_CAP as u64 {
-            let mut k = [0u8; 16];
-            k[..8].copy_from_slice(&i.to_le_bytes());
-            l.record(
-                DekId {
-                    key_id: KeyId(k),
-                    dek_version: 1,
-                },
-                1 + i % 3,
-            );
-        }
-        assert_eq!(l.get(&big), 1 << 20);
-        let (n, floor) = {
-            let g = l.counts.lock().unwrap();
-            (g.0.len(), g.1)
-        };
-        assert!(n < LEDGER_CAP, "{n}");
-        assert!(floor <= 4, "{floor}");
-        // The larger count wins (an entry starts from the recorded one).
-        l.record(big, 5);
-        assert_eq!(l.get(&big), 1 << 20);
+        let keys = DerivedKeys::derive(Algorithm::Aes256Gcm, &[7; 32], "ks", &kid, 1).unwrap();
+        let e = DekEntry::new("ks".into(), kid, 1, keys);
+        assert!(!e.try_use(), "nothing before a block is granted");
+        assert_eq!(e.available(), 0);
+        e.grant(2);
+        assert_eq!(e.available(), 2);
+        assert!(e.try_use() && e.try_use());
+        assert!(!e.try_use(), "the block is used up");
+        assert!(!e.try_use());
+        e.grant(1);
+        assert!(e.try_use(), "refused attempts did not eat the next block");
+        assert!(!e.try_use());
     }
 
     #[test]

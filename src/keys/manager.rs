@@ -55,6 +55,7 @@ struct Keyspace {
     index_key: hmac::Key,
     after_shred: AfterShred,
     default_retention: Option<Duration>,
+    limits: super::usage::UseLimits,
 }
 
 impl Keyspace {
@@ -116,7 +117,6 @@ pub struct KeyManager {
     subject_flight: SingleFlight<SubjectKey>,
     key_flight: SingleFlight<DekKey>,
     hard_ttl: Duration,
-    max_uses_per_dek: u64,
 }
 
 fn now_secs() -> u64 {
@@ -249,6 +249,11 @@ impl KeyManager {
                 index_key,
                 after_shred: ks.after_shred,
                 default_retention: ks.default_retention,
+                limits: super::usage::UseLimits {
+                    max_uses: ks.max_dek_uses,
+                    block: ks.dek_use_block,
+                    max_age: ks.max_dek_age,
+                },
             });
         }
         // `keyspaces` is a BTreeMap: already sorted by name, as `keyspace()` requires.
@@ -263,7 +268,6 @@ impl KeyManager {
             subject_flight: SingleFlight::new(),
             key_flight: SingleFlight::new(),
             hard_ttl: cache.hard_ttl,
-            max_uses_per_dek: cache.max_uses_per_dek,
         })
     }
 
@@ -287,12 +291,6 @@ impl KeyManager {
     /// The longest time an unwrapped DEK can stay in this process's memory.
     pub fn hard_ttl(&self) -> Duration {
         self.hard_ttl
-    }
-
-    /// The most encryptions this process makes with one DEK (`cache.max_uses_per_dek`); pass
-    /// it to [`DekEntry::try_use`].
-    pub fn max_uses_per_dek(&self) -> u64 {
-        self.max_uses_per_dek
     }
 
     /// The names of the configured keyspaces.
@@ -903,6 +901,117 @@ impl KeyManager {
             tracing::info!(keyspace = %ks.name, subject_ref = ?sref, dek_version = n, "subject DEK rotated");
         }
         Ok((key_id, n, pushed))
+    }
+
+    /// `key` if it may make `n` more encryptions now (a memory-only check on the warm path);
+    /// else reserves blocks in the store until it may, and rotates the subject's DEK when the
+    /// version reached its use or age limit, returning the new current key. With `n` of at most one block, a reservation leaves
+    /// three quarters of a block or more; when fewer than a quarter are left, the next block is
+    /// reserved in the background, so a steady stream of encryptions rarely waits for the store.
+    pub async fn ensure_uses(
+        self: &Arc<Self>,
+        key: Arc<DekEntry>,
+        n: u64,
+    ) -> Result<Arc<DekEntry>> {
+        let mut key = key;
+        for _ in 0..4 {
+            let ks = self.keyspace(&key.keyspace)?;
+            let lim = ks.limits;
+            let left = key.available();
+            if left >= n {
+                if left.saturating_sub(n) < lim.block / 4 {
+                    self.prefetch(&key);
+                }
+                return Ok(key);
+            }
+            if let Some(reason) = self.reserve(ks, &key, n.saturating_sub(left)).await? {
+                key = self.rotate_for_limit(ks, &key, reason).await?;
+            }
+        }
+        Err(Error::ResourceExhausted {
+            reason: Reason::KeyUsageExhausted,
+            message: "this subject's data key reached its encryption limit".into(),
+        })
+    }
+
+    /// Reserves blocks for at least `want` more uses of `key`; `Some(reason)` if the version
+    /// is at its limit instead (what was granted below the limit is still granted).
+    async fn reserve(
+        &self,
+        ks: &Keyspace,
+        key: &DekEntry,
+        want: u64,
+    ) -> Result<Option<crate::metrics::RotationReason>> {
+        let lim = ks.limits;
+        let block = lim.block.max(want);
+        let now = now_i64();
+        let (total, first_at) = self
+            .store
+            .reserve_dek_uses(
+                &ks.name,
+                &key.id.key_id.to_hex(),
+                key.id.dek_version,
+                block,
+                now,
+            )
+            .await?;
+        crate::metrics::dek_uses_reserved(&ks.name, block);
+        let granted = lim.granted(total, block);
+        key.grant(granted);
+        if lim.too_old(first_at, now) {
+            return Ok(Some(crate::metrics::RotationReason::Age));
+        }
+        Ok((granted < want).then_some(crate::metrics::RotationReason::Uses))
+    }
+
+    /// Reserves the next block of `key` in the background (one reservation at a time per
+    /// entry), called by [`ensure_uses`](Self::ensure_uses) when less than a quarter block is
+    /// left.
+    fn prefetch(self: &Arc<Self>, key: &Arc<DekEntry>) {
+        if key
+            .prefetching
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            return;
+        }
+        let me = self.clone();
+        let key = key.clone();
+        tokio::spawn(async move {
+            if let Ok(ks) = me.keyspace(&key.keyspace)
+                && let Err(e) = me.reserve(ks, &key, 1).await
+            {
+                tracing::warn!(error = %e, "could not reserve DEK uses ahead; the next encryption will");
+            }
+            key.prefetching
+                .store(false, std::sync::atomic::Ordering::Release);
+        });
+    }
+
+    /// Rotates the subject of `key` because its version reached a limit (one new version
+    /// across replicas: only if the version is still current), and returns the new current key.
+    async fn rotate_for_limit(
+        &self,
+        ks: &Keyspace,
+        key: &DekEntry,
+        reason: crate::metrics::RotationReason,
+    ) -> Result<Arc<DekEntry>> {
+        let path = dek_path(&ks.name, &key.id.key_id);
+        let Some(e) = self.vault.kv_read(&path, None).await? else {
+            return Err(Error::shredded());
+        };
+        let rec = DekRecord::parse(&e.data, e.version)?;
+        let sref = SubjectRef::from_hex(&rec.subject_ref)
+            .ok_or_else(|| Error::internal("malformed DEK record in Vault: subject_ref"))?;
+        let (_, _, made) = self
+            .rotate_subject(&ks.name, &sref, Some(key.id.dek_version))
+            .await?;
+        if made {
+            crate::metrics::dek_rotation(&ks.name, reason);
+        } else {
+            // Another replica rotated first; its eviction may not have reached us yet.
+            self.evict(&ks.name, &sref.to_hex(), &[]);
+        }
+        self.key_for_subject_ref(&ks.name, &sref).await
     }
 
     /// The key that re-encrypts what `old` sealed (Rewrap): the current DEK of `old`'s

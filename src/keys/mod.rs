@@ -17,5 +17,6 @@
 pub mod cache;
 pub mod manager;
 pub mod record;
+pub mod usage;
 
 pub use manager::{KeyManager, SubjectRef};

@@ -61,11 +61,10 @@ where
 }
 
 /// Seals one item with its key: with prepared keys and a nonce drawn by the batch, or (unary
-/// calls) a fresh nonce and a one-off key schedule. `ctx` is the validated context. `max_uses`
-/// is [`KeyManager::max_uses_per_dek`].
+/// calls) a fresh nonce and a one-off key schedule. `ctx` is the validated context. The key
+/// must have been through [`KeyManager::ensure_uses`] (its reserved uses are spent here).
 pub(crate) fn seal_item(
     key: &DekEntry,
-    max_uses: u64,
     batch: Option<(
         &envelope::PreparedKeys<'_>,
         &[u8; crate::crypto::aead::NONCE_LEN],
@@ -73,7 +72,7 @@ pub(crate) fn seal_item(
     i: &EncryptInput<'_>,
     ctx: &BTreeMap<&str, &str>,
 ) -> Result<Vec<u8>> {
-    if !key.try_use(max_uses) {
+    if !key.try_use() {
         return Err(Error::ResourceExhausted {
             reason: Reason::KeyUsageExhausted,
             message: "this subject's data key reached its encryption limit".into(),

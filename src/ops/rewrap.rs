@@ -62,7 +62,10 @@ impl Engine {
                 .key_by_id(h.keyspace, h.key_id, h.dek_version, h.alg),
         )
         .await?;
-        let current = observed(self.keys.current_key_of(&old)).await?;
+        let mut current = observed(self.keys.current_key_of(&old)).await?;
+        if current.id != old.id {
+            current = self.keys.ensure_uses(current, 1).await?;
+        }
         g.note_key(&current.keyspace, &current.id.key_id);
         self.rewrap_with(&old, &current, parsed, i, &ctx)
     }
@@ -125,7 +128,7 @@ impl Engine {
             context: i.context,
             text,
         };
-        let ciphertext = seal_item(current, self.keys.max_uses_per_dek(), None, &enc, ctx)?;
+        let ciphertext = seal_item(current, None, &enc, ctx)?;
         Ok(Rewrapped {
             ciphertext,
             changed: true,

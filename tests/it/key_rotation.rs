@@ -264,3 +264,89 @@ async fn rotation_rewrap_and_shred_of_every_version() {
         .unwrap_err();
     assert_reason(&e, Code::FailedPrecondition, "SUBJECT_SHREDDED");
 }
+
+/// `orders` with a use limit of 50 encryptions per DEK version, reserved 10 at a time.
+fn small_limit(cfg: String) -> String {
+    cfg.replacen(
+        "[keyspaces.orders]",
+        "[keyspaces.orders]\nmax_dek_uses = 50\ndek_use_block = 10",
+        1,
+    )
+}
+
+/// Encryptions per DEK version of one subject, with every ciphertext decrypting on `check`.
+async fn encrypt_n(
+    c: &mut CryptoClient<Channel>,
+    subject: &str,
+    n: usize,
+    out: &mut Vec<(Vec<u8>, Vec<u8>)>,
+) {
+    for i in 0..n {
+        let pt = format!("{subject}-{}@example.com", out.len() + i).into_bytes();
+        let ct = encrypt(c, subject, &pt, false).await;
+        out.push((ct, pt));
+    }
+}
+
+/// The durable use limit holds across two replicas on one PostgreSQL and across a restart:
+/// no DEK version seals more than 50 values, each limit makes exactly one new version (no
+/// gaps), and the ciphertexts of every version still decrypt on both replicas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_use_limit_rotates_across_replicas_and_restarts() {
+    let pg = Postgres::start();
+    let env = TestEnv::start_with_store(Some(pg.url.clone())).await;
+    let mut a = env.server_custom("a", "", Vec::new(), small_limit).await;
+    let b = env.server_custom("b", "", Vec::new(), small_limit).await;
+    let mut ca = env.client(&a, "orders").await;
+    let mut cb = env.client(&b, "orders").await;
+    let s = "cust-limit-1";
+    let mut made = Vec::new();
+    // Interleaved on both replicas: each holds its own blocks of the same count.
+    for _ in 0..6 {
+        encrypt_n(&mut ca, s, 7, &mut made).await;
+        encrypt_n(&mut cb, s, 7, &mut made).await;
+    }
+    // A restart loses a's unused block (counted as used) and keeps the count.
+    a.stop();
+    a.start().await;
+    let mut ca = env.client(&a, "orders").await;
+    encrypt_n(&mut ca, s, 40, &mut made).await;
+    encrypt_n(&mut cb, s, 20, &mut made).await;
+
+    let mut per_version = std::collections::BTreeMap::<u32, usize>::new();
+    let kid = key_of(&made[0].0).0;
+    for (ct, pt) in &made {
+        let (k, v) = key_of(ct);
+        assert_eq!(k, kid, "one key id, several versions");
+        *per_version.entry(v).or_default() += 1;
+        assert_eq!(&decrypt(&mut ca, ct).await.unwrap(), pt);
+        assert_eq!(&decrypt(&mut cb, ct).await.unwrap(), pt);
+    }
+    let versions: Vec<u32> = per_version.keys().copied().collect();
+    let top = *versions.last().unwrap();
+    assert_eq!(versions, (1..=top).collect::<Vec<_>>(), "{per_version:?}");
+    assert!(
+        top >= 3,
+        "146 encryptions at 50 per version: {per_version:?}"
+    );
+    for (v, n) in &per_version {
+        assert!(*n <= 50, "version {v} sealed {n} values: {per_version:?}");
+    }
+    // The store's count covers every sealed value.
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(&pg.url).await.unwrap();
+    use sqlx::Row as _;
+    let rows = sqlx::query("SELECT dek_version, reserved FROM dek_uses WHERE keyspace = 'orders'")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    for r in rows {
+        let v: i64 = r.get("dek_version");
+        let reserved: i64 = r.get("reserved");
+        let sealed = per_version.get(&(v as u32)).copied().unwrap_or(0) as i64;
+        assert!(
+            reserved >= sealed,
+            "version {v}: {reserved} reserved, {sealed} sealed"
+        );
+    }
+}
