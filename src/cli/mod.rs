@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 
 pub mod admin;
 pub mod client;
+pub mod keys;
 pub mod shred;
 
 use crate::cli::client::ConnArgs;
@@ -155,6 +156,13 @@ enum Cmd {
         conn: ConnArgs,
         #[command(subcommand)]
         command: crate::cli::admin::AdminCmd,
+    },
+    /// Key lifecycle over mutual TLS (needs the `keys` grant on the keyspace).
+    Keys {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(subcommand)]
+        command: crate::cli::keys::KeysCmd,
     },
     /// Generate a dev PKI: CA, server certificate for 127.0.0.1/localhost, client certificates.
     Certs {
@@ -520,6 +528,9 @@ pub fn run(cli: Cli) -> ExitCode {
         }
         Cmd::Admin { conn, command } => {
             report(runtime().block_on(crate::cli::admin::run(conn, command)))
+        }
+        Cmd::Keys { conn, command } => {
+            report(runtime().block_on(crate::cli::keys::run(conn, command)))
         }
         Cmd::Certs { out, client } => {
             let mut clients: Vec<(String, String)> = crate::setup::pki::DEFAULT_CLIENTS

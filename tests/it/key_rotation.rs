@@ -223,7 +223,33 @@ async fn rotation_rewrap_and_shred_of_every_version() {
         .expect("an audit record of the rotation");
     assert!(!rot.to_string().contains(s), "raw subject id in the audit");
 
-    // A shred after the rotation destroys every version, and the certificate names them.
+    // `piiguard keys rotate-subject` (client side, mTLS) makes version 3.
+    let id = env.ca().issue_client_now(&spiffe("keyadmin")).unwrap();
+    let (cert, key) = (env.dir.path().join("ka.pem"), env.dir.path().join("ka.key"));
+    std::fs::write(&cert, &id.cert_pem).unwrap();
+    std::fs::write(&key, &id.key_pem).unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_piiguard"))
+        .current_dir(env.dir.path())
+        .args(["keys", "--endpoint", &server.addr.to_string(), "--ca"])
+        .arg(&env.pki.ca)
+        .arg("--cert")
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .args(["rotate-subject", "--keyspace", "orders", "--subject", s])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.contains("DEK version 3") && !out.contains(s), "{out}");
+    let ct3 = encrypt(&mut orders, s, b"v3@example.com", false).await;
+    assert_eq!(key_of(&ct3), (kid, 3));
+
+    // A shred after the rotations destroys every version, and the certificate names them.
     let mut er = env.erasure(&server).await;
     let sh = er
         .shred(pb::ShredRequest {
@@ -253,8 +279,15 @@ async fn rotation_rewrap_and_shred_of_every_version() {
         .map(|k| (k.key_id.clone(), k.dek_version))
         .collect();
     named.sort();
-    assert_eq!(named, vec![(hex::encode(kid), 1), (hex::encode(kid), 2)]);
-    for ct in [&ct1, &ct2, &rw.ciphertext] {
+    assert_eq!(
+        named,
+        vec![
+            (hex::encode(kid), 1),
+            (hex::encode(kid), 2),
+            (hex::encode(kid), 3)
+        ]
+    );
+    for ct in [&ct1, &ct2, &ct3, &rw.ciphertext] {
         let e = decrypt(&mut orders, ct).await.unwrap_err();
         assert_reason(&e, Code::FailedPrecondition, "SUBJECT_SHREDDED");
     }
