@@ -53,6 +53,8 @@ pub enum Reason {
     ShredNotScheduled,
     /// NOT_FOUND: no such token in this keyspace.
     UnknownToken,
+    /// NOT_FOUND: the subject has no key in this keyspace (nothing to rotate).
+    UnknownSubject,
     /// NOT_FOUND: the token existed but its TTL has passed.
     TokenExpired,
     /// INVALID_ARGUMENT: the string cannot be a piiguard token.
@@ -121,6 +123,7 @@ impl Reason {
         Reason::SubjectShredScheduled,
         Reason::ShredNotScheduled,
         Reason::UnknownToken,
+        Reason::UnknownSubject,
         Reason::TokenExpired,
         Reason::MalformedToken,
         Reason::UnsupportedFormat,
@@ -161,6 +164,7 @@ impl Reason {
             Reason::SubjectShredScheduled => "SUBJECT_SHRED_SCHEDULED",
             Reason::ShredNotScheduled => "SHRED_NOT_SCHEDULED",
             Reason::UnknownToken => "UNKNOWN_TOKEN",
+            Reason::UnknownSubject => "UNKNOWN_SUBJECT",
             Reason::TokenExpired => "TOKEN_EXPIRED",
             Reason::MalformedToken => "MALFORMED_TOKEN",
             Reason::UnsupportedFormat => "UNSUPPORTED_FORMAT",

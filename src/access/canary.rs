@@ -141,7 +141,7 @@ impl Canaries {
         let sref = keys.subject_ref(keyspace, subject)?;
         let e = CanaryEntry {
             keyspace: keyspace.to_string(),
-            key_id: dek.key_id.to_hex(),
+            key_id: dek.id.key_id.to_hex(),
             subject_ref: sref.to_hex(),
             label: label.to_string(),
             created_at: 0,

@@ -88,6 +88,15 @@ pub enum KeysCmd {
         #[arg(long)]
         min_version: u32,
     },
+    /// Gives one subject a new DEK version (old versions keep decrypting until a shred).
+    RotateSubject {
+        /// Keyspace of the subject.
+        #[arg(long)]
+        keyspace: String,
+        /// The subject id (sent to the server only; never printed).
+        #[arg(long)]
+        subject: String,
+    },
 }
 
 fn status_err(method: &'static str) -> impl Fn(tonic::Status) -> CommandError {
@@ -256,6 +265,23 @@ pub async fn run(conn: ConnArgs, cmd: KeysCmd) -> Result<(), CommandError> {
             println!(
                 "KEK of {keyspace}: versions below {} no longer decrypt",
                 r.min_decryption_version
+            );
+        }
+        KeysCmd::RotateSubject { keyspace, subject } => {
+            let r = c
+                .rotate_subject_key(pb::RotateSubjectKeyRequest {
+                    keyspace: keyspace.clone(),
+                    subject,
+                })
+                .await
+                .map_err(|status| CommandError::Rpc {
+                    method: "RotateSubjectKey",
+                    status,
+                })?
+                .into_inner();
+            println!(
+                "keyspace {keyspace}: key {} now at DEK version {}",
+                r.key_id, r.dek_version
             );
         }
     }

@@ -160,7 +160,7 @@ enum Cmd {
     },
     /// Keys of a running server over mutual TLS: public keys (sealing, signing: print, rotate,
     /// retire) and a keyspace's key lifecycle (status, KEK rotation with its background rewrap,
-    /// retiring old KEK versions; needs the `keys` grant).
+    /// retiring old KEK versions, rotating a subject's key; needs the `keys` grant).
     Keys {
         #[command(flatten)]
         conn: ConnArgs,

@@ -580,6 +580,16 @@ pub struct RawKeyspace {
     /// (docs/SEARCH.md); a field not named here gets its defaults.
     #[serde(default)]
     pub fields: BTreeMap<String, fields::RawField>,
+    /// Encryptions one DEK version may make, counted in the store across replicas and
+    /// restarts, before the next encryption rotates it (default 2^30).
+    #[serde(default)]
+    pub max_dek_uses: Option<u64>,
+    /// Encryptions a replica reserves in the store at a time for one DEK version (default 4096).
+    #[serde(default)]
+    pub dek_use_block: Option<u64>,
+    /// Age (seconds since its first reserved use) at which a DEK version is rotated (0 = none).
+    #[serde(default)]
+    pub max_dek_age_secs: u64,
 }
 
 /// Validated configuration.
@@ -730,6 +740,18 @@ pub const MAX_GRACE_SECS: u64 = 72 * 3600;
 
 /// NIST SP 800-38D: at most 2^32 encryptions with one AES-GCM key and random 96-bit nonces.
 pub const GCM_RANDOM_NONCE_LIMIT: u64 = 1 << 32;
+
+/// Default of `keyspaces.<name>.max_dek_uses`: 2^30, a quarter of [`GCM_RANDOM_NONCE_LIMIT`].
+/// Counted durably in the store across replicas and restarts (docs/KEYS.md#usage-limits), so
+/// it is the key's whole budget: with 2^30 random 96-bit nonces the chance that two collide
+/// is about 2^60 / 2^97 = 2^-37 per DEK version, and the slack below 2^32 absorbs the blocks
+/// lost by processes that die holding them.
+pub const DEFAULT_MAX_DEK_USES: u64 = 1 << 30;
+
+/// Default of `keyspaces.<name>.dek_use_block`: 4096 encryptions reserved per store round
+/// trip. A process that dies loses at most one block per DEK version (counted as used); a
+/// version gets at most 2^30 / 4096 = 2^18 reservations over its life.
+pub const DEFAULT_DEK_USE_BLOCK: u64 = 4096;
 
 /// Default of `cache.max_uses_per_dek`: 2^24, 1/256 of [`GCM_RANDOM_NONCE_LIMIT`]. Counts are
 /// per process (they start at zero in every replica and after every restart, until issue 12
@@ -945,6 +967,12 @@ pub struct KeyspaceConfig {
     /// Fields with settings of their own (blind indexes, masks); others get
     /// [`fields::FieldConfig::default_for`].
     pub fields: BTreeMap<String, fields::FieldConfig>,
+    /// Encryptions per DEK version, durably counted across replicas, before a rotation.
+    pub max_dek_uses: u64,
+    /// Encryptions reserved in the store at a time.
+    pub dek_use_block: u64,
+    /// Age of a DEK version (from its first reserved use) at which it is rotated.
+    pub max_dek_age: Option<Duration>,
 }
 
 impl KeyspaceConfig {
@@ -1192,6 +1220,19 @@ impl RawConfig {
                 let f = fields::FieldConfig::from_raw(&name, &field, raw)?;
                 field_cfgs.insert(field, f);
             }
+            let max_dek_uses = ks.max_dek_uses.unwrap_or(DEFAULT_MAX_DEK_USES);
+            if max_dek_uses == 0 || max_dek_uses > GCM_RANDOM_NONCE_LIMIT {
+                return err(format!(
+                    "keyspaces.{name}.max_dek_uses must be between 1 and 2^32 (NIST SP 800-38D)"
+                ));
+            }
+            let dek_use_block = ks
+                .dek_use_block
+                .unwrap_or(DEFAULT_DEK_USE_BLOCK)
+                .min(max_dek_uses);
+            if dek_use_block == 0 {
+                return err(format!("keyspaces.{name}.dek_use_block must be at least 1"));
+            }
             keyspaces.insert(
                 name,
                 KeyspaceConfig {
@@ -1202,6 +1243,10 @@ impl RawConfig {
                         .then(|| Duration::from_secs(ks.default_retention_secs)),
                     after_shred,
                     fields: field_cfgs,
+                    max_dek_uses,
+                    dek_use_block,
+                    max_dek_age: (ks.max_dek_age_secs > 0)
+                        .then(|| Duration::from_secs(ks.max_dek_age_secs)),
                 },
             );
         }

@@ -12,11 +12,10 @@
 //! ~3/4 instead of just over half.
 
 use std::borrow::Borrow;
-use std::collections::HashMap;
 use std::collections::HashSet;
 use std::hash::{BuildHasher, Hash, Hasher};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::crypto::envelope::{DerivedKeys, KeyId};
@@ -67,25 +66,36 @@ impl Tick {
     }
 }
 
+/// Which DEK: its key id and version (the key of the key-id index, which holds every cached
+/// version of a key: after a rotation the old version keeps decrypting while the new one
+/// encrypts, without the two pushing each other out).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct DekId {
+    /// Random id of the DEK (the same for every version of one subject's DEK).
+    pub key_id: KeyId,
+    /// Version of the DEK.
+    pub dek_version: u32,
+}
+
 /// One unwrapped DEK, ready to use. 168 bytes (184 with the `Arc` header, a 192-byte malloc
 /// chunk): keep it at most 168, or every cached DEK costs 16 bytes more. It was 136 until the
 /// subkey PRK (security finding 11: subkeys no longer keyed by the AES key) added 32 bytes.
 pub struct DekEntry {
     /// Keyspace of the DEK.
     pub keyspace: Arc<str>,
-    /// Random id of the DEK.
-    pub key_id: KeyId,
+    /// Key id and version of the DEK.
+    pub id: DekId,
     /// Keys derived from the DEK (the DEK itself is not kept).
     pub keys: DerivedKeys,
-    /// Encryptions made with this DEK by this process, counted from what earlier entries of the
-    /// same DEK in this process made (see [`DekEntry::try_use`]). Not a system-wide count:
-    /// other replicas and earlier runs are not included (docs/FORMAT.md#nonce-budget).
-    pub uses: AtomicU64,
+    /// Encryptions this entry may still make: raised by each block reserved in the store for
+    /// this DEK version ([`DekEntry::grant`]), lowered by each use; an entry encrypts nothing
+    /// before its first block (docs/KEYS.md#usage-limits). Negative after refused attempts.
+    left: AtomicI64,
+    /// Whether a background reservation of the next block is running (one at a time).
+    pub prefetching: AtomicBool,
     /// Subject index key (all zero if the subject is not known, e.g. a key loaded by id whose
     /// record has no readable subject reference).
     subject: SubjectTag,
-    /// Version of the DEK.
-    pub dek_version: u32,
     /// Creation time: whole seconds since the cache epoch, and the milliseconds past them
     /// (a `u64` of milliseconds would push the entry over 136 bytes).
     created_s: u32,
@@ -98,8 +108,8 @@ impl std::fmt::Debug for DekEntry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DekEntry")
             .field("keyspace", &self.keyspace)
-            .field("key_id", &self.key_id)
-            .field("dek_version", &self.dek_version)
+            .field("key_id", &self.id.key_id)
+            .field("dek_version", &self.id.dek_version)
             .finish_non_exhaustive()
     }
 }
@@ -119,24 +129,45 @@ impl DekEntry {
         subject: SubjectTag,
     ) -> Self {
         let now = Tick::now().0;
+        let id = DekId {
+            key_id,
+            dek_version,
+        };
         Self {
             keyspace,
-            key_id,
+            id,
             keys,
             // A reload of a DEK this process used before starts from its count, not from 0.
-            uses: AtomicU64::new(ledger().get(&key_id)),
+            left: AtomicI64::new(0),
+            prefetching: AtomicBool::new(false),
             subject,
-            dek_version,
             created_s: u32::try_from(now / 1000).unwrap_or(u32::MAX),
             created_ms: (now % 1000) as u16,
             last_used_ms: AtomicU32::new(0),
         }
     }
 
-    /// Counts one encryption with this DEK; `false` (and nothing may be sealed) once this
-    /// process has made `limit` of them with it, across cache reloads of the DEK.
-    pub fn try_use(&self, limit: u64) -> bool {
-        self.uses.fetch_add(1, Ordering::Relaxed) < limit
+    /// Counts one encryption with this DEK; `false` (and nothing may be sealed) once the
+    /// blocks reserved in the store for it ([`grant`](Self::grant)) are used up. The durable,
+    /// cross-replica count is the sum of the blocks: this only spends them.
+    pub fn try_use(&self) -> bool {
+        self.left.fetch_sub(1, Ordering::AcqRel) > 0
+    }
+
+    /// Encryptions this entry may still make from its reserved blocks.
+    pub fn available(&self) -> u64 {
+        u64::try_from(self.left.load(Ordering::Acquire)).unwrap_or(0)
+    }
+
+    /// Adds `n` encryptions reserved in the store for this DEK version.
+    pub fn grant(&self, n: u64) {
+        let n = i64::try_from(n).unwrap_or(i64::MAX);
+        // Refused attempts (below zero) used nothing: they are not taken from the new block.
+        let _ = self
+            .left
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |l| {
+                Some(l.max(0).saturating_add(n))
+            });
     }
 
     /// The subject tag this entry is indexed under.
@@ -166,66 +197,6 @@ impl DekEntry {
     }
 }
 
-impl Drop for DekEntry {
-    fn drop(&mut self) {
-        let n = *self.uses.get_mut();
-        if n > 0 {
-            ledger().record(self.key_id, n);
-        }
-    }
-}
-
-/// Most DEKs whose use count outlives their cache entries. Past it, the smallest counts are
-/// forgotten (see [`UseLedger::record`]). ~40 bytes each.
-const LEDGER_CAP: usize = 1 << 18;
-
-/// Encryption counts of DEKs whose cache entries are gone, by key id, so that a DEK reloaded
-/// into the cache (hard or idle TTL, size bound, shred of another subject...) goes on from its
-/// count instead of 0 (security review finding 16). Process-wide: an entry records its count
-/// when its last reference is dropped, wherever that happens. Key ids are 128 random bits,
-/// unique across keyspaces.
-struct UseLedger {
-    counts: Mutex<(HashMap<KeyId, u64>, u64)>,
-}
-
-fn ledger() -> &'static UseLedger {
-    static LEDGER: OnceLock<UseLedger> = OnceLock::new();
-    LEDGER.get_or_init(|| UseLedger {
-        counts: Mutex::new((HashMap::new(), 1)),
-    })
-}
-
-impl UseLedger {
-    /// The count recorded for `key_id` (0 if none).
-    fn get(&self, key_id: &KeyId) -> u64 {
-        let g = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        g.0.get(key_id).copied().unwrap_or(0)
-    }
-
-    /// Records that an entry of `key_id` ended at `n` uses (an entry starts from the recorded
-    /// count, so the larger one is the total; two entries of one DEK alive at once, a rare
-    /// race of the two indexes, may undercount by the smaller one's own uses). At
-    /// [`LEDGER_CAP`] the floor below which counts are forgotten doubles until a quarter of
-    /// the room is free: a DEK then loses at most the floor (a small count) per reload.
-    fn record(&self, key_id: KeyId, n: u64) {
-        let mut g = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        let (counts, floor) = &mut *g;
-        if n < *floor {
-            return;
-        }
-        let e = counts.entry(key_id).or_insert(0);
-        *e = (*e).max(n);
-        while counts.len() >= LEDGER_CAP {
-            *floor = floor.saturating_mul(2);
-            let f = *floor;
-            counts.retain(|_, c| *c >= f);
-            if counts.len() < LEDGER_CAP / 4 * 3 {
-                break;
-            }
-        }
-    }
-}
-
 /// Which of an entry's keys an index uses, and its slot type (the entry, hashed and compared
 /// by that key, so that a table holds one pointer per entry rather than a copy of the key).
 pub trait IndexKind: Send + Sync + 'static {
@@ -243,8 +214,8 @@ pub trait IndexKind: Send + Sync + 'static {
 
 /// The subject index: [`SubjectTag`].
 pub struct BySubject;
-/// The key-id index: [`KeyId`] (the DEK version is checked on a hit by the caller; there is
-/// one version per key id in practice).
+/// The key-id index: [`DekId`] (key id and version: every cached version of a key has its own
+/// slot).
 pub struct ByKeyId;
 
 /// Defines a slot type whose `Hash`/`Eq` are its entry's key (so that `Borrow<Key>` is
@@ -285,7 +256,7 @@ macro_rules! slot {
     };
 }
 slot!(SubjectSlot, BySubject, SubjectTag, subject);
-slot!(KeySlot, ByKeyId, KeyId, key_id);
+slot!(KeySlot, ByKeyId, DekId, id);
 
 /// The cache's hasher: a seeded multiply-fold over the key's bytes (a few cycles for 16
 /// bytes) instead of SipHash-1-3 (~20 ns, twice per lookup before: shard, then map).
@@ -543,53 +514,20 @@ mod tests {
     }
 
     #[test]
-    fn a_reloaded_dek_goes_on_from_its_use_count() {
+    fn an_entry_seals_only_what_its_reserved_blocks_allow() {
         let kid = KeyId::random().unwrap();
-        let load = || {
-            let keys = DerivedKeys::derive(Algorithm::Aes256Gcm, &[7; 32], "ks", &kid, 1).unwrap();
-            Arc::new(DekEntry::new("ks".into(), kid, 1, keys))
-        };
-        let c: ShardedCache<ByKeyId> =
-            ShardedCache::new(1, Duration::from_secs(60), Duration::from_secs(60));
-        c.insert(load());
-        let e = c.get(&kid).unwrap();
-        assert!((0..3).all(|_| e.try_use(3)));
-        assert!(!e.try_use(3), "the limit");
-        drop(e);
-        // Pushed out of the cache (size bound), then loaded again.
-        c.insert(entry_n(99));
-        assert!(c.get(&kid).is_none());
-        let again = load();
-        assert!(!again.try_use(3), "a reload started from zero");
-        assert!(again.try_use(10), "counted, not frozen");
-        // A DEK this process never used starts at zero.
-        let other = KeyId::random().unwrap();
-        let keys = DerivedKeys::derive(Algorithm::Aes256Gcm, &[7; 32], "ks", &other, 1).unwrap();
-        assert!(DekEntry::new("ks".into(), other, 1, keys).try_use(1));
-    }
-
-    #[test]
-    fn the_use_ledger_forgets_only_the_smallest_counts_when_full() {
-        let l = UseLedger {
-            counts: Mutex::new((HashMap::new(), 1)),
-        };
-        let big = KeyId::random().unwrap();
-        l.record(big, 1 << 20);
-        for i in 0..LEDGER_CAP as u64 {
-            let mut k = [0u8; 16];
-            k[..8].copy_from_slice(&i.to_le_bytes());
-            l.record(KeyId(k), 1 + i % 3);
-        }
-        assert_eq!(l.get(&big), 1 << 20);
-        let (n, floor) = {
-            let g = l.counts.lock().unwrap();
-            (g.0.len(), g.1)
-        };
-        assert!(n < LEDGER_CAP, "{n}");
-        assert!(floor <= 4, "{floor}");
-        // The larger count wins (an entry starts from the recorded one).
-        l.record(big, 5);
-        assert_eq!(l.get(&big), 1 << 20);
+        let keys = DerivedKeys::derive(Algorithm::Aes256Gcm, &[7; 32], "ks", &kid, 1).unwrap();
+        let e = DekEntry::new("ks".into(), kid, 1, keys);
+        assert!(!e.try_use(), "nothing before a block is granted");
+        assert_eq!(e.available(), 0);
+        e.grant(2);
+        assert_eq!(e.available(), 2);
+        assert!(e.try_use() && e.try_use());
+        assert!(!e.try_use(), "the block is used up");
+        assert!(!e.try_use());
+        e.grant(1);
+        assert!(e.try_use(), "refused attempts did not eat the next block");
+        assert!(!e.try_use());
     }
 
     #[test]
@@ -690,16 +628,45 @@ mod tests {
             by_key.insert(e);
         }
         let e = by_subject.get(&tag(42)).unwrap();
-        let k = by_key.get(&e.key_id).unwrap();
+        let k = by_key.get(&e.id).unwrap();
         assert!(Arc::ptr_eq(&e, &k));
         assert!(by_subject.remove(&tag(42)));
-        assert!(by_key.remove(&e.key_id));
+        assert!(by_key.remove(&e.id));
         assert!(by_subject.get(&tag(42)).is_none());
-        assert!(by_key.get(&e.key_id).is_none());
+        assert!(by_key.get(&e.id).is_none());
         drop(k);
         assert_eq!(Arc::strong_count(&e), 1);
         assert_eq!(by_subject.len(), 499);
         assert_eq!(by_key.len(), 499);
+    }
+
+    #[test]
+    fn the_key_index_holds_every_version_of_a_key() {
+        let ttl = Duration::from_secs(60);
+        let c: ShardedCache<ByKeyId> = ShardedCache::new(100, ttl, ttl);
+        let kid = KeyId::random().unwrap();
+        let v = |n: u32| {
+            let keys =
+                DerivedKeys::derive(Algorithm::Aes256Gcm, &[n as u8; 32], "ks", &kid, n).unwrap();
+            Arc::new(DekEntry::new("ks".into(), kid, n, keys))
+        };
+        c.insert(v(1));
+        c.insert(v(2));
+        assert_eq!(c.len(), 2, "a new version does not push the old one out");
+        for n in [1, 2] {
+            let id = DekId {
+                key_id: kid,
+                dek_version: n,
+            };
+            assert_eq!(c.get(&id).unwrap().id.dek_version, n);
+        }
+        assert!(
+            c.get(&DekId {
+                key_id: kid,
+                dek_version: 3
+            })
+            .is_none()
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use aws_lc_rs::hmac;
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
-use super::cache::{ByKeyId, BySubject, DekEntry, ShardedCache, SubjectTag, Tick};
+use super::cache::{ByKeyId, BySubject, DekEntry, DekId, ShardedCache, SubjectTag, Tick};
 use super::record::DekRecord;
 use crate::config::{AfterShred, CacheConfig, KeyspaceConfig};
 use crate::crypto::aead::Algorithm;
@@ -55,6 +55,7 @@ struct Keyspace {
     index_key: hmac::Key,
     after_shred: AfterShred,
     default_retention: Option<Duration>,
+    limits: super::usage::UseLimits,
 }
 
 impl Keyspace {
@@ -116,7 +117,6 @@ pub struct KeyManager {
     subject_flight: SingleFlight<SubjectKey>,
     key_flight: SingleFlight<DekKey>,
     hard_ttl: Duration,
-    max_uses_per_dek: u64,
 }
 
 fn now_secs() -> u64 {
@@ -251,6 +251,11 @@ impl KeyManager {
                 index_key,
                 after_shred: ks.after_shred,
                 default_retention: ks.default_retention,
+                limits: super::usage::UseLimits {
+                    max_uses: ks.max_dek_uses,
+                    block: ks.dek_use_block,
+                    max_age: ks.max_dek_age,
+                },
             });
         }
         // `keyspaces` is a BTreeMap: already sorted by name, as `keyspace()` requires.
@@ -265,7 +270,6 @@ impl KeyManager {
             subject_flight: SingleFlight::new(),
             key_flight: SingleFlight::new(),
             hard_ttl: cache.hard_ttl,
-            max_uses_per_dek: cache.max_uses_per_dek,
         })
     }
 
@@ -291,10 +295,10 @@ impl KeyManager {
         self.hard_ttl
     }
 
-    /// The most encryptions this process makes with one DEK (`cache.max_uses_per_dek`); pass
-    /// it to [`DekEntry::try_use`].
-    pub fn max_uses_per_dek(&self) -> u64 {
-        self.max_uses_per_dek
+    /// The encryptions one DEK version of `keyspace` may make before it is rotated
+    /// (`keyspaces.<name>.max_dek_uses`).
+    pub fn dek_use_limit(&self, keyspace: &str) -> Result<u64> {
+        Ok(self.keyspace(keyspace)?.limits.max_uses)
     }
 
     /// The names of the configured keyspaces.
@@ -331,8 +335,8 @@ impl KeyManager {
         (Arc::ptr_eq(&e.keyspace, &ks.name) || e.keyspace == ks.name).then_some(e)
     }
 
-    /// A cached entry of the key-id index, if it has this keyspace and DEK version (the index
-    /// holds one version per key id; DEKs have a single version today).
+    /// A cached entry of the key-id index, if it is this keyspace's (the index holds every
+    /// cached version of a key, each under its (key id, version)).
     fn key_hit(
         &self,
         ks: &Keyspace,
@@ -340,10 +344,12 @@ impl KeyManager {
         dek_version: u32,
         now: Tick,
     ) -> Option<Arc<DekEntry>> {
-        let e = self.by_key.get_at(key_id, now)?;
-        (e.dek_version == dek_version
-            && (Arc::ptr_eq(&e.keyspace, &ks.name) || e.keyspace == ks.name))
-            .then_some(e)
+        let id = DekId {
+            key_id: *key_id,
+            dek_version,
+        };
+        let e = self.by_key.get_at(&id, now)?;
+        (Arc::ptr_eq(&e.keyspace, &ks.name) || e.keyspace == ks.name).then_some(e)
     }
 
     /// The subject's DEK if it is cached, without Vault and without waiting: `Ok(None)` on a
@@ -466,7 +472,7 @@ impl KeyManager {
             });
         }
         crate::config::failpoint::point("load-subject-before-cache-insert").await;
-        let evicted = [Evicted::Subject(ck), Evicted::Key(ks.idx, e.key_id)];
+        let evicted = [Evicted::Subject(ck), Evicted::Key(ks.idx, e.id.key_id)];
         if self.cache_unless_evicted(&evicted, started, &e, true) {
             return Ok(e);
         }
@@ -504,7 +510,10 @@ impl KeyManager {
         true
     }
 
-    /// Drops a subject's keys from this replica's cache (shred, scheduled shred).
+    /// Drops a subject's keys from this replica's cache (shred, scheduled shred; with no keys,
+    /// a subject key rotation: only the subject's current key is dropped, every version keeps
+    /// decrypting). For each key id, every version up to the highest listed is dropped
+    /// (versions are numbered from 1 without gaps, and a shred lists up to the current one).
     pub fn evict(&self, keyspace: &str, subject_ref_hex: &str, keys: &[(KeyId, u32)]) {
         let Some(ks) = self.find_keyspace(keyspace) else {
             return;
@@ -515,9 +524,21 @@ impl KeyManager {
             self.by_subject.remove(&SubjectTag::of(&sref.0));
             g.insert(Evicted::Subject((ks.idx, sref.0)), now);
         }
-        for (kid, _version) in keys {
-            // The key-id index holds one entry per key id, whatever its version: drop it.
-            self.by_key.remove(kid);
+        for (kid, version) in keys {
+            let newest = keys
+                .iter()
+                .filter(|(k, _)| k == kid)
+                .map(|(_, v)| *v)
+                .max()
+                .unwrap_or(*version);
+            if newest == *version {
+                for dek_version in 1..=newest {
+                    self.by_key.remove(&DekId {
+                        key_id: *kid,
+                        dek_version,
+                    });
+                }
+            }
             g.insert(Evicted::Key(ks.idx, *kid), now);
         }
     }
@@ -750,6 +771,277 @@ impl KeyManager {
                 }
             }
         }
+    }
+
+    /// Gives a subject a new DEK version (`Keys.RotateSubjectKey`, or a use or age limit):
+    /// a new DEK from the CSPRNG, wrapped by the KEK, added to the DEK record (check-and-set
+    /// against the KV version read), then named by the subject record (check-and-set too), so
+    /// that a concurrent KEK rewrap of either record and this rotation never lose each other's
+    /// change. `only_if_current`: rotate only if the DEK record's current version is still
+    /// this one (a limit reached by several replicas at once makes one new version, not one
+    /// each). Drops the subject's current key from this replica's cache and publishes a
+    /// rotation on the eviction feed for the others (an eviction naming no keys: every
+    /// version keeps decrypting). Returns the key id, the current version after the call, and
+    /// whether this call made it.
+    pub async fn rotate_subject(
+        &self,
+        keyspace: &str,
+        sref: &SubjectRef,
+        only_if_current: Option<u32>,
+    ) -> Result<(KeyId, u32, bool)> {
+        let ks = self.keyspace(keyspace)?;
+        let ck = (ks.idx, sref.0);
+        let lock = self.subject_flight.lock_for(&ck);
+        let result = {
+            let _g = lock.lock().await;
+            self.rotate_locked(ks, sref, only_if_current).await
+        };
+        self.subject_flight.done(&ck, &lock);
+        let (key_id, version, made) = result?;
+        if made {
+            let href = sref.to_hex();
+            self.evict(&ks.name, &href, &[]);
+            self.store
+                .publish_eviction(&ks.name, &href, "[]", now_i64())
+                .await?;
+        }
+        Ok((key_id, version, made))
+    }
+
+    async fn rotate_locked(
+        &self,
+        ks: &Keyspace,
+        sref: &SubjectRef,
+        only_if_current: Option<u32>,
+    ) -> Result<(KeyId, u32, bool)> {
+        let href = sref.to_hex();
+        let check_state = |state: Option<SubjectState>| match state {
+            Some(SubjectState::Scheduled) => Err(Error::shred_scheduled()),
+            Some(SubjectState::Shredding | SubjectState::Shredded) => Err(Error::shredded()),
+            _ => Ok(()),
+        };
+        check_state(self.store.state(&ks.name, &href).await?)?;
+        let spath = subject_path(&ks.name, &href);
+        let unknown = || {
+            Error::not_found(
+                Reason::UnknownSubject,
+                "the subject has no key in this keyspace",
+            )
+        };
+        let key_id = {
+            let e = self
+                .vault
+                .kv_read(&spath, None)
+                .await?
+                .ok_or_else(unknown)?;
+            parse_subject_record(&e.data)?.key_id
+        };
+        let dpath = dek_path(&ks.name, &key_id);
+        let mut made: Option<(WrappedDek, i64)> = None;
+        // 1. The DEK record gets the new version (CAS; re-read on a mismatch).
+        let mut version = None;
+        for _ in 0..16 {
+            let e = self
+                .vault
+                .kv_read(&dpath, None)
+                .await?
+                .ok_or_else(unknown)?;
+            let mut rec = DekRecord::parse(&e.data, e.version)?;
+            if let Some(cur) = only_if_current
+                && rec.current != cur
+            {
+                // Another replica (or call) rotated it already: use theirs.
+                version = Some((rec.current, false));
+                break;
+            }
+            if made.is_none() {
+                let dek = Dek::generate(ks.alg.key_len()).map_err(Error::internal)?;
+                let wrapped = self.vault.wrap_dek(&ks.kek, &dek).await?;
+                made = Some((wrapped, now_i64()));
+            }
+            let (wrapped, at) = made.clone().ok_or_else(|| Error::internal("no new DEK"))?;
+            let n = rec.push_version(wrapped, at);
+            crate::config::failpoint::point("rotate-before-dek-record-write").await;
+            if let CasOutcome::Written(_) = self
+                .vault
+                .kv_write_cas(&dpath, &rec.to_json(), e.version)
+                .await?
+            {
+                version = Some((n, true));
+                break;
+            }
+        }
+        let (n, pushed) = version.ok_or_else(|| {
+            Error::unavailable("subject key rotation: the DEK record kept changing; retry")
+        })?;
+        crate::config::failpoint::point("rotate-between-record-writes").await;
+        // 2. The subject record names the DEK record's current version (CAS; re-read on a
+        // mismatch). A crash before this leaves the DEK record one version ahead: harmless,
+        // the next rotation (or a limit) repairs it from the DEK record.
+        for _ in 0..16 {
+            let Some(se) = self.vault.kv_read(&spath, None).await? else {
+                return Err(Error::shredded());
+            };
+            let srec = parse_subject_record(&se.data)?;
+            if srec.key_id != key_id || srec.dek_version >= n {
+                break;
+            }
+            let Some(de) = self.vault.kv_read(&dpath, None).await? else {
+                return Err(Error::shredded());
+            };
+            let rec = DekRecord::parse(&de.data, de.version)?;
+            let Some(cur) = rec.version(n) else {
+                return Err(Error::internal("the new DEK version vanished"));
+            };
+            let mut data = se.data.clone();
+            data["dek_version"] = json!(n);
+            data["wrapped"] = json!(cur.wrapped.as_str());
+            if let CasOutcome::Written(_) =
+                self.vault.kv_write_cas(&spath, &data, se.version).await?
+            {
+                break;
+            }
+        }
+        // A shred that claimed the subject meanwhile destroys the record with every version
+        // (KV metadata delete); nothing was sealed with the new one.
+        check_state(self.store.state(&ks.name, &href).await?)?;
+        if pushed {
+            tracing::info!(keyspace = %ks.name, subject_ref = ?sref, dek_version = n, "subject DEK rotated");
+        }
+        Ok((key_id, n, pushed))
+    }
+
+    /// `key` if it may make `n` more encryptions now (a memory-only check on the warm path);
+    /// else reserves blocks in the store until it may, and rotates the subject's DEK when the
+    /// version reached its use or age limit, returning the new current key. With `n` of at most one block, a reservation leaves
+    /// three quarters of a block or more; when fewer than a quarter are left, the next block is
+    /// reserved in the background, so a steady stream of encryptions rarely waits for the store.
+    pub async fn ensure_uses(
+        self: &Arc<Self>,
+        key: Arc<DekEntry>,
+        n: u64,
+    ) -> Result<Arc<DekEntry>> {
+        let mut key = key;
+        for _ in 0..4 {
+            let ks = self.keyspace(&key.keyspace)?;
+            let lim = ks.limits;
+            let left = key.available();
+            if left >= n {
+                if left.saturating_sub(n) < lim.block / 4 {
+                    self.prefetch(&key);
+                }
+                return Ok(key);
+            }
+            if let Some(reason) = self.reserve(ks, &key, n.saturating_sub(left)).await? {
+                key = self.rotate_for_limit(ks, &key, reason).await?;
+            }
+        }
+        Err(Error::ResourceExhausted {
+            reason: Reason::KeyUsageExhausted,
+            message: "this subject's data key reached its encryption limit".into(),
+        })
+    }
+
+    /// Reserves blocks for at least `want` more uses of `key`; `Some(reason)` if the version
+    /// is at its limit instead (what was granted below the limit is still granted).
+    async fn reserve(
+        &self,
+        ks: &Keyspace,
+        key: &DekEntry,
+        want: u64,
+    ) -> Result<Option<crate::metrics::RotationReason>> {
+        let lim = ks.limits;
+        let block = lim.block.max(want);
+        let now = now_i64();
+        let (total, first_at) = self
+            .store
+            .reserve_dek_uses(
+                &ks.name,
+                &key.id.key_id.to_hex(),
+                key.id.dek_version,
+                block,
+                now,
+            )
+            .await?;
+        crate::metrics::dek_uses_reserved(&ks.name, block);
+        let granted = lim.granted(total, block);
+        key.grant(granted);
+        if lim.too_old(first_at, now) {
+            return Ok(Some(crate::metrics::RotationReason::Age));
+        }
+        Ok((granted < want).then_some(crate::metrics::RotationReason::Uses))
+    }
+
+    /// Reserves the next block of `key` in the background (one reservation at a time per
+    /// entry), called by [`ensure_uses`](Self::ensure_uses) when less than a quarter block is
+    /// left.
+    fn prefetch(self: &Arc<Self>, key: &Arc<DekEntry>) {
+        if key
+            .prefetching
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            return;
+        }
+        let me = self.clone();
+        let key = key.clone();
+        tokio::spawn(async move {
+            if let Ok(ks) = me.keyspace(&key.keyspace)
+                && let Err(e) = me.reserve(ks, &key, 1).await
+            {
+                tracing::warn!(error = %e, "could not reserve DEK uses ahead; the next encryption will");
+            }
+            key.prefetching
+                .store(false, std::sync::atomic::Ordering::Release);
+        });
+    }
+
+    /// Rotates the subject of `key` because its version reached a limit (one new version
+    /// across replicas: only if the version is still current), and returns the new current key.
+    async fn rotate_for_limit(
+        &self,
+        ks: &Keyspace,
+        key: &DekEntry,
+        reason: crate::metrics::RotationReason,
+    ) -> Result<Arc<DekEntry>> {
+        let path = dek_path(&ks.name, &key.id.key_id);
+        let Some(e) = self.vault.kv_read(&path, None).await? else {
+            return Err(Error::shredded());
+        };
+        let rec = DekRecord::parse(&e.data, e.version)?;
+        let sref = SubjectRef::from_hex(&rec.subject_ref)
+            .ok_or_else(|| Error::internal("malformed DEK record in Vault: subject_ref"))?;
+        let (_, _, made) = self
+            .rotate_subject(&ks.name, &sref, Some(key.id.dek_version))
+            .await?;
+        if made {
+            crate::metrics::dek_rotation(&ks.name, reason);
+        } else {
+            // Another replica rotated first; its eviction may not have reached us yet.
+            self.evict(&ks.name, &sref.to_hex(), &[]);
+        }
+        self.key_for_subject_ref(&ks.name, &sref).await
+    }
+
+    /// The key that re-encrypts what `old` sealed (Rewrap): the current DEK of `old`'s
+    /// subject, as Encrypt would use it. From the subject index if cached; else the DEK
+    /// record names the subject, whose current key is then loaded (and cached) as for Encrypt.
+    pub async fn current_key_of(&self, old: &DekEntry) -> Result<Arc<DekEntry>> {
+        let ks = self.keyspace(&old.keyspace)?;
+        let tag = old.subject();
+        if tag != SubjectTag::default()
+            && let Some(e) = self.by_subject.get_at(&tag, Tick::now())
+            && (Arc::ptr_eq(&e.keyspace, &ks.name) || e.keyspace == ks.name)
+        {
+            return Ok(e);
+        }
+        let path = dek_path(&ks.name, &old.id.key_id);
+        let Some(e) = self.vault.kv_read(&path, None).await? else {
+            return Err(Error::shredded());
+        };
+        let rec = DekRecord::parse(&e.data, e.version)?;
+        let sref = SubjectRef::from_hex(&rec.subject_ref)
+            .ok_or_else(|| Error::internal("malformed DEK record in Vault: subject_ref"))?;
+        self.key_for_subject_ref(&ks.name, &sref).await
     }
 
     async fn register(

@@ -22,5 +22,6 @@ pub mod index_keys;
 pub mod kek;
 pub mod manager;
 pub mod record;
+pub mod usage;
 
 pub use manager::{KeyManager, SubjectRef};

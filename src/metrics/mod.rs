@@ -13,6 +13,9 @@
 //! - `piiguard_vault_request_duration_seconds{op}`, `piiguard_vault_errors_total{op}` ([`vault_call`]:
 //!   `dek_load` for cache misses, `sign` for audit checkpoints)
 //! - `piiguard_shreds_total{outcome}` ([`shred`], for the erasure service)
+//! - `piiguard_dek_rotations_total{keyspace,reason}` ([`dek_rotation`]: `requested`, `uses`,
+//!   `age`), `piiguard_dek_uses_reserved_total{keyspace}` ([`dek_uses_reserved`]: encryptions
+//!   reserved in the store in blocks, docs/KEYS.md#usage-limits)
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -220,4 +223,38 @@ pub fn vault_call(op: &'static str, elapsed: Duration, ok: bool) {
 /// Records one shred (for the erasure service).
 pub fn shred(outcome: &'static str) {
     metrics::counter!("piiguard_shreds_total", "outcome" => outcome).increment(1);
+}
+
+/// Why a subject's DEK got a new version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RotationReason {
+    /// `Keys.RotateSubjectKey`.
+    Requested,
+    /// The version reached the keyspace's `max_dek_uses`.
+    Uses,
+    /// The version reached the keyspace's `max_dek_age_secs`.
+    Age,
+}
+
+impl RotationReason {
+    /// The label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            RotationReason::Requested => "requested",
+            RotationReason::Uses => "uses",
+            RotationReason::Age => "age",
+        }
+    }
+}
+
+/// Records one subject DEK rotation made by this replica.
+pub fn dek_rotation(keyspace: &str, reason: RotationReason) {
+    metrics::counter!("piiguard_dek_rotations_total", "keyspace" => keyspace.to_string(), "reason" => reason.as_str())
+        .increment(1);
+}
+
+/// Records `n` encryptions reserved in the store for one DEK version of `keyspace`.
+pub fn dek_uses_reserved(keyspace: &str, n: u64) {
+    metrics::counter!("piiguard_dek_uses_reserved_total", "keyspace" => keyspace.to_string())
+        .increment(n);
 }

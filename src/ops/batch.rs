@@ -106,10 +106,21 @@ impl Engine {
         crate::metrics::dek_cache_hits(hits);
         self.load_missing(&mut runs, |(ks, subj)| self.keys.key_for_subject(ks, subj))
             .await;
+        // Each run's key must cover the run's items (reserving blocks or rotating if not; a
+        // memory-only check when it does).
+        let mut per_run = vec![0u64; runs.len()];
+        for (_, run) in prepared.iter().flatten() {
+            per_run[*run] += 1;
+        }
+        for (r, n) in runs.iter_mut().zip(per_run) {
+            if let Some(Ok(k)) = &r.key {
+                r.key = Some(self.keys.ensure_uses(k.clone(), n).await);
+            }
+        }
         // The audit record lists the keys used (the subjects' DEKs).
         for r in &runs {
             if let Some(Ok(k)) = &r.key {
-                g.note_key(&k.keyspace, &k.key_id);
+                g.note_key(&k.keyspace, &k.id.key_id);
             }
         }
         let valid = prepared.iter().filter(|p| p.is_ok()).count();
@@ -117,7 +128,6 @@ impl Engine {
             envelope::random_nonces(valid).map_err(|_| Error::internal("CSPRNG failed"))?;
         let mut nonces = nonces.iter();
         let mut prep: Option<(usize, envelope::PreparedKeys<'_>)> = None;
-        let max_uses = self.keys.max_uses_per_dek();
         Ok(items
             .iter()
             .zip(prepared)
@@ -127,7 +137,7 @@ impl Engine {
                         .next()
                         .ok_or_else(|| Error::internal("batch nonce missing"))?;
                     let (key, pk) = run_key(&runs, run, &mut prep)?;
-                    seal_item(key, max_uses, Some((pk, nonce)), i, &ctx)
+                    seal_item(key, Some((pk, nonce)), i, &ctx)
                 });
                 g.item_result(&r);
                 r

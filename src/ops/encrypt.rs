@@ -56,8 +56,9 @@ impl Engine {
         let sref = self.keys.subject_ref(i.keyspace, i.subject)?;
         g.note_subject(i.keyspace, &sref);
         let key = observed(self.keys.key_for_subject_ref(i.keyspace, &sref)).await?;
-        g.note_key(i.keyspace, &key.key_id);
-        seal_item(&key, self.keys.max_uses_per_dek(), None, i, &ctx)
+        let key = self.keys.ensure_uses(key, 1).await?;
+        g.note_key(i.keyspace, &key.id.key_id);
+        seal_item(&key, None, i, &ctx)
     }
 
     /// Encrypts on piiguard's own behalf (canary records made by an admin call), outside any
@@ -69,9 +70,7 @@ impl Engine {
         self.check_encrypt(i)?;
         let ctx = parse_context(i.context)?;
         let key = self.keys.key_for_subject(i.keyspace, i.subject).await?;
-        Ok((
-            seal_item(&key, self.keys.max_uses_per_dek(), None, i, &ctx)?,
-            key.key_id,
-        ))
+        let key = self.keys.ensure_uses(key, 1).await?;
+        Ok((seal_item(&key, None, i, &ctx)?, key.id.key_id))
     }
 }

@@ -1,4 +1,4 @@
-//! The data operations (encrypt, decrypt and their batch forms), independent of gRPC: inputs
+//! The data operations (encrypt, decrypt, rewrap and their batch forms), independent of gRPC: inputs
 //! are validated here, keys come from the [`KeyManager`], bytes from [`crate::crypto`].
 //!
 //! Every operation is authorised through the call's [`Guard`], per item and after validation
@@ -10,12 +10,14 @@ pub mod batch;
 pub mod decrypt;
 pub mod encrypt;
 pub mod erasure;
+pub mod rewrap;
 pub mod search;
 pub mod tokens;
 pub mod unseal;
 
 pub use decrypt::DecryptInput;
 pub use encrypt::EncryptInput;
+pub use rewrap::{RewrapInput, Rewrapped};
 pub use unseal::{UnsealInput, Unsealed};
 
 use std::collections::BTreeMap;
@@ -65,11 +67,10 @@ where
 }
 
 /// Seals one item with its key: with prepared keys and a nonce drawn by the batch, or (unary
-/// calls) a fresh nonce and a one-off key schedule. `ctx` is the validated context. `max_uses`
-/// is [`KeyManager::max_uses_per_dek`].
+/// calls) a fresh nonce and a one-off key schedule. `ctx` is the validated context. The key
+/// must have been through [`KeyManager::ensure_uses`] (its reserved uses are spent here).
 pub(crate) fn seal_item(
     key: &DekEntry,
-    max_uses: u64,
     batch: Option<(
         &envelope::PreparedKeys<'_>,
         &[u8; crate::crypto::aead::NONCE_LEN],
@@ -77,7 +78,7 @@ pub(crate) fn seal_item(
     i: &EncryptInput<'_>,
     ctx: &BTreeMap<&str, &str>,
 ) -> Result<Vec<u8>> {
-    if !key.try_use(max_uses) {
+    if !key.try_use() {
         return Err(Error::ResourceExhausted {
             reason: Reason::KeyUsageExhausted,
             message: "this subject's data key reached its encryption limit".into(),
@@ -87,8 +88,8 @@ pub(crate) fn seal_item(
         Some((prepared, nonce)) => envelope::seal_prepared(
             prepared,
             &key.keyspace,
-            &key.key_id,
-            key.dek_version,
+            &key.id.key_id,
+            key.id.dek_version,
             i.field,
             ctx,
             i.plaintext,
@@ -97,8 +98,8 @@ pub(crate) fn seal_item(
         None => envelope::seal(
             &key.keys,
             &key.keyspace,
-            &key.key_id,
-            key.dek_version,
+            &key.id.key_id,
+            key.id.dek_version,
             i.field,
             ctx,
             i.plaintext,

@@ -219,7 +219,7 @@ impl TokenEngine {
     }
 
     fn seal(&self, dek: &DekEntry, field: &str, token_hash: &str, value: &str) -> Result<String> {
-        if !dek.try_use(self.keys.max_uses_per_dek()) {
+        if !dek.try_use() {
             return Err(Error::ResourceExhausted {
                 reason: Reason::KeyUsageExhausted,
                 message: "this subject's data key reached its encryption limit".into(),
@@ -229,8 +229,8 @@ impl TokenEngine {
         let ct = envelope::seal(
             &dek.keys,
             &dek.keyspace,
-            &dek.key_id,
-            dek.dek_version,
+            &dek.id.key_id,
+            dek.id.dek_version,
             field,
             &ctx,
             value.as_bytes(),
@@ -248,6 +248,8 @@ impl TokenEngine {
             .keys
             .key_for_subject_ref(i.keyspace, &subject_ref)
             .await?;
+        // One use reserved (a token seals its value once; a retry after a collision is rare).
+        let dek = self.keys.ensure_uses(dek, 1).await?;
         let sref = subject_ref.to_hex();
         let now = now_i64();
         let expires_at = (i.ttl_secs > 0)

@@ -8,7 +8,9 @@ use crate::access::guard::{Guard, Sentry};
 use crate::access::policy::{Op, RevealMode};
 use crate::error::{Error, Reason};
 use crate::ops::search::{BlindIndexInput, BlindIndexed};
-use crate::ops::{DecryptInput, EncryptInput, Engine, UnsealInput, Unsealed};
+use crate::ops::{
+    DecryptInput, EncryptInput, Engine, RewrapInput, Rewrapped, UnsealInput, Unsealed,
+};
 use crate::pb;
 use crate::pb::crypto_server::Crypto;
 use crate::service::item_error;
@@ -56,6 +58,24 @@ fn encrypt_result(res: Result<Vec<u8>, Error>, blind_index: String) -> pb::Encry
             Err(e) => pb::encrypt_result::Result::Error(item_error(&e)),
         }),
         blind_index,
+    }
+}
+
+fn rewrap_input(r: &pb::RewrapRequest) -> RewrapInput<'_> {
+    RewrapInput {
+        keyspace: &r.keyspace,
+        field: &r.field,
+        ciphertext: &r.ciphertext,
+        context: &r.context,
+        // Unspecified keeps the input's form (binary or text); TEXT asks for text.
+        text: (r.encoding == pb::CiphertextEncoding::Text as i32).then_some(true),
+    }
+}
+
+fn rewrap_response(r: Rewrapped) -> pb::RewrapResponse {
+    pb::RewrapResponse {
+        ciphertext: r.ciphertext,
+        changed: r.changed,
     }
 }
 
@@ -368,16 +388,41 @@ impl Crypto for CryptoService {
 
     async fn rewrap(
         &self,
-        _request: Request<pb::RewrapRequest>,
+        request: Request<pb::RewrapRequest>,
     ) -> Result<Response<pb::RewrapResponse>, Status> {
-        Err(not_yet("Rewrap"))
+        let mut g = self.sentry.begin(&request, "Rewrap", Op::Rewrap)?;
+        let r = request.into_inner();
+        let result = self
+            .engine
+            .rewrap(&mut g, &rewrap_input(&r))
+            .await
+            .map(rewrap_response);
+        g.finish(result)
     }
 
     async fn rewrap_batch(
         &self,
-        _request: Request<pb::RewrapBatchRequest>,
+        request: Request<pb::RewrapBatchRequest>,
     ) -> Result<Response<pb::RewrapBatchResponse>, Status> {
-        Err(not_yet("RewrapBatch"))
+        let mut g = self.sentry.begin(&request, "RewrapBatch", Op::Rewrap)?;
+        let r = request.into_inner();
+        let inputs: Vec<_> = r.items.iter().map(rewrap_input).collect();
+        let result = self
+            .engine
+            .rewrap_batch(&mut g, &inputs)
+            .await
+            .map(|results| pb::RewrapBatchResponse {
+                results: results
+                    .into_iter()
+                    .map(|res| pb::RewrapResult {
+                        result: Some(match res {
+                            Ok(v) => pb::rewrap_result::Result::Value(rewrap_response(v)),
+                            Err(e) => pb::rewrap_result::Result::Error(item_error(&e)),
+                        }),
+                    })
+                    .collect(),
+            });
+        g.finish(result)
     }
 
     async fn blind_index(
@@ -416,8 +461,4 @@ impl Crypto for CryptoService {
             });
         g.finish(result)
     }
-}
-
-fn not_yet(method: &str) -> Status {
-    Status::unimplemented(format!("Crypto.{method} is not available in this build"))
 }

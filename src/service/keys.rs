@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 
 use crate::access::guard::{Guard, Sentry};
 use crate::access::policy::Op;
-use crate::domain::names::Keyspace;
+use crate::domain::names::{Keyspace, SubjectId};
 use crate::domain::time::rfc3339_secs;
 use crate::error::{Error, Reason};
 use crate::keys::kek::{KekRotation, KeyStatus};
@@ -17,9 +17,7 @@ use crate::pb::keys_server::Keys;
 
 /// The Keys service.
 pub struct KeysService {
-    #[allow(dead_code)]
     sentry: Arc<Sentry>,
-    #[allow(dead_code)]
     keys: Arc<KeyManager>,
     kek: Arc<KekRotation>,
 }
@@ -65,7 +63,7 @@ fn secs(t: i64) -> String {
     }
 }
 
-/// The response of GetKeyStatus (DEK usage fields are left to the DEK lifecycle).
+/// The KEK part of GetKeyStatus's response (the DEK usage fields are filled by the caller).
 fn status_response(keyspace: &str, s: &KeyStatus) -> pb::GetKeyStatusResponse {
     let counts = s.counts();
     let job = s.job.clone().unwrap_or_default();
@@ -106,10 +104,6 @@ fn status_response(keyspace: &str, s: &KeyStatus) -> pb::GetKeyStatusResponse {
         dek_use_limit: 0,
         counts_scanned_at: secs(job.scanned_at),
     }
-}
-
-fn not_yet(method: &str) -> Status {
-    Status::unimplemented(format!("Keys.{method} is not available in this build"))
 }
 
 #[tonic::async_trait]
@@ -227,7 +221,13 @@ impl Keys for KeysService {
     ) -> Result<Response<pb::GetKeyStatusResponse>, Status> {
         let ks = request.get_ref().keyspace.clone();
         let g = self.begin_keyspace(&request, "GetKeyStatus", &ks)?;
-        let r = self.kek.status(&ks).await.map(|s| status_response(&ks, &s));
+        let r = async {
+            let mut out = status_response(&ks, &self.kek.status(&ks).await?);
+            out.max_dek_uses = self.keys.store().max_dek_uses(&ks).await?;
+            out.dek_use_limit = self.keys.dek_use_limit(&ks)?;
+            Ok(out)
+        }
+        .await;
         g.finish(r)
     }
 
@@ -267,9 +267,12 @@ impl Keys for KeysService {
 
     async fn rotate_subject_key(
         &self,
-        _request: Request<pb::RotateSubjectKeyRequest>,
+        request: Request<pb::RotateSubjectKeyRequest>,
     ) -> Result<Response<pb::RotateSubjectKeyResponse>, Status> {
-        Err(not_yet("RotateSubjectKey"))
+        let mut g = self.sentry.begin(&request, "RotateSubjectKey", Op::Keys)?;
+        let r = request.into_inner();
+        let result = rotate_subject_key(&self.keys, &mut g, &r).await;
+        g.finish(result)
     }
 }
 
@@ -303,4 +306,24 @@ fn spki_fingerprint(pem: &str) -> Result<String, Error> {
         &aws_lc_rs::digest::SHA256,
         &der,
     )))
+}
+
+/// `Keys.RotateSubjectKey`: validated, authorised (`keys` on the keyspace), audited with the
+/// subject reference only.
+async fn rotate_subject_key(
+    keys: &KeyManager,
+    g: &mut Guard,
+    r: &pb::RotateSubjectKeyRequest,
+) -> Result<pb::RotateSubjectKeyResponse, Error> {
+    SubjectId::parse(&r.subject)?;
+    let sref = keys.subject_ref(&r.keyspace, &r.subject)?;
+    g.authorize(Op::Keys, Some(&r.keyspace), None)?;
+    g.note_subject(&r.keyspace, &sref);
+    let (key_id, dek_version, _) = keys.rotate_subject(&r.keyspace, &sref, None).await?;
+    g.note_key(&r.keyspace, &key_id);
+    crate::metrics::dek_rotation(&r.keyspace, crate::metrics::RotationReason::Requested);
+    Ok(pb::RotateSubjectKeyResponse {
+        dek_version,
+        key_id: key_id.to_hex(),
+    })
 }

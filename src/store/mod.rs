@@ -372,6 +372,16 @@ impl Store {
                     intent TEXT NOT NULL,
                     at BIGINT NOT NULL)"
             ),
+            // Encryptions reserved per DEK version (docs/KEYS.md#usage-limits); added in
+            // schema 2 (older binaries do not read it).
+            "CREATE TABLE IF NOT EXISTS dek_uses (
+                keyspace TEXT NOT NULL,
+                key_id TEXT NOT NULL,
+                dek_version BIGINT NOT NULL,
+                reserved BIGINT NOT NULL,
+                first_at BIGINT NOT NULL,
+                PRIMARY KEY (keyspace, key_id, dek_version))"
+                .into(),
             "CREATE TABLE IF NOT EXISTS certificates (
                 certificate_id TEXT PRIMARY KEY,
                 keyspace TEXT NOT NULL,
@@ -877,6 +887,52 @@ impl Store {
             ))
         })
         .transpose()
+    }
+
+    /// Reserves `block` more encryptions of one DEK version for this process, in one round
+    /// trip: returns the total reserved so far across every replica and restart (this block
+    /// included) and when the first block was reserved (Unix seconds). A process that dies
+    /// loses its unused part, which stays counted as used.
+    pub async fn reserve_dek_uses(
+        &self,
+        keyspace: &str,
+        key_id: &str,
+        dek_version: u32,
+        block: u64,
+        now: i64,
+    ) -> Result<(u64, i64)> {
+        let block = i64::try_from(block).unwrap_or(i64::MAX);
+        let row = sqlx::query(
+            "INSERT INTO dek_uses (keyspace, key_id, dek_version, reserved, first_at)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (keyspace, key_id, dek_version)
+             DO UPDATE SET reserved = dek_uses.reserved + excluded.reserved
+             RETURNING reserved, first_at",
+        )
+        .bind(keyspace)
+        .bind(key_id)
+        .bind(i64::from(dek_version))
+        .bind(block)
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db)?;
+        let reserved: i64 = row.try_get("reserved").map_err(db)?;
+        let first_at: i64 = row.try_get("first_at").map_err(db)?;
+        Ok((u64::try_from(reserved).unwrap_or(0), first_at))
+    }
+
+    /// The most encryptions reserved for any one DEK version of a keyspace (0 if none): how
+    /// close the most used key is to `max_dek_uses`, for `Keys.GetKeyStatus`.
+    pub async fn max_dek_uses(&self, keyspace: &str) -> Result<u64> {
+        let row =
+            sqlx::query("SELECT COALESCE(MAX(reserved), 0) AS m FROM dek_uses WHERE keyspace = $1")
+                .bind(keyspace)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(db)?;
+        let m: i64 = row.try_get("m").map_err(db)?;
+        Ok(u64::try_from(m).unwrap_or(0))
     }
 
     /// Publishes an eviction for every replica: one transaction that inserts the row and, on

@@ -328,7 +328,12 @@ async fn kek_rotation_under_load_loses_nothing_and_retires_after_the_rewrap() {
             .min_decryption_version,
         2
     );
-    assert_eq!(status(&mut k, "orders").await.kek_min_decryption_version, 2);
+    let st = status(&mut k, "orders").await;
+    assert_eq!(st.kek_min_decryption_version, 2);
+    // The DEK usage counts: the configured limit (default 2^30), and the most used version has
+    // at least one reserved block.
+    assert_eq!(st.dek_use_limit, 1 << 30);
+    assert!(st.max_dek_uses > 0, "{:?}", st.max_dek_uses);
 
     // A restart empties the cache: every ciphertext, from before and during the rotation,
     // decrypts with DEKs unwrapped by Vault, v1 retired.

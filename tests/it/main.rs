@@ -16,6 +16,7 @@ mod erasure_review;
 mod eviction_review;
 mod golden_vectors;
 mod kek_rotation;
+mod key_rotation;
 mod known_answers;
 mod lifecycle;
 mod mtls;

@@ -34,6 +34,7 @@ use crate::crypto::envelope::KeyId;
 use crate::error::{Error, Reason, Result};
 use crate::keys::KeyManager;
 use crate::keys::manager::{dek_path, now_i64, subject_path, subject_record_key};
+use crate::keys::record::DekRecord;
 use crate::store::{Certified, DueRow, ShredClaim, Store, SubjectState};
 use crate::vault::signer::Signer;
 use certificate::{Certificate, DestroyedKey, Payload};
@@ -327,17 +328,29 @@ impl Erasure {
         state: SubjectState,
     ) -> Result<(String, Vec<(KeyId, u32)>)> {
         let mut keys = parse_intent(recorded)?;
-        if let Some(e) = self
-            .keys
-            .vault()
-            .kv_read(&subject_path(ks, sref), None)
-            .await?
-        {
+        let vault = self.keys.vault();
+        if let Some(e) = vault.kv_read(&subject_path(ks, sref), None).await? {
             let k = subject_record_key(&e.data)?;
-            if !keys.iter().any(|(id, _)| *id == k.0) {
+            if !keys.contains(&k) {
                 keys.push(k);
             }
         }
+        // Every version of every key (a rotated subject has several; the DEK record lists
+        // them all, the subject record only the current one). The certificate names each.
+        let mut ids: Vec<KeyId> = keys.iter().map(|(k, _)| *k).collect();
+        ids.sort();
+        ids.dedup();
+        for id in ids {
+            if let Some(e) = vault.kv_read(&dek_path(ks, &id), None).await? {
+                let rec = DekRecord::parse(&e.data, e.version)?;
+                for v in rec.versions.keys() {
+                    if !keys.contains(&(id, *v)) {
+                        keys.push((id, *v));
+                    }
+                }
+            }
+        }
+        keys.sort();
         let intent = intent_json(&keys);
         if intent != recorded && !self.store.record_intent(ks, sref, &intent, state).await? {
             return Err(Error::internal(
@@ -399,12 +412,16 @@ impl Erasure {
         fail_point("shred-after-intent").await;
 
         let now = now_i64();
-        let key_hex: Vec<String> = keys.iter().map(|(k, _)| k.to_hex()).collect();
+        // One tombstone and one DEK record per key id, whatever its versions.
+        let mut key_ids: Vec<KeyId> = keys.iter().map(|(k, _)| *k).collect();
+        key_ids.sort();
+        key_ids.dedup();
+        let key_hex: Vec<String> = key_ids.iter().map(KeyId::to_hex).collect();
         self.store.add_tombstones(ks, sref, &key_hex, now).await?;
         self.evict_everywhere(ks, sref, &intent, &keys).await?;
 
         let vault = self.keys.vault();
-        let mut paths: Vec<String> = keys.iter().map(|(k, _)| dek_path(ks, k)).collect();
+        let mut paths: Vec<String> = key_ids.iter().map(|k| dek_path(ks, k)).collect();
         paths.push(subject_path(ks, sref));
         for p in &paths {
             vault.kv_delete_metadata(p).await?;
