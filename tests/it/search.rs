@@ -184,12 +184,14 @@ async fn blind_indexes_rotation_masked_reveals_and_shred() {
         Code::PermissionDenied,
         "POLICY_DENIED",
     );
-    // Encrypt with blind_index needs `index` too (the writer has none on phone).
+    // Encrypt with blind_index needs `index` too (the writer has none on phone), and a value
+    // with no normal form fails it; either way nothing is sealed and no key is made.
+    let subjects_before = env.kv_list("subjects/orders").await;
     refused(
         writer
             .encrypt(indexed(enc(
                 "orders",
-                "cust-s1",
+                "cust-fresh",
                 "phone",
                 b"+44 20 7946 0958",
             )))
@@ -197,6 +199,19 @@ async fn blind_indexes_rotation_masked_reveals_and_shred() {
         Code::PermissionDenied,
         "POLICY_DENIED",
     );
+    refused(
+        writer
+            .encrypt(indexed(enc(
+                "orders",
+                "cust-fresh",
+                "email",
+                b"not-an-address",
+            )))
+            .await,
+        Code::InvalidArgument,
+        "VALUE_NOT_NORMALISABLE",
+    );
+    assert_eq!(env.kv_list("subjects/orders").await, subjects_before);
     // Batch forms: each item its own result.
     let b = search
         .blind_index_batch(pb::BlindIndexBatchRequest {
