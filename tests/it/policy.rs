@@ -283,7 +283,7 @@ fn policy_check_cli() {
     };
     let ok = run(&good);
     assert!(ok.status.success());
-    assert!(String::from_utf8_lossy(&ok.stdout).contains("valid, 4 grant(s)"));
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("valid, 5 grant(s)"));
     let no = run(&bad);
     assert_eq!(no.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&no.stderr).contains("`keyspaces` is required"));
