@@ -104,7 +104,6 @@ async fn vault_paused_then_killed_and_restarted_under_mixed_load() {
                     (_, 1) => "warm encrypt",
                     _ => "warm tokenize",
                 };
-                let ph = *phase.lock().unwrap();
                 let started = Instant::now();
                 let cold_subject = format!("vf-cold-{n}");
                 let result: Result<Option<Vec<u8>>, tonic::Status> = match kind {
@@ -142,6 +141,8 @@ async fn vault_paused_then_killed_and_restarted_under_mixed_load() {
                             None
                         }),
                 };
+                // A call counts in the phase in which it ended: what callers saw during it.
+                let ph = *phase.lock().unwrap();
                 {
                     let mut g = tally.lock().unwrap();
                     let e = g.counts.entry((ph, kind)).or_default();
