@@ -374,11 +374,14 @@ pub fn kek_policy<'a>(transit: &str, keyspaces: impl Iterator<Item = &'a str>) -
     let mut out = String::from("\n# KEK rotation and retirement, per keyspace (docs/KEYS.md).\n");
     for ks in keyspaces {
         let kek = kek_name(ks);
-        for op in ["rotate", "config"] {
-            out.push_str(&format!(
-                "path \"{transit}/keys/{kek}/{op}\" {{\n  capabilities = [\"update\"]\n}}\n"
-            ));
-        }
+        out.push_str(&format!(
+            "path \"{transit}/keys/{kek}/rotate\" {{\n  capabilities = [\"update\"]\n}}\n"
+        ));
+        // Only the two settings piiguard makes: never `exportable`, `deletion_allowed` or
+        // `allow_plaintext_backup`.
+        out.push_str(&format!(
+            "path \"{transit}/keys/{kek}/config\" {{\n  capabilities = [\"update\"]\n  allowed_parameters = {{\n    \"min_decryption_version\" = []\n    \"auto_rotate_period\" = []\n  }}\n}}\n"
+        ));
     }
     out
 }
