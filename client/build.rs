@@ -50,7 +50,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ".piiguard.v1.BlindIndexBatchRequest",
             ".piiguard.v1.RotateSubjectKeyRequest",
         ])
-        .compile_protos(&files, &[proto.clone()])?;
+        .compile_protos(&files, std::slice::from_ref(&proto))?;
     println!("cargo:rerun-if-changed={}", proto.display());
     Ok(())
 }

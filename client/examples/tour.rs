@@ -82,7 +82,12 @@ async fn main() -> Result<(), Error> {
     println!("tokenize / detokenize: ok");
 
     let r = erasure
-        .shred(&format!("{subject}-1"), "orders", &format!("gdpr-{run}"), "erasure request")
+        .shred(
+            &format!("{subject}-1"),
+            "orders",
+            &format!("gdpr-{run}"),
+            "erasure request",
+        )
         .await?;
     println!("shred: {} keyspace(s) answered", r.keyspaces.len());
     match orders.decrypt("email", ct).await {

@@ -196,7 +196,10 @@ impl Client {
     }
 
     /// Encrypt with every option (context, binary encoding, blind index). Idempotent.
-    pub async fn encrypt_with(&self, req: pb::EncryptRequest) -> Result<pb::EncryptResponse, Error> {
+    pub async fn encrypt_with(
+        &self,
+        req: pb::EncryptRequest,
+    ) -> Result<pb::EncryptResponse, Error> {
         self.call("Crypto/Encrypt", Idempotency::Idempotent, req, |r| {
             let mut c = self.crypto();
             async move { c.encrypt(r).await }
@@ -206,7 +209,11 @@ impl Client {
 
     /// Decrypts a ciphertext (binary or text form) of `field`; the plaintext is wiped when
     /// dropped. Idempotent.
-    pub async fn decrypt(&self, field: &str, ciphertext: &[u8]) -> Result<Zeroizing<Vec<u8>>, Error> {
+    pub async fn decrypt(
+        &self,
+        field: &str,
+        ciphertext: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, Error> {
         let mut r = self
             .decrypt_with(pb::DecryptRequest {
                 field: field.into(),
@@ -218,7 +225,10 @@ impl Client {
     }
 
     /// Decrypt with every option (context, keyspace check, masked reveal). Idempotent.
-    pub async fn decrypt_with(&self, req: pb::DecryptRequest) -> Result<pb::DecryptResponse, Error> {
+    pub async fn decrypt_with(
+        &self,
+        req: pb::DecryptRequest,
+    ) -> Result<pb::DecryptResponse, Error> {
         self.call("Crypto/Decrypt", Idempotency::Idempotent, req, |r| {
             let mut c = self.crypto();
             async move { c.decrypt(r).await }
@@ -351,7 +361,10 @@ impl Client {
 
     /// Tokenize with every option (format, keep_last, TTL); idempotency as
     /// [`tokenize`](Self::tokenize), by mode.
-    pub async fn tokenize_with(&self, req: pb::TokenizeRequest) -> Result<pb::TokenizeResponse, Error> {
+    pub async fn tokenize_with(
+        &self,
+        req: pb::TokenizeRequest,
+    ) -> Result<pb::TokenizeResponse, Error> {
         let idem = token_idempotency(req.mode);
         self.call("Tokens/Tokenize", idem, req, |r| {
             let mut c = self.tokens();
@@ -394,7 +407,11 @@ impl Client {
     }
 
     /// The value behind a token (wiped when dropped). Idempotent.
-    pub async fn detokenize(&self, keyspace: &str, token: &str) -> Result<Zeroizing<String>, Error> {
+    pub async fn detokenize(
+        &self,
+        keyspace: &str,
+        token: &str,
+    ) -> Result<Zeroizing<String>, Error> {
         let req = pb::DetokenizeRequest {
             keyspace: keyspace.into(),
             token: token.into(),
@@ -444,10 +461,15 @@ impl Client {
             subject: subject.into(),
             keyspace: keyspace.into(),
         };
-        self.call("Erasure/GetShredStatus", Idempotency::Idempotent, req, |r| {
-            let mut c = self.erasure();
-            async move { c.get_shred_status(r).await }
-        })
+        self.call(
+            "Erasure/GetShredStatus",
+            Idempotency::Idempotent,
+            req,
+            |r| {
+                let mut c = self.erasure();
+                async move { c.get_shred_status(r).await }
+            },
+        )
         .await
     }
 }

@@ -193,7 +193,10 @@ impl ClientConfig {
                 key: key_path.clone(),
                 detail: causes(&e),
             })
-            .map(|ep| ep.connect_timeout(self.connect_timeout).timeout(self.deadline))
+            .map(|ep| {
+                ep.connect_timeout(self.connect_timeout)
+                    .timeout(self.deadline)
+            })
     }
 }
 
@@ -237,6 +240,9 @@ mod tests {
             .endpoint()
             .unwrap_err()
             .to_string();
-        assert!(m.contains("client certificate") && m.contains("svid.pem"), "{m}");
+        assert!(
+            m.contains("client certificate") && m.contains("svid.pem"),
+            "{m}"
+        );
     }
 }

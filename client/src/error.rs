@@ -95,7 +95,10 @@ const KNOWN: &[(Reason, &str)] = &[
     (Reason::ValueNotNormalisable, "VALUE_NOT_NORMALISABLE"),
     (Reason::MaskedRevealOnly, "MASKED_REVEAL_ONLY"),
     (Reason::MalformedEnvelope, "MALFORMED_ENVELOPE"),
-    (Reason::UnknownSealingKeyVersion, "UNKNOWN_SEALING_KEY_VERSION"),
+    (
+        Reason::UnknownSealingKeyVersion,
+        "UNKNOWN_SEALING_KEY_VERSION",
+    ),
     (Reason::KeyNotProvisioned, "KEY_NOT_PROVISIONED"),
     (Reason::KekVersionInUse, "KEK_VERSION_IN_USE"),
 ];
@@ -192,9 +195,7 @@ impl ConnectHint {
 impl fmt::Display for ConnectHint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            ConnectHint::ClientCertificateRefused => {
-                "the server refused the client certificate"
-            }
+            ConnectHint::ClientCertificateRefused => "the server refused the client certificate",
             ConnectHint::UnknownCa => "the server certificate is not issued by the configured CA",
             ConnectHint::WrongServerName => {
                 "the server certificate does not carry the configured server name"
@@ -371,11 +372,17 @@ mod tests {
 
     #[test]
     fn the_reason_and_correlation_id_come_from_error_info() {
-        let e = Error::from_status("Crypto/Decrypt", &status(Code::InvalidArgument, "DECRYPTION_FAILED"), 1);
+        let e = Error::from_status(
+            "Crypto/Decrypt",
+            &status(Code::InvalidArgument, "DECRYPTION_FAILED"),
+            1,
+        );
         assert_eq!(e.reason(), Some(&Reason::DecryptionFailed));
         assert!(!e.is_retryable());
         match &e {
-            Error::Rpc { correlation_id, .. } => assert_eq!(correlation_id.as_deref(), Some("00ff")),
+            Error::Rpc { correlation_id, .. } => {
+                assert_eq!(correlation_id.as_deref(), Some("00ff"))
+            }
             _ => unreachable!(),
         }
         let m = e.to_string();

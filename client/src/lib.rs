@@ -47,3 +47,73 @@ pub use retry::{Idempotency, RetryPolicy};
 pub mod pb {
     tonic::include_proto!("piiguard.v1");
 }
+
+#[cfg(test)]
+mod tests {
+    use std::marker::PhantomData;
+
+    use super::pb;
+
+    /// Autoref specialisation: `has_debug` is `HasDebug`'s when `T: Debug`, else `NoDebug`'s.
+    struct Probe<T>(PhantomData<T>);
+    trait HasDebug {
+        fn has_debug(&self) -> bool {
+            true
+        }
+    }
+    impl<T: std::fmt::Debug> HasDebug for Probe<T> {}
+    trait NoDebug {
+        fn has_debug(&self) -> bool {
+            false
+        }
+    }
+    impl<T> NoDebug for &Probe<T> {}
+    macro_rules! has_debug {
+        ($t:ty) => {
+            (&Probe::<$t>(PhantomData)).has_debug()
+        };
+    }
+
+    #[test]
+    fn messages_that_carry_pii_have_no_debug() {
+        // A control: a response that carries only a ciphertext may be printed.
+        assert!(has_debug!(pb::EncryptResponse));
+        assert!(has_debug!(pb::ShredResponse));
+        let no_debug = [
+            has_debug!(pb::EncryptRequest),
+            has_debug!(pb::EncryptBatchRequest),
+            has_debug!(pb::DecryptResponse),
+            has_debug!(pb::DecryptResult),
+            has_debug!(pb::DecryptBatchResponse),
+            has_debug!(pb::CreateCanaryRequest),
+            has_debug!(pb::TokenizeRequest),
+            has_debug!(pb::TokenizeResponse),
+            has_debug!(pb::TokenizeResult),
+            has_debug!(pb::TokenizeBatchRequest),
+            has_debug!(pb::TokenizeBatchResponse),
+            has_debug!(pb::DetokenizeRequest),
+            has_debug!(pb::DetokenizeResponse),
+            has_debug!(pb::DetokenizeResult),
+            has_debug!(pb::DetokenizeBatchRequest),
+            has_debug!(pb::DetokenizeBatchResponse),
+            has_debug!(pb::ShredRequest),
+            has_debug!(pb::GetShredStatusRequest),
+            has_debug!(pb::CancelShredRequest),
+            has_debug!(pb::SetRetentionRequest),
+            has_debug!(pb::UnsealRequest),
+            has_debug!(pb::UnsealResponse),
+            has_debug!(pb::UnsealResult),
+            has_debug!(pb::UnsealBatchRequest),
+            has_debug!(pb::UnsealBatchResponse),
+            has_debug!(pb::BlindIndexRequest),
+            has_debug!(pb::BlindIndexBatchRequest),
+            has_debug!(pb::RotateSubjectKeyRequest),
+        ];
+        for (i, d) in no_debug.iter().enumerate() {
+            assert!(
+                !d,
+                "message {i} of the list derives Debug: see client/build.rs skip_debug"
+            );
+        }
+    }
+}

@@ -227,7 +227,11 @@ mod tests {
     fn status(code: Code, reason: &str) -> Status {
         let mut md = HashMap::new();
         md.insert("correlation_id".to_string(), "c".to_string());
-        Status::with_error_details(code, "m", ErrorDetails::with_error_info(reason, "piiguard.dev", md))
+        Status::with_error_details(
+            code,
+            "m",
+            ErrorDetails::with_error_info(reason, "piiguard.dev", md),
+        )
     }
 
     fn policy() -> RetryPolicy {
@@ -248,13 +252,23 @@ mod tests {
     ) -> (Result<u32, Error>, u32, u64) {
         let calls = std::cell::Cell::new(0u32);
         let retries = AtomicU64::new(0);
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        let r = rt.block_on(run(&policy(), idem, "T/M", deadline, clock, &retries, |_left| {
-            calls.set(calls.get() + 1);
-            let n = calls.get();
-            let r = if Some(n) == ok_at { Ok(n) } else { Err(fail()) };
-            async move { r }
-        }));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let r = rt.block_on(run(
+            &policy(),
+            idem,
+            "T/M",
+            deadline,
+            clock,
+            &retries,
+            |_left| {
+                calls.set(calls.get() + 1);
+                let n = calls.get();
+                let r = if Some(n) == ok_at { Ok(n) } else { Err(fail()) };
+                async move { r }
+            },
+        ));
         (r, calls.get(), retries.load(Ordering::Relaxed))
     }
 
@@ -304,7 +318,13 @@ mod tests {
             (Code::PermissionDenied, "POLICY_DENIED"),
         ] {
             let c = FakeClock::new(0.5);
-            let (r, calls, retries) = go(Idempotency::Idempotent, || status(code, reason), None, LONG, &c);
+            let (r, calls, retries) = go(
+                Idempotency::Idempotent,
+                || status(code, reason),
+                None,
+                LONG,
+                &c,
+            );
             let e = r.unwrap_err();
             assert_eq!((calls, retries, e.attempts()), (1, 0, 1), "{reason}");
             assert!(!e.is_retryable(), "{reason}");
@@ -322,7 +342,10 @@ mod tests {
             &c,
         );
         assert_eq!(calls, 1);
-        assert!(r.unwrap_err().is_retryable(), "retryable, but not retried here");
+        assert!(
+            r.unwrap_err().is_retryable(),
+            "retryable, but not retried here"
+        );
         let (r, calls, _) = go(
             Idempotency::NotIdempotent,
             || status(Code::ResourceExhausted, "RATE_LIMITED"),
@@ -353,7 +376,8 @@ mod tests {
     fn a_server_retry_delay_is_the_least_pause() {
         let c = FakeClock::new(0.0);
         let fail = || {
-            let mut d = ErrorDetails::with_error_info("RATE_LIMITED", "piiguard.dev", HashMap::new());
+            let mut d =
+                ErrorDetails::with_error_info("RATE_LIMITED", "piiguard.dev", HashMap::new());
             d.set_retry_info(Some(Duration::from_millis(700)));
             Status::with_error_details(Code::ResourceExhausted, "slow down", d)
         };
