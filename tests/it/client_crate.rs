@@ -68,7 +68,13 @@ async fn the_client_crate_round_trips_maps_errors_and_retries_only_what_it_may()
         b"alice@example.com"
     );
     let token = orders
-        .tokenize("orders", "cc-1", "email", "alice@example.com", pb::TokenMode::Deterministic)
+        .tokenize(
+            "orders",
+            "cc-1",
+            "email",
+            "alice@example.com",
+            pb::TokenMode::Deterministic,
+        )
         .await
         .unwrap();
     assert_eq!(
@@ -90,7 +96,10 @@ async fn the_client_crate_round_trips_maps_errors_and_retries_only_what_it_may()
         .blind_indexes("orders", "email", b" Alice@Example.COM")
         .await
         .unwrap();
-    assert!(indexes.contains(&r.blind_index), "normalised lookup finds the row");
+    assert!(
+        indexes.contains(&r.blind_index),
+        "normalised lookup finds the row"
+    );
 
     // A batch split into chunks of 2: 5 items, 3 calls, results in order.
     let small = orders.reconfigured(
@@ -102,7 +111,14 @@ async fn the_client_crate_round_trips_maps_errors_and_retries_only_what_it_may()
         },
     );
     let items: Vec<pb::EncryptRequest> = (0..5)
-        .map(|i| enc("orders", &format!("cc-b{i}"), "email", format!("b{i}@example.com").as_bytes()))
+        .map(|i| {
+            enc(
+                "orders",
+                &format!("cc-b{i}"),
+                "email",
+                format!("b{i}@example.com").as_bytes(),
+            )
+        })
         .collect();
     let results = small.encrypt_batch(items).await.unwrap();
     assert_eq!(results.len(), 5);
@@ -144,7 +160,10 @@ async fn the_client_crate_round_trips_maps_errors_and_retries_only_what_it_may()
             assert_eq!(reason.as_ref(), Some(&Reason::DecryptionFailed));
             assert!(!retryable);
             assert_eq!(*attempts, 1);
-            assert!(correlation_id.as_deref().is_some_and(|c| c.len() == 16), "{e}");
+            assert!(
+                correlation_id.as_deref().is_some_and(|c| c.len() == 16),
+                "{e}"
+            );
         }
         other => panic!("expected an RPC error: {other}"),
     }
@@ -167,7 +186,13 @@ async fn the_client_crate_round_trips_maps_errors_and_retries_only_what_it_may()
     env.bao.stop();
     let before = orders.retries();
     let e = orders
-        .tokenize("orders", "cc-cold-t", "email", "c@example.com", pb::TokenMode::Random)
+        .tokenize(
+            "orders",
+            "cc-cold-t",
+            "email",
+            "c@example.com",
+            pb::TokenMode::Random,
+        )
         .await
         .unwrap_err();
     assert_eq!(e.reason(), Some(&Reason::VaultUnavailable), "{e}");
@@ -187,7 +212,10 @@ async fn the_client_crate_round_trips_maps_errors_and_retries_only_what_it_may()
     let ct = ct.expect("a cold Encrypt succeeds once Vault is back");
     let retried = orders.retries() - before;
     println!("client-crate: cold Encrypt succeeded after {retried} retries");
-    assert!(retried >= 1, "the first attempt failed while Vault was stopped");
+    assert!(
+        retried >= 1,
+        "the first attempt failed while Vault was stopped"
+    );
     assert_eq!(
         &orders.decrypt("email", &ct).await.unwrap()[..],
         b"cold@example.com"
