@@ -8,6 +8,8 @@ WORKDIR /src
 # Build dependencies first so that source changes do not rebuild them.
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto ./proto
+# The workspace member the server takes its message types from (client/build.rs compiles proto/).
+COPY client ./client
 RUN mkdir src && echo 'fn main() {}' > src/main.rs && echo '' > src/lib.rs \
     && cargo build --release --locked || true
 COPY src ./src

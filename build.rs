@@ -1,4 +1,5 @@
-//! Compiles proto/ with a vendored protoc, so a fresh machine needs no system package.
+//! Compiles proto/ with a vendored protoc, so a fresh machine needs no system package: the
+//! services and clients with piiguard's codec; the message types come from `piiguard-client`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     if std::env::var_os("PROTOC").is_none() {
@@ -13,40 +14,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // prost, but a request that does not decode is INVALID_ARGUMENT / MALFORMED_MESSAGE
         // (src/codec.rs), not INTERNAL.
         .codec_path("crate::codec::Codec")
-        // Messages that carry plaintext get no derived Debug: a stray `{:?}` cannot leak PII.
-        .skip_debug([
-            ".piiguard.v1.EncryptRequest",
-            ".piiguard.v1.DecryptResponse",
-            ".piiguard.v1.DecryptResult",
-            ".piiguard.v1.EncryptBatchRequest",
-            ".piiguard.v1.DecryptBatchResponse",
-            ".piiguard.v1.CreateCanaryRequest",
-            // Tokens: values and tokens alike are never Debug-printed.
-            ".piiguard.v1.TokenizeRequest",
-            ".piiguard.v1.TokenizeResponse",
-            ".piiguard.v1.TokenizeResult",
-            ".piiguard.v1.TokenizeBatchRequest",
-            ".piiguard.v1.TokenizeBatchResponse",
-            ".piiguard.v1.DetokenizeRequest",
-            ".piiguard.v1.DetokenizeResponse",
-            ".piiguard.v1.DetokenizeResult",
-            ".piiguard.v1.DetokenizeBatchRequest",
-            ".piiguard.v1.DetokenizeBatchResponse",
-            // Erasure requests carry raw subject ids (personal data): no Debug either.
-            ".piiguard.v1.ShredRequest",
-            ".piiguard.v1.GetShredStatusRequest",
-            ".piiguard.v1.CancelShredRequest",
-            ".piiguard.v1.SetRetentionRequest",
-            // Sealed envelopes carry PII for a subject; blind-index requests carry values.
-            ".piiguard.v1.UnsealRequest",
-            ".piiguard.v1.UnsealResponse",
-            ".piiguard.v1.UnsealResult",
-            ".piiguard.v1.UnsealBatchRequest",
-            ".piiguard.v1.UnsealBatchResponse",
-            ".piiguard.v1.BlindIndexRequest",
-            ".piiguard.v1.BlindIndexBatchRequest",
-            ".piiguard.v1.RotateSubjectKeyRequest",
-        ])
+        // The messages and enums are the client crate's (client/build.rs), which also holds the
+        // one `skip_debug` list (messages carrying plaintext, tokens or raw subject ids get no
+        // derived Debug); here only the services and the clients of this crate's own commands
+        // are generated, with the codec above.
+        .extern_path(".piiguard.v1", "::piiguard_client::pb")
         .compile_protos(
             &[
                 "proto/piiguard/v1/crypto.proto",

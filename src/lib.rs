@@ -51,9 +51,14 @@ pub mod app;
 pub mod cli;
 pub mod setup;
 
-/// Generated protobuf and gRPC code of `piiguard.v1`.
+/// Generated gRPC code of `piiguard.v1` (services and clients with [`codec::Codec`]), and its
+/// message types re-exported from `piiguard_client::pb`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod pb {
+    // Messages and enums: the client crate's (build.rs `extern_path`), one set of types for the
+    // server and its callers; the generated services and clients below shadow nothing of it.
+    pub use piiguard_client::pb::*;
+
     tonic::include_proto!("piiguard.v1");
 
     /// Encoded file descriptor set, for server reflection.

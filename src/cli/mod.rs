@@ -15,8 +15,7 @@ pub mod keys;
 pub mod seal;
 pub mod shred;
 
-use crate::cli::client::ConnArgs;
-use crate::tls::client::ClientError;
+use crate::cli::client::{ConnArgs, ConnectError};
 
 /// Why a client command failed.
 #[derive(Debug, thiserror::Error)]
@@ -24,9 +23,10 @@ use crate::tls::client::ClientError;
 pub enum CommandError {
     /// No mTLS connection to the server.
     #[error(transparent)]
-    Connect(#[from] ClientError),
-    /// The server refused a call.
-    #[error("{method}: {:?}: {}", status.code(), status.message())]
+    Connect(#[from] ConnectError),
+    /// The server refused a call: said as the client crate says it (code, stable reason,
+    /// message, correlation id).
+    #[error("{}", piiguard_client::Error::from_status(method, status, 1))]
     Rpc {
         /// The RPC.
         method: &'static str,

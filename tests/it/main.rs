@@ -9,6 +9,7 @@ mod alarms;
 mod architecture;
 mod audit;
 mod cli;
+mod client_crate;
 mod crash_loop;
 mod crypto_api;
 mod erasure;
