@@ -4,7 +4,8 @@
 //! `app::reload` on file change and SIGHUP), the caller identity taken once per connection from
 //! the client certificate (typed: `spiffe://…`, `dns:<name>`, `cn:<CN>` only when
 //! `tls.allow_cn_identity`), the chain kept so that each call re-checks it against the CRLs in
-//! force ([`Peer::recheck`]), and [`client`], the one mTLS client of piiguard's own commands.
+//! force ([`Peer::recheck`]). piiguard's own client commands connect through the
+//! `piiguard-client` crate (`client/`).
 //!
 //! **Architecture Invariant:** there is no code path that builds a server config without a
 //! client-certificate verifier; a connection without a verified client certificate never
@@ -32,7 +33,6 @@ use tonic::transport::server::Connected;
 use crate::config::TlsFiles;
 use crate::domain::identity::{Identity, IdentityError, IdentityKind};
 
-pub mod client;
 
 /// The crypto provider of the whole process. Installed as the process default at start so
 /// that no dependency can silently pick another one.
