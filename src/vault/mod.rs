@@ -20,7 +20,39 @@
 //!
 //! Redirects (security finding 10): the token travels in `X-Vault-Token`, a header reqwest does
 //! not strip when it follows a redirect, so a Vault (or anything at its address) answering 307
-//! to another host would receive the token there. The client follows none: a 3xx is an error.
+//! to another host would receive the token there. The client follows none: a 3xx is an error
+//! (with several addresses: "try the next configured node", below).
+//!
+//! Several nodes (`vault.addresses`, Vault HA, docs/OPERATIONS.md#vault-ha): one HTTP client,
+//! one vaultrs client per node, all sending the same token (a Raft cluster replicates tokens).
+//! Every request goes to the current node, which sticks until it fails (no round robin). A
+//! failure another node may not have, no answer (connection refused or reset, timeout), a 5xx
+//! (sealed, not active, forwarding to a lost leader failed) or a redirect (a standby pointing at
+//! the active node, possibly a dead one), moves the current node to the next address and the
+//! request is sent there (`Vault::on_nodes`): each node at most once per call, and no new
+//! attempt once `vault.request_timeout` has passed since the call began, so a call still takes
+//! at most twice the request timeout (what KEK retirement's settle time assumes). A redirect is
+//! never followed: the token goes only to configured addresses. Login (AppRole), token lookup
+//! and renewal, and the raw set-up requests fail over the same way. Switches are counted
+//! (`piiguard_vault_failovers_total`, `piiguard_vault_node`) and logged at warn with both
+//! addresses, at most once a second.
+//!
+//! A request retried on another node may have been applied by the first (its answer lost), so
+//! every request piiguard sends must be safe to repeat:
+//! - transit encrypt (wrap) and sign make a new ciphertext or signature; the first is
+//!   discarded unseen. Transit decrypt (unwrap, RSA batch), key reads, KV reads and lists, token
+//!   lookup: reads.
+//! - transit rewrap: a new ciphertext of the same key; the KV write that stores it is a
+//!   check-and-set.
+//! - KV check-and-set write: a repeat of an applied write finds the version taken; the version
+//!   is then read back and, if it holds exactly the data sent, reported as written
+//!   ([`Vault::kv_write_cas`]), never as a lost race (whose loser deletes the record it wrote).
+//! - KV metadata delete (shred) and key config: idempotent. Token renewal: extends the same
+//!   lease again.
+//! - AppRole login: a repeat makes a second token; the first, never used, expires with its TTL
+//!   (with a secret id limited in uses, a lost answer costs one use).
+//! - transit key rotate (admin): a repeat makes one more version than asked; the newest is used
+//!   and older ones keep decrypting until retired, so nothing is lost.
 //!
 //! Errors: a connection failure, timeout, 5xx, 429 or a sealed Vault is [`Error::Unavailable`]
 //! (retryable); anything else unexpected is [`Error::Internal`]. Messages carry Vault's own
@@ -112,6 +144,8 @@ pub struct Vault {
     nodes: Vec<url::Url>,
     /// The index of the node every request goes to, until it fails ([`Vault::fail_over`]).
     current: AtomicUsize,
+    /// Fail-over warnings: at most one a second (a Vault outage under load switches often).
+    switch_log: SwitchLog,
     cfg: VaultConfig,
     session: RwLock<Option<Arc<Sessions>>>,
     login_lock: tokio::sync::Mutex<()>,
@@ -226,6 +260,30 @@ impl CallError {
     }
 }
 
+/// Rate limit of the fail-over warning: one a second, with the number of switches made since
+/// the last one logged (every switch is counted in `piiguard_vault_failovers_total`).
+#[derive(Default)]
+struct SwitchLog {
+    last: std::sync::Mutex<Option<Instant>>,
+    unlogged: std::sync::atomic::AtomicU64,
+}
+
+impl SwitchLog {
+    /// `Some(switches not logged since the last warning)` if this switch is to be logged.
+    fn due(&self) -> Option<u64> {
+        let mut last = match self.last.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            self.unlogged.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        *last = Some(Instant::now());
+        Some(self.unlogged.swap(0, Ordering::Relaxed))
+    }
+}
+
 /// Whether a failed attempt is tried again on the next node: no answer (connection refused
 /// or reset, timeout, a broken response), a 5xx (sealed, not active, no leader, forwarding
 /// failed, or a proxy in front of a dead node) or a redirect (a standby pointing at the
@@ -266,16 +324,18 @@ fn node_url(raw: &str, insecure_http: bool) -> Result<url::Url> {
         .map_err(|e| Error::internal(format!("vault address {address:?}: {e}")))
 }
 
-/// Times one call into the Vault metrics. "ok" = an answer that is not a server error.
+/// Times one call (one attempt on one node) into the Vault metrics. "ok" = a success or a
+/// 4xx answer.
 async fn timed<T>(
     op: &'static str,
     fut: impl Future<Output = std::result::Result<T, ClientError>>,
 ) -> std::result::Result<T, ClientError> {
     let started = Instant::now();
     let r = fut.await;
+    // A 4xx is an answer (absent, check-and-set mismatch); a redirect is a node not serving.
     let ok = match &r {
         Ok(_) => true,
-        Err(e) => status_of(e).is_some_and(|s| s < 500),
+        Err(e) => status_of(e).is_some_and(|s| (400..500).contains(&s)),
     };
     crate::metrics::vault_call(op, started.elapsed(), ok);
     r
@@ -341,6 +401,7 @@ impl Vault {
             http,
             nodes,
             current: AtomicUsize::new(0),
+            switch_log: SwitchLog::default(),
             cfg,
             session: RwLock::new(None),
             login_lock: tokio::sync::Mutex::new(()),
@@ -356,6 +417,7 @@ impl Vault {
             http: self.http.clone(),
             nodes: self.nodes.clone(),
             current: AtomicUsize::new(self.current_node()),
+            switch_log: SwitchLog::default(),
             cfg: self.cfg.clone(),
             session: RwLock::new(Some(Arc::new(s))),
             login_lock: tokio::sync::Mutex::new(()),
@@ -514,13 +576,16 @@ impl Vault {
             .compare_exchange(from, to, Ordering::Relaxed, Ordering::Relaxed)
             .is_ok()
         {
-            tracing::warn!(
-                from = %self.nodes[from],
-                to = %self.nodes[to],
-                cause = %failure_kind(e),
-                "Vault node failed; switching to the next address"
-            );
             crate::metrics::vault_failover(to);
+            if let Some(unlogged) = self.switch_log.due() {
+                tracing::warn!(
+                    from = %self.nodes[from],
+                    to = %self.nodes[to],
+                    cause = %failure_kind(e),
+                    unlogged_switches = unlogged,
+                    "Vault node failed; switching to the next address"
+                );
+            }
         }
         to
     }
