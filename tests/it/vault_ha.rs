@@ -30,6 +30,8 @@ struct Tally {
     cold_made: Vec<(Vec<u8>, String, Instant)>,
     /// Tokens made: (token, value), detokenized afterwards.
     tokens: Vec<(String, String)>,
+    /// Longest failed call.
+    slowest_failure: Duration,
 }
 
 /// The value of an unlabelled metric on the server's `/metrics` (0 if absent).
@@ -153,6 +155,9 @@ async fn the_active_vault_node_killed_under_load_piiguard_follows_the_new_leader
                 let ph = *phase.lock().unwrap();
                 {
                     let mut g = tally.lock().unwrap();
+                    if result.is_err() {
+                        g.slowest_failure = g.slowest_failure.max(call_started.elapsed());
+                    }
                     let e = g.counts.entry((ph, kind)).or_default();
                     match result {
                         Ok(true) => e.0 += 1,
@@ -195,7 +200,11 @@ async fn the_active_vault_node_killed_under_load_piiguard_follows_the_new_leader
     set_phase("after kill");
     let killed_at = Instant::now();
     cluster.kill(leader);
+    let mut elected = None;
     let window = loop {
+        if elected.is_none() && cluster.leader_index().await.is_some() {
+            elected = Some(killed_at.elapsed());
+        }
         if cold_served_since(killed_at) {
             break killed_at.elapsed();
         }
@@ -207,6 +216,7 @@ async fn the_active_vault_node_killed_under_load_piiguard_follows_the_new_leader
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let new_leader = cluster.leader_index().await;
+    let elected = elected.unwrap_or_else(|| killed_at.elapsed());
     tokio::time::sleep(Duration::from_secs(10).saturating_sub(killed_at.elapsed())).await;
 
     // The killed node started again: it rejoins (unsealed, three voters again).
@@ -230,8 +240,9 @@ async fn the_active_vault_node_killed_under_load_piiguard_follows_the_new_leader
     let failovers = scrape_one(&server, "piiguard_vault_failovers_total").await;
     println!(
         "vault-ha: cluster of 3 up in {cluster_up:?}; node {leader} (active) killed; new leader \
-         {new_leader:?}; first cold Encrypt served {window:?} after the kill; {failovers} \
-         fail-over(s); whole test {:?}",
+         {new_leader:?} seen {elected:?} after the kill; first cold Encrypt served {window:?} \
+         after the kill; slowest failed call {:?}; {failovers} fail-over(s); whole test {:?}",
+        tally.slowest_failure,
         started.elapsed()
     );
 
