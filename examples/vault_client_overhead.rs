@@ -110,7 +110,7 @@ async fn main() {
         .unwrap();
     let bare = Bare {
         http,
-        base: cfg.vault.address.clone(),
+        base: cfg.vault.addresses[0].clone(),
         token: bao.root_token().to_string(),
     };
     let (tm, kv) = (&cfg.vault.transit_mount, &cfg.vault.kv_mount);

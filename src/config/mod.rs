@@ -4,7 +4,9 @@
 //!
 //! Environment overrides name a key path with `__` between levels, e.g.
 //! `PIIGUARD_SERVER__LISTEN=0.0.0.0:7443` or `PIIGUARD_VAULT__ADDRESS=https://vault:8200`.
-//! Values are read as TOML scalars (numbers, booleans) when they parse as such, else as strings.
+//! Values are read as TOML values (numbers, booleans, arrays) when they parse as such, else as
+//! strings. A list may be given as a TOML array or, for `vault.addresses`, comma-separated:
+//! `PIIGUARD_VAULT__ADDRESSES=https://a:8200,https://b:8200`.
 
 pub mod failpoint;
 pub mod fields;
@@ -453,8 +455,15 @@ fn default_max_connection_age_grace() -> u64 {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawVault {
-    /// Vault address, `https://HOST:PORT`.
-    pub address: String,
+    /// Vault address, `https://HOST:PORT` (one node, or a load balancer). Exactly one of
+    /// `address` and `addresses` is set.
+    #[serde(default)]
+    pub address: Option<String>,
+    /// The addresses of every node of a Vault HA cluster, tried in order on fail-over
+    /// (docs/OPERATIONS.md#vault-ha): a TOML array, or (from the environment) one string of
+    /// comma-separated addresses.
+    #[serde(default)]
+    pub addresses: Option<RawAddresses>,
     /// CA bundle for Vault's HTTPS certificate.
     #[serde(default)]
     pub ca_cert: Option<PathBuf>,
@@ -475,6 +484,78 @@ pub struct RawVault {
     pub namespace: Option<String>,
     /// How piiguard logs in to Vault.
     pub auth: RawVaultAuth,
+}
+
+/// `vault.addresses` as written: a TOML array, or a comma-separated string (the form an
+/// environment override `PIIGUARD_VAULT__ADDRESSES=https://a:8200,https://b:8200` takes).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawAddresses {
+    /// `addresses = ["https://a:8200", "https://b:8200"]`.
+    List(Vec<String>),
+    /// `"https://a:8200,https://b:8200"`.
+    Text(String),
+}
+
+impl RawAddresses {
+    fn into_list(self) -> Vec<String> {
+        match self {
+            RawAddresses::List(l) => l,
+            RawAddresses::Text(t) => t
+                .split(',')
+                .map(str::trim)
+                .filter(|a| !a.is_empty())
+                .map(str::to_string)
+                .collect(),
+        }
+    }
+}
+
+/// Most Vault addresses (`vault.addresses`): a Raft cluster has 3 or 5 voters.
+pub const MAX_VAULT_ADDRESSES: usize = 16;
+
+/// Checks `vault.address` / `vault.addresses` (exactly one set; every address as
+/// [`vault_address`] checks it; all plain HTTP or all HTTPS; no duplicates). Returns the
+/// normalised addresses, in the order given, and whether they are plain HTTP.
+fn vault_addresses(
+    address: Option<String>,
+    addresses: Option<RawAddresses>,
+    allow_insecure_http: bool,
+) -> Result<(Vec<String>, bool), ConfigError> {
+    let raw = match (address, addresses) {
+        (Some(_), Some(_)) => {
+            return err(
+                "vault.address and vault.addresses are both set: use one (vault.addresses for \
+                 several Vault nodes)",
+            );
+        }
+        (None, None) => return err("vault.address (or vault.addresses) is required"),
+        (Some(a), None) => vec![a],
+        (None, Some(l)) => l.into_list(),
+    };
+    if raw.is_empty() {
+        return err("vault.addresses is empty: give at least one Vault address");
+    }
+    if raw.len() > MAX_VAULT_ADDRESSES {
+        return err(format!(
+            "vault.addresses has {} addresses; at most {MAX_VAULT_ADDRESSES}",
+            raw.len()
+        ));
+    }
+    let mut out: Vec<String> = Vec::with_capacity(raw.len());
+    let mut insecure = None;
+    for a in &raw {
+        let (addr, plain) = vault_address(a, allow_insecure_http)?;
+        if insecure.is_some_and(|i| i != plain) {
+            return err("vault.addresses mixes http:// and https:// addresses");
+        }
+        insecure = Some(plain);
+        if out.contains(&addr) {
+            return err(format!("vault.addresses lists {addr:?} twice"));
+        }
+        out.push(addr);
+    }
+    Ok((out, insecure.unwrap_or(false)))
 }
 
 fn default_transit_mount() -> String {
@@ -806,8 +887,9 @@ pub struct TlsFiles {
 /// Vault access.
 #[derive(Debug, Clone)]
 pub struct VaultConfig {
-    /// Vault address, `https://HOST:PORT`.
-    pub address: String,
+    /// Vault addresses, `https://HOST:PORT`, normalised (no trailing slash): one, or every
+    /// node of an HA cluster in fail-over order. Never empty.
+    pub addresses: Vec<String>,
     /// CA bundle for Vault's HTTPS certificate.
     pub ca_cert: Option<PathBuf>,
     /// Plain HTTP to a loopback Vault allowed (dev only).
@@ -1113,7 +1195,8 @@ impl RawConfig {
         }
 
         let v = self.vault;
-        let (address, insecure_http) = vault_address(&v.address, v.allow_insecure_http)?;
+        let (addresses, insecure_http) =
+            vault_addresses(v.address, v.addresses, v.allow_insecure_http)?;
         if !insecure_http && v.ca_cert.is_none() {
             return err("vault.ca_cert is required with an https:// Vault address");
         }
@@ -1133,7 +1216,7 @@ impl RawConfig {
             RawVaultAuth::TokenFile { token_file } => VaultAuth::TokenFile { token_file },
         };
         let vault = VaultConfig {
-            address,
+            addresses,
             ca_cert: v.ca_cert,
             insecure_http,
             transit_mount: mount_name("vault.transit_mount", &v.transit_mount)?,
@@ -1725,6 +1808,78 @@ dir = "audit"
         assert!(parse(&text2, no_env()).unwrap().vault.insecure_http);
         let text3 = text2.replace("127.0.0.1", "10.0.0.1");
         assert!(parse(&text3, no_env()).unwrap_err().0.contains("loopback"));
+    }
+
+    /// `vault.addresses`: a list (TOML array, or comma-separated from the environment), each
+    /// address checked like `vault.address`; `vault.address` is a one-element list; both set,
+    /// neither, an empty list, a duplicate or mixed schemes are refused.
+    #[test]
+    fn vault_addresses_are_a_list_and_address_is_one_of_them() {
+        let one = parse(MINIMAL, no_env()).unwrap();
+        assert_eq!(one.vault.addresses, vec!["https://vault:8200".to_string()]);
+        let list = |v: &str| MINIMAL.replace("address = \"https://vault:8200\"", v);
+        let three = parse(
+            &list(r#"addresses = ["https://a:8200/", "https://b:8200", "https://c:8200"]"#),
+            no_env(),
+        )
+        .unwrap();
+        assert_eq!(
+            three.vault.addresses,
+            ["https://a:8200", "https://b:8200", "https://c:8200"]
+        );
+        let no_address = list("");
+        for form in [
+            " https://a:8200, https://b:8200 ",
+            r#"["https://a:8200", "https://b:8200"]"#,
+        ] {
+            let env = vec![("PIIGUARD_VAULT__ADDRESSES".to_string(), form.to_string())];
+            let c = parse(&no_address, env).unwrap();
+            assert_eq!(
+                c.vault.addresses,
+                ["https://a:8200", "https://b:8200"],
+                "{form}"
+            );
+        }
+        let refused = [
+            (list(r#"addresses = []"#), "empty"),
+            (list(r#"addresses = "" "#), "empty"),
+            (no_address.clone(), "required"),
+            (
+                list("address = \"https://a:8200\"\naddresses = [\"https://b:8200\"]"),
+                "both set",
+            ),
+            (
+                list(r#"addresses = ["https://a:8200", "https://a:8200/"]"#),
+                "twice",
+            ),
+            (
+                list(r#"addresses = ["https://a:8200", "http://10.0.0.1:8200"]"#),
+                "plain HTTP",
+            ),
+            (
+                list(
+                    "addresses = [\"https://a:8200\", \"http://127.0.0.1:8200\"]\nallow_insecure_http = true",
+                ),
+                "mixes",
+            ),
+            (
+                list(r#"addresses = ["https://a:8200", "https://u:p@b:8200"]"#),
+                "user info",
+            ),
+        ];
+        for (text, why) in refused {
+            let e = parse(&text, no_env()).unwrap_err().to_string();
+            assert!(e.contains(why), "{why}: {e}");
+        }
+        let many: Vec<String> = (0..=MAX_VAULT_ADDRESSES)
+            .map(|i| format!("\"https://v{i}:8200\""))
+            .collect();
+        let e = parse(
+            &list(&format!("addresses = [{}]", many.join(","))),
+            no_env(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("at most"), "{e}");
     }
 
     /// Security finding 10: the old check split the address by hand and took

@@ -12,6 +12,8 @@
 //!   `ops/mod.rs` through [`dek_cache`])
 //! - `piiguard_vault_request_duration_seconds{op}`, `piiguard_vault_errors_total{op}` ([`vault_call`]:
 //!   `dek_load` for cache misses, `sign` for audit checkpoints)
+//! - `piiguard_vault_failovers_total`, `piiguard_vault_node` (the index in `vault.addresses`
+//!   of the node requests go to; [`vault_failover`], docs/OPERATIONS.md#vault-ha)
 //! - `piiguard_shreds_total{outcome}` ([`shred`], for the erasure service)
 //! - `piiguard_dek_rotations_total{keyspace,reason}` ([`dek_rotation`]: `requested`, `uses`,
 //!   `age`), `piiguard_dek_uses_reserved_total{keyspace}` ([`dek_uses_reserved`]: encryptions
@@ -218,6 +220,13 @@ pub fn vault_call(op: &'static str, elapsed: Duration, ok: bool) {
     if !ok {
         metrics::counter!("piiguard_vault_errors_total", "op" => op).increment(1);
     }
+}
+
+/// Records a Vault fail-over: the client moved to node `to` (its index in `vault.addresses`)
+/// after the current node failed.
+pub fn vault_failover(to: usize) {
+    metrics::counter!("piiguard_vault_failovers_total").increment(1);
+    metrics::gauge!("piiguard_vault_node").set(to as f64);
 }
 
 /// Records one shred (for the erasure service).

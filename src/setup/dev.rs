@@ -147,7 +147,7 @@ ui = false
     /// A Vault config pointing at this server.
     pub fn vault_config(&self, auth: VaultAuth) -> VaultConfig {
         VaultConfig {
-            address: self.address.clone(),
+            addresses: vec![self.address.clone()],
             ca_cert: Some(self.ca.clone()),
             insecure_http: false,
             transit_mount: "piiguard-transit".into(),

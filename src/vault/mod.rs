@@ -20,7 +20,39 @@
 //!
 //! Redirects (security finding 10): the token travels in `X-Vault-Token`, a header reqwest does
 //! not strip when it follows a redirect, so a Vault (or anything at its address) answering 307
-//! to another host would receive the token there. The client follows none: a 3xx is an error.
+//! to another host would receive the token there. The client follows none: a 3xx is an error
+//! (with several addresses: "try the next configured node", below).
+//!
+//! Several nodes (`vault.addresses`, Vault HA, docs/OPERATIONS.md#vault-ha): one HTTP client,
+//! one vaultrs client per node, all sending the same token (a Raft cluster replicates tokens).
+//! Every request goes to the current node, which sticks until it fails (no round robin). A
+//! failure another node may not have, no answer (connection refused or reset, timeout), a 5xx
+//! (sealed, not active, forwarding to a lost leader failed) or a redirect (a standby pointing at
+//! the active node, possibly a dead one), moves the current node to the next address and the
+//! request is sent there (`Vault::on_nodes`): each node at most once per call, and no new
+//! attempt once `vault.request_timeout` has passed since the call began, so a call still takes
+//! at most twice the request timeout (what KEK retirement's settle time assumes). A redirect is
+//! never followed: the token goes only to configured addresses. Login (AppRole), token lookup
+//! and renewal, and the raw set-up requests fail over the same way. Switches are counted
+//! (`piiguard_vault_failovers_total`, `piiguard_vault_node`) and logged at warn with both
+//! addresses, at most once a second.
+//!
+//! A request retried on another node may have been applied by the first (its answer lost), so
+//! every request piiguard sends must be safe to repeat:
+//! - transit encrypt (wrap) and sign make a new ciphertext or signature; the first is
+//!   discarded unseen. Transit decrypt (unwrap, RSA batch), key reads, KV reads and lists, token
+//!   lookup: reads.
+//! - transit rewrap: a new ciphertext of the same key; the KV write that stores it is a
+//!   check-and-set.
+//! - KV check-and-set write: a repeat of an applied write finds the version taken; the version
+//!   is then read back and, if it holds exactly the data sent, reported as written
+//!   ([`Vault::kv_write_cas`]), never as a lost race (whose loser deletes the record it wrote).
+//! - KV metadata delete (shred) and key config: idempotent. Token renewal: extends the same
+//!   lease again.
+//! - AppRole login: a repeat makes a second token; the first, never used, expires with its TTL
+//!   (with a secret id limited in uses, a lost answer costs one use).
+//! - transit key rotate (admin): a repeat makes one more version than asked; the newest is used
+//!   and older ones keep decrypting until retired, so nothing is lost.
 //!
 //! Errors: a connection failure, timeout, 5xx, 429 or a sealed Vault is [`Error::Unavailable`]
 //! (retryable); anything else unexpected is [`Error::Internal`]. Messages carry Vault's own
@@ -34,6 +66,7 @@ pub mod signer;
 
 use std::future::Future;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -78,11 +111,23 @@ struct Lease {
     renewable: bool,
 }
 
-/// One Vault token and the vaultrs client that sends it (in its middleware, as
+/// One Vault token and the vaultrs client that sends it to one node (in its middleware, as
 /// `X-Vault-Token`). The token is wiped when the session is dropped; a session without a
 /// token sends none (login, unauthenticated dev calls).
 struct Session {
     client: VaultClient,
+}
+
+/// One token and a [`Session`] for each configured node (in `vault.addresses` order): the
+/// token is replicated in a Raft cluster, so every node takes it.
+struct Sessions {
+    nodes: Vec<Arc<Session>>,
+}
+
+impl Sessions {
+    fn node(&self, i: usize) -> Arc<Session> {
+        self.nodes[i % self.nodes.len()].clone()
+    }
 }
 
 impl Drop for Session {
@@ -95,9 +140,14 @@ impl Drop for Session {
 /// The client. Cheap to share behind an `Arc`.
 pub struct Vault {
     http: reqwest::Client,
-    address: url::Url,
+    /// The nodes, in `vault.addresses` order.
+    nodes: Vec<url::Url>,
+    /// The index of the node every request goes to, until it fails ([`Vault::fail_over`]).
+    current: AtomicUsize,
+    /// Fail-over warnings: at most one a second (a Vault outage under load switches often).
+    switch_log: SwitchLog,
     cfg: VaultConfig,
-    session: RwLock<Option<Arc<Session>>>,
+    session: RwLock<Option<Arc<Sessions>>>,
     login_lock: tokio::sync::Mutex<()>,
     /// Made by [`with_token`](Self::with_token): the token is given, never logged in again.
     fixed_token: bool,
@@ -106,7 +156,7 @@ pub struct Vault {
 impl std::fmt::Debug for Vault {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Vault")
-            .field("address", &self.cfg.address)
+            .field("addresses", &self.cfg.addresses)
             .finish_non_exhaustive()
     }
 }
@@ -118,6 +168,8 @@ enum CallError {
     Client(ClientError),
     /// Our side failed (login, credentials).
     Local(Error),
+    /// Every node tried answered a redirect or failed (several addresses): no node serves.
+    NoNode(ClientError),
 }
 
 /// The HTTP status of a Vault error answer, if it was one.
@@ -142,7 +194,7 @@ impl CallError {
     fn status(&self) -> Option<u16> {
         match self {
             CallError::Client(e) => status_of(e),
-            CallError::Local(_) => None,
+            CallError::Local(_) | CallError::NoNode(_) => None,
         }
     }
 
@@ -159,6 +211,12 @@ impl CallError {
     fn into_error(self, what: &str) -> Error {
         let e = match self {
             CallError::Local(e) => return e,
+            CallError::NoNode(e) => {
+                return Error::unavailable(format!(
+                    "Vault {what}: no node served (every address tried; the last answered HTTP {})",
+                    status_of(&e).unwrap_or(0)
+                ));
+            }
             CallError::Client(e) => e,
         };
         if let Some(code) = status_of(&e) {
@@ -202,16 +260,82 @@ impl CallError {
     }
 }
 
-/// Times one call into the Vault metrics. "ok" = an answer that is not a server error.
+/// Rate limit of the fail-over warning: one a second, with the number of switches made since
+/// the last one logged (every switch is counted in `piiguard_vault_failovers_total`).
+#[derive(Default)]
+struct SwitchLog {
+    last: std::sync::Mutex<Option<Instant>>,
+    unlogged: std::sync::atomic::AtomicU64,
+}
+
+impl SwitchLog {
+    /// `Some(switches not logged since the last warning)` if this switch is to be logged.
+    fn due(&self) -> Option<u64> {
+        let mut last = match self.last.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            self.unlogged.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        *last = Some(Instant::now());
+        Some(self.unlogged.swap(0, Ordering::Relaxed))
+    }
+}
+
+/// Whether a failed attempt is tried again on the next node: no answer (connection refused
+/// or reset, timeout, a broken response), a 5xx (sealed, not active, no leader, forwarding
+/// failed, or a proxy in front of a dead node) or a redirect (a standby pointing at the
+/// active node: never followed, see the module doc). Anything else is the answer.
+fn fails_over(e: &ClientError) -> bool {
+    use rustify::errors::ClientError as Rest;
+    match status_of(e) {
+        Some(code) => code >= 500 || (300..400).contains(&code),
+        None => matches!(
+            e,
+            ClientError::RestClientError {
+                source: Rest::RequestError { .. } | Rest::ResponseError { .. }
+            }
+        ),
+    }
+}
+
+/// What made a node fail, for the fail-over warning: a status or the kind of transport error
+/// (never a response body).
+fn failure_kind(e: &ClientError) -> String {
+    match status_of(e) {
+        Some(code) => format!("HTTP {code}"),
+        None => "no answer (connection or timeout)".to_string(),
+    }
+}
+
+/// Parses and checks one Vault address (again: the config checked it first, and this is
+/// where the token goes).
+fn node_url(raw: &str, insecure_http: bool) -> Result<url::Url> {
+    let (address, insecure) =
+        crate::config::vault_address(raw, insecure_http).map_err(|e| Error::internal(e.0))?;
+    if insecure != insecure_http {
+        return Err(Error::internal(format!(
+            "vault address {address:?} does not match vault.insecure_http"
+        )));
+    }
+    url::Url::parse(&address)
+        .map_err(|e| Error::internal(format!("vault address {address:?}: {e}")))
+}
+
+/// Times one call (one attempt on one node) into the Vault metrics. "ok" = a success or a
+/// 4xx answer.
 async fn timed<T>(
     op: &'static str,
     fut: impl Future<Output = std::result::Result<T, ClientError>>,
 ) -> std::result::Result<T, ClientError> {
     let started = Instant::now();
     let r = fut.await;
+    // A 4xx is an answer (absent, check-and-set mismatch); a redirect is a node not serving.
     let ok = match &r {
         Ok(_) => true,
-        Err(e) => status_of(e).is_some_and(|s| s < 500),
+        Err(e) => status_of(e).is_some_and(|s| (400..500).contains(&s)),
     };
     crate::metrics::vault_call(op, started.elapsed(), ok);
     r
@@ -238,16 +362,15 @@ impl Vault {
     /// Builds the HTTP client (HTTPS with the configured CA bundle only, or plain HTTP to
     /// loopback in dev mode; never following redirects). Does not contact Vault.
     pub fn new(cfg: VaultConfig) -> Result<Self> {
-        // Checked again here (the config checked it first): this is where the token goes.
-        let (address, insecure) = crate::config::vault_address(&cfg.address, cfg.insecure_http)
-            .map_err(|e| Error::internal(e.0))?;
-        if insecure != cfg.insecure_http {
-            return Err(Error::internal(format!(
-                "vault.address {address:?} does not match vault.insecure_http"
-            )));
+        if cfg.addresses.is_empty() {
+            return Err(Error::internal("no Vault address"));
         }
-        let address = url::Url::parse(&address)
-            .map_err(|e| Error::internal(format!("vault.address {address:?}: {e}")))?;
+        let nodes = cfg
+            .addresses
+            .iter()
+            .map(|a| node_url(a, cfg.insecure_http))
+            .collect::<Result<Vec<_>>>()?;
+        let insecure = cfg.insecure_http;
         let mut b = reqwest::Client::builder()
             .timeout(cfg.request_timeout)
             .connect_timeout(cfg.request_timeout.min(Duration::from_secs(3)))
@@ -257,7 +380,7 @@ impl Vault {
             .no_proxy();
         if insecure {
             tracing::warn!(
-                address = %cfg.address,
+                addresses = ?cfg.addresses,
                 "DEV MODE: talking to Vault over plain HTTP on loopback; never do this in production"
             );
         } else {
@@ -276,7 +399,9 @@ impl Vault {
             .map_err(|e| Error::internal(format!("HTTP client: {e}")))?;
         Ok(Self {
             http,
-            address,
+            nodes,
+            current: AtomicUsize::new(0),
+            switch_log: SwitchLog::default(),
             cfg,
             session: RwLock::new(None),
             login_lock: tokio::sync::Mutex::new(()),
@@ -287,10 +412,12 @@ impl Vault {
     /// A client for the same Vault that uses `token` (an operator's, for bootstrap) instead of
     /// logging in; it never logs in again and runs no renewal.
     pub fn with_token(&self, token: &str) -> Self {
-        let s = self.new_session(Zeroizing::new(token.trim().to_string()));
+        let s = self.new_sessions(Zeroizing::new(token.trim().to_string()));
         Self {
             http: self.http.clone(),
-            address: self.address.clone(),
+            nodes: self.nodes.clone(),
+            current: AtomicUsize::new(self.current_node()),
+            switch_log: SwitchLog::default(),
             cfg: self.cfg.clone(),
             session: RwLock::new(Some(Arc::new(s))),
             login_lock: tokio::sync::Mutex::new(()),
@@ -303,10 +430,20 @@ impl Vault {
         &self.cfg
     }
 
-    /// A vaultrs client over our HTTP client, sending `token` (none if empty).
-    fn new_session(&self, mut token: Zeroizing<String>) -> Session {
+    /// A session on every node, each sending `token` (none if empty).
+    fn new_sessions(&self, token: Zeroizing<String>) -> Sessions {
+        Sessions {
+            nodes: (0..self.nodes.len())
+                .map(|i| Arc::new(self.new_session(i, token.clone())))
+                .collect(),
+        }
+    }
+
+    /// A vaultrs client of node `node` over our HTTP client, sending `token` (none if empty).
+    fn new_session(&self, node: usize, mut token: Zeroizing<String>) -> Session {
+        let address = &self.nodes[node];
         let settings = VaultClientSettings {
-            address: self.address.clone(),
+            address: address.clone(),
             ca_certs: Vec::new(),
             identity: None,
             timeout: Some(self.cfg.request_timeout),
@@ -328,7 +465,7 @@ impl Vault {
         Session {
             client: VaultClient {
                 http: rustify::clients::reqwest::Client::new(
-                    self.address.as_str().trim_end_matches('/'),
+                    address.as_str().trim_end_matches('/'),
                     self.http.clone(),
                 ),
                 middle,
@@ -337,21 +474,21 @@ impl Vault {
         }
     }
 
-    fn current_session(&self) -> Option<Arc<Session>> {
+    fn current_session(&self) -> Option<Arc<Sessions>> {
         match self.session.read() {
             Ok(g) => g.clone(),
             Err(p) => p.into_inner().clone(),
         }
     }
 
-    fn set_session(&self, s: Arc<Session>) {
+    fn set_session(&self, s: Arc<Sessions>) {
         match self.session.write() {
             Ok(mut g) => *g = Some(s),
             Err(p) => *p.into_inner() = Some(s),
         }
     }
 
-    async fn session_or_login(&self) -> Result<Arc<Session>> {
+    async fn session_or_login(&self) -> Result<Arc<Sessions>> {
         if let Some(s) = self.current_session() {
             return Ok(s);
         }
@@ -365,15 +502,22 @@ impl Vault {
 
     /// An authenticated call: `f` runs with the current session; on 403 (token expired or
     /// revoked) logs in again once and retries.
+    /// An authenticated call: `f` runs with the current session, on the current node (failing
+    /// over to the next ones, see [`on_nodes`](Self::on_nodes)); on 403 (token expired or
+    /// revoked) logs in again once and retries.
     async fn call<T, F, Fut>(&self, op: &'static str, f: F) -> std::result::Result<T, CallError>
     where
         F: Fn(Arc<Session>) -> Fut,
         Fut: Future<Output = std::result::Result<T, ClientError>>,
     {
+        let started = Instant::now();
         let mut relogged = false;
         loop {
             let s = self.session_or_login().await.map_err(CallError::Local)?;
-            match timed(op, f(s.clone())).await {
+            let r = self
+                .on_nodes(started, |node| timed(op, f(s.node(node))))
+                .await;
+            match r {
                 Err(e) if status_of(&e) == Some(403) && !relogged && !self.fixed_token => {
                     relogged = true;
                     tracing::warn!(op, "Vault answered 403; logging in again");
@@ -381,12 +525,84 @@ impl Vault {
                         .await
                         .map_err(CallError::Local)?;
                 }
-                r => return r.map_err(CallError::Client),
+                r => return r.map_err(|e| self.failed(e)),
             }
         }
     }
 
-    async fn relogin_if_unchanged(&self, seen: &Arc<Session>) -> Result<()> {
+    /// The index of the node requests go to now.
+    fn current_node(&self) -> usize {
+        self.current.load(Ordering::Relaxed) % self.nodes.len()
+    }
+
+    /// Runs `attempt` on the current node and, when it fails in a way another node may not
+    /// ([`fails_over`]), on the next nodes in `vault.addresses` order: each node at most once,
+    /// and no new attempt once `vault.request_timeout` has passed since `started` (so a call
+    /// takes at most twice the request timeout, as with one node and a login retry). Returns
+    /// the first answer that is not a fail-over, or the last failure.
+    async fn on_nodes<T, Fut>(
+        &self,
+        started: Instant,
+        attempt: impl Fn(usize) -> Fut,
+    ) -> std::result::Result<T, ClientError>
+    where
+        Fut: Future<Output = std::result::Result<T, ClientError>>,
+    {
+        let n = self.nodes.len();
+        let mut node = self.current_node();
+        let mut tried = 1;
+        loop {
+            match attempt(node).await {
+                Err(e) if n > 1 && fails_over(&e) => {
+                    let next = self.fail_over(node, &e);
+                    if tried >= n || started.elapsed() >= self.cfg.request_timeout {
+                        return Err(e);
+                    }
+                    node = next;
+                    tried += 1;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// Node `from` failed with `e`: moves the current node to the next one, unless another
+    /// call already moved it (then only one warning and one count per switch). Returns the
+    /// node this call tries next. The address is logged, never the request or the token.
+    fn fail_over(&self, from: usize, e: &ClientError) -> usize {
+        let to = (from + 1) % self.nodes.len();
+        if self
+            .current
+            .compare_exchange(from, to, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            crate::metrics::vault_failover(to);
+            if let Some(unlogged) = self.switch_log.due() {
+                tracing::warn!(
+                    from = %self.nodes[from],
+                    to = %self.nodes[to],
+                    cause = %failure_kind(e),
+                    unlogged_switches = unlogged,
+                    "Vault node failed; switching to the next address"
+                );
+            }
+        }
+        to
+    }
+
+    /// The error of a call that failed on every node it tried: a redirect from the last node
+    /// is a node that does not serve (a standby, an old leader), so UNAVAILABLE when there are
+    /// several nodes; with one address it stays a configuration error.
+    fn failed(&self, e: ClientError) -> CallError {
+        match status_of(&e) {
+            Some(code) if self.nodes.len() > 1 && (300..400).contains(&code) => {
+                CallError::NoNode(e)
+            }
+            _ => CallError::Client(e),
+        }
+    }
+
+    async fn relogin_if_unchanged(&self, seen: &Arc<Sessions>) -> Result<()> {
         let _g = self.login_lock.lock().await;
         if let Some(cur) = self.current_session()
             && !Arc::ptr_eq(&cur, seen)
@@ -414,19 +630,24 @@ impl Vault {
             } => {
                 let role_id = read_secret_file(role_id_file)?;
                 let secret_id = read_secret_file(secret_id_file)?;
-                let anonymous = self.new_session(Zeroizing::default());
-                let mut auth = timed(
-                    "auth",
-                    vaultrs::auth::approle::login(&anonymous.client, mount, &role_id, &secret_id),
-                )
-                .await
-                .map_err(|e| CallError::Client(e).into_error("AppRole login"))?;
+                let anonymous = self.new_sessions(Zeroizing::default());
+                let (role_id, secret_id): (&str, &str) = (&role_id, &secret_id);
+                let mut auth = self
+                    .on_nodes(Instant::now(), |node| {
+                        let s = anonymous.node(node);
+                        timed("auth", async move {
+                            vaultrs::auth::approle::login(&s.client, mount, role_id, secret_id)
+                                .await
+                        })
+                    })
+                    .await
+                    .map_err(|e| self.failed(e).into_error("AppRole login"))?;
                 let token = Zeroizing::new(std::mem::take(&mut auth.client_token));
                 let lease = Lease {
                     ttl: Duration::from_secs(auth.lease_duration),
                     renewable: auth.renewable,
                 };
-                self.set_session(Arc::new(self.new_session(token)));
+                self.set_session(Arc::new(self.new_sessions(token)));
                 tracing::info!(
                     ttl_secs = lease.ttl.as_secs(),
                     "logged in to Vault with AppRole"
@@ -434,7 +655,7 @@ impl Vault {
                 Ok(lease)
             }
             VaultAuth::TokenFile { token_file } => {
-                let s = Arc::new(self.new_session(read_secret_file(token_file)?));
+                let s = Arc::new(self.new_sessions(read_secret_file(token_file)?));
                 let lease = self.lookup_self(&s).await?;
                 self.set_session(s);
                 tracing::info!(
@@ -446,10 +667,16 @@ impl Vault {
         }
     }
 
-    async fn lookup_self(&self, s: &Session) -> Result<Lease> {
-        let mut r = timed("auth", vaultrs::token::lookup_self(&s.client))
+    async fn lookup_self(&self, s: &Sessions) -> Result<Lease> {
+        let mut r = self
+            .on_nodes(Instant::now(), |node| {
+                let s = s.node(node);
+                timed("auth", async move {
+                    vaultrs::token::lookup_self(&s.client).await
+                })
+            })
             .await
-            .map_err(|e| CallError::Client(e).into_error("token lookup-self"))?;
+            .map_err(|e| self.failed(e).into_error("token lookup-self"))?;
         // The answer repeats the token itself.
         r.id.zeroize();
         Ok(Lease {
@@ -857,10 +1084,31 @@ impl Vault {
                 .map(CasOutcome::Written)
                 .map_err(|_| Error::internal(format!("KV write {mount}/{path}: bad version"))),
             Err(e) if e.status() == Some(400) && e.vault_errors().contains("check-and-set") => {
-                Ok(CasOutcome::Mismatch)
+                self.mismatch_or_ours(path, data, cas).await
             }
             Err(e) => Err(e.into_error(&format!("KV write {mount}/{path}"))),
         }
+    }
+
+    /// A check-and-set mismatch. With several nodes it may be our own write: the first node
+    /// applied it and its answer was lost, and the retry on the next node found the version
+    /// taken. So the version we would have made is read back: holding exactly `data`, it is
+    /// ours ([`CasOutcome::Written`]); a caller that took it for a lost race would drop it (see
+    /// the module doc). One node is never retried: there a mismatch is always another writer.
+    async fn mismatch_or_ours(&self, path: &str, data: &Value, cas: u32) -> Result<CasOutcome> {
+        if self.nodes.len() > 1
+            && let Some(version) = cas.checked_add(1)
+            && let Some(e) = self.kv_read(path, Some(version)).await?
+            && e.version == version
+            && e.data == *data
+        {
+            tracing::warn!(
+                version,
+                "a KV check-and-set write retried on another node had been applied by the first"
+            );
+            return Ok(CasOutcome::Written(version));
+        }
+        Ok(CasOutcome::Mismatch)
     }
 
     /// Deletes a KV v2 secret's metadata: every version is destroyed. Idempotent.
@@ -880,7 +1128,9 @@ impl Vault {
 
     /// A request with an explicit token, or none (bootstrap, dev setup): `method` on `path`
     /// (after `/v1/`). Returns the status and the JSON body (`Value::Null` if empty or not
-    /// JSON) whatever the status; an error only if no answer came.
+    /// JSON) whatever the status; an error only if no answer came. With several addresses it
+    /// fails over like every call (bootstrap and dev set-up steps are re-runnable), and the
+    /// answer of the last node tried is returned.
     pub async fn raw(
         &self,
         method: Method,
@@ -890,27 +1140,30 @@ impl Vault {
     ) -> Result<(StatusCode, Value)> {
         let m = endpoints::request_method(&method)
             .ok_or_else(|| Error::internal(format!("Vault {path}: method {method} not used")))?;
-        let s = self.new_session(Zeroizing::new(token.unwrap_or("").to_string()));
-        let e = endpoints::Raw {
-            method: m,
-            path,
-            body,
-        };
+        let s = self.new_sessions(Zeroizing::new(token.unwrap_or("").to_string()));
         let started = Instant::now();
-        let r = e
-            .with_middleware(&s.client.middle)
-            .exec(&s.client.http)
+        let r = self
+            .on_nodes(started, |node| {
+                let (s, method) = (s.node(node), m.clone());
+                async move {
+                    let e = endpoints::Raw { method, path, body };
+                    e.with_middleware(&s.client.middle)
+                        .exec(&s.client.http)
+                        .await
+                        .map_err(|source| ClientError::RestClientError { source })
+                }
+            })
             .await;
         let json = |b: &[u8]| serde_json::from_slice(b).unwrap_or(Value::Null);
         let out = match r {
             Ok(resp) => Ok((resp.response.status(), json(resp.response.body()))),
-            Err(rustify::errors::ClientError::ServerResponseError { code, content }) => Ok((
+            Err(ClientError::RestClientError {
+                source: rustify::errors::ClientError::ServerResponseError { code, content },
+            }) => Ok((
                 StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
                 content.map(|c| json(c.as_bytes())).unwrap_or(Value::Null),
             )),
-            Err(e) => {
-                Err(CallError::Client(ClientError::RestClientError { source: e }).into_error(path))
-            }
+            Err(e) => Err(CallError::Client(e).into_error(path)),
         };
         let ok = out.as_ref().is_ok_and(|(s, _)| !s.is_server_error());
         crate::metrics::vault_call("other", started.elapsed(), ok);
@@ -1061,7 +1314,7 @@ mod tests {
 
     fn test_config(addr: SocketAddr, auth: VaultAuth) -> VaultConfig {
         VaultConfig {
-            address: format!("http://{addr}"),
+            addresses: vec![format!("http://{addr}")],
             ca_cert: None,
             insecure_http: true,
             transit_mount: "transit".into(),
@@ -1148,6 +1401,223 @@ mod tests {
         );
     }
 
+    /// A 200 answer with a JSON body.
+    fn ok_json(body: &str) -> String {
+        format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+             connection: close\r\n\r\n{body}",
+            body.len()
+        )
+    }
+
+    /// Vault's envelope around `data` (or `auth`).
+    fn envelope(field: &str, inner: &str) -> String {
+        format!(
+            "{{\"request_id\":\"r\",\"lease_id\":\"\",\"lease_duration\":0,\"renewable\":false,\
+             \"{field}\":{inner},\"warnings\":null,\"wrap_info\":null}}"
+        )
+    }
+
+    fn kv_answer(data: &str, version: u32) -> String {
+        ok_json(&envelope(
+            "data",
+            &format!(
+                "{{\"data\":{data},\"metadata\":{{\"created_time\":\"\",\"deletion_time\":\"\",\
+                 \"custom_metadata\":null,\"destroyed\":false,\"version\":{version}}}}}"
+            ),
+        ))
+    }
+
+    fn multi_config(addrs: &[SocketAddr], auth: VaultAuth) -> VaultConfig {
+        let mut cfg = test_config(addrs[0], auth);
+        cfg.addresses = addrs.iter().map(|a| format!("http://{a}")).collect();
+        cfg
+    }
+
+    /// A loopback port on which nothing listens (connection refused).
+    fn dead_port() -> SocketAddr {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    }
+
+    fn with_token_header(reqs: &[String]) -> usize {
+        reqs.iter()
+            .filter(|r| {
+                r.to_ascii_lowercase()
+                    .contains(&format!("x-vault-token: {TOKEN}"))
+            })
+            .count()
+    }
+
+    /// Security finding 10 with several Vault addresses: a node answering 307 (a standby
+    /// pointing at the active node) makes the client try the next configured node, never the
+    /// redirect target; the token and the AppRole secret id go only to configured nodes, and
+    /// the node that served stays the current one.
+    #[tokio::test]
+    async fn a_redirecting_node_sends_the_call_to_the_next_node_never_to_the_target() {
+        let (other, other_seen) = listener(|_| ok_json("{}")).await;
+        let (a, a_seen) = listener(move |path| {
+            format!(
+                "HTTP/1.1 307 Temporary Redirect\r\nlocation: http://{other}{path}\r\n\
+                 content-length: 0\r\nconnection: close\r\n\r\n"
+            )
+        })
+        .await;
+        let (b, b_seen) = listener(|path| {
+            if path.starts_with("/v1/auth/approle/login") {
+                ok_json(&envelope(
+                    "auth",
+                    "{\"client_token\":\"s.from-b\",\"accessor\":\"x\",\"policies\":[],\
+                     \"token_policies\":[],\"metadata\":null,\"lease_duration\":60,\
+                     \"renewable\":true,\"entity_id\":\"\",\"token_type\":\"service\",\
+                     \"orphan\":true}",
+                ))
+            } else {
+                kv_answer("{\"k\":\"v\"}", 3)
+            }
+        })
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let role_id_file = dir.path().join("role-id");
+        std::fs::write(&role_id_file, "role").unwrap();
+        let secret_id_file = dir.path().join("secret-id");
+        std::fs::write(&secret_id_file, SECRET_ID).unwrap();
+        let token_auth = VaultAuth::TokenFile {
+            token_file: dir.path().join("token"),
+        };
+
+        let admin = Vault::new(multi_config(&[a, b], token_auth.clone()))
+            .unwrap()
+            .with_token(TOKEN);
+        let e = admin.kv_read("x", None).await.unwrap().unwrap();
+        assert_eq!((e.data["k"].as_str(), e.version), (Some("v"), 3));
+        assert_eq!(
+            admin.current_node(),
+            1,
+            "the node that served is the current one"
+        );
+        // The current node sticks: the next call goes to b directly.
+        admin.kv_read("x", None).await.unwrap().unwrap();
+        assert_eq!(a_seen.lock().unwrap().len(), 1);
+        assert_eq!(with_token_header(&b_seen.lock().unwrap()), 2);
+        // Raw requests fail over too.
+        let admin = Vault::new(multi_config(&[a, b], token_auth.clone()))
+            .unwrap()
+            .with_token(TOKEN);
+        let (status, _) = admin
+            .raw(Method::GET, "kv/data/x", None, Some(TOKEN))
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::OK);
+        // AppRole login (the secret id is in the body a 307 would resend) goes to b.
+        let v = Vault::new(multi_config(
+            &[a, b],
+            VaultAuth::Approle {
+                role_id_file,
+                secret_id_file,
+                mount: "approle".into(),
+            },
+        ))
+        .unwrap();
+        v.login().await.unwrap();
+        v.kv_read("x", None).await.unwrap().unwrap();
+        assert!(b_seen.lock().unwrap().iter().any(|r| r.contains(SECRET_ID)));
+        assert!(
+            b_seen
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|r| r.to_ascii_lowercase().contains("x-vault-token: s.from-b"))
+        );
+        // Every node redirecting: UNAVAILABLE (no node serves), not a configuration error.
+        let admin = Vault::new(multi_config(&[a, a], token_auth))
+            .unwrap()
+            .with_token(TOKEN);
+        match admin.kv_read("x", None).await {
+            Err(Error::Unavailable { detail }) => assert!(detail.contains("no node"), "{detail}"),
+            other => panic!("{other:?}"),
+        }
+
+        let a_seen = a_seen.lock().unwrap().clone();
+        assert!(with_token_header(&a_seen) >= 3, "{a_seen:?}");
+        assert!(a_seen.iter().any(|r| r.contains(SECRET_ID)));
+        let other_seen = other_seen.lock().unwrap().clone();
+        assert!(
+            other_seen.is_empty(),
+            "the redirect target received {} request(s): {other_seen:?}",
+            other_seen.len()
+        );
+    }
+
+    /// A node that is down (connection refused) or drops the connection without answering:
+    /// the call is served by the next node; with every node down it is UNAVAILABLE.
+    #[tokio::test]
+    async fn a_dead_or_silent_node_fails_over_and_all_down_is_unavailable() {
+        let (silent, silent_seen) = listener(|_| String::new()).await;
+        let (b, _) = listener(|_| kv_answer("{\"k\":\"v\"}", 1)).await;
+        let auth = VaultAuth::TokenFile {
+            token_file: "/nonexistent".into(),
+        };
+        let v = Vault::new(multi_config(&[dead_port(), silent, b], auth.clone()))
+            .unwrap()
+            .with_token(TOKEN);
+        assert!(v.kv_read("x", None).await.unwrap().is_some());
+        assert_eq!(v.current_node(), 2);
+        assert!(!silent_seen.lock().unwrap().is_empty());
+        let v = Vault::new(multi_config(&[dead_port(), silent, dead_port()], auth))
+            .unwrap()
+            .with_token(TOKEN);
+        match v.kv_read("x", None).await {
+            Err(Error::Unavailable { .. }) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A check-and-set write applied by a node whose answer was lost, retried on the next
+    /// node, meets its own write there ("did not match the current version"): it is read back
+    /// and reported as written, not as a lost race (the caller would delete a record in use).
+    /// A version holding other data is a real mismatch.
+    #[tokio::test]
+    async fn a_cas_write_retried_after_a_lost_answer_recognises_its_own_write() {
+        let ours = serde_json::json!({"wrapped": "vault:v1:ours", "created_at": 1});
+        let ours_text = ours.to_string();
+        let (silent, silent_seen) = listener(|_| String::new()).await;
+        let b_answer = move |stored: String| {
+            move |path: &str| {
+                if path.contains("?version=1") {
+                    kv_answer(&stored, 1)
+                } else {
+                    let body = "{\"errors\":[\"check-and-set parameter did not match the current version\"]}";
+                    format!(
+                        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n\
+                         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                }
+            }
+        };
+        let (b, _) = listener(b_answer(ours_text.clone())).await;
+        let (c, _) = listener(b_answer("{\"wrapped\":\"vault:v1:theirs\"}".into())).await;
+        let auth = VaultAuth::TokenFile {
+            token_file: "/nonexistent".into(),
+        };
+        let v = Vault::new(multi_config(&[silent, b], auth.clone()))
+            .unwrap()
+            .with_token(TOKEN);
+        assert_eq!(
+            v.kv_write_cas("x", &ours, 0).await.unwrap(),
+            CasOutcome::Written(1)
+        );
+        assert!(silent_seen.lock().unwrap()[0].contains("vault:v1:ours"));
+        let v = Vault::new(multi_config(&[silent, c], auth))
+            .unwrap()
+            .with_token(TOKEN);
+        assert_eq!(
+            v.kv_write_cas("x", &ours, 0).await.unwrap(),
+            CasOutcome::Mismatch
+        );
+    }
+
     /// The client checks the address itself too (a `VaultConfig` can be built without the
     /// config parser, as dev setup does).
     #[test]
@@ -1163,7 +1633,7 @@ mod tests {
                     token_file: "/nonexistent".into(),
                 },
             );
-            cfg.address = bad.into();
+            cfg.addresses = vec![bad.into()];
             assert!(Vault::new(cfg).is_err(), "{bad}");
         }
         let mut cfg = test_config(
@@ -1172,7 +1642,7 @@ mod tests {
                 token_file: "/nonexistent".into(),
             },
         );
-        cfg.address = "https://vault.example:8200".into(); // https with insecure_http = true
+        cfg.addresses = vec!["https://vault.example:8200".into()]; // https with insecure_http = true
         assert!(Vault::new(cfg).is_err());
     }
 

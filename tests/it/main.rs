@@ -33,3 +33,4 @@ mod store;
 mod tokens;
 mod vault;
 mod vault_faults;
+mod vault_ha;
