@@ -33,7 +33,6 @@ use tonic::transport::server::Connected;
 use crate::config::TlsFiles;
 use crate::domain::identity::{Identity, IdentityError, IdentityKind};
 
-
 /// The crypto provider of the whole process. Installed as the process default at start so
 /// that no dependency can silently pick another one.
 pub fn provider() -> Arc<CryptoProvider> {
