@@ -12,6 +12,8 @@
 //!   `ops/mod.rs` through [`dek_cache`])
 //! - `piiguard_vault_request_duration_seconds{op}`, `piiguard_vault_errors_total{op}` ([`vault_call`]:
 //!   `dek_load` for cache misses, `sign` for audit checkpoints)
+//! - `piiguard_vault_admission_wait_seconds`, `piiguard_vault_overloaded_total{op}`
+//!   ([`vault_admission`]: the bound on Vault requests in flight, `vault.max_in_flight`)
 //! - `piiguard_shreds_total{outcome}` ([`shred`], for the erasure service)
 //! - `piiguard_dek_rotations_total{keyspace,reason}` ([`dek_rotation`]: `requested`, `uses`,
 //!   `age`), `piiguard_dek_uses_reserved_total{keyspace}` ([`dek_uses_reserved`]: encryptions
@@ -217,6 +219,16 @@ pub fn vault_call(op: &'static str, elapsed: Duration, ok: bool) {
         .record(elapsed.as_secs_f64());
     if !ok {
         metrics::counter!("piiguard_vault_errors_total", "op" => op).increment(1);
+    }
+}
+
+/// Records one admission to the Vault request bound (`vault::admission`): the wait for a
+/// place, and a refusal (`VAULT_OVERLOADED`) when none came free in time.
+pub fn vault_admission(op: &'static str, waited: Duration, admitted: bool) {
+    if admitted {
+        metrics::histogram!("piiguard_vault_admission_wait_seconds").record(waited.as_secs_f64());
+    } else {
+        metrics::counter!("piiguard_vault_overloaded_total", "op" => op).increment(1);
     }
 }
 

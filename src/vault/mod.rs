@@ -28,6 +28,7 @@
 //! plaintext; they are logged by the caller's correlation id and never returned to a gRPC
 //! client.
 
+pub mod admission;
 pub mod endpoints;
 pub mod kek;
 pub mod signer;
@@ -101,6 +102,8 @@ pub struct Vault {
     login_lock: tokio::sync::Mutex<()>,
     /// Made by [`with_token`](Self::with_token): the token is given, never logged in again.
     fixed_token: bool,
+    /// The bound on requests in flight (`vault.max_in_flight`), shared by clones.
+    admission: admission::Admission,
 }
 
 impl std::fmt::Debug for Vault {
@@ -274,6 +277,7 @@ impl Vault {
         let http = b
             .build()
             .map_err(|e| Error::internal(format!("HTTP client: {e}")))?;
+        let cfg_admission = cfg.admission;
         Ok(Self {
             http,
             address,
@@ -281,6 +285,7 @@ impl Vault {
             session: RwLock::new(None),
             login_lock: tokio::sync::Mutex::new(()),
             fixed_token: false,
+            admission: admission::Admission::new(cfg_admission),
         })
     }
 
@@ -295,6 +300,7 @@ impl Vault {
             session: RwLock::new(Some(Arc::new(s))),
             login_lock: tokio::sync::Mutex::new(()),
             fixed_token: true,
+            admission: self.admission.clone(),
         }
     }
 
@@ -370,6 +376,8 @@ impl Vault {
         F: Fn(Arc<Session>) -> Fut,
         Fut: Future<Output = std::result::Result<T, ClientError>>,
     {
+        // One place under vault.max_in_flight for the whole call (a login again included).
+        let _place = self.admission.enter(op).await.map_err(CallError::Local)?;
         let mut relogged = false;
         loop {
             let s = self.session_or_login().await.map_err(CallError::Local)?;
@@ -1068,6 +1076,7 @@ mod tests {
             kv_mount: "kv".into(),
             request_timeout: Duration::from_secs(5),
             namespace: None,
+            admission: Default::default(),
             auth,
         }
     }

@@ -32,3 +32,4 @@ mod store;
 mod tokens;
 mod vault;
 mod vault_faults;
+mod vault_slow;
