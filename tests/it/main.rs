@@ -14,6 +14,7 @@ mod crypto_api;
 mod erasure;
 mod erasure_review;
 mod eviction_review;
+mod fuzz;
 mod golden_vectors;
 mod kek_rotation;
 mod key_rotation;
