@@ -11,8 +11,11 @@ use piiguard::crypto::sealed;
 use piiguard::crypto::tokens::derive::Stream;
 use piiguard::crypto::tokens::format::{self, Ff1Params, Format};
 
+/// A target: any bytes in, must not panic or hang.
+pub type Target = fn(&[u8]);
+
 /// Every target by name (the name of its corpus folder).
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("envelope", envelope),
     ("sealed", sealed_envelope),
     ("token", token),
