@@ -101,6 +101,10 @@ pub enum Reason {
     /// (the background rewrap has not finished), or it is too new for wraps in flight to have
     /// landed. Nothing was changed; wait for the rewrap (`piiguard keys status`) and retry.
     KekVersionInUse,
+    /// RESOURCE_EXHAUSTED: the call needed Vault and every place for a Vault request
+    /// (`vault.max_in_flight`) stayed taken for `vault.queue_timeout_ms` (Vault slow or stalled,
+    /// or a burst of cold calls). Nothing was changed; retry with backoff.
+    VaultOverloaded,
 }
 
 impl Reason {
@@ -142,6 +146,7 @@ impl Reason {
         Reason::UnknownSealingKeyVersion,
         Reason::KeyNotProvisioned,
         Reason::KekVersionInUse,
+        Reason::VaultOverloaded,
     ];
 
     /// The stable string a caller sees.
@@ -183,6 +188,7 @@ impl Reason {
             Reason::UnknownSealingKeyVersion => "UNKNOWN_SEALING_KEY_VERSION",
             Reason::KeyNotProvisioned => "KEY_NOT_PROVISIONED",
             Reason::KekVersionInUse => "KEK_VERSION_IN_USE",
+            Reason::VaultOverloaded => "VAULT_OVERLOADED",
         }
     }
 }
@@ -335,6 +341,16 @@ impl Error {
     pub fn unavailable(detail: impl fmt::Display) -> Self {
         Error::Unavailable {
             detail: detail.to_string(),
+        }
+    }
+
+    /// RESOURCE_EXHAUSTED, `VAULT_OVERLOADED`: no place for a Vault request came free in time.
+    pub fn vault_overloaded() -> Self {
+        Error::ResourceExhausted {
+            reason: Reason::VaultOverloaded,
+            message: "too many Vault requests in flight (vault.max_in_flight); nothing was \
+                      changed, retry with backoff"
+                .into(),
         }
     }
 

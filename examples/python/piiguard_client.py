@@ -42,6 +42,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 RETRYABLE = {
     (grpc.StatusCode.UNAVAILABLE, None),
     (grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED"),
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, "VAULT_OVERLOADED"),
 }
 
 

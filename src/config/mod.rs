@@ -482,6 +482,13 @@ pub struct RawVault {
     /// Vault namespace (OpenBao / Vault Enterprise), optional.
     #[serde(default)]
     pub namespace: Option<String>,
+    /// Most Vault requests in flight at once (admission bound, see `vault::admission`).
+    #[serde(default = "default_vault_max_in_flight")]
+    pub max_in_flight: usize,
+    /// How long a Vault request may wait for a place under `max_in_flight` before the call
+    /// is refused with `VAULT_OVERLOADED`.
+    #[serde(default = "default_vault_queue_timeout_ms")]
+    pub queue_timeout_ms: u64,
     /// How piiguard logs in to Vault.
     pub auth: RawVaultAuth,
 }
@@ -556,6 +563,13 @@ fn vault_addresses(
         out.push(addr);
     }
     Ok((out, insecure.unwrap_or(false)))
+}
+
+fn default_vault_max_in_flight() -> usize {
+    64
+}
+fn default_vault_queue_timeout_ms() -> u64 {
+    2000
 }
 
 fn default_transit_mount() -> String {
@@ -902,8 +916,30 @@ pub struct VaultConfig {
     pub request_timeout: Duration,
     /// Vault namespace, if any.
     pub namespace: Option<String>,
+    /// The bound on Vault requests in flight.
+    pub admission: VaultAdmission,
     /// How piiguard logs in.
     pub auth: VaultAuth,
+}
+
+/// The bound on concurrent Vault requests (`vault.max_in_flight`, `vault.queue_timeout_ms`):
+/// a request waits at most `queue_timeout` for one of `max_in_flight` places, else the call is
+/// refused (RESOURCE_EXHAUSTED, `VAULT_OVERLOADED`) instead of piling up on a slow Vault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VaultAdmission {
+    /// Most Vault requests in flight at once.
+    pub max_in_flight: usize,
+    /// Longest wait for a place.
+    pub queue_timeout: Duration,
+}
+
+impl Default for VaultAdmission {
+    fn default() -> Self {
+        Self {
+            max_in_flight: default_vault_max_in_flight(),
+            queue_timeout: Duration::from_millis(default_vault_queue_timeout_ms()),
+        }
+    }
 }
 
 /// Parses and checks `vault.address`; returns it normalised (no trailing slash) and whether it
@@ -1203,6 +1239,12 @@ impl RawConfig {
         if v.request_timeout_secs == 0 || v.request_timeout_secs > 300 {
             return err("vault.request_timeout_secs must be between 1 and 300");
         }
+        if v.max_in_flight == 0 || v.max_in_flight > 10_000 {
+            return err("vault.max_in_flight must be between 1 and 10000");
+        }
+        if v.queue_timeout_ms > 300_000 {
+            return err("vault.queue_timeout_ms must be at most 300000");
+        }
         let auth = match v.auth {
             RawVaultAuth::Approle {
                 role_id_file,
@@ -1223,6 +1265,10 @@ impl RawConfig {
             kv_mount: mount_name("vault.kv_mount", &v.kv_mount)?,
             request_timeout: Duration::from_secs(v.request_timeout_secs),
             namespace: v.namespace,
+            admission: VaultAdmission {
+                max_in_flight: v.max_in_flight,
+                queue_timeout: Duration::from_millis(v.queue_timeout_ms),
+            },
             auth,
         };
 
@@ -1763,6 +1809,22 @@ dir = "audit"
             c.server.ready_file.as_deref(),
             Some(Path::new("/run/piiguard/ready.json"))
         );
+    }
+
+    #[test]
+    fn vault_admission_has_defaults_and_bounds() {
+        let c = parse(MINIMAL, no_env()).unwrap();
+        assert_eq!(c.vault.admission, VaultAdmission::default());
+        assert_eq!(c.vault.admission.max_in_flight, 64);
+        assert_eq!(c.vault.admission.queue_timeout, Duration::from_millis(2000));
+        let set = |extra: &str| MINIMAL.replace("[vault]\n", &format!("[vault]\n{extra}\n"));
+        let c = parse(&set("max_in_flight = 8\nqueue_timeout_ms = 0"), no_env()).unwrap();
+        assert_eq!(c.vault.admission.max_in_flight, 8);
+        assert!(c.vault.admission.queue_timeout.is_zero());
+        for bad in ["max_in_flight = 0", "queue_timeout_ms = 300001"] {
+            let e = parse(&set(bad), no_env()).unwrap_err();
+            assert!(e.0.contains("vault."), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -14,6 +14,8 @@
 //!   `dek_load` for cache misses, `sign` for audit checkpoints)
 //! - `piiguard_vault_failovers_total`, `piiguard_vault_node` (the index in `vault.addresses`
 //!   of the node requests go to; [`vault_failover`], docs/OPERATIONS.md#vault-ha)
+//! - `piiguard_vault_admission_wait_seconds`, `piiguard_vault_overloaded_total{op}`
+//!   ([`vault_admission`]: the bound on Vault requests in flight, `vault.max_in_flight`)
 //! - `piiguard_shreds_total{outcome}` ([`shred`], for the erasure service)
 //! - `piiguard_dek_rotations_total{keyspace,reason}` ([`dek_rotation`]: `requested`, `uses`,
 //!   `age`), `piiguard_dek_uses_reserved_total{keyspace}` ([`dek_uses_reserved`]: encryptions
@@ -227,6 +229,16 @@ pub fn vault_call(op: &'static str, elapsed: Duration, ok: bool) {
 pub fn vault_failover(to: usize) {
     metrics::counter!("piiguard_vault_failovers_total").increment(1);
     metrics::gauge!("piiguard_vault_node").set(to as f64);
+}
+
+/// Records one admission to the Vault request bound (`vault::admission`): the wait for a
+/// place, and a refusal (`VAULT_OVERLOADED`) when none came free in time.
+pub fn vault_admission(op: &'static str, waited: Duration, admitted: bool) {
+    if admitted {
+        metrics::histogram!("piiguard_vault_admission_wait_seconds").record(waited.as_secs_f64());
+    } else {
+        metrics::counter!("piiguard_vault_overloaded_total", "op" => op).increment(1);
+    }
 }
 
 /// Records one shred (for the erasure service).

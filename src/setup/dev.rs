@@ -155,6 +155,7 @@ ui = false
             // Raft init and leader election take several seconds on a fresh node.
             request_timeout: Duration::from_secs(30),
             namespace: None,
+            admission: Default::default(),
             auth,
         }
     }

@@ -60,6 +60,7 @@
 //! plaintext; they are logged by the caller's correlation id and never returned to a gRPC
 //! client.
 
+pub mod admission;
 pub mod endpoints;
 pub mod kek;
 pub mod signer;
@@ -151,6 +152,8 @@ pub struct Vault {
     login_lock: tokio::sync::Mutex<()>,
     /// Made by [`with_token`](Self::with_token): the token is given, never logged in again.
     fixed_token: bool,
+    /// The bound on requests in flight (`vault.max_in_flight`), shared by clones.
+    admission: admission::Admission,
 }
 
 impl std::fmt::Debug for Vault {
@@ -397,6 +400,7 @@ impl Vault {
         let http = b
             .build()
             .map_err(|e| Error::internal(format!("HTTP client: {e}")))?;
+        let cfg_admission = cfg.admission;
         Ok(Self {
             http,
             nodes,
@@ -406,6 +410,7 @@ impl Vault {
             session: RwLock::new(None),
             login_lock: tokio::sync::Mutex::new(()),
             fixed_token: false,
+            admission: admission::Admission::new(cfg_admission),
         })
     }
 
@@ -422,6 +427,7 @@ impl Vault {
             session: RwLock::new(Some(Arc::new(s))),
             login_lock: tokio::sync::Mutex::new(()),
             fixed_token: true,
+            admission: self.admission.clone(),
         }
     }
 
@@ -500,8 +506,6 @@ impl Vault {
             .ok_or_else(|| Error::internal("no Vault token after login"))
     }
 
-    /// An authenticated call: `f` runs with the current session; on 403 (token expired or
-    /// revoked) logs in again once and retries.
     /// An authenticated call: `f` runs with the current session, on the current node (failing
     /// over to the next ones, see [`on_nodes`](Self::on_nodes)); on 403 (token expired or
     /// revoked) logs in again once and retries.
@@ -510,6 +514,8 @@ impl Vault {
         F: Fn(Arc<Session>) -> Fut,
         Fut: Future<Output = std::result::Result<T, ClientError>>,
     {
+        // One place under vault.max_in_flight for the whole call (a login again included).
+        let _place = self.admission.enter(op).await.map_err(CallError::Local)?;
         let started = Instant::now();
         let mut relogged = false;
         loop {
@@ -1321,6 +1327,7 @@ mod tests {
             kv_mount: "kv".into(),
             request_timeout: Duration::from_secs(5),
             namespace: None,
+            admission: Default::default(),
             auth,
         }
     }

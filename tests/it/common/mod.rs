@@ -6,15 +6,18 @@
 //! | [`postgres`] | a PostgreSQL server per test from Debian's binaries: [`Postgres`] |
 //! | [`server`] | `piiguard serve` processes over mutual TLS on 127.0.0.1: [`Server`] |
 //! | [`client`] | mTLS gRPC clients of those servers, and request builders |
+//! | [`proxy`] | a loopback TCP proxy that makes Vault slow, stalled or lossy on demand: [`Proxy`] |
 //!
 //! Everything is re-exported here: a suite says `use crate::common::*;`.
 
 mod bao;
 mod client;
 mod postgres;
+mod proxy;
 mod server;
 
 pub use bao::*;
 pub use client::*;
 pub use postgres::*;
+pub use proxy::*;
 pub use server::*;
