@@ -27,6 +27,7 @@ pub enum Reason {
     ClientCertificateRejected,
     KeyUsageExhausted,
     VaultUnavailable,
+    VaultOverloaded,
     SubjectShredded,
     SubjectShredScheduled,
     ShredNotScheduled,
@@ -75,6 +76,7 @@ const KNOWN: &[(Reason, &str)] = &[
     ),
     (Reason::KeyUsageExhausted, "KEY_USAGE_EXHAUSTED"),
     (Reason::VaultUnavailable, "VAULT_UNAVAILABLE"),
+    (Reason::VaultOverloaded, "VAULT_OVERLOADED"),
     (Reason::SubjectShredded, "SUBJECT_SHREDDED"),
     (Reason::SubjectShredScheduled, "SUBJECT_SHRED_SCHEDULED"),
     (Reason::ShredNotScheduled, "SHRED_NOT_SCHEDULED"),
@@ -139,14 +141,18 @@ impl fmt::Display for Reason {
 
 /// Whether a retry can fix a failed call (README, "Calling piiguard from your service"):
 /// `UNAVAILABLE` whatever the reason (Vault, store or audit log down, a replica stopping, a
-/// dropped connection) and `RESOURCE_EXHAUSTED` `RATE_LIMITED`. Everything else is final,
+/// dropped connection), `RESOURCE_EXHAUSTED` `RATE_LIMITED` and `RESOURCE_EXHAUSTED`
+/// `VAULT_OVERLOADED` (every place for a Vault request was taken: back off). Everything else
+/// is final,
 /// `RESOURCE_EXHAUSTED` `LOCKED_OUT` / `VOLUME_BUDGET_EXCEEDED` / `KEY_USAGE_EXHAUSTED`
 /// included (an alarm was raised or an operator must act), and so is `DEADLINE_EXCEEDED`
 /// (the call's deadline is spent).
 pub fn is_retryable(code: Code, reason: Option<&Reason>) -> bool {
     match code {
         Code::Unavailable => true,
-        Code::ResourceExhausted => reason == Some(&Reason::RateLimited),
+        Code::ResourceExhausted => {
+            matches!(reason, Some(Reason::RateLimited | Reason::VaultOverloaded))
+        }
         _ => false,
     }
 }
@@ -397,6 +403,7 @@ mod tests {
             (Code::Unavailable, Some(Reason::AuditUnavailable)),
             (Code::Unavailable, None),
             (Code::ResourceExhausted, Some(Reason::RateLimited)),
+            (Code::ResourceExhausted, Some(Reason::VaultOverloaded)),
         ];
         for (c, r) in &yes {
             assert!(is_retryable(*c, r.as_ref()), "{c:?} {r:?}");

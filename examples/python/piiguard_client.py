@@ -9,14 +9,16 @@
   generated code in the repository); a service of yours would generate them in its build.
 - Every call has a deadline (the whole call, retries included: each attempt gets what is left).
 - Retries, with exponential backoff and full jitter, only where piiguard says a retry can help:
-  UNAVAILABLE (Vault, store or audit log down; a replica stopping; a dropped connection) and
-  RESOURCE_EXHAUSTED / RATE_LIMITED. Every other error is final and raised at once as a
+  UNAVAILABLE (Vault, store or audit log down; a replica stopping; a dropped connection),
+  RESOURCE_EXHAUSTED / RATE_LIMITED and RESOURCE_EXHAUSTED / VAULT_OVERLOADED. Every other error is final and raised at once as a
   `PiiguardError` whose `reason` is the stable ErrorInfo reason (docs/OPERATIONS.md, Errors):
   match on the reason, never on the message. `correlation_id` names the server's log line and
   audit record.
-- Retrying these calls is safe: Encrypt and Tokenize (random) make a new ciphertext or token per
-  attempt (an attempt whose answer was lost leaves an unused one behind, never a wrong one);
-  Decrypt, Detokenize, BlindIndex and Shred (idempotent) change nothing on a repeat.
+- Retrying these calls is safe: Encrypt makes a new ciphertext per attempt and stores nothing;
+  Decrypt, Detokenize, BlindIndex, deterministic Tokenize and Shred (same request_id) change
+  nothing on a repeat. A random Tokenize stores a token row per call, so an attempt whose
+  answer was lost may have stored one: it is retried only on RATE_LIMITED (refused before any
+  work), as the Rust client (`client/`) does.
 """
 
 from __future__ import annotations
@@ -95,6 +97,12 @@ class PiiguardError(Exception):
     def retryable(self) -> bool:
         return (self.code, None) in RETRYABLE or (self.code, self.reason) in RETRYABLE
 
+    @property
+    def refused_before_work(self) -> bool:
+        """A rate limit is decided before any work: even a call that stores something (a
+        random Tokenize) can be sent again."""
+        return (self.code, self.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED")
+
 
 class Piiguard:
     """One channel (connections are reused), the stubs, and the retry policy."""
@@ -123,8 +131,10 @@ class Piiguard:
     def close(self) -> None:
         self.channel.close()
 
-    def call(self, method, request, deadline: float | None = None):
-        """Calls `method` with retries on retryable errors, all within `deadline` seconds."""
+    def call(self, method, request, deadline: float | None = None, idempotent: bool = True):
+        """Calls `method` with retries on retryable errors, all within `deadline` seconds. A
+        call that is not idempotent is retried only when the server refused it before doing
+        anything (RATE_LIMITED)."""
         end = time.monotonic() + (deadline or self.deadline)
         for attempt in range(1, self.attempts + 1):
             left = end - time.monotonic()
@@ -133,7 +143,8 @@ class Piiguard:
             except grpc.RpcError as err:
                 e = PiiguardError.of(err, attempt)
                 pause = random.uniform(0, min(self.backoff_cap, self.backoff * 2 ** attempt))
-                if not e.retryable or attempt == self.attempts or time.monotonic() + pause >= end:
+                again = e.retryable if idempotent else e.refused_before_work
+                if not again or attempt == self.attempts or time.monotonic() + pause >= end:
                     raise e from None
                 self.retries += 1
                 time.sleep(pause)
@@ -168,7 +179,8 @@ class Piiguard:
                  deterministic: bool = False) -> str:
         r = self.call(self.tokens.Tokenize, tokens_pb2.TokenizeRequest(
             keyspace=keyspace, subject=subject, field=field, value=value,
-            mode=tokens_pb2.TOKEN_MODE_DETERMINISTIC if deterministic else 0))
+            mode=tokens_pb2.TOKEN_MODE_DETERMINISTIC if deterministic else 0),
+            idempotent=deterministic)
         return r.token
 
     def detokenize(self, keyspace: str, token: str) -> str:

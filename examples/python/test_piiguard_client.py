@@ -61,6 +61,13 @@ class RetryPolicy(unittest.TestCase):
             pg.call(m, None)
         self.assertEqual((m.calls, cm.exception.attempts), (3, 3))
 
+    def test_a_call_that_stores_is_not_retried_on_unavailable(self):
+        # A random Tokenize whose answer was lost may have stored a token row.
+        pg, m = self.client(), Flaky(grpc.StatusCode.UNAVAILABLE)
+        with self.assertRaises(Exception) as cm:
+            pg.call(m, None, idempotent=False)
+        self.assertEqual((m.calls, cm.exception.attempts, pg.retries), (1, 1, 0))
+
 
 if __name__ == "__main__":
     unittest.main()
