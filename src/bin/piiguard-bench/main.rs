@@ -196,6 +196,11 @@ pub struct RunArgs {
     /// both.
     #[arg(long, default_value_t = 100)]
     pub unseal_batch_size: usize,
+    /// Calls in flight of unseal-batch, bao-rsa-decrypt-batch and rewrap-batch (instead of
+    /// --concurrency): 100 RSA-2048 decrypts per UnsealBatch, 64 of them in flight, would
+    /// queue in OpenBao for longer than the server's Vault timeout.
+    #[arg(long, default_value_t = 4)]
+    pub keys_batch_concurrency: usize,
     /// Distinct subjects of the warm working set (all cached before measuring).
     #[arg(long, default_value_t = 1000)]
     pub warm_subjects: usize,

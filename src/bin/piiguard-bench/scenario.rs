@@ -450,6 +450,8 @@ struct Work {
     /// A unary call eligible for the half-rate rerun.
     unary: bool,
     call: CallFn,
+    /// Calls in flight, if not --concurrency (the key-management batches).
+    concurrency: Option<usize>,
 }
 
 fn grpc_work(
@@ -624,12 +626,20 @@ async fn build(
         piiguard: true,
         unary,
         call,
+        concurrency: None,
     };
     let anchor = |items, unary, call| Work {
         items,
         piiguard: false,
         unary,
         call,
+        concurrency: None,
+    };
+    // The batches of issue 12 carry 100-1,000 items each: 64 of them in flight (100 RSA-2048
+    // decrypts each) would queue longer in OpenBao than the server's Vault timeout.
+    let keys_batch = |w: Work| Work {
+        concurrency: Some(a.keys_batch_concurrency.max(1)),
+        ..w
     };
     Ok(match name {
         "health" => piiguard(
@@ -956,11 +966,11 @@ async fn build(
                     .collect();
                 let path = "/piiguard.v1.Crypto/UnsealBatch";
                 probe(&chs[0], path, &bodies[0], check_unseal_batch, "").await?;
-                piiguard(
+                keys_batch(piiguard(
                     n as u64,
                     false,
                     grpc_work(chs, path, bodies, Some(check_unseal_batch)),
-                )
+                ))
             } else {
                 let bodies: Vec<Bytes> = (0..envs.len())
                     .map(|i| Bytes::from(req(i).encode_to_vec()))
@@ -1003,7 +1013,11 @@ async fn build(
                         Bytes::from(json!({ "batch_input": items }).to_string())
                     })
                     .collect();
-                anchor(b as u64, false, vault_post_work(v, path, bodies, true))
+                keys_batch(anchor(
+                    b as u64,
+                    false,
+                    vault_post_work(v, path, bodies, true),
+                ))
             } else {
                 let bodies = cts
                     .iter()
@@ -1034,11 +1048,11 @@ async fn build(
                 let body = Bytes::from(pb::RewrapBatchRequest { items }.encode_to_vec());
                 let path = "/piiguard.v1.Crypto/RewrapBatch";
                 probe(&chs[0], path, &body, check_rewrap_batch, &hint).await?;
-                piiguard(
+                keys_batch(piiguard(
                     n as u64,
                     false,
                     grpc_work(chs, path, vec![body], Some(check_rewrap_batch)),
-                )
+                ))
             } else {
                 let bodies: Vec<Bytes> = (0..cts.len())
                     .map(|i| Bytes::from(req(i).encode_to_vec()))
@@ -1383,10 +1397,11 @@ fn cores(before: Option<Duration>, after: Option<Duration>, secs: f64) -> Option
 }
 
 async fn measure(name: &str, w: &Work, a: &RunArgs, meter: &Meter, rate: f64) -> ScenarioResult {
+    let concurrency = w.concurrency.unwrap_or(a.concurrency);
     if a.warmup > 0.0 {
         let _ = drive(
             &w.call,
-            a.concurrency,
+            concurrency,
             Duration::from_secs_f64(a.warmup),
             a.requests,
             rate,
@@ -1396,7 +1411,7 @@ async fn measure(name: &str, w: &Work, a: &RunArgs, meter: &Meter, rate: f64) ->
     let before = meter.read();
     let mut o = drive(
         &w.call,
-        a.concurrency,
+        concurrency,
         Duration::from_secs_f64(a.duration),
         a.requests,
         rate,
@@ -1413,7 +1428,7 @@ async fn measure(name: &str, w: &Work, a: &RunArgs, meter: &Meter, rate: f64) ->
         } else {
             "closed".into()
         },
-        concurrency: a.concurrency,
+        concurrency,
         connections: a.connections,
         calls_ok: o.ok,
         errors: o.errors,
