@@ -27,6 +27,9 @@ use crate::stats;
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
+/// Attempts per EncryptBatch while creating subjects.
+const CREATE_ATTEMPTS: usize = 3;
+
 #[derive(Args, Debug, Clone)]
 pub struct KekRewrapArgs {
     #[command(flatten)]
@@ -34,8 +37,9 @@ pub struct KekRewrapArgs {
     /// New subjects to create (one DEK each) before the rotation; 0 = rotate what is there.
     #[arg(long, default_value_t = 100_000)]
     pub subjects: usize,
-    /// Subjects per EncryptBatch while creating them.
-    #[arg(long, default_value_t = 1000)]
+    /// Subjects per EncryptBatch while creating them (each new subject is a DEK made in Vault:
+    /// 1,000 per call can outlast the 30 s call timeout on a busy machine).
+    #[arg(long, default_value_t = 250)]
     pub chunk: usize,
     /// EncryptBatch calls in flight while creating them.
     #[arg(long, default_value_t = 4)]
@@ -164,9 +168,16 @@ async fn create_subjects(t: &Target, chs: &[Channel], a: &KekRewrapArgs) -> Resu
         let ch = chs[c % chs.len()].clone();
         let pt = pt.clone();
         async move {
-            crate::scenario::encrypt_all(t, &ch, &subjects, &pt)
-                .await
-                .map(|cts| cts.len())
+            // A call that timed out may have made some of the DEKs: the same subjects again
+            // reuse them (a DEK is made once per subject), so a retry is harmless.
+            let mut last = String::new();
+            for _ in 0..CREATE_ATTEMPTS {
+                match crate::scenario::encrypt_all(t, &ch, &subjects, &pt).await {
+                    Ok(cts) => return Ok(cts.len()),
+                    Err(e) => last = e,
+                }
+            }
+            Err(format!("{last} (after {CREATE_ATTEMPTS} attempts)"))
         }
     });
     let mut stream = futures_util::stream::iter(futs).buffer_unordered(a.create_concurrency.max(1));
