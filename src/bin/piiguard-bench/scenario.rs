@@ -1892,6 +1892,47 @@ mod tests {
     }
 
     #[test]
+    fn key_and_search_groups_and_their_ratios() {
+        let keys = expand("all-keys").unwrap();
+        for n in [
+            "unseal",
+            "unseal-batch",
+            "bao-rsa-decrypt",
+            "rewrap",
+            "bao-rewrap",
+        ] {
+            assert!(keys.contains(&n.to_string()), "{n}");
+        }
+        let search = expand("all-search").unwrap();
+        for n in ["blind-index", "encrypt-index", "bao-hmac", "decrypt-masked"] {
+            assert!(search.contains(&n.to_string()), "{n}");
+        }
+        let mut batch = result("unseal-batch", 9.0, 2000.0);
+        batch.items_per_call = 100;
+        batch.items_per_sec = 900.0;
+        let mut rewrap = result("rewrap", 20_000.0, 30.0);
+        rewrap.server_cores = Some(0.5);
+        let rs = vec![
+            result("encrypt-hot", 20_000.0, 30.0),
+            result("unseal", 450.0, 200.0),
+            result("bao-rsa-decrypt", 600.0, 1700.0),
+            batch,
+            rewrap,
+            result("blind-index", 22_000.0, 33.0),
+        ];
+        let r = ratios(&rs);
+        let get = |w: &str| r.iter().find(|x| x.what == w).unwrap();
+        let u = get("unseal / bao-rsa-decrypt throughput");
+        assert_eq!((u.value, u.met), (0.75, Some(false)));
+        assert_eq!(get("unseal-batch envelopes/s / unseal calls/s").value, 2.0);
+        assert_eq!(get("rewrap items/s per server core").value, 40_000.0);
+        // A keyed hash must not cost more than Encrypt: 1.1x misses.
+        let b = get("blind-index / encrypt-hot server CPU per call");
+        assert!((b.value - 1.1).abs() < 1e-9);
+        assert_eq!(b.met, Some(false));
+    }
+
+    #[test]
     fn text_report_shows_every_scenario_and_verdicts() {
         let rs = vec![
             result("health", 100.0, 1.0),
