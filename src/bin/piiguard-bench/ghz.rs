@@ -5,7 +5,7 @@
 use base64::Engine as _;
 use serde_json::{Value, json};
 
-use crate::scenario::{self, HOT_SUBJECT, warm_subject};
+use crate::scenario::{self, BENCH_CARD, CARD_FIELD, HOT_SUBJECT, warm_subject};
 use crate::{GhzDataArgs, Target};
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
@@ -24,6 +24,19 @@ fn dec_item(t: &Target, ct: &[u8]) -> Value {
     json!({ "field": t.field, "ciphertext": B64.encode(ct) })
 }
 
+/// Generated data of the key-management and masked-reveal configs (issues 12, 14).
+#[derive(Debug, Clone, Default)]
+pub struct KeysData {
+    /// Hybrid sealed envelopes of the plaintext for keyspace / field (one per warm subject).
+    pub envelopes: Vec<Vec<u8>>,
+    /// Envelopes per UnsealBatch.
+    pub unseal_batch: usize,
+    /// Ciphertexts of an older DEK version, one per warm subject (their keys were rotated).
+    pub old_cts: Vec<Vec<u8>>,
+    /// A ciphertext of [`BENCH_CARD`] (field [`CARD_FIELD`]) of the hot subject.
+    pub card_ct: Vec<u8>,
+}
+
 /// The generated files' contents. `hot_ct` is a ciphertext of the hot subject and `warm_cts`
 /// one ciphertext per warm subject, in order.
 pub fn generate(
@@ -32,6 +45,7 @@ pub fn generate(
     size: usize,
     hot_ct: &[u8],
     warm_cts: &[Vec<u8>],
+    k: &KeysData,
 ) -> Vec<(&'static str, Value)> {
     let pt = scenario::plaintext(size);
     let n = warm_cts.len().max(1);
@@ -49,6 +63,26 @@ pub fn generate(
     let dec_batch: Vec<Value> = (0..batch)
         .filter_map(|i| warm_cts.get(i % n).map(|c| dec_item(t, c)))
         .collect();
+    let unseal_item = |i: usize| {
+        json!({
+            "keyspace": t.keyspace,
+            "subject": warm_subject(i % n),
+            "field": t.field,
+            "envelope": B64.encode(k.envelopes.get(i % k.envelopes.len().max(1)).map_or(&[][..], |e| &e[..])),
+        })
+    };
+    let unseal: Vec<Value> = (0..k.envelopes.len().max(1)).map(unseal_item).collect();
+    let unseal_batch: Vec<Value> = (0..k.unseal_batch.max(1)).map(unseal_item).collect();
+    let rewrap_item = |c: &Vec<u8>| json!({ "keyspace": t.keyspace, "field": t.field, "ciphertext": B64.encode(c) });
+    let rewrap: Vec<Value> = k.old_cts.iter().map(rewrap_item).collect();
+    let rewrap_batch: Vec<Value> = (0..batch)
+        .filter_map(|i| k.old_cts.get(i % k.old_cts.len().max(1)).map(rewrap_item))
+        .collect();
+    let masked = json!({
+        "field": CARD_FIELD,
+        "ciphertext": B64.encode(&k.card_ct),
+        "reveal": "REVEAL_MODE_MASKED",
+    });
     vec![
         ("encrypt-warm.json", Value::Array(warm)),
         ("encrypt-batch-hot.json", json!({ "items": batch_hot })),
@@ -57,6 +91,11 @@ pub fn generate(
         ("decrypt-hot.json", dec_item(t, hot_ct)),
         ("decrypt-warm.json", Value::Array(dec_warm)),
         ("decrypt-batch.json", json!({ "items": dec_batch })),
+        ("unseal.json", Value::Array(unseal)),
+        ("unseal-batch.json", json!({ "items": unseal_batch })),
+        ("rewrap.json", Value::Array(rewrap)),
+        ("rewrap-batch.json", json!({ "items": rewrap_batch })),
+        ("decrypt-masked.json", masked),
     ]
 }
 
@@ -70,8 +109,42 @@ pub async fn write_data(a: GhzDataArgs) -> Result<(), String> {
     let subjects: Vec<String> = (0..a.warm_subjects.max(1)).map(warm_subject).collect();
     let warm = scenario::encrypt_all(t, &chs[0], &subjects, &pt).await?;
     let hot_ct = hot.first().ok_or("no ciphertext for the hot subject")?;
+    // Masked reveal: a card number of the hot subject.
+    let card = scenario::encrypt_reqs(
+        &chs[0],
+        &[piiguard::pb::EncryptRequest {
+            keyspace: t.keyspace.clone(),
+            subject: HOT_SUBJECT.into(),
+            field: CARD_FIELD.into(),
+            plaintext: BENCH_CARD.as_bytes().to_vec(),
+            context: Default::default(),
+            encoding: 0,
+            blind_index: false,
+        }],
+    )
+    .await?;
+    // Unseal: envelopes sealed here with the server's current sealing public key.
+    let key = crate::keys::sealing_key(&chs[0]).await?;
+    let envelopes = crate::keys::seal_pool(
+        &key,
+        subjects.len(),
+        piiguard::crypto::sealed::Kind::Hybrid,
+        &t.keyspace,
+        &t.field,
+        &pt,
+    )?;
+    // Rewrap: the warm ciphertexts above become of an older DEK version once every warm
+    // subject's key is rotated (admin identity); they still decrypt (decrypt-warm.json).
+    let admin = crate::keys::connect_admin(t).await?;
+    crate::keys::rotate_subjects(&admin, &t.keyspace, &subjects, 16).await?;
+    let k = KeysData {
+        envelopes,
+        unseal_batch: a.unseal_batch_size,
+        old_cts: warm.clone(),
+        card_ct: card.into_iter().next().ok_or("no card ciphertext")?,
+    };
     std::fs::create_dir_all(&a.out).map_err(|e| format!("{}: {e}", a.out.display()))?;
-    for (name, v) in generate(t, a.batch_size, a.size, hot_ct, &warm) {
+    for (name, v) in generate(t, a.batch_size, a.size, hot_ct, &warm, &k) {
         let p = a.out.join(name);
         let text = serde_json::to_string(&v).map_err(|e| e.to_string())?;
         std::fs::write(&p, text).map_err(|e| format!("{}: {e}", p.display()))?;
@@ -167,6 +240,11 @@ mod tests {
         "decrypt-hot.json",
         "decrypt-warm.json",
         "decrypt-batch.json",
+        "unseal.json",
+        "unseal-batch.json",
+        "rewrap.json",
+        "rewrap-batch.json",
+        "decrypt-masked.json",
     ];
 
     fn repo() -> PathBuf {
@@ -194,8 +272,14 @@ mod tests {
         let pool = pool();
         let t = target();
         let fake_ct = vec![1u8; 153];
+        let k = KeysData {
+            envelopes: vec![vec![1u8; 354]; 1000],
+            unseal_batch: 100,
+            old_cts: vec![fake_ct.clone(); 1000],
+            card_ct: fake_ct.clone(),
+        };
         let generated: Vec<(&str, Value)> =
-            generate(&t, 1000, 64, &fake_ct, &vec![fake_ct.clone(); 1000]);
+            generate(&t, 1000, 64, &fake_ct, &vec![fake_ct.clone(); 1000], &k);
         let cfgs = configs();
         assert!(
             cfgs.len() >= 10,
@@ -253,7 +337,10 @@ mod tests {
             }
             if what.contains("batch") {
                 let items = data["items"].as_array().map(Vec::len).unwrap_or(0);
-                assert_eq!(items, 1000, "{what}: 1,000-item batches");
+                // UnsealBatch: one RSA-2048 decrypt in OpenBao per envelope, batches of 100
+                // like its anchor's transit batch_input; every other batch: 1,000 items.
+                let want = if what.contains("unseal") { 100 } else { 1000 };
+                assert_eq!(items, want, "{what}: {want}-item batches");
             }
             if what.contains("warm") && !what.contains("batch") && !what.contains("templated") {
                 assert!(n >= 100, "{what}: a warm set of {n} messages");
@@ -265,6 +352,11 @@ mod tests {
             "piiguard.v1.Crypto.EncryptBatch",
             "piiguard.v1.Crypto.DecryptBatch",
             "grpc.health.v1.Health.Check",
+            "piiguard.v1.Crypto.Unseal",
+            "piiguard.v1.Crypto.UnsealBatch",
+            "piiguard.v1.Crypto.Rewrap",
+            "piiguard.v1.Crypto.RewrapBatch",
+            "piiguard.v1.Crypto.BlindIndex",
         ] {
             assert!(methods.contains(m), "no ghz config calls {m}");
         }
@@ -293,7 +385,13 @@ mod tests {
     #[test]
     fn generated_files_match_the_names_the_configs_use() {
         let t = target();
-        let g = generate(&t, 10, 64, b"x", &[b"y".to_vec(), b"z".to_vec()]);
+        let k = KeysData {
+            envelopes: vec![b"e1".to_vec(), b"e2".to_vec(), b"e3".to_vec()],
+            unseal_batch: 4,
+            old_cts: vec![b"o1".to_vec(), b"o2".to_vec()],
+            card_ct: b"c".to_vec(),
+        };
+        let g = generate(&t, 10, 64, b"x", &[b"y".to_vec(), b"z".to_vec()], &k);
         let names: Vec<&str> = g.iter().map(|(n, _)| *n).collect();
         assert_eq!(names, GENERATED);
         // Batches cycle through the warm set; the decrypt batch holds real ciphertexts.
@@ -302,5 +400,20 @@ mod tests {
         assert_eq!(b[0]["subject"], "bench-warm-0");
         assert_eq!(b[3]["subject"], "bench-warm-1");
         assert_eq!(g[6].1["items"][1]["ciphertext"], "eg==");
+        // Unseal: one request per envelope over the warm subjects; batches cycle the pool.
+        let get = |n: &str| &g.iter().find(|(x, _)| *x == n).unwrap().1;
+        assert_eq!(get("unseal.json").as_array().unwrap().len(), 3);
+        assert_eq!(get("unseal.json")[2]["subject"], "bench-warm-0");
+        let ub = get("unseal-batch.json")["items"].as_array().unwrap();
+        assert_eq!(ub.len(), 4);
+        assert_eq!(ub[3]["envelope"], ub[0]["envelope"]);
+        // Rewrap: the older-version ciphertexts; masked: the card field, masked.
+        assert_eq!(get("rewrap.json")[1]["ciphertext"], "bzI=");
+        assert_eq!(
+            get("rewrap-batch.json")["items"].as_array().unwrap().len(),
+            10
+        );
+        assert_eq!(get("decrypt-masked.json")["field"], "card");
+        assert_eq!(get("decrypt-masked.json")["reveal"], "REVEAL_MODE_MASKED");
     }
 }

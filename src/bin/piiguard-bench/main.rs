@@ -9,6 +9,8 @@
 #![forbid(unsafe_code)]
 
 mod ghz;
+mod kek;
+mod keys;
 mod raw;
 mod scenario;
 mod stats;
@@ -33,6 +35,9 @@ enum Cmd {
     Run(RunArgs),
     /// Write the generated ghz data files (warm sets, batches, ciphertexts to decrypt).
     GhzData(GhzDataArgs),
+    /// One-shot: N new subjects, RotateKek, seconds until the background rewrap is done, and
+    /// the same transit rewraps made directly (issue 12).
+    KekRewrap(kek::KekRewrapArgs),
 }
 
 /// Where the server and OpenBao are, and the credentials to reach them.
@@ -59,6 +64,13 @@ pub struct Target {
     /// Client key (default: <pki-dir>/client-orders.key).
     #[arg(long)]
     pub key: Option<PathBuf>,
+    /// Client certificate of the set-up calls that need the `keys` grant (RotateSubjectKey,
+    /// RotateKek, GetKeyStatus; default: <pki-dir>/client-admin.pem, the dev `admin` identity).
+    #[arg(long)]
+    pub admin_cert: Option<PathBuf>,
+    /// Key of --admin-cert (default: <pki-dir>/client-admin.key).
+    #[arg(long)]
+    pub admin_key: Option<PathBuf>,
     /// OpenBao/Vault address (needed by the bao-* scenarios).
     #[arg(long, default_value = "https://127.0.0.1:8200")]
     pub vault_addr: String,
@@ -105,6 +117,16 @@ impl Target {
             .clone()
             .unwrap_or_else(|| self.pki_dir.join("client-orders.key"))
     }
+    pub fn admin_cert(&self) -> PathBuf {
+        self.admin_cert
+            .clone()
+            .unwrap_or_else(|| self.pki_dir.join("client-admin.pem"))
+    }
+    pub fn admin_key(&self) -> PathBuf {
+        self.admin_key
+            .clone()
+            .unwrap_or_else(|| self.pki_dir.join("client-admin.key"))
+    }
     pub fn vault_ca(&self) -> PathBuf {
         self.vault_ca
             .clone()
@@ -123,9 +145,13 @@ pub struct RunArgs {
     pub target: Target,
     /// Comma-separated scenarios, run in this order. piiguard: health, encrypt-hot,
     /// encrypt-warm, encrypt-cold, decrypt-hot, decrypt-warm, encrypt-batch, encrypt-batch-hot,
-    /// decrypt-batch. OpenBao transit (anchor): bao-encrypt, bao-decrypt, bao-encrypt-batch,
-    /// bao-decrypt-batch, bao-cold (the Vault calls of one piiguard cold encrypt, made directly).
-    /// `all-unary`, `all-batch`, `all-cold` and `all` expand to groups.
+    /// decrypt-batch, tokenize-random, tokenize-det, detokenize, blind-index, encrypt-index,
+    /// decrypt-masked, unseal, unseal-direct, unseal-batch, rewrap, rewrap-batch. OpenBao
+    /// transit (anchor): bao-encrypt, bao-decrypt, bao-encrypt-batch, bao-decrypt-batch,
+    /// bao-cold (the Vault calls of one piiguard cold encrypt, made directly), bao-hmac,
+    /// bao-rsa-decrypt, bao-rsa-decrypt-batch, bao-rewrap. `all-unary`, `all-batch`,
+    /// `all-cold`, `all-tokens`, `all-search`, `all-keys` and `all` expand to groups
+    /// (bench/README.md).
     #[arg(
         long,
         short,
@@ -158,13 +184,23 @@ pub struct RunArgs {
     /// Plaintext size in bytes.
     #[arg(long, default_value_t = 64)]
     pub size: usize,
-    /// Items per batch (EncryptBatch/DecryptBatch and transit batch_input).
+    /// Items per batch (EncryptBatch/DecryptBatch/RewrapBatch).
     #[arg(long, default_value_t = 1000)]
     pub batch_size: usize,
     /// Items per transit batch_input in bao-*-batch (OpenBao refuses JSON bodies with more
     /// than about 1,000 strings, so 1,000-item batches are not possible there).
     #[arg(long, default_value_t = 100)]
     pub bao_batch_size: usize,
+    /// Envelopes per UnsealBatch (and per transit batch_input of bao-rsa-decrypt-batch, its
+    /// anchor): each envelope costs one RSA-2048 private operation in OpenBao, which bounds
+    /// both.
+    #[arg(long, default_value_t = 100)]
+    pub unseal_batch_size: usize,
+    /// Calls in flight of unseal-batch, bao-rsa-decrypt-batch and rewrap-batch (instead of
+    /// --concurrency): 100 RSA-2048 decrypts per UnsealBatch, 64 of them in flight, would
+    /// queue in OpenBao for longer than the server's Vault timeout.
+    #[arg(long, default_value_t = 4)]
+    pub keys_batch_concurrency: usize,
     /// Distinct subjects of the warm working set (all cached before measuring).
     #[arg(long, default_value_t = 1000)]
     pub warm_subjects: usize,
@@ -198,6 +234,9 @@ pub struct GhzDataArgs {
     /// Plaintext size in bytes.
     #[arg(long, default_value_t = 64)]
     pub size: usize,
+    /// Envelopes per UnsealBatch (unseal-batch.json).
+    #[arg(long, default_value_t = 100)]
+    pub unseal_batch_size: usize,
 }
 
 /// Hard limit on any single call.
@@ -220,6 +259,7 @@ fn main() -> ExitCode {
         match cli.command {
             Cmd::Run(a) => scenario::run(a).await,
             Cmd::GhzData(a) => ghz::write_data(a).await,
+            Cmd::KekRewrap(a) => kek::run(a).await,
         }
     });
     match r {

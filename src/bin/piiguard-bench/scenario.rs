@@ -49,6 +49,16 @@ pub const ALL: &[&str] = &[
     "detokenize",
     "blind-index",
     "encrypt-index",
+    "bao-hmac",
+    "decrypt-masked",
+    "unseal",
+    "unseal-direct",
+    "unseal-batch",
+    "bao-rsa-decrypt",
+    "bao-rsa-decrypt-batch",
+    "rewrap",
+    "rewrap-batch",
+    "bao-rewrap",
 ];
 
 fn expand(list: &str) -> Result<Vec<String>, String> {
@@ -81,7 +91,27 @@ fn expand(list: &str) -> Result<Vec<String>, String> {
                 "tokenize-det",
                 "detokenize",
             ],
-            "all-search" => &["health", "encrypt-hot", "blind-index", "encrypt-index"],
+            "all-search" => &[
+                "health",
+                "encrypt-hot",
+                "blind-index",
+                "encrypt-index",
+                "bao-hmac",
+                "decrypt-hot",
+                "decrypt-masked",
+            ],
+            "all-keys" => &[
+                "health",
+                "encrypt-warm",
+                "unseal",
+                "unseal-direct",
+                "unseal-batch",
+                "bao-rsa-decrypt",
+                "bao-rsa-decrypt-batch",
+                "rewrap",
+                "rewrap-batch",
+                "bao-rewrap",
+            ],
             one if ALL.contains(&one) => &[],
             other => return Err(format!("unknown scenario {other:?}; known: {ALL:?}")),
         };
@@ -109,7 +139,17 @@ pub fn warm_subject(i: usize) -> String {
 pub const HOT_SUBJECT: &str = "bench-hot";
 
 /// The value of the blind-index scenarios.
-const BENCH_EMAIL: &str = " Jane.Doe@Example.com";
+pub const BENCH_EMAIL: &str = " Jane.Doe@Example.com";
+
+/// The field and value of `decrypt-masked` (kind `card` by its name: the last 4 digits).
+pub const CARD_FIELD: &str = "card";
+pub const BENCH_CARD: &str = "4111 1111 1111 1111";
+
+/// Transit key the bao-rewrap and bao-hmac anchors use (created by the bench with the token
+/// of --vault-token-file, then rotated once so that there is an older version to rewrap from):
+/// the keyspace KEK is not rotated for a benchmark, since that would start piiguard's own
+/// rewrap job in the background.
+pub const ANCHOR_KEY: &str = "piiguard-bench-anchor";
 
 fn run_id() -> u64 {
     let mut b = [0u8; 8];
@@ -126,12 +166,22 @@ fn run_id() -> u64 {
 // Connections
 
 pub async fn connect_grpc(t: &Target, n: usize) -> Result<Vec<Channel>, String> {
-    let read = |p: std::path::PathBuf| {
-        std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))
+    connect_grpc_as(t, &t.cert(), &t.key(), n).await
+}
+
+/// `n` channels with the client certificate `cert` / `key`.
+pub async fn connect_grpc_as(
+    t: &Target,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    n: usize,
+) -> Result<Vec<Channel>, String> {
+    let read = |p: &std::path::Path| {
+        std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))
     };
     let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read(t.ca())?))
-        .identity(Identity::from_pem(read(t.cert())?, read(t.key())?))
+        .ca_certificate(Certificate::from_pem(read(&t.ca())?))
+        .identity(Identity::from_pem(read(cert)?, read(key)?))
         .domain_name(t.domain.clone());
     let mut out = Vec::with_capacity(n);
     for _ in 0..n.max(1) {
@@ -186,14 +236,14 @@ async fn grpc_call(ch: Channel, path: &'static str, body: Bytes) -> Result<Bytes
     Ok(r.into_inner())
 }
 
-struct Vault {
+pub struct Vault {
     clients: Vec<reqwest::Client>,
     addr: String,
     token: String,
 }
 
 impl Vault {
-    fn new(t: &Target, n: usize) -> Result<Self, String> {
+    pub fn new(t: &Target, n: usize) -> Result<Self, String> {
         let tf = t.vault_token_file();
         let token = std::fs::read_to_string(&tf)
             .map_err(|e| {
@@ -235,7 +285,7 @@ impl Vault {
         Ok(())
     }
 
-    fn call(
+    pub fn call(
         &self,
         worker: usize,
         method: reqwest::Method,
@@ -258,7 +308,7 @@ impl Vault {
     }
 }
 
-fn ok_json(path: &str, r: (reqwest::StatusCode, Bytes)) -> Result<Value, String> {
+pub fn ok_json(path: &str, r: (reqwest::StatusCode, Bytes)) -> Result<Value, String> {
     if !r.0.is_success() {
         return Err(format!(
             "{path}: HTTP {} {}",
@@ -354,12 +404,21 @@ pub async fn encrypt_all(
     subjects: &[String],
     pt: &[u8],
 ) -> Result<Vec<Vec<u8>>, String> {
+    let reqs: Vec<pb::EncryptRequest> = subjects.iter().map(|s| enc_req(t, s, pt)).collect();
+    encrypt_reqs(ch, &reqs).await
+}
+
+/// Encrypts every request through EncryptBatch, 1,000 at a time; the ciphertexts in order.
+pub async fn encrypt_reqs(
+    ch: &Channel,
+    reqs: &[pb::EncryptRequest],
+) -> Result<Vec<Vec<u8>>, String> {
     let mut client = pb::crypto_client::CryptoClient::new(ch.clone())
         .max_decoding_message_size(64 * 1024 * 1024)
         .max_encoding_message_size(64 * 1024 * 1024);
-    let mut out = Vec::with_capacity(subjects.len());
-    for chunk in subjects.chunks(1000) {
-        let items = chunk.iter().map(|s| enc_req(t, s, pt)).collect();
+    let mut out = Vec::with_capacity(reqs.len());
+    for chunk in reqs.chunks(1000) {
+        let items = chunk.to_vec();
         let r = client
             .encrypt_batch(pb::EncryptBatchRequest { items })
             .await
@@ -391,6 +450,8 @@ struct Work {
     /// A unary call eligible for the half-rate rerun.
     unary: bool,
     call: CallFn,
+    /// Calls in flight, if not --concurrency (the key-management batches).
+    concurrency: Option<usize>,
 }
 
 fn grpc_work(
@@ -436,6 +497,77 @@ fn check_decrypt_batch(b: &Bytes) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+fn check_unseal_batch(b: &Bytes) -> Result<(), String> {
+    let r = pb::UnsealBatchResponse::decode(b.clone()).map_err(|e| e.to_string())?;
+    for res in r.results {
+        match res.result {
+            Some(pb::unseal_result::Result::Value(v)) if !v.ciphertext.is_empty() => {}
+            Some(pb::unseal_result::Result::Error(e)) => {
+                return Err(format!("UnsealBatch item: {} {}", e.reason, e.message));
+            }
+            _ => return Err("UnsealBatch item: no ciphertext".into()),
+        }
+    }
+    Ok(())
+}
+
+fn check_rewrap_batch(b: &Bytes) -> Result<(), String> {
+    let r = pb::RewrapBatchResponse::decode(b.clone()).map_err(|e| e.to_string())?;
+    for res in r.results {
+        match res.result {
+            Some(pb::rewrap_result::Result::Value(v)) if v.changed => {}
+            Some(pb::rewrap_result::Result::Error(e)) => {
+                return Err(format!("RewrapBatch item: {} {}", e.reason, e.message));
+            }
+            _ => return Err("RewrapBatch item: not re-encrypted (changed = false)".into()),
+        }
+    }
+    Ok(())
+}
+
+fn check_unseal(b: &Bytes) -> Result<(), String> {
+    let r = pb::UnsealResponse::decode(b.clone()).map_err(|e| e.to_string())?;
+    if r.ciphertext.is_empty() {
+        return Err("Unseal: no ciphertext".into());
+    }
+    Ok(())
+}
+
+fn check_rewrap(b: &Bytes) -> Result<(), String> {
+    let r = pb::RewrapResponse::decode(b.clone()).map_err(|e| e.to_string())?;
+    if !r.changed {
+        return Err("Rewrap: not re-encrypted (changed = false)".into());
+    }
+    Ok(())
+}
+
+fn check_masked(b: &Bytes) -> Result<(), String> {
+    let r = pb::DecryptResponse::decode(b.clone()).map_err(|e| e.to_string())?;
+    if !r.masked || !r.plaintext.ends_with(b"1111") || r.plaintext.starts_with(b"4111") {
+        return Err(format!(
+            "Decrypt masked: unexpected answer (masked = {}, {} bytes)",
+            r.masked,
+            r.plaintext.len()
+        ));
+    }
+    Ok(())
+}
+
+/// One call of a piiguard scenario made before the run, so that a missing grant or a wrong
+/// set-up fails the scenario with its reason instead of counting errors.
+async fn probe(
+    ch: &Channel,
+    path: &'static str,
+    body: &Bytes,
+    check: CheckFn,
+    hint: &str,
+) -> Result<(), String> {
+    let r = grpc_call(ch.clone(), path, body.clone())
+        .await
+        .map_err(|e| format!("set-up probe {e}{hint}"))?;
+    check(&r).map_err(|e| format!("set-up probe {path}: {e}"))
 }
 
 fn vault_post_work(vault: Arc<Vault>, path: String, bodies: Vec<Bytes>, batch: bool) -> CallFn {
@@ -494,12 +626,20 @@ async fn build(
         piiguard: true,
         unary,
         call,
+        concurrency: None,
     };
     let anchor = |items, unary, call| Work {
         items,
         piiguard: false,
         unary,
         call,
+        concurrency: None,
+    };
+    // The batches of issue 12 carry 100-1,000 items each: 64 of them in flight (100 RSA-2048
+    // decrypts each) would queue longer in OpenBao than the server's Vault timeout.
+    let keys_batch = |w: Work| Work {
+        concurrency: Some(a.keys_batch_concurrency.max(1)),
+        ..w
     };
     Ok(match name {
         "health" => piiguard(
@@ -767,8 +907,228 @@ async fn build(
                 }),
             )
         }
+        // Masked reveal (docs/SEARCH.md): Decrypt of a card number of the hot subject with
+        // REVEAL_MODE_MASKED (`•••• 1111`); compare with decrypt-hot (full reveal).
+        "decrypt-masked" => {
+            let req = pb::EncryptRequest {
+                field: CARD_FIELD.into(),
+                ..enc_req(t, HOT_SUBJECT, BENCH_CARD.as_bytes())
+            };
+            let cts = encrypt_reqs(&chs[0], &[req]).await?;
+            let bodies: Vec<Bytes> = cts
+                .into_iter()
+                .map(|c| {
+                    Bytes::from(
+                        pb::DecryptRequest {
+                            field: CARD_FIELD.into(),
+                            reveal: pb::RevealMode::Masked as i32,
+                            ..dec_req(t, c)
+                        }
+                        .encode_to_vec(),
+                    )
+                })
+                .collect();
+            let path = "/piiguard.v1.Crypto/Decrypt";
+            probe(&chs[0], path, &bodies[0], check_masked, "").await?;
+            piiguard(1, true, grpc_work(chs, path, bodies, Some(check_masked)))
+        }
+        // Sealed envelopes (docs/FORMAT.md) made here with the server's sealing public key
+        // (Keys.GetPublicKey), one per warm subject (each with its own RSA-OAEP), opened for the
+        // warm subjects (cached: the Unseal's encryption is a warm Encrypt). Every call costs
+        // one RSA-2048 private operation in OpenBao transit.
+        "unseal" | "unseal-direct" | "unseal-batch" => {
+            encrypt_all(t, &chs[0], &warm, &pt).await?;
+            let key = crate::keys::sealing_key(&chs[0]).await?;
+            let kind = if name == "unseal-direct" {
+                piiguard::crypto::sealed::Kind::Direct
+            } else {
+                piiguard::crypto::sealed::Kind::Hybrid
+            };
+            let envs = crate::keys::seal_pool(&key, warm.len(), kind, &t.keyspace, &t.field, &pt)?;
+            let req = |i: usize| pb::UnsealRequest {
+                keyspace: t.keyspace.clone(),
+                subject: warm[i % warm.len()].clone(),
+                field: t.field.clone(),
+                envelope: envs[i % envs.len()].clone(),
+                context: Default::default(),
+                encoding: 0,
+                return_plaintext: false,
+            };
+            if name == "unseal-batch" {
+                let n = a.unseal_batch_size.max(1);
+                // Distinct batches over the pool (the pool cycles through every envelope).
+                let batches = envs.len().div_ceil(n).max(1);
+                let bodies: Vec<Bytes> = (0..batches)
+                    .map(|b| {
+                        let items = (0..n).map(|k| req(b * n + k)).collect();
+                        Bytes::from(pb::UnsealBatchRequest { items }.encode_to_vec())
+                    })
+                    .collect();
+                let path = "/piiguard.v1.Crypto/UnsealBatch";
+                probe(&chs[0], path, &bodies[0], check_unseal_batch, "").await?;
+                keys_batch(piiguard(
+                    n as u64,
+                    false,
+                    grpc_work(chs, path, bodies, Some(check_unseal_batch)),
+                ))
+            } else {
+                let bodies: Vec<Bytes> = (0..envs.len())
+                    .map(|i| Bytes::from(req(i).encode_to_vec()))
+                    .collect();
+                let path = "/piiguard.v1.Crypto/Unseal";
+                probe(&chs[0], path, &bodies[0], check_unseal, "").await?;
+                piiguard(1, true, grpc_work(chs, path, bodies, Some(check_unseal)))
+            }
+        }
+        // The anchor of Unseal: transit decrypt with the same RSA-2048 key of the RSA parts of
+        // envelopes like unseal's (32-byte AES keys under RSA-OAEP-SHA256), single and in
+        // batch_input form of --unseal-batch-size.
+        "bao-rsa-decrypt" | "bao-rsa-decrypt-batch" => {
+            let v = vault_handle()?;
+            let setup = Vault::new(t, 1)?;
+            let p = format!("{}/keys/{}", t.transit_mount, crate::keys::SEALING_KEY);
+            let info = ok_json(&p, setup.call(0, reqwest::Method::GET, &p, None).await?)?;
+            let key = crate::keys::sealing_key_from_transit(&info)?;
+            let n = a.warm_subjects.max(1);
+            let envs = crate::keys::seal_pool(
+                &key,
+                n,
+                piiguard::crypto::sealed::Kind::Hybrid,
+                &t.keyspace,
+                &t.field,
+                &pt,
+            )?;
+            let cts = envs
+                .iter()
+                .map(|e| crate::keys::transit_rsa_ciphertext(e))
+                .collect::<Result<Vec<String>, String>>()?;
+            let path = format!("{}/decrypt/{}", t.transit_mount, crate::keys::SEALING_KEY);
+            if name == "bao-rsa-decrypt-batch" {
+                let b = a.unseal_batch_size.max(1);
+                let bodies: Vec<Bytes> = (0..cts.len().div_ceil(b).max(1))
+                    .map(|j| {
+                        let items: Vec<Value> = (0..b)
+                            .map(|k| json!({ "ciphertext": cts[(j * b + k) % cts.len()] }))
+                            .collect();
+                        Bytes::from(json!({ "batch_input": items }).to_string())
+                    })
+                    .collect();
+                keys_batch(anchor(
+                    b as u64,
+                    false,
+                    vault_post_work(v, path, bodies, true),
+                ))
+            } else {
+                let bodies = cts
+                    .iter()
+                    .map(|c| Bytes::from(json!({ "ciphertext": c }).to_string()))
+                    .collect();
+                anchor(1, true, vault_post_work(v, path, bodies, false))
+            }
+        }
+        // Rewrap of ciphertexts of an older DEK version: the warm subjects' fields are
+        // encrypted, then every warm subject's key is rotated once (Keys.RotateSubjectKey, as
+        // the admin identity), so every call opens with the old version and seals with the new
+        // one (`changed = true`, checked). Needs the `rewrap` grant (bench/README.md).
+        "rewrap" | "rewrap-batch" => {
+            let cts = encrypt_all(t, &chs[0], &warm, &pt).await?;
+            let admin = crate::keys::connect_admin(t).await?;
+            crate::keys::rotate_subjects(&admin, &t.keyspace, &warm, 16).await?;
+            let req = |i: usize| pb::RewrapRequest {
+                field: t.field.clone(),
+                ciphertext: cts[i % cts.len()].clone(),
+                context: Default::default(),
+                keyspace: t.keyspace.clone(),
+                encoding: 0,
+            };
+            let hint = format!("\n{}", crate::keys::rewrap_grant_hint(t));
+            if name == "rewrap-batch" {
+                let n = a.batch_size.max(1);
+                let items = (0..n).map(req).collect();
+                let body = Bytes::from(pb::RewrapBatchRequest { items }.encode_to_vec());
+                let path = "/piiguard.v1.Crypto/RewrapBatch";
+                probe(&chs[0], path, &body, check_rewrap_batch, &hint).await?;
+                keys_batch(piiguard(
+                    n as u64,
+                    false,
+                    grpc_work(chs, path, vec![body], Some(check_rewrap_batch)),
+                ))
+            } else {
+                let bodies: Vec<Bytes> = (0..cts.len())
+                    .map(|i| Bytes::from(req(i).encode_to_vec()))
+                    .collect();
+                let path = "/piiguard.v1.Crypto/Rewrap";
+                probe(&chs[0], path, &bodies[0], check_rewrap, &hint).await?;
+                piiguard(1, true, grpc_work(chs, path, bodies, Some(check_rewrap)))
+            }
+        }
+        // Transit rewrap of a 64-byte value from the previous version of a transit key to its
+        // newest (decrypt and encrypt inside OpenBao): the Vault-side twin of Rewrap.
+        "bao-rewrap" => {
+            let v = vault_handle()?;
+            let latest = anchor_key(t).await?;
+            let setup = Vault::new(t, 1)?;
+            let p = format!("{}/encrypt/{ANCHOR_KEY}", t.transit_mount);
+            let items: Vec<Value> = (0..a.bao_batch_size.max(1))
+                .map(|_| json!({ "plaintext": B64.encode(&pt), "key_version": latest - 1 }))
+                .collect();
+            let body = Bytes::from(json!({ "batch_input": items }).to_string());
+            let r = ok_json(
+                &p,
+                setup.call(0, reqwest::Method::POST, &p, Some(body)).await?,
+            )?;
+            let bodies = r["data"]["batch_results"]
+                .as_array()
+                .ok_or("transit batch encrypt: no batch_results")?
+                .iter()
+                .map(|x| {
+                    x["ciphertext"]
+                        .as_str()
+                        .map(|c| Bytes::from(json!({ "ciphertext": c }).to_string()))
+                        .ok_or_else(|| format!("transit batch encrypt: {x}"))
+                })
+                .collect::<Result<Vec<Bytes>, String>>()?;
+            let path = format!("{}/rewrap/{ANCHOR_KEY}", t.transit_mount);
+            anchor(1, true, vault_post_work(v, path, bodies, false))
+        }
+        // Transit HMAC-SHA256 of the same e-mail address: the Vault-side twin of BlindIndex
+        // (which also normalises the value and truncates the result).
+        "bao-hmac" => {
+            let v = vault_handle()?;
+            anchor_key(t).await?;
+            let body = Bytes::from(json!({ "input": B64.encode(BENCH_EMAIL) }).to_string());
+            let path = format!("{}/hmac/{ANCHOR_KEY}/sha2-256", t.transit_mount);
+            anchor(1, true, vault_post_work(v, path, vec![body], false))
+        }
         other => return Err(format!("unknown scenario {other:?}")),
     })
+}
+
+/// Makes sure the anchors' transit key exists with at least two versions (created and rotated
+/// with the token of --vault-token-file); returns its newest version.
+async fn anchor_key(t: &Target) -> Result<u32, String> {
+    let v = Vault::new(t, 1)?;
+    let p = format!("{}/keys/{ANCHOR_KEY}", t.transit_mount);
+    let mut r = v.call(0, reqwest::Method::GET, &p, None).await?;
+    if r.0 == reqwest::StatusCode::NOT_FOUND {
+        let body = Bytes::from(json!({ "type": "aes256-gcm96" }).to_string());
+        let c = v.call(0, reqwest::Method::POST, &p, Some(body)).await?;
+        if !c.0.is_success() {
+            return Err(format!("{p}: HTTP {}", c.0));
+        }
+        r = v.call(0, reqwest::Method::GET, &p, None).await?;
+    }
+    let info = ok_json(&p, r)?;
+    let mut latest = info["data"]["latest_version"].as_u64().unwrap_or(0);
+    if latest < 2 {
+        let rp = format!("{p}/rotate");
+        let c = v.call(0, reqwest::Method::POST, &rp, None).await?;
+        if !c.0.is_success() {
+            return Err(format!("{rp}: HTTP {}", c.0));
+        }
+        latest = latest.max(1) + 1;
+    }
+    u32::try_from(latest).map_err(|e| e.to_string())
 }
 
 /// The Vault round trips of one piiguard cold encrypt (keys/manager.rs `load_or_create`), made
@@ -1037,10 +1397,11 @@ fn cores(before: Option<Duration>, after: Option<Duration>, secs: f64) -> Option
 }
 
 async fn measure(name: &str, w: &Work, a: &RunArgs, meter: &Meter, rate: f64) -> ScenarioResult {
+    let concurrency = w.concurrency.unwrap_or(a.concurrency);
     if a.warmup > 0.0 {
         let _ = drive(
             &w.call,
-            a.concurrency,
+            concurrency,
             Duration::from_secs_f64(a.warmup),
             a.requests,
             rate,
@@ -1050,7 +1411,7 @@ async fn measure(name: &str, w: &Work, a: &RunArgs, meter: &Meter, rate: f64) ->
     let before = meter.read();
     let mut o = drive(
         &w.call,
-        a.concurrency,
+        concurrency,
         Duration::from_secs_f64(a.duration),
         a.requests,
         rate,
@@ -1067,7 +1428,7 @@ async fn measure(name: &str, w: &Work, a: &RunArgs, meter: &Meter, rate: f64) ->
         } else {
             "closed".into()
         },
-        concurrency: a.concurrency,
+        concurrency,
         connections: a.connections,
         calls_ok: o.ok,
         errors: o.errors,
@@ -1172,6 +1533,7 @@ pub fn ratios(rs: &[ScenarioResult]) -> Vec<Ratio> {
             );
         }
     }
+    keys_and_search_ratios(rs, &mut push);
     if let (Some(c), Some(b)) = (find(rs, "encrypt-cold"), find(rs, "bao-cold")) {
         let v = c.calls_per_sec / b.calls_per_sec;
         push(
@@ -1181,6 +1543,137 @@ pub fn ratios(rs: &[ScenarioResult]) -> Vec<Ratio> {
         );
     }
     out
+}
+
+/// The comparisons of issue 12 (Unseal, Rewrap) and issue 14 (BlindIndex, masked reveals).
+fn keys_and_search_ratios(
+    rs: &[ScenarioResult],
+    push: &mut impl FnMut(String, f64, Option<(&str, bool)>),
+) {
+    let cpu = |r: &ScenarioResult| r.server_cpu_us_per_call;
+    // Unseal vs OpenBao's own RSA-2048 decrypt (the private operation bounds both).
+    let rsa = find(rs, "bao-rsa-decrypt");
+    for name in ["unseal", "unseal-direct"] {
+        if let (Some(u), Some(b)) = (find(rs, name), rsa) {
+            let v = u.calls_per_sec / b.calls_per_sec;
+            push(
+                format!("{name} / bao-rsa-decrypt throughput"),
+                v,
+                Some((">= 0.8", v >= 0.8)),
+            );
+        }
+    }
+    if let Some(ub) = find(rs, "unseal-batch") {
+        if let Some(u) = find(rs, "unseal") {
+            push(
+                "unseal-batch envelopes/s / unseal calls/s".into(),
+                ub.items_per_sec / u.calls_per_sec,
+                None,
+            );
+        }
+        if let Some(b) = rsa {
+            push(
+                "unseal-batch envelopes/s / bao-rsa-decrypt calls/s".into(),
+                ub.items_per_sec / b.calls_per_sec,
+                None,
+            );
+        }
+        if let Some(bb) = find(rs, "bao-rsa-decrypt-batch") {
+            push(
+                "unseal-batch / bao-rsa-decrypt-batch items/s".into(),
+                ub.items_per_sec / bb.items_per_sec,
+                None,
+            );
+        }
+    }
+    // Rewrap: throughput per core the server used; CPU against Encrypt and transit rewrap.
+    for name in ["rewrap", "rewrap-batch"] {
+        let Some(r) = find(rs, name) else { continue };
+        if let Some(c) = r.server_cores.filter(|c| *c > 0.0) {
+            push(
+                format!("{name} items/s per server core"),
+                r.items_per_sec / c,
+                None,
+            );
+        }
+    }
+    if let (Some(r), Some(e)) = (find(rs, "rewrap"), find(rs, "encrypt-warm"))
+        && let (Some(a), Some(b)) = (cpu(r), cpu(e))
+    {
+        push(
+            "rewrap / encrypt-warm server CPU per call".into(),
+            a / b,
+            None,
+        );
+    }
+    if let (Some(r), Some(b)) = (find(rs, "rewrap"), find(rs, "bao-rewrap")) {
+        push(
+            "rewrap / bao-rewrap throughput".into(),
+            r.calls_per_sec / b.calls_per_sec,
+            None,
+        );
+        if let (Some(bc), Some(c)) = (b.vault_cpu_us_per_call, cpu(r)) {
+            push(
+                "bao-rewrap OpenBao CPU per call / rewrap piiguard CPU per call".into(),
+                bc / c,
+                None,
+            );
+        }
+    }
+    // Blind indexes: a keyed hash must not cost more than Encrypt.
+    let health = find(rs, "health");
+    let enc = find(rs, "encrypt-hot");
+    for name in ["blind-index", "encrypt-index"] {
+        let Some(r) = find(rs, name) else { continue };
+        if let Some(h) = health {
+            push(
+                format!("{name} / health throughput"),
+                r.calls_per_sec / h.calls_per_sec,
+                None,
+            );
+        }
+        if let Some(e) = enc {
+            push(
+                format!("{name} / encrypt-hot throughput"),
+                r.calls_per_sec / e.calls_per_sec,
+                None,
+            );
+            if let (Some(a), Some(b)) = (cpu(r), cpu(e)) {
+                let v = a / b;
+                // BlindIndex alone must not cost more than Encrypt; Encrypt with its index
+                // is an Encrypt plus a BlindIndex, reported without a target.
+                let target = (name == "blind-index").then_some(("<= 1.0", v <= 1.0));
+                push(
+                    format!("{name} / encrypt-hot server CPU per call"),
+                    v,
+                    target,
+                );
+            }
+        }
+    }
+    if let (Some(r), Some(b)) = (find(rs, "blind-index"), find(rs, "bao-hmac"))
+        && let (Some(bc), Some(c)) = (b.vault_cpu_us_per_call, cpu(r))
+    {
+        push(
+            "bao-hmac OpenBao CPU per call / blind-index piiguard CPU per call".into(),
+            bc / c,
+            None,
+        );
+    }
+    if let (Some(m), Some(d)) = (find(rs, "decrypt-masked"), find(rs, "decrypt-hot")) {
+        push(
+            "decrypt-masked / decrypt-hot throughput".into(),
+            m.calls_per_sec / d.calls_per_sec,
+            None,
+        );
+        if let (Some(a), Some(b)) = (cpu(m), cpu(d)) {
+            push(
+                "decrypt-masked / decrypt-hot server CPU per call".into(),
+                a / b,
+                None,
+            );
+        }
+    }
 }
 
 fn fmt_opt(v: Option<f64>, prec: usize) -> String {
@@ -1396,6 +1889,47 @@ mod tests {
         let b = get("bao-encrypt OpenBao CPU per call / encrypt-hot piiguard CPU per call");
         assert!((b.value - 200.0 / 15.0).abs() < 1e-9);
         assert_eq!(b.met, Some(true));
+    }
+
+    #[test]
+    fn key_and_search_groups_and_their_ratios() {
+        let keys = expand("all-keys").unwrap();
+        for n in [
+            "unseal",
+            "unseal-batch",
+            "bao-rsa-decrypt",
+            "rewrap",
+            "bao-rewrap",
+        ] {
+            assert!(keys.contains(&n.to_string()), "{n}");
+        }
+        let search = expand("all-search").unwrap();
+        for n in ["blind-index", "encrypt-index", "bao-hmac", "decrypt-masked"] {
+            assert!(search.contains(&n.to_string()), "{n}");
+        }
+        let mut batch = result("unseal-batch", 9.0, 2000.0);
+        batch.items_per_call = 100;
+        batch.items_per_sec = 900.0;
+        let mut rewrap = result("rewrap", 20_000.0, 30.0);
+        rewrap.server_cores = Some(0.5);
+        let rs = vec![
+            result("encrypt-hot", 20_000.0, 30.0),
+            result("unseal", 450.0, 200.0),
+            result("bao-rsa-decrypt", 600.0, 1700.0),
+            batch,
+            rewrap,
+            result("blind-index", 22_000.0, 33.0),
+        ];
+        let r = ratios(&rs);
+        let get = |w: &str| r.iter().find(|x| x.what == w).unwrap();
+        let u = get("unseal / bao-rsa-decrypt throughput");
+        assert_eq!((u.value, u.met), (0.75, Some(false)));
+        assert_eq!(get("unseal-batch envelopes/s / unseal calls/s").value, 2.0);
+        assert_eq!(get("rewrap items/s per server core").value, 40_000.0);
+        // A keyed hash must not cost more than Encrypt: 1.1x misses.
+        let b = get("blind-index / encrypt-hot server CPU per call");
+        assert!((b.value - 1.1).abs() < 1e-9);
+        assert_eq!(b.met, Some(false));
     }
 
     #[test]
