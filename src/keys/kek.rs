@@ -193,9 +193,20 @@ impl KeyStatus {
             None => KekCounts::new(),
         };
         if self.new_since_scan > 0 {
-            *c.entry(self.kek.latest_version).or_default() += self.new_since_scan;
+            *c.entry(self.new_subjects_version()).or_default() += self.new_since_scan;
         }
         c
+    }
+
+    /// The KEK version the DEKs of subjects registered since the scan are wrapped with: the
+    /// job's target, which is the latest version for as long as the job keeps up; between a
+    /// rotation and the start of its run they were made before the rotation (a run folds them
+    /// into its counts as it begins: see `KekRotation::run_once`).
+    fn new_subjects_version(&self) -> u32 {
+        match &self.job {
+            Some(j) if j.target_version > 0 => j.target_version.min(self.kek.latest_version),
+            _ => self.kek.latest_version,
+        }
     }
 
     /// Subjects with a DEK: the last full scan's and those registered since.
@@ -475,6 +486,7 @@ impl KekRotation {
         }
         if job.target_version != latest {
             // A new run (or one that a newer rotation overtook: it restarts for the newest).
+            self.fold_new_subjects(&mut job, now).await?;
             job.target_version = latest;
             job.cursor.clear();
             job.done = 0;
@@ -491,6 +503,37 @@ impl KekRotation {
             tracing::warn!(error = %e, "could not release the KEK rewrap lease");
         }
         result
+    }
+
+    /// As a run for a new KEK version begins, the subjects registered since the last scan
+    /// (counted on the previous target version, the latest when they were made; if several
+    /// rotations came before the job ran, some are on a version between) join the counts,
+    /// and the scan's start moves to now. Without this they would be counted on the new
+    /// version for the whole run, and GetKeyStatus would show the old version empty while it
+    /// still held them. The run's rewraps then move them like any other.
+    async fn fold_new_subjects(&self, job: &mut KekJob, now: i64) -> Result<()> {
+        if job.scanned_at <= 0 || job.target_version == 0 {
+            return Ok(());
+        }
+        let since_scan = self
+            .store
+            .subjects_created_since(&job.keyspace, job.scanned_at)
+            .await?;
+        let deks = since_scan.saturating_sub(job.seen_new);
+        if deks > 0 {
+            *job.counts.entry(job.target_version).or_default() += deks;
+        }
+        job.subjects += since_scan.saturating_sub(job.seen_new_subjects);
+        // Those of this very second are folded already: `seen_new*` keeps them from being
+        // counted again from `scanned_at = now` on.
+        let this_second = self
+            .store
+            .subjects_created_since(&job.keyspace, now)
+            .await?;
+        job.scanned_at = now;
+        job.seen_new = this_second;
+        job.seen_new_subjects = this_second;
+        Ok(())
     }
 
     async fn run_locked(&self, ks: &Ks, job: &mut KekJob) -> Result<bool> {
