@@ -414,3 +414,75 @@ fn only_vault_crosses_the_dek_bridge() {
     )]));
     assert_eq!(bad.len(), 1, "{bad:?}");
 }
+
+/// The image's first build step (dependencies only) reads the whole manifest, and cargo refuses
+/// a manifest whose targets are missing: every workspace member, the bench folder, the build
+/// script and the protos must be copied before it, and every binary must exist (copied or a
+/// stand-in written by the step). A target added to Cargo.toml without the Dockerfile broke
+/// the image build once ("can't find `crypto` bench").
+#[test]
+fn the_image_build_has_every_target_the_manifest_names() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let manifest: toml::Table = std::fs::read_to_string(root.join("Cargo.toml"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let docker = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
+    let first_build = docker
+        .find("cargo build")
+        .expect("the Dockerfile builds with cargo");
+    let before = &docker[..first_build];
+    let copied: BTreeSet<&str> = before
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("COPY "))
+        .flat_map(|l| {
+            let parts: Vec<&str> = l
+                .split_whitespace()
+                .filter(|p| !p.starts_with("--"))
+                .collect();
+            parts[..parts.len().saturating_sub(1)].to_vec()
+        })
+        .collect();
+    let mut needed: Vec<String> = vec![
+        "Cargo.toml".into(),
+        "Cargo.lock".into(),
+        "build.rs".into(),
+        "proto".into(),
+    ];
+    if let Some(members) = manifest
+        .get("workspace")
+        .and_then(|w| w.get("members"))
+        .and_then(|m| m.as_array())
+    {
+        needed.extend(
+            members
+                .iter()
+                .filter_map(|m| m.as_str())
+                .filter(|m| *m != ".")
+                .map(String::from),
+        );
+    }
+    if manifest.get("bench").is_some() {
+        needed.push("benches".into());
+    }
+    let missing: Vec<&String> = needed
+        .iter()
+        .filter(|n| !copied.contains(n.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "copied before the first build: {copied:?}; missing: {missing:?}"
+    );
+    for bin in manifest
+        .get("bin")
+        .and_then(|b| b.as_array())
+        .into_iter()
+        .flatten()
+    {
+        let path = bin["path"].as_str().unwrap();
+        assert!(
+            before.contains(path) || copied.iter().any(|c| path.starts_with(&format!("{c}/"))),
+            "binary {path} has neither a stand-in nor a copy before the first build"
+        );
+    }
+}
