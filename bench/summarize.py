@@ -32,20 +32,20 @@ def main(paths):
                     order.append(n)
                 for k in ("calls_per_sec", "items_per_sec", "server_cpu_us_per_call",
                           "server_cpu_us_per_item", "vault_cpu_us_per_call", "client_cpu_us_per_call",
-                          "server_cores", "errors", "late_sends"):
+                          "store_cpu_us_per_call", "server_cores", "errors", "late_sends"):
                     rows[n][k].append(x.get(k))
                 for k in ("p50_us", "p99_us", "p999_us"):
                     rows[n][k].append(x["latency"][k])
         for q in r["ratios"]:
             ratios[(q["what"], q.get("target"))].append(q["value"])
     print(f"{len(runs)} run(s): " + ", ".join(paths))
-    print("| scenario | calls/s | items/s | p50 us | p99 us | p99.9 us | server CPU us/call | OpenBao CPU us/call | server cores | errors | late sends |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| scenario | calls/s | items/s | p50 us | p99 us | p99.9 us | server CPU us/call | OpenBao CPU us/call | PostgreSQL CPU us/call | server cores | errors | late sends |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for n in order:
         d = rows[n]
         print(f"| {n} | {fmt(d['calls_per_sec'])} | {fmt(d['items_per_sec'])} | {fmt(d['p50_us'])} | "
               f"{fmt(d['p99_us'])} | {fmt(d['p999_us'])} | {fmt(d['server_cpu_us_per_call'], 1)} | "
-              f"{fmt(d['vault_cpu_us_per_call'], 1)} | {fmt(d['server_cores'], 2)} | {int(sum(e or 0 for e in d['errors']))} | "
+              f"{fmt(d['vault_cpu_us_per_call'], 1)} | {fmt(d['store_cpu_us_per_call'], 1)} | {fmt(d['server_cores'], 2)} | {int(sum(e or 0 for e in d['errors']))} | "
               f"{fmt(d['late_sends'])} |")
     print()
     print("| ratio (same run) | value | target |")

@@ -49,7 +49,8 @@ pub struct Target {
     /// Dev PKI folder (`piiguard dev --pki-dir`): default for every certificate and key below.
     #[arg(long, default_value = "certs/dev")]
     pub pki_dir: PathBuf,
-    /// piiguard mTLS address.
+    /// piiguard mTLS address; several replicas comma-separated (`a:1,b:2`): connection i goes
+    /// to address i mod n (give --connections a multiple of n).
     #[arg(long, default_value = "127.0.0.1:7443")]
     pub addr: String,
     /// TLS server name to verify (the dev server certificate is for localhost and 127.0.0.1).
@@ -102,6 +103,14 @@ pub struct Target {
 }
 
 impl Target {
+    /// The addresses of --addr (one per replica).
+    pub fn addrs(&self) -> Vec<&str> {
+        self.addr
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .collect()
+    }
     pub fn ca(&self) -> PathBuf {
         self.ca
             .clone()
@@ -204,12 +213,17 @@ pub struct RunArgs {
     /// Distinct subjects of the warm working set (all cached before measuring).
     #[arg(long, default_value_t = 1000)]
     pub warm_subjects: usize,
-    /// piiguard server pid: report its CPU time per call and its RSS.
-    #[arg(long)]
-    pub server_pid: Option<u32>,
+    /// piiguard server pid: report its CPU time per call and its RSS. Several replicas:
+    /// comma-separated pids, summed.
+    #[arg(long, value_delimiter = ',')]
+    pub server_pid: Vec<u32>,
     /// OpenBao pid: report its CPU time per call too.
     #[arg(long)]
     pub vault_pid: Option<u32>,
+    /// PostgreSQL postmaster pid: report the CPU per call of the store (the postmaster, its
+    /// live backends, and the backends it has reaped).
+    #[arg(long)]
+    pub store_pid: Option<u32>,
     /// Print one JSON document instead of the text report.
     #[arg(long)]
     pub json: bool,

@@ -183,9 +183,14 @@ pub async fn connect_grpc_as(
         .ca_certificate(Certificate::from_pem(read(&t.ca())?))
         .identity(Identity::from_pem(read(cert)?, read(key)?))
         .domain_name(t.domain.clone());
+    let addrs = t.addrs();
+    if addrs.is_empty() {
+        return Err("--addr is empty".into());
+    }
     let mut out = Vec::with_capacity(n);
-    for _ in 0..n.max(1) {
-        let ch = Endpoint::from_shared(format!("https://{}", t.addr))
+    for i in 0..n.max(1) {
+        let addr = addrs[i % addrs.len()];
+        let ch = Endpoint::from_shared(format!("https://{addr}"))
             .map_err(|e| e.to_string())?
             .tls_config(tls.clone())
             .map_err(|e| e.to_string())?
@@ -196,7 +201,7 @@ pub async fn connect_grpc_as(
             .initial_stream_window_size(Some(1024 * 1024))
             .connect()
             .await
-            .map_err(|e| format!("connect {}: {e:?}", t.addr))?;
+            .map_err(|e| format!("connect {addr}: {e:?}"))?;
         out.push(ch);
     }
     Ok(out)
@@ -406,6 +411,21 @@ pub async fn encrypt_all(
 ) -> Result<Vec<Vec<u8>>, String> {
     let reqs: Vec<pb::EncryptRequest> = subjects.iter().map(|s| enc_req(t, s, pt)).collect();
     encrypt_reqs(ch, &reqs).await
+}
+
+/// [`encrypt_all`] through the first connection, after the same Encrypts through one connection
+/// to each other replica of --addr, so that every replica has the subjects' keys cached (a warm
+/// set is warm everywhere). The ciphertexts of the first.
+pub async fn encrypt_all_replicas(
+    t: &Target,
+    chs: &[Channel],
+    subjects: &[String],
+    pt: &[u8],
+) -> Result<Vec<Vec<u8>>, String> {
+    for ch in chs.iter().take(t.addrs().len()).skip(1) {
+        encrypt_all(t, ch, subjects, pt).await?;
+    }
+    encrypt_all(t, &chs[0], subjects, pt).await
 }
 
 /// Encrypts every request through EncryptBatch, 1,000 at a time; the ciphertexts in order.
@@ -653,7 +673,7 @@ async fn build(
             ),
         ),
         "encrypt-hot" => {
-            encrypt_all(t, &chs[0], &[HOT_SUBJECT.to_string()], &pt).await?;
+            encrypt_all_replicas(t, chs, &[HOT_SUBJECT.to_string()], &pt).await?;
             let body = Bytes::from(enc_req(t, HOT_SUBJECT, &pt).encode_to_vec());
             piiguard(
                 1,
@@ -665,7 +685,7 @@ async fn build(
         // write each), a deterministic one (the same token every time), and detokenising
         // 1,000 tokens made before the run.
         "tokenize-random" | "tokenize-det" => {
-            encrypt_all(t, &chs[0], &[HOT_SUBJECT.to_string()], &pt).await?;
+            encrypt_all_replicas(t, chs, &[HOT_SUBJECT.to_string()], &pt).await?;
             let value = String::from_utf8_lossy(&pt).into_owned();
             let body = Bytes::from(
                 tok_req(t, HOT_SUBJECT, &value, name == "tokenize-det").encode_to_vec(),
@@ -716,7 +736,7 @@ async fn build(
             )
         }
         "encrypt-index" => {
-            encrypt_all(t, &chs[0], &[HOT_SUBJECT.to_string()], &pt).await?;
+            encrypt_all_replicas(t, chs, &[HOT_SUBJECT.to_string()], &pt).await?;
             let req = pb::EncryptRequest {
                 field: "email".into(),
                 blind_index: true,
@@ -730,7 +750,7 @@ async fn build(
             )
         }
         "encrypt-warm" => {
-            encrypt_all(t, &chs[0], &warm, &pt).await?;
+            encrypt_all_replicas(t, chs, &warm, &pt).await?;
             let bodies = warm
                 .iter()
                 .map(|s| Bytes::from(enc_req(t, s, &pt).encode_to_vec()))
@@ -742,7 +762,7 @@ async fn build(
             )
         }
         "decrypt-hot" => {
-            let cts = encrypt_all(t, &chs[0], &[HOT_SUBJECT.to_string()], &pt).await?;
+            let cts = encrypt_all_replicas(t, chs, &[HOT_SUBJECT.to_string()], &pt).await?;
             let bodies = cts
                 .into_iter()
                 .map(|c| Bytes::from(dec_req(t, c).encode_to_vec()))
@@ -754,7 +774,7 @@ async fn build(
             )
         }
         "decrypt-warm" => {
-            let cts = encrypt_all(t, &chs[0], &warm, &pt).await?;
+            let cts = encrypt_all_replicas(t, chs, &warm, &pt).await?;
             let bodies = cts
                 .into_iter()
                 .map(|c| Bytes::from(dec_req(t, c).encode_to_vec()))
@@ -776,7 +796,7 @@ async fn build(
                     }
                 })
                 .collect();
-            encrypt_all(t, &chs[0], &subjects, &pt).await?;
+            encrypt_all_replicas(t, chs, &subjects, &pt).await?;
             let items = subjects.iter().map(|s| enc_req(t, s, &pt)).collect();
             let body = Bytes::from(pb::EncryptBatchRequest { items }.encode_to_vec());
             piiguard(
@@ -792,7 +812,7 @@ async fn build(
         }
         "decrypt-batch" => {
             let subjects: Vec<String> = (0..a.batch_size).map(batch_subjects).collect();
-            let cts = encrypt_all(t, &chs[0], &subjects, &pt).await?;
+            let cts = encrypt_all_replicas(t, chs, &subjects, &pt).await?;
             let items = cts.into_iter().map(|c| dec_req(t, c)).collect();
             let body = Bytes::from(pb::DecryptBatchRequest { items }.encode_to_vec());
             piiguard(
@@ -937,7 +957,7 @@ async fn build(
         // warm subjects (cached: the Unseal's encryption is a warm Encrypt). Every call costs
         // one RSA-2048 private operation in OpenBao transit.
         "unseal" | "unseal-direct" | "unseal-batch" => {
-            encrypt_all(t, &chs[0], &warm, &pt).await?;
+            encrypt_all_replicas(t, chs, &warm, &pt).await?;
             let key = crate::keys::sealing_key(&chs[0]).await?;
             let kind = if name == "unseal-direct" {
                 piiguard::crypto::sealed::Kind::Direct
@@ -1031,7 +1051,7 @@ async fn build(
         // the admin identity), so every call opens with the old version and seals with the new
         // one (`changed = true`, checked). Needs the `rewrap` grant (bench/README.md).
         "rewrap" | "rewrap-batch" => {
-            let cts = encrypt_all(t, &chs[0], &warm, &pt).await?;
+            let cts = encrypt_all_replicas(t, chs, &warm, &pt).await?;
             let admin = crate::keys::connect_admin(t).await?;
             crate::keys::rotate_subjects(&admin, &t.keyspace, &warm, 16).await?;
             let req = |i: usize| pb::RewrapRequest {
@@ -1333,6 +1353,8 @@ pub struct ScenarioResult {
     pub server_cores: Option<f64>,
     pub vault_cpu_us_per_call: Option<f64>,
     pub vault_cores: Option<f64>,
+    /// PostgreSQL CPU (postmaster and backends) per successful call, with --store-pid.
+    pub store_cpu_us_per_call: Option<f64>,
     /// This load generator's CPU per call (it shares the machine).
     pub client_cpu_us_per_call: Option<f64>,
     pub server_rss_kib: Option<u64>,
@@ -1364,25 +1386,51 @@ pub struct Report {
 
 struct Meter {
     ticks: u64,
-    server: Option<String>,
+    /// Every replica's pid (CPU and RSS summed).
+    servers: Vec<String>,
     vault: Option<String>,
+    store: Option<String>,
     me: String,
 }
 
 struct Reading {
     server: Option<Duration>,
     vault: Option<Duration>,
+    store: Option<Duration>,
     me: Option<Duration>,
 }
 
 impl Meter {
     fn read(&self) -> Reading {
         let cpu = |p: &Option<String>| p.as_deref().and_then(|p| stats::process_cpu(p, self.ticks));
+        let server = (!self.servers.is_empty())
+            .then(|| {
+                self.servers
+                    .iter()
+                    .map(|p| stats::process_cpu(p, self.ticks))
+                    .sum::<Option<Duration>>()
+            })
+            .flatten();
         Reading {
-            server: cpu(&self.server),
+            server,
             vault: cpu(&self.vault),
+            store: self
+                .store
+                .as_deref()
+                .and_then(|p| stats::process_tree_cpu(p, self.ticks)),
             me: stats::process_cpu(&self.me, self.ticks),
         }
+    }
+
+    fn server_rss_kib(&self) -> Option<u64> {
+        (!self.servers.is_empty())
+            .then(|| {
+                self.servers
+                    .iter()
+                    .map(|p| stats::process_rss_kib(p))
+                    .sum::<Option<u64>>()
+            })
+            .flatten()
     }
 }
 
@@ -1444,8 +1492,9 @@ async fn measure(name: &str, w: &Work, a: &RunArgs, meter: &Meter, rate: f64) ->
         server_cores: cores(before.server, after.server, secs),
         vault_cpu_us_per_call: per(before.vault, after.vault, o.ok),
         vault_cores: cores(before.vault, after.vault, secs),
+        store_cpu_us_per_call: per(before.store, after.store, o.ok),
         client_cpu_us_per_call: per(before.me, after.me, o.ok),
-        server_rss_kib: meter.server.as_deref().and_then(stats::process_rss_kib),
+        server_rss_kib: meter.server_rss_kib(),
         half_rate: None,
     }
 }
@@ -1778,8 +1827,9 @@ pub async fn run(a: RunArgs) -> Result<(), String> {
     };
     let meter = Meter {
         ticks: stats::clock_ticks(),
-        server: a.server_pid.map(|p| p.to_string()),
+        servers: a.server_pid.iter().map(u32::to_string).collect(),
         vault: a.vault_pid.map(|p| p.to_string()),
+        store: a.store_pid.map(|p| p.to_string()),
         me: std::process::id().to_string(),
     };
     let mut vault = None;
@@ -1864,6 +1914,7 @@ mod tests {
             server_cores: None,
             vault_cpu_us_per_call: Some(cpu),
             vault_cores: None,
+            store_cpu_us_per_call: None,
             client_cpu_us_per_call: None,
             server_rss_kib: None,
             half_rate: None,

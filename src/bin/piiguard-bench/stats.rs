@@ -65,6 +65,42 @@ pub fn process_cpu(pid: &str, ticks_per_sec: u64) -> Option<Duration> {
     ))
 }
 
+/// The fields of `/proc/<pid>/stat` after the command name (field 3, the state, first).
+fn stat_fields(pid: &str) -> Option<Vec<u64>> {
+    let stat = std::fs::read_to_string(Path::new("/proc").join(pid).join("stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // The state (a letter) is not a number: keep its place with 0.
+    Some(
+        rest.split_whitespace()
+            .map(|f| f.parse().unwrap_or(0))
+            .collect(),
+    )
+}
+
+/// CPU time of a process tree one level deep, as a multi-process server (PostgreSQL) spends it:
+/// the process itself, the children it has reaped (cutime/cstime), and its live children.
+pub fn process_tree_cpu(pid: &str, ticks_per_sec: u64) -> Option<Duration> {
+    let own = stat_fields(pid)?;
+    // utime, stime, cutime, cstime: fields 14-17 (indices 11-14 here); ppid is field 4.
+    let mut ticks: u64 = own.get(11..15)?.iter().sum();
+    let me: u64 = pid.parse().ok()?;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let name = entry.file_name();
+        let Some(child) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        if let Some(f) = stat_fields(child).filter(|f| f.get(1) == Some(&me)) {
+            ticks += f.get(11..13).map_or(0, |t| t.iter().sum());
+        }
+    }
+    Some(Duration::from_nanos(
+        ticks.saturating_mul(1_000_000_000) / ticks_per_sec,
+    ))
+}
+
 /// Resident set size of a process in KiB (`VmRSS`).
 pub fn process_rss_kib(pid: &str) -> Option<u64> {
     let status = std::fs::read_to_string(Path::new("/proc").join(pid).join("status")).ok()?;
@@ -101,6 +137,15 @@ mod tests {
         let t = clock_ticks();
         assert!(process_cpu(&me, t).is_some());
         assert!(process_rss_kib(&me).is_some_and(|k| k > 0));
+        // A child that burns CPU and is reaped counts in its parent's tree.
+        let before = process_tree_cpu(&me, clock_ticks()).unwrap();
+        let st = std::process::Command::new("sh")
+            .args(["-c", "i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done"])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let after = process_tree_cpu(&me, clock_ticks()).unwrap();
+        assert!(after > before, "{before:?} -> {after:?}");
         assert!(process_cpu("not-a-pid", t).is_none());
     }
 }
