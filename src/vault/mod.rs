@@ -824,6 +824,16 @@ impl Vault {
                     continue;
                 }
             };
+            // Vault's own trouble (5xx, 429: sealed, overloaded, restarting) is retryable, as
+            // for every other Vault request; any other refusal is not.
+            let vault_side = status >= 500 || status == 429;
+            let failed = |msg: String| {
+                if vault_side {
+                    Error::unavailable(msg)
+                } else {
+                    Error::internal(msg)
+                }
+            };
             match body["data"]["batch_results"].as_array() {
                 Some(results) if results.len() == chunk.len() => {
                     out.extend(results.iter().map(|r| {
@@ -832,7 +842,7 @@ impl Vault {
                             .and_then(Value::as_str)
                             .filter(|e| !e.is_empty())
                         {
-                            return Err(Error::internal(format!("{what}: {}", truncate(e, 256))));
+                            return Err(failed(format!("{what}: {}", truncate(e, 256))));
                         }
                         r.get("ciphertext")
                             .and_then(Value::as_str)
@@ -846,13 +856,10 @@ impl Vault {
                 }
                 _ => {
                     let errors = body["errors"].to_string();
-                    let e = if errors.contains("not found") {
+                    let e = if errors.contains("not found") && !vault_side {
                         key_missing(kek)
                     } else {
-                        Error::internal(format!(
-                            "{what}: HTTP {status}: {}",
-                            truncate(&errors, 512)
-                        ))
+                        failed(format!("{what}: HTTP {status}: {}", truncate(&errors, 512)))
                     };
                     out.extend(chunk.iter().map(|_| Err(e.clone())));
                 }
@@ -1679,12 +1686,35 @@ mod tests {
             )
         })
         .await;
-        let v = Vault::new(test_config(addr, auth))
+        let v = Vault::new(test_config(addr, auth.clone()))
             .unwrap()
             .with_token(TOKEN);
         let r = v.wrap_deks("kek-orders", &refs[..2]).await;
         assert_eq!(r.len(), 2);
-        assert!(r.iter().all(Result::is_err), "{r:?}");
+        assert!(
+            r.iter().all(|r| matches!(r, Err(Error::Internal { .. }))),
+            "{r:?}"
+        );
+
+        // Vault overloaded (429): retryable, UNAVAILABLE, as for a single wrap.
+        let (addr, _) = listener(|_| {
+            let body = r#"{"errors":["rate limit quota exceeded"]}"#;
+            format!(
+                "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+                 connection: close\r\n\r\n{body}",
+                body.len()
+            )
+        })
+        .await;
+        let v = Vault::new(test_config(addr, auth))
+            .unwrap()
+            .with_token(TOKEN);
+        let r = v.wrap_deks("kek-orders", &refs[..2]).await;
+        assert!(
+            r.iter()
+                .all(|r| matches!(r, Err(Error::Unavailable { .. }))),
+            "{r:?}"
+        );
     }
 
     /// A node that is down (connection refused) or drops the connection without answering:
