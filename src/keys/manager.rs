@@ -117,6 +117,8 @@ pub struct KeyManager {
     subject_flight: SingleFlight<SubjectKey>,
     key_flight: SingleFlight<DekKey>,
     hard_ttl: Duration,
+    /// Groups the DEK wraps of concurrent new subjects into transit batch calls.
+    wraps: super::wraps::WrapBatcher,
 }
 
 fn now_secs() -> u64 {
@@ -261,6 +263,7 @@ impl KeyManager {
         // `keyspaces` is a BTreeMap: already sorted by name, as `keyspace()` requires.
         debug_assert!(out.windows(2).all(|w| w[0].name < w[1].name));
         Ok(Self {
+            wraps: super::wraps::WrapBatcher::new(vault.clone()),
             vault,
             store,
             evicted: Mutex::new(HashMap::new()),
@@ -456,8 +459,17 @@ impl KeyManager {
         // a key made after we saw the shred done (a key of a racing load is not re-activated).
         let reactivate =
             state == Some(SubjectState::Shredded) && ks.after_shred == AfterShred::NewKey;
+        // A subject the registry does not know is almost always new: its DEK is created
+        // without reading Vault first (the subject record's check-and-set still decides, and a
+        // mismatch reads what is there).
         let (e, created) = self
-            .load_or_create(ks, sref, state.is_none() || reactivate, reactivate)
+            .load_or_create(
+                ks,
+                sref,
+                state.is_none() || reactivate,
+                reactivate,
+                state.is_none(),
+            )
             .await?;
         // Re-check after loading or creating. A shred claims the subject before it lists the
         // keys to destroy: either it listed this key, or its claim is visible here.
@@ -682,18 +694,30 @@ impl KeyManager {
 
     /// The subject's key from Vault, or a new one; with the id of the key if this call
     /// created it. `register` records the subject in the store (`reactivate`: see
-    /// [`Store::register_subject`]).
+    /// [`Store::register_subject`]). `presumed_new` (the registry does not know the subject):
+    /// skip the first read of the subject record and create at once; if the record exists
+    /// after all (made by another replica, or by a process that crashed before registering
+    /// it), the check-and-set of the subject record fails, the DEK record just written is
+    /// removed, and the record is read as usual.
     async fn load_or_create(
         &self,
         ks: &Keyspace,
         sref: &SubjectRef,
         register: bool,
         reactivate: bool,
+        presumed_new: bool,
     ) -> Result<(Arc<DekEntry>, Option<KeyId>)> {
         let href = sref.to_hex();
         let spath = subject_path(&ks.name, &href);
+        let mut read_first = !presumed_new;
         loop {
-            if let Some(e) = self.vault.kv_read(&spath, None).await? {
+            let existing = if read_first {
+                self.vault.kv_read(&spath, None).await?
+            } else {
+                None
+            };
+            read_first = true;
+            if let Some(e) = existing {
                 let rec = parse_subject_record(&e.data)?;
                 if register {
                     // A key made before the registry knew it (or a crash between the two), or
@@ -717,8 +741,8 @@ impl KeyManager {
             // written first so that a subject record never names a missing DEK; a crash or a
             // lost race leaves at most an orphan DEK record that no ciphertext uses.
             let key_id = KeyId::random().map_err(|_| Error::internal("CSPRNG failed"))?;
-            let dek = Dek::generate(ks.alg.key_len()).map_err(Error::internal)?;
-            let wrapped = self.vault.wrap_dek(&ks.kek, &dek).await?;
+            let dek = Arc::new(Dek::generate(ks.alg.key_len()).map_err(Error::internal)?);
+            let wrapped = self.wraps.wrap(&ks.kek, dek.clone()).await?;
             let dpath = dek_path(&ks.name, &key_id);
             let created_at = now_secs();
             let drec = DekRecord::new(

@@ -23,5 +23,6 @@ pub mod kek;
 pub mod manager;
 pub mod record;
 pub mod usage;
+pub mod wraps;
 
 pub use manager::{KeyManager, SubjectRef};

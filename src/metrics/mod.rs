@@ -12,6 +12,8 @@
 //!   `ops/mod.rs` through [`dek_cache`])
 //! - `piiguard_vault_request_duration_seconds{op}`, `piiguard_vault_errors_total{op}` ([`vault_call`]:
 //!   `dek_load` for cache misses, `sign` for audit checkpoints)
+//! - `piiguard_dek_wrap_batch_size` ([`dek_wrap_batch`]: wraps per transit call of the wrap
+//!   batcher, `keys/wraps.rs`)
 //! - `piiguard_vault_failovers_total`, `piiguard_vault_node` (the index in `vault.addresses`
 //!   of the node requests go to; [`vault_failover`], docs/OPERATIONS.md#vault-ha)
 //! - `piiguard_vault_admission_wait_seconds`, `piiguard_vault_overloaded_total{op}`
@@ -196,6 +198,11 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
 /// Records one DEK cache lookup.
 pub fn dek_cache(hit: bool) {
     dek_cache_count(hit, 1);
+}
+
+/// Records one transit call of the DEK wrap batcher (`keys::wraps`) carrying `n` wraps.
+pub fn dek_wrap_batch(n: usize) {
+    metrics::histogram!("piiguard_dek_wrap_batch_size").record(n as f64);
 }
 
 /// Records `n` DEK cache hits (a batch counts its hits with one call).

@@ -16,7 +16,7 @@ use crate::domain::names::parse_context;
 use crate::error::{Error, Reason, Result};
 use crate::keys::cache::{DekEntry, Tick};
 
-/// Cold key loads of one batch run at most this many at a time.
+/// Cold key loads of one DecryptBatch run at most this many at a time.
 const BATCH_KEY_CONCURRENCY: usize = 16;
 
 /// A run of consecutive batch items that need one key (`want`), and that key once found:
@@ -104,8 +104,15 @@ impl Engine {
             prepared.push(p);
         }
         crate::metrics::dek_cache_hits(hits);
-        self.load_missing(&mut runs, |(ks, subj)| self.keys.key_for_subject(ks, subj))
-            .await;
+        // New subjects (a migration's first encryption) load together: half the Vault
+        // admission bound at a time (each load makes one Vault request at a time, so the batch
+        // never holds more than half the places), their DEK wraps grouped into transit batch
+        // calls by the key manager's wrap batcher.
+        let cold = (self.keys.vault().config().admission.max_in_flight / 2).max(1);
+        self.load_missing(&mut runs, cold, |(ks, subj)| {
+            self.keys.key_for_subject(ks, subj)
+        })
+        .await;
         // Each run's key must cover the run's items (reserving blocks or rotating if not; a
         // memory-only check when it does).
         let mut per_run = vec![0u64; runs.len()];
@@ -146,8 +153,8 @@ impl Engine {
     }
 
     /// Loads the keys of the runs that missed the cache: each distinct key once (runs of one
-    /// key that are not adjacent share the load), at most [`BATCH_KEY_CONCURRENCY`] at a time.
-    async fn load_missing<W, F, Fut>(&self, runs: &mut [KeyRun<W>], load: F)
+    /// key that are not adjacent share the load), at most `concurrency` at a time.
+    async fn load_missing<W, F, Fut>(&self, runs: &mut [KeyRun<W>], concurrency: usize, load: F)
     where
         W: Ord + Copy,
         F: Fn(W) -> Fut,
@@ -170,7 +177,7 @@ impl Engine {
                 let f = load(w);
                 async move { (w, observed(f).await) }
             })
-            .buffer_unordered(BATCH_KEY_CONCURRENCY)
+            .buffer_unordered(concurrency.max(1))
             .collect()
             .await;
         for (w, r) in loaded {
@@ -231,7 +238,7 @@ impl Engine {
             })
             .collect();
         crate::metrics::dek_cache_hits(hits);
-        self.load_missing(&mut runs, |w: KeyWant<'_>| {
+        self.load_missing(&mut runs, BATCH_KEY_CONCURRENCY, |w: KeyWant<'_>| {
             let alg = crate::crypto::aead::Algorithm::from_byte(w.3)
                 .unwrap_or(crate::crypto::aead::Algorithm::Aes256Gcm);
             self.keys.key_by_id(w.0, w.1, w.2, alg)

@@ -787,6 +787,87 @@ impl Vault {
             .map_err(|e| Error::internal(format!("transit encrypt with {kek}: Vault answered {e}")))
     }
 
+    /// Wraps many DEKs with transit key `kek` in `batch_input` calls (chunks of
+    /// [`TRANSIT_BATCH_CHUNK`]), the batch form of [`wrap_dek`](Self::wrap_dek): one result
+    /// per DEK, in order. A failed item fails only itself; a failed call fails its chunk.
+    /// The request body's plaintexts are wiped after the call.
+    pub async fn wrap_deks(&self, kek: &str, deks: &[&Dek]) -> Vec<Result<WrappedDek>> {
+        let path = format!("{}/encrypt/{kek}", self.cfg.transit_mount);
+        let what = format!("transit encrypt with {kek}");
+        let mut out = Vec::with_capacity(deks.len());
+        for chunk in deks.chunks(TRANSIT_BATCH_CHUNK) {
+            let batch: Vec<Value> = chunk
+                .iter()
+                .map(|d| {
+                    let pt = d.to_transit_plaintext();
+                    serde_json::json!({ "plaintext": pt.as_str() })
+                })
+                .collect();
+            let mut body = serde_json::json!({
+                "batch_input": batch,
+                "partial_failure_response_code": 200,
+            });
+            let answer = self
+                .service_raw(
+                    "transit_encrypt_batch",
+                    rustify::enums::RequestMethod::POST,
+                    &path,
+                    Some(&body),
+                )
+                .await;
+            wipe_plaintexts(&mut body);
+            let (status, body) = match answer {
+                Ok(a) => a,
+                Err(e) => {
+                    let e = key_call_error(e, &what);
+                    out.extend(chunk.iter().map(|_| Err(e.clone())));
+                    continue;
+                }
+            };
+            // Vault's own trouble (5xx, 429: sealed, overloaded, restarting) is retryable, as
+            // for every other Vault request; any other refusal is not.
+            let vault_side = status >= 500 || status == 429;
+            let failed = |msg: String| {
+                if vault_side {
+                    Error::unavailable(msg)
+                } else {
+                    Error::internal(msg)
+                }
+            };
+            match body["data"]["batch_results"].as_array() {
+                Some(results) if results.len() == chunk.len() => {
+                    out.extend(results.iter().map(|r| {
+                        if let Some(e) = r
+                            .get("error")
+                            .and_then(Value::as_str)
+                            .filter(|e| !e.is_empty())
+                        {
+                            return Err(failed(format!("{what}: {}", truncate(e, 256))));
+                        }
+                        r.get("ciphertext")
+                            .and_then(Value::as_str)
+                            .ok_or_else(|| Error::internal(format!("{what}: no ciphertext")))
+                            .and_then(|c| {
+                                WrappedDek::parse(c.to_string()).map_err(|e| {
+                                    Error::internal(format!("{what}: Vault answered {e}"))
+                                })
+                            })
+                    }));
+                }
+                _ => {
+                    let errors = body["errors"].to_string();
+                    let e = if errors.contains("not found") && !vault_side {
+                        key_missing(kek)
+                    } else {
+                        failed(format!("{what}: HTTP {status}: {}", truncate(&errors, 512)))
+                    };
+                    out.extend(chunk.iter().map(|_| Err(e.clone())));
+                }
+            }
+        }
+        out
+    }
+
     /// Unwraps `wrapped` with transit key `kek`: the only way a [`Dek`] is made from a
     /// [`WrappedDek`] (see [`crate::secret`]). The plaintext leaves vaultrs' response in the
     /// statement that receives it.
@@ -1177,6 +1258,17 @@ impl Vault {
     }
 }
 
+/// Wipes every `plaintext` string of a transit `batch_input` request body.
+fn wipe_plaintexts(body: &mut Value) {
+    if let Some(items) = body["batch_input"].as_array_mut() {
+        for i in items {
+            if let Some(Value::String(p)) = i.get_mut("plaintext") {
+                p.zeroize();
+            }
+        }
+    }
+}
+
 /// Most items in one transit `batch_input` call.
 pub const TRANSIT_BATCH_CHUNK: usize = 250;
 
@@ -1553,6 +1645,75 @@ mod tests {
             other_seen.is_empty(),
             "the redirect target received {} request(s): {other_seen:?}",
             other_seen.len()
+        );
+    }
+
+    /// DEK wraps in one transit `batch_input` call: an item Vault refused fails alone and the
+    /// others get their wrapped keys, in order; a call that fails as a whole fails its items.
+    #[tokio::test]
+    async fn a_batch_wrap_failing_part_way_fails_only_its_items() {
+        let (addr, seen) = listener(|_| {
+            ok_json(
+                r#"{"data":{"batch_results":[{"ciphertext":"vault:v1:AAAA"},{"error":"failed to encrypt"},{"ciphertext":"vault:v2:CCCC"}]}}"#,
+            )
+        })
+        .await;
+        let auth = VaultAuth::TokenFile {
+            token_file: "/nonexistent".into(),
+        };
+        let v = Vault::new(test_config(addr, auth.clone()))
+            .unwrap()
+            .with_token(TOKEN);
+        let deks: Vec<Dek> = (0..3).map(|_| Dek::generate(32).unwrap()).collect();
+        let refs: Vec<&Dek> = deks.iter().collect();
+        let r = v.wrap_deks("kek-orders", &refs).await;
+        assert_eq!(r.len(), 3);
+        assert_eq!(r[0].as_ref().unwrap().as_str(), "vault:v1:AAAA");
+        assert!(matches!(r[1], Err(Error::Internal { .. })), "{:?}", r[1]);
+        assert_eq!(r[2].as_ref().unwrap().as_str(), "vault:v2:CCCC");
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 1, "one request for the three wraps");
+        assert!(seen[0].starts_with("POST /v1/transit/encrypt/kek-orders"));
+        assert_eq!(seen[0].matches("\"plaintext\"").count(), 3);
+
+        // The whole call refused (a key the policy does not cover): every item fails.
+        let (addr, _) = listener(|_| {
+            let body = r#"{"errors":["permission denied"]}"#;
+            format!(
+                "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+                 connection: close\r\n\r\n{body}",
+                body.len()
+            )
+        })
+        .await;
+        let v = Vault::new(test_config(addr, auth.clone()))
+            .unwrap()
+            .with_token(TOKEN);
+        let r = v.wrap_deks("kek-orders", &refs[..2]).await;
+        assert_eq!(r.len(), 2);
+        assert!(
+            r.iter().all(|r| matches!(r, Err(Error::Internal { .. }))),
+            "{r:?}"
+        );
+
+        // Vault overloaded (429): retryable, UNAVAILABLE, as for a single wrap.
+        let (addr, _) = listener(|_| {
+            let body = r#"{"errors":["rate limit quota exceeded"]}"#;
+            format!(
+                "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+                 connection: close\r\n\r\n{body}",
+                body.len()
+            )
+        })
+        .await;
+        let v = Vault::new(test_config(addr, auth))
+            .unwrap()
+            .with_token(TOKEN);
+        let r = v.wrap_deks("kek-orders", &refs[..2]).await;
+        assert!(
+            r.iter()
+                .all(|r| matches!(r, Err(Error::Unavailable { .. }))),
+            "{r:?}"
         );
     }
 

@@ -10,6 +10,7 @@ mod architecture;
 mod audit;
 mod cli;
 mod client_crate;
+mod cold_path;
 mod crash_loop;
 mod crypto_api;
 mod erasure;

@@ -154,7 +154,7 @@ pub struct RunArgs {
     pub target: Target,
     /// Comma-separated scenarios, run in this order. piiguard: health, encrypt-hot,
     /// encrypt-warm, encrypt-cold, decrypt-hot, decrypt-warm, encrypt-batch, encrypt-batch-hot,
-    /// decrypt-batch, tokenize-random, tokenize-det, detokenize, blind-index, encrypt-index,
+    /// encrypt-batch-cold, decrypt-batch, tokenize-random, tokenize-det, detokenize, blind-index, encrypt-index,
     /// decrypt-masked, unseal, unseal-direct, unseal-batch, rewrap, rewrap-batch. OpenBao
     /// transit (anchor): bao-encrypt, bao-decrypt, bao-encrypt-batch, bao-decrypt-batch,
     /// bao-cold (the Vault calls of one piiguard cold encrypt, made directly), bao-hmac,
@@ -210,6 +210,11 @@ pub struct RunArgs {
     /// queue in OpenBao for longer than the server's Vault timeout.
     #[arg(long, default_value_t = 4)]
     pub keys_batch_concurrency: usize,
+    /// Calls in flight of encrypt-batch-cold (instead of --concurrency): each call creates
+    /// --batch-size new subjects, and the server loads half its Vault admission bound of them
+    /// at a time.
+    #[arg(long, default_value_t = 2)]
+    pub cold_batch_concurrency: usize,
     /// Distinct subjects of the warm working set (all cached before measuring).
     #[arg(long, default_value_t = 1000)]
     pub warm_subjects: usize,

@@ -1,0 +1,263 @@
+//! The cold path (issue 15): a subject the registry does not know gets its DEK without a Vault
+//! read first, DEK wraps of concurrent new subjects go to transit together, and EncryptBatch of
+//! many new subjects loads them together; still one DEK per subject across processes, also
+//! when another replica created the subject meanwhile.
+
+use std::collections::HashMap;
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use crate::common::*;
+use piiguard::crypto::envelope;
+use piiguard::pb;
+use piiguard::pb::crypto_client::CryptoClient;
+use tonic::transport::Channel;
+
+fn key_id(ct: &[u8]) -> [u8; 16] {
+    let mut s = Vec::new();
+    envelope::parse(ct, &mut s).unwrap().header.key_id.0
+}
+
+/// No background Vault reads during the count: the KEK version poll (which lists and reads
+/// records) and the canary refresh wait an hour.
+const QUIET: &str = "\n[kek]\npoll_secs = 3600\n[canaries]\nrefresh_secs = 3600\n";
+
+fn metrics_env() -> Vec<(String, String)> {
+    vec![("PIIGUARD_METRICS__LISTEN".into(), ANY_PORT.into())]
+}
+
+/// Vault requests made so far by kind (`op`), from the server's `/metrics`.
+async fn vault_requests(server: &Server) -> HashMap<String, f64> {
+    let addr = server.metrics_addr.expect("metrics listener");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).await.unwrap();
+    let prefix = "piiguard_vault_request_duration_seconds_count{op=\"";
+    resp.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(prefix)?;
+            let (op, value) = rest.split_once("\"} ")?;
+            Some((op.to_string(), value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// [`vault_requests`] once the start-up's background work (KEK version check, canary
+/// registry) is over: two scrapes half a second apart agree.
+async fn settled_requests(server: &Server) -> HashMap<String, f64> {
+    let mut last = vault_requests(server).await;
+    for _ in 0..40 {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let now = vault_requests(server).await;
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+    panic!("Vault requests never settled: {last:?}");
+}
+
+fn delta(after: &HashMap<String, f64>, before: &HashMap<String, f64>, op: &str) -> f64 {
+    after.get(op).copied().unwrap_or(0.0) - before.get(op).copied().unwrap_or(0.0)
+}
+
+async fn encrypt_batch(
+    c: &mut CryptoClient<Channel>,
+    items: Vec<pb::EncryptRequest>,
+) -> Vec<Vec<u8>> {
+    c.encrypt_batch(pb::EncryptBatchRequest { items })
+        .await
+        .unwrap()
+        .into_inner()
+        .results
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| match r.result {
+            Some(pb::encrypt_result::Result::Ciphertext(ct)) => ct,
+            other => panic!("batch item {i}: {other:?}"),
+        })
+        .collect()
+}
+
+/// A new subject costs a transit wrap and two check-and-set writes, no KV read: the registry
+/// already says the subject is new. (Before: a KV read of the subject record first, one per
+/// new subject.) A known subject whose key left the cache is still read from Vault.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_subject_is_created_without_reading_vault_first() {
+    let env = TestEnv::start().await;
+    let server = env.server_env("a", QUIET, metrics_env()).await;
+    let mut c = env.client(&server, "orders").await;
+    let before = settled_requests(&server).await;
+    for i in 0..3 {
+        c.encrypt(enc(
+            "orders",
+            &format!("new-{i}"),
+            "email",
+            b"n@example.com",
+        ))
+        .await
+        .unwrap();
+    }
+    let after = vault_requests(&server).await;
+    assert_eq!(delta(&after, &before, "kv_read"), 0.0, "{after:?}");
+    assert_eq!(delta(&after, &before, "kv_write"), 6.0, "{after:?}");
+    let wraps =
+        delta(&after, &before, "transit_encrypt") + delta(&after, &before, "transit_encrypt_batch");
+    assert_eq!(wraps, 3.0, "one at a time: each wrap goes alone: {after:?}");
+
+    // Another process (same registry, cold cache) reads the record: the subject is known.
+    let other = env.server_env("b", QUIET, metrics_env()).await;
+    let mut o = env.client(&other, "orders").await;
+    let before = settled_requests(&other).await;
+    let ct = o
+        .encrypt(enc("orders", "new-0", "email", b"n@example.com"))
+        .await
+        .unwrap()
+        .into_inner()
+        .ciphertext;
+    let after = vault_requests(&other).await;
+    assert_eq!(delta(&after, &before, "kv_read"), 1.0, "{after:?}");
+    assert_eq!(delta(&after, &before, "kv_write"), 0.0, "{after:?}");
+    assert_eq!(env.list_dek_records("orders").await.len(), 3);
+    let mut c2 = env.client(&server, "orders").await;
+    c2.decrypt(dec("email", &ct)).await.unwrap();
+}
+
+/// EncryptBatch of many new subjects, the same subjects sent to two processes at once: every
+/// subject ends with exactly one DEK (the losers' DEK records are removed), both processes'
+/// ciphertexts of a subject name it, duplicates in one batch share it, and the wraps went to
+/// transit in batch calls (fewer transit requests than new subjects).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_batches_of_new_subjects_make_one_dek_each_across_processes() {
+    let env = TestEnv::start().await;
+    let a = env.server_env("a", "", metrics_env()).await;
+    let b = env.server_env("b", "", metrics_env()).await;
+    let (mut ca, mut cb) = (
+        env.client(&a, "orders").await,
+        env.client(&b, "orders").await,
+    );
+    const N: usize = 120;
+    // Every subject twice in each batch (adjacent and not), in another order on each side.
+    let items = |rev: bool| {
+        let mut v: Vec<pb::EncryptRequest> = (0..N)
+            .chain(0..N)
+            .map(|i| {
+                enc(
+                    "orders",
+                    &format!("bulk-{i}"),
+                    "email",
+                    format!("v{i}").as_bytes(),
+                )
+            })
+            .collect();
+        if rev {
+            v.reverse();
+        }
+        v
+    };
+    let before_a = vault_requests(&a).await;
+    let (ra, rb) = tokio::join!(
+        encrypt_batch(&mut ca, items(false)),
+        encrypt_batch(&mut cb, items(true))
+    );
+    let after_a = vault_requests(&a).await;
+    for i in 0..N {
+        let k = key_id(&ra[i]);
+        assert_eq!(key_id(&ra[N + i]), k, "subject {i}: two keys in one batch");
+        assert_eq!(
+            key_id(&rb[N - 1 - i]),
+            k,
+            "subject {i}: two keys across processes"
+        );
+        assert_eq!(key_id(&rb[2 * N - 1 - i]), k);
+    }
+    let mut recs = env.list_dek_records("orders").await;
+    recs.sort();
+    let mut used: Vec<String> = ra.iter().map(|c| hex::encode(key_id(c))).collect();
+    used.sort();
+    used.dedup();
+    assert_eq!(used.len(), N);
+    assert_eq!(
+        recs, used,
+        "DEK records in Vault are exactly the keys in use"
+    );
+    // Each ciphertext decrypts on the other process.
+    for (i, ct) in ra.iter().enumerate().step_by(7) {
+        let pt = cb
+            .decrypt(dec("email", ct))
+            .await
+            .unwrap()
+            .into_inner()
+            .plaintext;
+        assert_eq!(pt, format!("v{}", i % N).as_bytes());
+    }
+    let transit_calls = delta(&after_a, &before_a, "transit_encrypt")
+        + delta(&after_a, &before_a, "transit_encrypt_batch");
+    assert!(
+        delta(&after_a, &before_a, "transit_encrypt_batch") >= 1.0 && transit_calls < N as f64,
+        "wraps were not grouped: {transit_calls} transit calls for {N} subjects: {after_a:?}"
+    );
+}
+
+/// A subject created by another replica while this one was loading it (this one saw no state
+/// in the registry, so it skipped the read): its check-and-set of the subject record fails, it
+/// removes the DEK record it wrote and uses the other replica's key. Here inside an
+/// EncryptBatch that also carries the subject twice and a second subject.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_uses_the_key_another_replica_made_meanwhile() {
+    const POINT: &str = "load-subject-after-state-check";
+    let env = TestEnv::start().await;
+    let (a, dir) = env.paused_server("a", POINT, Vec::new()).await;
+    let b = env.server("b", "").await;
+    let mut ca = env.client(&a, "orders").await;
+    let mut cb = env.client(&b, "orders").await;
+    let batch = tokio::spawn(async move {
+        let items = vec![
+            enc("orders", "race-x", "email", b"x1"),
+            enc("orders", "race-x", "email", b"x2"),
+            enc("orders", "race-y", "email", b"y1"),
+            enc("orders", "race-x", "email", b"x3"),
+        ];
+        encrypt_batch(&mut ca, items).await
+    });
+    // One of the two subjects' loads on a is held after it saw no registry state; b creates
+    // both meanwhile.
+    wait_reached(&dir, POINT).await;
+    let x = cb
+        .encrypt(enc("orders", "race-x", "email", b"bx"))
+        .await
+        .unwrap()
+        .into_inner()
+        .ciphertext;
+    let y = cb
+        .encrypt(enc("orders", "race-y", "email", b"by"))
+        .await
+        .unwrap()
+        .into_inner()
+        .ciphertext;
+    release(&dir, POINT);
+    let r = batch.await.unwrap();
+    for i in [0, 1, 3] {
+        assert_eq!(key_id(&r[i]), key_id(&x), "item {i}");
+    }
+    assert_eq!(key_id(&r[2]), key_id(&y));
+    let mut recs = env.list_dek_records("orders").await;
+    recs.sort();
+    let mut want = vec![hex::encode(key_id(&x)), hex::encode(key_id(&y))];
+    want.sort();
+    assert_eq!(recs, want, "the losing DEK record was removed");
+    let mut cb = env.client(&b, "orders").await;
+    for (ct, pt) in [(&r[0], b"x1"), (&r[3], b"x3")] {
+        assert_eq!(
+            cb.decrypt(dec("email", ct))
+                .await
+                .unwrap()
+                .into_inner()
+                .plaintext,
+            pt
+        );
+    }
+}
