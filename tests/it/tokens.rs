@@ -1238,9 +1238,26 @@ fields = ["city"]
         "Lisbon",
         "cust-cb still holds it"
     );
-    // cust-ca's deterministic tokens are refused (its key is gone), cached or not.
-    let s = err(c.tokenize(join("cust-ca")).await);
-    assert_eq!(reason(&s), "SUBJECT_SHREDDED");
+    // `orders` lets a shredded subject come back with a new key (after_shred = new_key):
+    // cust-ca's cached entries were made with its old key and must not answer for the new
+    // one. Its per-subject token made before the shred stays dead; the value gets a new one.
+    let old = tokenize(&mut c, det("cust-ca", "city", "Lisbon", F::Opaque)).await;
+    assert_eq!(tokenize(&mut c, join("cust-ca")).await, t, "joins again");
+    e.shred(pb::ShredRequest {
+        subject: "cust-ca".into(),
+        keyspace: "orders".into(),
+        reason: "GDPR art. 17".into(),
+        request_id: "cache-2".into(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        reason(&err(detokenize(&mut c, &old).await)),
+        "SUBJECT_SHREDDED"
+    );
+    let new = tokenize(&mut c, det("cust-ca", "city", "Lisbon", F::Opaque)).await;
+    assert_ne!(new, old, "not the cached token of the shredded key");
+    assert_eq!(value_of(&mut c, &new).await, "Lisbon");
 
     // Expiry: a 2 s token, detokenised (cached with its 2 s expiry), extended to an hour.
     let ttl = |secs| {
@@ -1333,7 +1350,9 @@ async fn shred_on_one_replica_reaches_the_token_caches_of_another_postgres() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // Once B knows, every path of B refuses, now and later.
+    // Once B knows, its cached row and deterministic token are dead, now and later: the old
+    // tokens refuse; the subject comes back with a new key (`orders`: after_shred =
+    // new_key) and the value gets a new token, not B's cached one of the shredded key.
     for _ in 0..3 {
         for t in [&rand, &dt] {
             assert_eq!(
@@ -1341,9 +1360,12 @@ async fn shred_on_one_replica_reaches_the_token_caches_of_another_postgres() {
                 "SUBJECT_SHREDDED"
             );
         }
-        let s = err(cb
-            .tokenize(det("cust-r", "email", "m@example.com", F::Email))
-            .await);
-        assert_eq!(reason(&s), "SUBJECT_SHREDDED");
     }
+    let again = tokenize(&mut cb, det("cust-r", "email", "m@example.com", F::Email)).await;
+    assert_ne!(again, dt, "B served its cached token of the shredded key");
+    assert_eq!(value_of(&mut ca, &again).await, "m@example.com");
+    assert_eq!(
+        reason(&err(detokenize(&mut cb, &dt).await)),
+        "SUBJECT_SHREDDED"
+    );
 }
