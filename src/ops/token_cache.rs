@@ -71,7 +71,7 @@ impl<K: Hash + Eq + Clone, V> BoundedMap<K, V> {
 
     /// Number of entries (tests).
     #[cfg(test)]
-    pub fn len(&self) -> usize {
+    fn len(&self) -> usize {
         self.shards
             .iter()
             .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len())
