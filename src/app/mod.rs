@@ -230,6 +230,7 @@ pub async fn run(
             keys.clone(),
             cfg.server.max_plaintext_bytes,
             cfg.server.max_batch_items,
+            cfg.cache.token_entries,
         )
         .map_err(|e| format!("cannot start: {}", detail_of(&e)))?,
     );

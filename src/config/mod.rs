@@ -619,6 +619,9 @@ pub struct RawCache {
     pub hard_ttl_secs: u64,
     /// Most encryptions one process makes with one DEK (GCM random nonces).
     pub max_uses_per_dek: u64,
+    /// Most entries of each token read cache (token rows for Detokenize, deterministic
+    /// tokens for Tokenize); 0 turns them off.
+    pub token_entries: usize,
 }
 
 impl Default for RawCache {
@@ -628,6 +631,7 @@ impl Default for RawCache {
             idle_ttl_secs: 600,
             hard_ttl_secs: 3600,
             max_uses_per_dek: DEFAULT_MAX_USES_PER_DEK,
+            token_entries: 65_536,
         }
     }
 }
@@ -1058,6 +1062,8 @@ pub struct CacheConfig {
     pub hard_ttl: Duration,
     /// Most encryptions this process makes with one DEK, across cache reloads.
     pub max_uses_per_dek: u64,
+    /// Most entries of each token read cache (0: none).
+    pub token_entries: usize,
 }
 
 /// Logging.
@@ -1292,7 +1298,11 @@ impl RawConfig {
                 "cache.max_uses_per_dek must be between 1 and {GCM_RANDOM_NONCE_LIMIT} (2^32, the GCM limit of one key with random nonces)"
             ));
         }
+        if c.token_entries > 10_000_000 {
+            return err("cache.token_entries must not exceed 10000000");
+        }
         let cache = CacheConfig {
+            token_entries: c.token_entries,
             max_entries: c.max_entries,
             idle_ttl: Duration::from_secs(c.idle_ttl_secs),
             hard_ttl: Duration::from_secs(c.hard_ttl_secs),
@@ -1710,6 +1720,21 @@ dir = "audit"
             let e = with(bad).unwrap_err().to_string();
             assert!(e.contains("cache.max_uses_per_dek"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn token_caches_default_on_can_be_off_and_are_bounded() {
+        let c = parse(MINIMAL, Vec::new()).unwrap();
+        assert_eq!(c.cache.token_entries, 65_536);
+        let with = |v: &str| {
+            parse(
+                MINIMAL,
+                vec![("PIIGUARD_CACHE__TOKEN_ENTRIES".to_string(), v.to_string())],
+            )
+        };
+        assert_eq!(with("0").unwrap().cache.token_entries, 0);
+        let e = with("10000001").unwrap_err().to_string();
+        assert!(e.contains("cache.token_entries"), "{e}");
     }
 
     #[test]

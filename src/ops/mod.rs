@@ -12,6 +12,7 @@ pub mod encrypt;
 pub mod erasure;
 pub mod rewrap;
 pub mod search;
+pub mod token_cache;
 pub mod tokens;
 pub mod unseal;
 

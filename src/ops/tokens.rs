@@ -16,6 +16,7 @@ use crate::error::{Error, Reason, Result};
 use crate::keys::KeyManager;
 use crate::keys::cache::DekEntry;
 use crate::keys::manager::{SubjectRef, now_i64, truncate_for_message};
+use crate::ops::token_cache::BoundedMap;
 use crate::store::Store;
 use crate::store::token_writer::{GroupWriter, Write};
 use crate::store::tokens::{NewToken, TokenState};
@@ -100,12 +101,61 @@ struct SpaceKeys {
     ff1: hmac::Key,
 }
 
+/// A live token row as the store last returned it to Detokenize: the field, the expiry and
+/// every holder's value **sealed under the holder's DEK** (no plaintext, no token).
+///
+/// Why serving it is never wrong (the store is the truth; the row is a copy of it):
+/// - **shred** (of this replica or another): a shred destroys the holder's DEK in Vault and
+///   evicts it from every replica's key cache (the eviction feed). Every hit opens the
+///   sealed value again through [`KeyManager::key_by_id`], so once the DEK is gone the
+///   value no longer opens and the call goes to the store, which answers `SUBJECT_SHREDDED`.
+///   This is the bound a Decrypt of a ciphertext already has: a replica serves a shredded
+///   subject's data at most until the eviction reaches it (or the DEK cache's hard TTL).
+/// - **expiry**: the cached expiry is checked at every use; a token past it goes to the store
+///   (which expires it). A live token's expiry only ever moves later (Tokenize keeps the
+///   later of the two, or none), so the cached one is never later than the store's.
+/// - **values added** (another subject's value on a join token): every holder's value is
+///   the same value; the cached row may lack the new holder's copy, and then, if none of the
+///   cached copies opens any more, the call goes to the store, which has it.
+/// - only successes are served from the cache: any failure (nothing opens, expired) drops the
+///   entry and the store answers, exactly as without a cache.
+struct CachedRow {
+    field: String,
+    expires_at: Option<i64>,
+    /// (sealed value, subject reference hex) of each holder, in the store's order.
+    values: Vec<(String, String)>,
+}
+
+/// A deterministic token that a subject holds, with no expiry, as the store last confirmed
+/// it (written, or read with the subject's value on it): the read-first path of
+/// deterministic Tokenize then needs no store read. The token itself is not kept: it is
+/// derived again (and checked against `token_hash`) on every hit.
+///
+/// Why it is never wrong: the entry is keyed by keyspace, value hash and subject reference,
+/// and only ever made for a **live token without expiry that holds this subject's value**.
+/// Such a row changes in one way only: the subject's shred (its value deleted, the token
+/// tombstoned if no one else holds it). A shred evicts the subject's DEK from every
+/// replica, and Tokenize looks up the subject's DEK (refusing a shredded subject) before it
+/// reads this cache; the entry is also tied to the DEK's key id, so a subject whose key is
+/// not the one the entry was made with misses. Expiry cannot apply (none), and added
+/// values or expiries leave it a live token without expiry that the subject holds.
+struct CachedDet {
+    token_hash: String,
+    attempt: u32,
+    tweak_key: TweakKey,
+    key_id: envelope::KeyId,
+}
+
 /// The tokenisation engine.
 pub struct TokenEngine {
     keys: Arc<KeyManager>,
     store: Arc<Store>,
     /// Group commit of token writes.
     writer: GroupWriter,
+    /// Token rows by (keyspace, token hash): Detokenize of a warm token reads no store.
+    rows: BoundedMap<(String, String), CachedRow>,
+    /// Deterministic tokens by (keyspace, value hash, subject reference).
+    det: BoundedMap<(String, String, String), CachedDet>,
     spaces: HashMap<String, SpaceKeys>,
     max_value: usize,
     max_batch: usize,
@@ -126,8 +176,14 @@ fn expired() -> Error {
 }
 
 impl TokenEngine {
-    /// Derives each keyspace's token keys. `max_value` bounds values in bytes.
-    pub fn new(keys: Arc<KeyManager>, max_value: usize, max_batch: usize) -> Result<Self> {
+    /// Derives each keyspace's token keys. `max_value` bounds values in bytes;
+    /// `cache_entries` bounds each read cache (0: no cache).
+    pub fn new(
+        keys: Arc<KeyManager>,
+        max_value: usize,
+        max_batch: usize,
+        cache_entries: usize,
+    ) -> Result<Self> {
         let mut spaces = HashMap::new();
         for ks in keys.keyspace_names() {
             let k = |p: &str| -> Result<hmac::Key> {
@@ -146,6 +202,8 @@ impl TokenEngine {
         Ok(Self {
             store: keys.store().clone(),
             writer: GroupWriter::new(keys.store().clone()),
+            rows: BoundedMap::new(cache_entries),
+            det: BoundedMap::new(cache_entries),
             keys,
             spaces,
             max_value,
@@ -326,6 +384,8 @@ impl TokenEngine {
             Mode::Deterministic | Mode::Random => Scope::Subject(sref),
         };
         let vh = derive::value_hash(&sp.det, i.field, &tag, scope, i.value);
+        let det_key = (i.keyspace.to_string(), vh, sref.to_string());
+        let vh = &det_key.1;
         let token_of = |attempt: u32, tweak_key: TweakKey| -> Result<String> {
             let seed = derive::deterministic_seed(&sp.det, i.field, &tag, scope, i.value, attempt);
             self.render(
@@ -337,11 +397,36 @@ impl TokenEngine {
                 tweak_key,
             )
         };
+        // A token this subject holds without expiry, confirmed before (see `CachedDet`).
+        if let Some(c) = self.det.get(&det_key) {
+            if c.key_id == dek.id.key_id {
+                let token = token_of(c.attempt, c.tweak_key)?;
+                if derive::token_hash(&sp.lookup, &token) == c.token_hash {
+                    return Ok(Tokenized {
+                        token,
+                        expires_at: None,
+                    });
+                }
+            }
+            self.det.remove(&det_key);
+        }
+        let remember = |token_hash: &str, attempt: u32, tweak_key: TweakKey| {
+            self.det.insert(
+                det_key.clone(),
+                CachedDet {
+                    token_hash: token_hash.to_string(),
+                    attempt,
+                    tweak_key,
+                    key_id: dek.id.key_id,
+                },
+            );
+        };
         // Rounds: an existing token may be shredded, or a concurrent call may insert the
         // same value's token, between our read and our write; then look again.
         for _round in 0..4 {
-            if let Some(row) = self.store.token_by_value(i.keyspace, &vh, sref).await? {
-                let mut token = token_of(row.attempt, TweakKey::for_new())?;
+            if let Some(row) = self.store.token_by_value(i.keyspace, vh, sref).await? {
+                let mut tweak_key = TweakKey::for_new();
+                let mut token = token_of(row.attempt, tweak_key)?;
                 let mut th = derive::token_hash(&sp.lookup, &token);
                 if th != row.token_hash && i.format == Format::Ff1 {
                     // An FF1 token made before finding 11 took its tweak from the old subkey:
@@ -353,7 +438,7 @@ impl TokenEngine {
                             keyspace = i.keyspace,
                             "deterministic FF1 token of an older build (pre-finding-11 subkey)"
                         );
-                        (token, th) = (old, old_th);
+                        (token, th, tweak_key) = (old, old_th, TweakKey::LegacyV1);
                     }
                 }
                 if th != row.token_hash {
@@ -372,6 +457,9 @@ impl TokenEngine {
                 // Read first: when the token is alive, already holds this subject's value
                 // and keeps its expiry, a write would change nothing.
                 if alive && row.mine && new_exp == row.expires_at {
+                    if new_exp.is_none() {
+                        remember(&th, row.attempt, tweak_key);
+                    }
                     return Ok(Tokenized {
                         token,
                         expires_at: new_exp,
@@ -380,13 +468,17 @@ impl TokenEngine {
                 let sealed = self.seal(dek, i.field, &th, i.value)?;
                 let add = Write::AddValue {
                     keyspace: i.keyspace.into(),
-                    token_hash: th,
+                    token_hash: th.clone(),
                     subject_ref: sref.into(),
                     sealed,
                     now,
                     expires_at: new_exp,
                 };
                 if self.writer.write(add).await? {
+                    // Committed: live, this subject's value on it, expiry `new_exp`.
+                    if new_exp.is_none() {
+                        remember(&th, row.attempt, tweak_key);
+                    }
                     return Ok(Tokenized {
                         token,
                         expires_at: new_exp,
@@ -407,7 +499,7 @@ impl TokenEngine {
                     token_hash: &th,
                     field: i.field,
                     format: &tag,
-                    value_hash: Some(&vh),
+                    value_hash: Some(vh),
                     attempt,
                     subject_ref: sref,
                     sealed: &sealed,
@@ -415,11 +507,14 @@ impl TokenEngine {
                     expires_at,
                 };
                 if self.writer.write(Write::insert(&row)).await? {
+                    if expires_at.is_none() {
+                        remember(&th, attempt, TweakKey::for_new());
+                    }
                     return Ok(Tokenized { token, expires_at });
                 }
                 if self
                     .store
-                    .token_by_value(i.keyspace, &vh, sref)
+                    .token_by_value(i.keyspace, vh, sref)
                     .await?
                     .is_some()
                 {
@@ -443,13 +538,23 @@ impl TokenEngine {
     pub async fn detokenize(&self, keyspace: &str, token: &str) -> Result<Detokenized> {
         let sp = self.space(keyspace)?;
         format::check_token(token).map_err(format_error)?;
-        let th = derive::token_hash(&sp.lookup, token);
+        let key = (keyspace.to_string(), derive::token_hash(&sp.lookup, token));
+        let th = &key.1;
+        let now = now_i64();
+        // A warm token: only a success is served from the cache (see `CachedRow`).
+        if let Some(c) = self.rows.get(&key) {
+            if c.expires_at.is_none_or(|e| e >= now)
+                && let Some(d) = self.open_any(keyspace, th, &c).await
+            {
+                return Ok(d);
+            }
+            self.rows.remove(&key);
+        }
         let row = self
             .store
-            .token(keyspace, &th)
+            .token(keyspace, th)
             .await?
             .ok_or_else(|| Error::not_found(Reason::UnknownToken, "no such token"))?;
-        let now = now_i64();
         match row.state {
             TokenState::Shredded => return Err(Error::shredded()),
             TokenState::Expired => return Err(expired()),
@@ -459,7 +564,7 @@ impl TokenEngine {
             // Purge it now rather than at the next sweep.
             if let Err(e) = self
                 .store
-                .purge_expired_tokens(now, Some((keyspace, &th)))
+                .purge_expired_tokens(now, Some((keyspace, th)))
                 .await
             {
                 tracing::warn!(error = %e, "could not purge an expired token");
@@ -468,8 +573,22 @@ impl TokenEngine {
         }
         let mut last = Error::shredded();
         for (sealed, sref) in row.sealed.iter().zip(&row.subject_refs) {
-            match self.open(keyspace, &row.field, &th, sealed).await {
+            match self.open(keyspace, &row.field, th, sealed).await {
                 Ok((value, key_id)) => {
+                    // Opened: the row is live, unexpired and a holder's DEK is alive.
+                    self.rows.insert(
+                        key.clone(),
+                        CachedRow {
+                            field: row.field.clone(),
+                            expires_at: row.expires_at,
+                            values: row
+                                .sealed
+                                .iter()
+                                .cloned()
+                                .zip(row.subject_refs.iter().cloned())
+                                .collect(),
+                        },
+                    );
                     return Ok(Detokenized {
                         value,
                         field: row.field,
@@ -481,6 +600,22 @@ impl TokenEngine {
             }
         }
         Err(last)
+    }
+
+    /// The value of a cached row: the first holder's sealed value that opens, as the store
+    /// path tries them; `None` when none does (the store then decides).
+    async fn open_any(&self, keyspace: &str, th: &str, c: &CachedRow) -> Option<Detokenized> {
+        for (sealed, sref) in &c.values {
+            if let Ok((value, key_id)) = self.open(keyspace, &c.field, th, sealed).await {
+                return Some(Detokenized {
+                    value,
+                    field: c.field.clone(),
+                    subject_ref: SubjectRef::from_hex(sref),
+                    key_id,
+                });
+            }
+        }
+        None
     }
 
     async fn open(

@@ -1131,3 +1131,241 @@ async fn deterministic_ff1_tokens_made_before_the_subkey_change_stay_their_value
     let new = tokenize(&mut c, det("cust-ff1", "acct", "ACCT-00654321", F::Ff1)).await;
     assert_eq!(value_of(&mut c, &new).await, "ACCT-00654321");
 }
+
+/// The token read caches (`ops/tokens.rs`, `CachedRow` / `CachedDet`): a token Detokenize has
+/// opened, and a deterministic token its subject holds without expiry, are served without a
+/// store read. Shown by taking the token tables away: the warm calls still answer (the same
+/// value, the same token), a cold one fails. Before the caches every call read the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_tokens_are_served_without_a_store_read() {
+    use pb::TokenFormat as F;
+    use sqlx::Connection as _;
+    let env = TestEnv::start().await;
+    let server = env.server("s", "").await;
+    let mut c = tokens(&env, &server).await;
+
+    let warm = tokenize(&mut c, rnd("cust-c", "name", "Grace", F::Opaque)).await;
+    let cold = tokenize(&mut c, rnd("cust-c", "name", "Heidi", F::Opaque)).await;
+    let det_token = tokenize(&mut c, det("cust-c", "email", "g@example.com", F::Email)).await;
+    assert_eq!(value_of(&mut c, &warm).await, "Grace");
+
+    let mut db = sqlx::SqliteConnection::connect(&env.store_url)
+        .await
+        .unwrap();
+    for (from, to) in [
+        ("token_map", "token_map_away"),
+        ("token_values", "token_values_away"),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "ALTER TABLE {from} RENAME TO {to}"
+        )))
+        .execute(&mut db)
+        .await
+        .unwrap();
+    }
+    assert_eq!(value_of(&mut c, &warm).await, "Grace", "warm Detokenize");
+    assert_eq!(
+        tokenize(&mut c, det("cust-c", "email", "g@example.com", F::Email)).await,
+        det_token,
+        "warm deterministic Tokenize"
+    );
+    assert!(
+        detokenize(&mut c, &cold).await.is_err(),
+        "a token never detokenised needs the store"
+    );
+    assert!(
+        c.tokenize(det("cust-c", "email", "h@example.com", F::Email))
+            .await
+            .is_err(),
+        "a new deterministic value needs the store"
+    );
+    for (from, to) in [
+        ("token_map_away", "token_map"),
+        ("token_values_away", "token_values"),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "ALTER TABLE {from} RENAME TO {to}"
+        )))
+        .execute(&mut db)
+        .await
+        .unwrap();
+    }
+    assert_eq!(value_of(&mut c, &cold).await, "Heidi");
+}
+
+/// A join token cached by Detokenize with one holder's value; a second subject's value is
+/// added after; the first holder is shredded. The cached copy no longer opens, and the token
+/// must still detokenise (the store has the second holder's value), not answer SHREDDED.
+/// Then a TTL'd deterministic token whose expiry a later Tokenize extended: the cached
+/// expiry is the earlier one, and passing it must not expire the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_token_rows_follow_added_values_shreds_and_extended_expiry() {
+    use pb::TokenFormat as F;
+    let env = TestEnv::start().await;
+    env.write_policy(
+        r#"
+[[grant]]
+identity = "spiffe://shop.local/orders"
+operations = ["tokenize_join"]
+keyspaces = ["orders"]
+fields = ["city"]
+"#,
+    );
+    let server = env.server("join", "").await;
+    let mut c = tokens(&env, &server).await;
+    let mut e = env.erasure(&server).await;
+    let join = |subject: &str| {
+        let mut r = det(subject, "city", "Lisbon", F::Opaque);
+        r.mode = pb::TokenMode::DeterministicJoin as i32;
+        r
+    };
+    let t = tokenize(&mut c, join("cust-ca")).await;
+    assert_eq!(value_of(&mut c, &t).await, "Lisbon"); // cached: cust-ca's value only
+    assert_eq!(tokenize(&mut c, join("cust-cb")).await, t); // cust-cb's value added
+    let r = e
+        .shred(pb::ShredRequest {
+            subject: "cust-ca".into(),
+            keyspace: "orders".into(),
+            reason: "GDPR art. 17".into(),
+            request_id: "cache-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.keyspaces[0].outcome, pb::ShredOutcome::Shredded as i32);
+    assert_eq!(
+        value_of(&mut c, &t).await,
+        "Lisbon",
+        "cust-cb still holds it"
+    );
+    // `orders` lets a shredded subject come back with a new key (after_shred = new_key):
+    // cust-ca's cached entries were made with its old key and must not answer for the new
+    // one. Its per-subject token made before the shred stays dead; the value gets a new one.
+    let old = tokenize(&mut c, det("cust-ca", "city", "Lisbon", F::Opaque)).await;
+    assert_eq!(tokenize(&mut c, join("cust-ca")).await, t, "joins again");
+    e.shred(pb::ShredRequest {
+        subject: "cust-ca".into(),
+        keyspace: "orders".into(),
+        reason: "GDPR art. 17".into(),
+        request_id: "cache-2".into(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        reason(&err(detokenize(&mut c, &old).await)),
+        "SUBJECT_SHREDDED"
+    );
+    let new = tokenize(&mut c, det("cust-ca", "city", "Lisbon", F::Opaque)).await;
+    assert_ne!(new, old, "not the cached token of the shredded key");
+    assert_eq!(value_of(&mut c, &new).await, "Lisbon");
+
+    // Expiry: a 2 s token, detokenised (cached with its 2 s expiry), extended to an hour.
+    let ttl = |secs| {
+        req(
+            "orders",
+            "cust-ttl",
+            "email",
+            "x@example.com",
+            F::Email,
+            pb::TokenMode::Deterministic,
+            0,
+            secs,
+        )
+    };
+    let short = tokenize(&mut c, ttl(2)).await;
+    assert_eq!(value_of(&mut c, &short).await, "x@example.com");
+    let long = c.tokenize(ttl(3600)).await.unwrap().into_inner();
+    assert_eq!(long.token, short);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(long.expires_at > now + 3000, "the later expiry wins");
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert_eq!(value_of(&mut c, &short).await, "x@example.com", "extended");
+    // And a short one that really expires, after it was cached.
+    let mut r = rnd("cust-ttl", "name", "Judy", F::Opaque);
+    r.ttl_seconds = 1;
+    let dying = tokenize(&mut c, r).await;
+    assert_eq!(value_of(&mut c, &dying).await, "Judy");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let s = err(detokenize(&mut c, &dying).await);
+    assert_eq!(
+        (s.code(), reason(&s).as_str()),
+        (Code::NotFound, "TOKEN_EXPIRED")
+    );
+}
+
+/// Two replicas on one PostgreSQL store: B has cached a token row (Detokenize) and a
+/// deterministic token (Tokenize) of a subject; A shreds the subject. A refuses at once; B
+/// must refuse both calls as SHREDDED once the eviction reaches it (NOTIFY, else the feed's
+/// poll: the bound Decrypt has too), never serve the cached row after that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shred_on_one_replica_reaches_the_token_caches_of_another_postgres() {
+    use pb::TokenFormat as F;
+    let pg = Postgres::start();
+    let env = TestEnv::start_with_store(Some(pg.url.clone())).await;
+    let a = env.server("a", "").await;
+    let b = env.server("b", "").await;
+    let mut ca = tokens(&env, &a).await;
+    let mut cb = tokens(&env, &b).await;
+
+    let rand = tokenize(&mut ca, rnd("cust-r", "name", "Mallory", F::Opaque)).await;
+    let dt = tokenize(&mut ca, det("cust-r", "email", "m@example.com", F::Email)).await;
+    // B caches both (twice: the second call is a hit).
+    for _ in 0..2 {
+        assert_eq!(value_of(&mut cb, &rand).await, "Mallory");
+        assert_eq!(
+            tokenize(&mut cb, det("cust-r", "email", "m@example.com", F::Email)).await,
+            dt
+        );
+    }
+    let r = env
+        .erasure(&a)
+        .await
+        .shred(pb::ShredRequest {
+            subject: "cust-r".into(),
+            keyspace: "orders".into(),
+            reason: "GDPR art. 17".into(),
+            request_id: "cache-pg".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.keyspaces[0].outcome, pb::ShredOutcome::Shredded as i32);
+    for t in [&rand, &dt] {
+        assert_eq!(
+            reason(&err(detokenize(&mut ca, t).await)),
+            "SUBJECT_SHREDDED"
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match detokenize(&mut cb, &rand).await {
+            Err(s) => {
+                assert_eq!(reason(&s), "SUBJECT_SHREDDED");
+                break;
+            }
+            Ok(_) => assert!(Instant::now() < deadline, "B serves a shredded token"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Once B knows, its cached row and deterministic token are dead, now and later: the old
+    // tokens refuse; the subject comes back with a new key (`orders`: after_shred =
+    // new_key) and the value gets a new token, not B's cached one of the shredded key.
+    for _ in 0..3 {
+        for t in [&rand, &dt] {
+            assert_eq!(
+                reason(&err(detokenize(&mut cb, t).await)),
+                "SUBJECT_SHREDDED"
+            );
+        }
+    }
+    let again = tokenize(&mut cb, det("cust-r", "email", "m@example.com", F::Email)).await;
+    assert_ne!(again, dt, "B served its cached token of the shredded key");
+    assert_eq!(value_of(&mut ca, &again).await, "m@example.com");
+    assert_eq!(
+        reason(&err(detokenize(&mut cb, &dt).await)),
+        "SUBJECT_SHREDDED"
+    );
+}
