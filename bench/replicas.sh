@@ -26,6 +26,9 @@ CONCURRENCY=${CONCURRENCY:-64}
 PORT_BASE=${PORT_BASE:-45000}
 WORK=${WORK:-/tmp/piiguard-replicas}
 OUT=${OUT:-bench/out/replicas}
+# Seconds of idle before the runs of each replica count: every replica's CPU over that time (the
+# background work of a replica: eviction feed polls, reaper, KEK job, metrics), in $OUT/idle.txt.
+IDLE_SECS=${IDLE_SECS:-10}
 BIN=${BIN:-target/release}
 BAO=${PIIGUARD_BAO_BIN:-$PWD/.venv/bin/bao}
 
@@ -98,6 +101,15 @@ for n in $REPLICAS; do
     addrs+=("127.0.0.1:$(grpc_port "$i")")
     spids+=("$(eval echo "\$R$i")")
   done
+  if [ "$IDLE_SECS" -gt 0 ]; then
+    cpu() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+    before=() ; for p in "${spids[@]}"; do before+=("$(cpu "$p")"); done
+    sleep "$IDLE_SECS"
+    i=0; for p in "${spids[@]}"; do
+      echo "$n replica(s): replica $((i + 1)) idle CPU $(( ($(cpu "$p") - ${before[$i]}) * 1000000 / $(getconf CLK_TCK) / IDLE_SECS )) us/s over ${IDLE_SECS} s" | tee -a "$OUT/idle.txt" >&2
+      i=$((i + 1))
+    done
+  fi
   for run in $(seq "$RUNS"); do
     echo "== $n replica(s), run $run/$RUNS, load $(cut -d' ' -f1-3 /proc/loadavg)" >&2
     "$BIN/piiguard-bench" run --dev-dir "$WORK/dev" --pki-dir "$WORK/pki" \
