@@ -1,7 +1,6 @@
 //! Rate limits, volume budgets, lockout and unlock, canaries, alarms (audit record, metric,
 //! log line, webhook), the metrics endpoint, and a full scenario scanned for planted PII.
 
-use std::collections::HashMap;
 use std::process::Command;
 use std::time::Duration;
 
@@ -261,52 +260,6 @@ async fn webhook_sink() -> (u16, tokio::sync::mpsc::UnboundedReceiver<Value>) {
         }
     });
     (port, rx)
-}
-
-/// Scrapes `/metrics` and parses `name{labels} value` lines.
-async fn scrape(addr: std::net::SocketAddr) -> Vec<(String, HashMap<String, String>, f64)> {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).await.unwrap();
-    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
-    let body = &resp[resp.find("\r\n\r\n").unwrap() + 4..];
-    body.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .map(|l| {
-            let (head, value) = l.rsplit_once(' ').unwrap();
-            let (name, labels) = match head.split_once('{') {
-                Some((n, rest)) => {
-                    let inner = rest.strip_suffix('}').unwrap();
-                    let labels = inner
-                        .split("\",")
-                        .filter(|p| !p.is_empty())
-                        .map(|p| {
-                            let (k, v) = p.split_once("=\"").unwrap();
-                            (k.to_string(), v.trim_end_matches('"').to_string())
-                        })
-                        .collect();
-                    (n.to_string(), labels)
-                }
-                None => (head.to_string(), HashMap::new()),
-            };
-            (name, labels, value.parse::<f64>().unwrap())
-        })
-        .collect()
-}
-
-fn metric(m: &[(String, HashMap<String, String>, f64)], name: &str, want: &[(&str, &str)]) -> f64 {
-    m.iter()
-        .filter(|(n, l, _)| {
-            n == name
-                && want
-                    .iter()
-                    .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
-        })
-        .map(|(_, _, v)| v)
-        .sum()
 }
 
 // PII planted in the scenario below; none of it may reach a log, an audit file or a webhook.

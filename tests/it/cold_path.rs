@@ -5,8 +5,6 @@
 
 use std::collections::HashMap;
 
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-
 use crate::common::*;
 use piiguard::crypto::envelope;
 use piiguard::pb;
@@ -28,21 +26,8 @@ fn metrics_env() -> Vec<(String, String)> {
 
 /// Vault requests made so far by kind (`op`), from the server's `/metrics`.
 async fn vault_requests(server: &Server) -> HashMap<String, f64> {
-    let addr = server.metrics_addr.expect("metrics listener");
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).await.unwrap();
-    let prefix = "piiguard_vault_request_duration_seconds_count{op=\"";
-    resp.lines()
-        .filter_map(|l| {
-            let rest = l.strip_prefix(prefix)?;
-            let (op, value) = rest.split_once("\"} ")?;
-            Some((op.to_string(), value.trim().parse().ok()?))
-        })
-        .collect()
+    let m = scrape(server.metrics_addr.expect("metrics listener")).await;
+    by_label(&m, "piiguard_vault_request_duration_seconds_count", "op")
 }
 
 /// [`vault_requests`] once the start-up's background work (KEK version check, canary

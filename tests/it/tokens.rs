@@ -113,6 +113,26 @@ fn contains(hay: &[u8], needle: &str) -> bool {
     hay.windows(needle.len()).any(|w| w == needle.as_bytes())
 }
 
+/// The order service may make `DETERMINISTIC_JOIN` tokens of cities (beside its `tokenize`
+/// grant on every field).
+const JOIN_CITIES: &str = r#"
+[[grant]]
+identity = "spiffe://shop.local/orders"
+operations = ["tokenize_join"]
+keyspaces = ["orders"]
+fields = ["city"]
+"#;
+
+/// A shred of `subject` in `orders` (GDPR erasure), with its idempotency key.
+fn shred_req(subject: &str, request_id: &str) -> pb::ShredRequest {
+    pb::ShredRequest {
+        subject: subject.into(),
+        keyspace: "orders".into(),
+        reason: "GDPR art. 17".into(),
+        request_id: request_id.into(),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn formats_round_trip_keep_their_shape_and_modes_hold() {
     use pb::TokenFormat as F;
@@ -595,12 +615,7 @@ async fn shred_kills_a_subjects_tokens_and_purges_its_rows() {
     let (values_before, _) = store(&env).await.token_counts("orders").await.unwrap();
 
     let r = e
-        .shred(pb::ShredRequest {
-            subject: "cust-shred".into(),
-            keyspace: "orders".into(),
-            reason: "GDPR art. 17".into(),
-            request_id: "tok-1".into(),
-        })
+        .shred(shred_req("cust-shred", "tok-1"))
         .await
         .unwrap()
         .into_inner();
@@ -939,12 +954,7 @@ async fn deterministic_token_dies_with_its_subject_when_another_subject_has_the_
     }
 
     let r = e
-        .shred(pb::ShredRequest {
-            subject: "cust-f9-a".into(),
-            keyspace: "orders".into(),
-            reason: "GDPR art. 17".into(),
-            request_id: "f9-1".into(),
-        })
+        .shred(shred_req("cust-f9-a", "f9-1"))
         .await
         .unwrap()
         .into_inner();
@@ -980,15 +990,7 @@ async fn join_tokens_need_their_own_grant_and_live_while_a_holder_is_not_shredde
     use pb::TokenFormat as F;
     let env = TestEnv::start().await;
     // The order service (which holds `tokenize` on every field) may join cities only.
-    env.write_policy(
-        r#"
-[[grant]]
-identity = "spiffe://shop.local/orders"
-operations = ["tokenize_join"]
-keyspaces = ["orders"]
-fields = ["city"]
-"#,
-    );
+    env.write_policy(JOIN_CITIES);
     let server = env.server("join", "").await;
     let mut c = tokens(&env, &server).await;
     let mut e = env.erasure(&server).await;
@@ -1056,14 +1058,8 @@ fields = ["city"]
     // Shred one holder: its per-subject token dies; the join token keeps detokenising for
     // the other holder; the shredded subject's sealed values (the join value, the
     // per-subject value and the email of the batch) are deleted.
-    let shred = |subject: &str, id: &str| pb::ShredRequest {
-        subject: subject.into(),
-        keyspace: "orders".into(),
-        reason: "GDPR art. 17".into(),
-        request_id: id.into(),
-    };
     let r = e
-        .shred(shred("cust-j-a", "j-1"))
+        .shred(shred_req("cust-j-a", "j-1"))
         .await
         .unwrap()
         .into_inner();
@@ -1078,7 +1074,7 @@ fields = ["city"]
 
     // Shred the last holder: the join token dies too, and stays dead (a new holder of the
     // value gets a new join token).
-    e.shred(shred("cust-j-b", "j-2")).await.unwrap();
+    e.shred(shred_req("cust-j-b", "j-2")).await.unwrap();
     let s = err(detokenize(&mut c, &ja).await);
     assert_eq!(
         (s.code(), reason(&s).as_str()),
@@ -1202,15 +1198,7 @@ async fn warm_tokens_are_served_without_a_store_read() {
 async fn cached_token_rows_follow_added_values_shreds_and_extended_expiry() {
     use pb::TokenFormat as F;
     let env = TestEnv::start().await;
-    env.write_policy(
-        r#"
-[[grant]]
-identity = "spiffe://shop.local/orders"
-operations = ["tokenize_join"]
-keyspaces = ["orders"]
-fields = ["city"]
-"#,
-    );
+    env.write_policy(JOIN_CITIES);
     let server = env.server("join", "").await;
     let mut c = tokens(&env, &server).await;
     let mut e = env.erasure(&server).await;
@@ -1223,12 +1211,7 @@ fields = ["city"]
     assert_eq!(value_of(&mut c, &t).await, "Lisbon"); // cached: cust-ca's value only
     assert_eq!(tokenize(&mut c, join("cust-cb")).await, t); // cust-cb's value added
     let r = e
-        .shred(pb::ShredRequest {
-            subject: "cust-ca".into(),
-            keyspace: "orders".into(),
-            reason: "GDPR art. 17".into(),
-            request_id: "cache-1".into(),
-        })
+        .shred(shred_req("cust-ca", "cache-1"))
         .await
         .unwrap()
         .into_inner();
@@ -1243,14 +1226,7 @@ fields = ["city"]
     // one. Its per-subject token made before the shred stays dead; the value gets a new one.
     let old = tokenize(&mut c, det("cust-ca", "city", "Lisbon", F::Opaque)).await;
     assert_eq!(tokenize(&mut c, join("cust-ca")).await, t, "joins again");
-    e.shred(pb::ShredRequest {
-        subject: "cust-ca".into(),
-        keyspace: "orders".into(),
-        reason: "GDPR art. 17".into(),
-        request_id: "cache-2".into(),
-    })
-    .await
-    .unwrap();
+    e.shred(shred_req("cust-ca", "cache-2")).await.unwrap();
     assert_eq!(
         reason(&err(detokenize(&mut c, &old).await)),
         "SUBJECT_SHREDDED"
@@ -1323,12 +1299,7 @@ async fn shred_on_one_replica_reaches_the_token_caches_of_another_postgres() {
     let r = env
         .erasure(&a)
         .await
-        .shred(pb::ShredRequest {
-            subject: "cust-r".into(),
-            keyspace: "orders".into(),
-            reason: "GDPR art. 17".into(),
-            request_id: "cache-pg".into(),
-        })
+        .shred(shred_req("cust-r", "cache-pg"))
         .await
         .unwrap()
         .into_inner();

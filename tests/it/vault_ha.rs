@@ -11,23 +11,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-
 use crate::common::*;
-
-/// The value of an unlabelled metric on the server's `/metrics` (0 if absent).
-async fn scrape_one(server: &Server, name: &str) -> f64 {
-    let addr = server.metrics_addr.expect("metrics listener");
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).await.unwrap();
-    resp.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .map_or(0.0, |v| v.trim().parse().unwrap())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_active_vault_node_killed_under_load_piiguard_follows_the_new_leader() {
@@ -83,7 +67,11 @@ async fn the_active_vault_node_killed_under_load_piiguard_follows_the_new_leader
         .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let tally = load.finish("vault-ha").await;
-    let failovers = scrape_one(&server, "piiguard_vault_failovers_total").await;
+    let failovers = metric(
+        &scrape(server.metrics_addr.expect("metrics listener")).await,
+        "piiguard_vault_failovers_total",
+        &[],
+    );
     println!(
         "vault-ha: cluster of 3 up in {cluster_up:?}; node {leader} (active) killed; new leader \
          {new_leader:?} seen {elected:?} after the kill; first cold Encrypt served {window:?} \
