@@ -544,7 +544,7 @@ impl TokenEngine {
         // A warm token: only a success is served from the cache (see `CachedRow`).
         if let Some(c) = self.rows.get(&key) {
             if c.expires_at.is_none_or(|e| e >= now)
-                && let Some(d) = self.open_any(keyspace, th, &c).await
+                && let Ok(d) = self.open_first(keyspace, th, &c).await
             {
                 return Ok(d);
             }
@@ -571,27 +571,27 @@ impl TokenEngine {
             }
             return Err(expired());
         }
+        let row = CachedRow {
+            field: row.field,
+            expires_at: row.expires_at,
+            values: row.sealed.into_iter().zip(row.subject_refs).collect(),
+        };
+        let d = self.open_first(keyspace, th, &row).await?;
+        // Opened: the row is live, unexpired and a holder's DEK is alive.
+        self.rows.insert(key, row);
+        Ok(d)
+    }
+
+    /// The value of a token row: the first holder's sealed value that opens, in the store's
+    /// order; the last error when none does.
+    async fn open_first(&self, keyspace: &str, th: &str, c: &CachedRow) -> Result<Detokenized> {
         let mut last = Error::shredded();
-        for (sealed, sref) in row.sealed.iter().zip(&row.subject_refs) {
-            match self.open(keyspace, &row.field, th, sealed).await {
+        for (sealed, sref) in &c.values {
+            match self.open(keyspace, &c.field, th, sealed).await {
                 Ok((value, key_id)) => {
-                    // Opened: the row is live, unexpired and a holder's DEK is alive.
-                    self.rows.insert(
-                        key.clone(),
-                        CachedRow {
-                            field: row.field.clone(),
-                            expires_at: row.expires_at,
-                            values: row
-                                .sealed
-                                .iter()
-                                .cloned()
-                                .zip(row.subject_refs.iter().cloned())
-                                .collect(),
-                        },
-                    );
                     return Ok(Detokenized {
                         value,
-                        field: row.field,
+                        field: c.field.clone(),
                         subject_ref: SubjectRef::from_hex(sref),
                         key_id,
                     });
@@ -600,22 +600,6 @@ impl TokenEngine {
             }
         }
         Err(last)
-    }
-
-    /// The value of a cached row: the first holder's sealed value that opens, as the store
-    /// path tries them; `None` when none does (the store then decides).
-    async fn open_any(&self, keyspace: &str, th: &str, c: &CachedRow) -> Option<Detokenized> {
-        for (sealed, sref) in &c.values {
-            if let Ok((value, key_id)) = self.open(keyspace, &c.field, th, sealed).await {
-                return Some(Detokenized {
-                    value,
-                    field: c.field.clone(),
-                    subject_ref: SubjectRef::from_hex(sref),
-                    key_id,
-                });
-            }
-        }
-        None
     }
 
     async fn open(
