@@ -11,12 +11,15 @@
 //!   did at that point (compatibility tests).
 //!
 //! Points: `shred-before-claim`, `shred-after-intent`, `shred-after-vault-delete`
-//! (`ops::erasure`), `load-subject-after-state-check`, `load-subject-before-cache-insert`
-//! (`keys::manager`), `publish-eviction-before-commit` (`store`), `kek-rewrap-after-batch`
-//! (`keys::kek`: a batch of DEK records rewrapped and its progress saved).
+//! (`ops::erasure`), `load-subject-after-state-check`, `load-subject-before-cache-insert`,
+//! `rotate-before-dek-record-write`, `rotate-between-record-writes` (`keys::manager`),
+//! `publish-eviction-before-commit` (`store`), `kek-rewrap-after-batch` (`keys::kek`: a batch
+//! of DEK or subject records rewrapped and its progress saved).
 //!
 //! Flags: `ff1-subkey-v1` (`ops::tokens`: new FF1 tokens take their tweak from the subkey of
-//! builds before security finding 11, to make tokens as those builds made them).
+//! builds before security finding 11, to make tokens as those builds made them);
+//! `dek-record-at-creation` (`keys::manager`: a new subject also gets its DEK record, as
+//! builds before store schema 3 made it).
 
 use std::path::PathBuf;
 use std::sync::OnceLock;

@@ -5,8 +5,9 @@
 //! job's three phases, in this order:
 //! 1. `index`: `keyspaces/<ks>/index-key` (`wrapped`);
 //! 2. `deks`: `deks/<ks>/<key_id>` (every version's `wrapped`, through [`DekRecord`]);
-//! 3. `subjects`: `subjects/<ks>/<subject_ref>` (`wrapped`, a copy of the current DEK
-//!    version's).
+//! 3. `subjects`: `subjects/<ks>/<subject_ref>` (`wrapped`: the current DEK version's; a
+//!    copy of the DEK record's, or, for a subject never rotated, the only copy: such a
+//!    subject has no DEK record).
 //!
 //! The job ([`KekRotation::run_once`]): when the KEK's latest version is newer than the version
 //! the job last finished for (after [`KekRotation::rotate`], after Vault's own
@@ -24,7 +25,9 @@
 //! already at the latest version is never rewrapped again.
 //!
 //! Counts: the run tallies every wrapped value it sees (DEK versions and the index key; the
-//! subject records' copies are rewrapped but counted as subjects) and, when it finishes,
+//! subject records' copies are rewrapped but counted as subjects, except the only copy of a
+//! subject never rotated, which also counts as a DEK version: its key id is not among the
+//! DEK records listed as the run began) and, when it finishes,
 //! replaces the stored counts and their scan time; while it runs, each rewrap moves one value
 //! from its old version's count to the new. Subjects registered in the store since the scan
 //! began, less those the scan saw, are added to the latest version's count by
@@ -44,6 +47,7 @@
 //! older than [`IN_FLIGHT_MARGIN_SECS`] plus twice the Vault request timeout (the longest a
 //! wrap and its two KV writes can be in flight).
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -167,6 +171,19 @@ struct RecordOutcome {
     moved: Vec<(u32, u32)>,
     /// The record's `created_at` (subject records).
     created_at: Option<i64>,
+    /// The key id a subject record names.
+    key_id: Option<String>,
+}
+
+impl RecordOutcome {
+    fn of(entry: &KvEntry, versions: &[WrappedDek], moved: Vec<(u32, u32)>) -> Self {
+        Self {
+            versions: versions.iter().map(WrappedDek::kek_version).collect(),
+            moved,
+            created_at: entry.data["created_at"].as_i64(),
+            key_id: entry.data["key_id"].as_str().map(str::to_owned),
+        }
+    }
 }
 
 /// Key status of a keyspace.
@@ -550,6 +567,12 @@ impl KekRotation {
             listed.push(phase.paths(&self.vault, &ks.name).await?);
         }
         job.total = listed.iter().map(|l| l.len() as u64).sum();
+        // Key ids with a DEK record: a subject record naming another key holds that key's only
+        // wrapped copy (a subject never rotated) and is counted as a DEK too.
+        let with_record: HashSet<String> = listed[Phase::Deks.position()]
+            .iter()
+            .map(|(k, _)| k.clone())
+            .collect();
         for (phase, paths) in PHASES.into_iter().zip(listed) {
             if phase.position() < resume_phase {
                 continue;
@@ -563,8 +586,10 @@ impl KekRotation {
                 let outcomes = self.step(ks, phase, chunk, latest).await?;
                 for o in &outcomes {
                     let new_record = o.created_at.is_some_and(|t| t >= job.started_at);
-                    if phase.counted() {
-                        if phase == Phase::Deks && new_record {
+                    let sole_copy = phase == Phase::Subjects
+                        && o.key_id.as_ref().is_some_and(|k| !with_record.contains(k));
+                    if phase.counted() || sole_copy {
+                        if phase != Phase::Index && new_record {
                             job.run_seen_new += 1;
                         }
                         for v in &o.versions {
@@ -576,7 +601,8 @@ impl KekRotation {
                             }
                             *job.counts.entry(*new).or_default() += 1;
                         }
-                    } else if !o.versions.is_empty() {
+                    }
+                    if phase == Phase::Subjects && !o.versions.is_empty() {
                         job.run_subjects += 1;
                         if new_record {
                             job.run_seen_new_subjects += 1;
@@ -598,7 +624,7 @@ impl KekRotation {
                     tracing::warn!(keyspace = %ks.name, "KEK rewrap lease lost; another replica continues");
                     return Ok(false);
                 }
-                if phase == Phase::Deks {
+                if phase != Phase::Index {
                     crate::config::failpoint::point("kek-rewrap-after-batch").await;
                 }
             }
@@ -662,11 +688,7 @@ impl KekRotation {
             };
             let values = phase.wrapped(&entry)?;
             if values.iter().all(|w| w.kek_version() >= latest) {
-                outcomes.push(RecordOutcome {
-                    versions: values.iter().map(WrappedDek::kek_version).collect(),
-                    moved: Vec::new(),
-                    created_at: entry.data["created_at"].as_i64(),
-                });
+                outcomes.push(RecordOutcome::of(&entry, &values, Vec::new()));
             } else {
                 pending.push((path, entry, values));
             }
@@ -706,11 +728,7 @@ impl KekRotation {
             .map(|(path, entry, new, moved)| async move {
                 let data = phase.replaced(&entry, &new)?;
                 match self.vault.kv_write_cas(&path, &data, entry.version).await? {
-                    CasOutcome::Written(_) => Ok(RecordOutcome {
-                        versions: new.iter().map(WrappedDek::kek_version).collect(),
-                        moved,
-                        created_at: entry.data["created_at"].as_i64(),
-                    }),
+                    CasOutcome::Written(_) => Ok(RecordOutcome::of(&entry, &new, moved)),
                     CasOutcome::Mismatch => self.redo(ks, phase, &path, latest).await,
                 }
             })
@@ -736,11 +754,7 @@ impl KekRotation {
             let old: Vec<&WrappedDek> =
                 values.iter().filter(|w| w.kek_version() < latest).collect();
             if old.is_empty() {
-                return Ok(RecordOutcome {
-                    versions: values.iter().map(WrappedDek::kek_version).collect(),
-                    moved: Vec::new(),
-                    created_at: entry.data["created_at"].as_i64(),
-                });
+                return Ok(RecordOutcome::of(&entry, &values, Vec::new()));
             }
             let mut fresh = self.vault.rewrap_batch(&ks.kek, &old).await?.into_iter();
             let mut moved = Vec::new();
@@ -760,11 +774,7 @@ impl KekRotation {
             if let CasOutcome::Written(_) =
                 self.vault.kv_write_cas(path, &data, entry.version).await?
             {
-                return Ok(RecordOutcome {
-                    versions: new.iter().map(WrappedDek::kek_version).collect(),
-                    moved,
-                    created_at: entry.data["created_at"].as_i64(),
-                });
+                return Ok(RecordOutcome::of(&entry, &new, moved));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

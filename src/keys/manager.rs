@@ -605,23 +605,105 @@ impl KeyManager {
     ) -> Result<Arc<DekEntry>> {
         let path = dek_path(&ks.name, &key_id);
         // The newest KV version holds every DEK version (keys/record.rs).
-        let entry = self.vault.kv_read(&path, None).await?;
-        let Some(entry) = entry else {
+        let Some(entry) = self.vault.kv_read(&path, None).await? else {
+            return self
+                .load_by_subject_record(ks, key_id, dek_version, alg)
+                .await;
+        };
+        let rec = DekRecord::parse(&entry.data, entry.version)?;
+        self.check_key_state(ks, &rec.subject_ref, rec.alg, alg)
+            .await?;
+        let Some(version) = rec.version(dek_version) else {
+            return Err(Error::bad_ciphertext(
+                Reason::UnknownKey,
+                "the ciphertext names a key version that does not exist",
+            ));
+        };
+        let wrapped = version.wrapped.clone();
+        let subject = SubjectRef::from_hex(&rec.subject_ref)
+            .map(|r| SubjectTag::of(&r.0))
+            .unwrap_or_default();
+        self.unwrap_entry(ks, key_id, dek_version, rec.alg, &wrapped, subject)
+            .await
+    }
+
+    /// [`load_by_id`](Self::load_by_id) of a key without a DEK record: shredded (tombstone),
+    /// or the first DEK of a subject never rotated, held by the subject record that the
+    /// registry names by key id. A rotation that makes the DEK record meanwhile is seen by
+    /// reading it once more.
+    async fn load_by_subject_record(
+        &self,
+        ks: &Keyspace,
+        key_id: KeyId,
+        dek_version: u32,
+        alg: Algorithm,
+    ) -> Result<Arc<DekEntry>> {
+        let khex = key_id.to_hex();
+        if self.store.tombstone(&ks.name, &khex).await?.is_some() {
+            return Err(Error::shredded());
+        }
+        let unknown = || {
+            Error::bad_ciphertext(
+                Reason::UnknownKey,
+                "the ciphertext names a key that does not exist",
+            )
+        };
+        let href = self
+            .store
+            .subject_of_key(&ks.name, &khex)
+            .await?
+            .ok_or_else(unknown)?;
+        let sref = SubjectRef::from_hex(&href).ok_or_else(unknown)?;
+        let srec = match self
+            .vault
+            .kv_read(&subject_path(&ks.name, &href), None)
+            .await?
+        {
+            Some(e) => parse_subject_record(&e.data)?,
+            // Deleted by a shred after the tombstone check: ask the tombstones again.
+            None if self.store.tombstone(&ks.name, &khex).await?.is_some() => {
+                return Err(Error::shredded());
+            }
+            None => return Err(unknown()),
+        };
+        if srec.key_id != key_id || srec.dek_version != dek_version {
+            // Rotated since the DEK record was found missing (the record now exists), or a
+            // version this key never had.
             if self
-                .store
-                .tombstone(&ks.name, &key_id.to_hex())
+                .vault
+                .kv_read(&dek_path(&ks.name, &key_id), None)
                 .await?
                 .is_some()
             {
-                return Err(Error::shredded());
+                return Box::pin(self.load_by_id(ks, key_id, dek_version, alg)).await;
             }
             return Err(Error::bad_ciphertext(
                 Reason::UnknownKey,
-                "the ciphertext names a key that does not exist",
+                "the ciphertext names a key version that does not exist",
             ));
-        };
-        let rec = DekRecord::parse(&entry.data, entry.version)?;
-        match self.store.state(&ks.name, &rec.subject_ref).await? {
+        }
+        self.check_key_state(ks, &href, srec.alg, alg).await?;
+        self.unwrap_entry(
+            ks,
+            key_id,
+            dek_version,
+            srec.alg,
+            &srec.wrapped,
+            SubjectTag::of(&sref.0),
+        )
+        .await
+    }
+
+    /// Refuses a key whose subject is being (or was) shredded, or whose algorithm is not the
+    /// ciphertext's.
+    async fn check_key_state(
+        &self,
+        ks: &Keyspace,
+        href: &str,
+        rec_alg: Algorithm,
+        alg: Algorithm,
+    ) -> Result<()> {
+        match self.store.state(&ks.name, href).await? {
             Some(SubjectState::Scheduled) => return Err(Error::shred_scheduled()),
             // The record still exists only if a shred was interrupted before Vault deletion.
             Some(SubjectState::Shredding | SubjectState::Shredded) => {
@@ -629,24 +711,13 @@ impl KeyManager {
             }
             _ => {}
         }
-        if rec.alg != alg {
+        if rec_alg != alg {
             return Err(Error::bad_ciphertext(
                 Reason::DecryptionFailed,
                 "ciphertext does not authenticate",
             ));
         }
-        let Some(version) = rec.version(dek_version) else {
-            return Err(Error::bad_ciphertext(
-                Reason::UnknownKey,
-                "the ciphertext names a key version that does not exist",
-            ));
-        };
-        let (rec_alg, wrapped) = (rec.alg, version.wrapped.clone());
-        let subject = SubjectRef::from_hex(&rec.subject_ref)
-            .map(|r| SubjectTag::of(&r.0))
-            .unwrap_or_default();
-        self.unwrap_entry(ks, key_id, dek_version, rec_alg, &wrapped, subject)
-            .await
+        Ok(())
     }
 
     async fn unwrap_entry(
@@ -692,13 +763,36 @@ impl KeyManager {
         tracing::info!(keyspace = %ks.name, "a key made while the subject was shredded was discarded");
     }
 
+    /// After a rotation made a subject's DEK record (the subject had only its subject
+    /// record): a shred that claimed the subject meanwhile may have deleted its paths before
+    /// the record was written, and would not see it. Seen here (the claim comes before the
+    /// deletion), the record is deleted again and the rotation fails as shredded.
+    async fn undo_if_shredded(&self, ks: &Keyspace, href: &str, key_id: &KeyId) -> Result<()> {
+        let claimed = !matches!(
+            self.store.state(&ks.name, href).await?,
+            Some(SubjectState::Active)
+        ) || self
+            .store
+            .tombstone(&ks.name, &key_id.to_hex())
+            .await?
+            .is_some();
+        if !claimed {
+            return Ok(());
+        }
+        self.vault
+            .kv_delete_metadata(&dek_path(&ks.name, key_id))
+            .await?;
+        tracing::info!(keyspace = %ks.name, "a DEK record made by a rotation during a shred was deleted");
+        Err(Error::shredded())
+    }
+
     /// The subject's key from Vault, or a new one; with the id of the key if this call
     /// created it. `register` records the subject in the store (`reactivate`: see
     /// [`Store::register_subject`]). `presumed_new` (the registry does not know the subject):
     /// skip the first read of the subject record and create at once; if the record exists
     /// after all (made by another replica, or by a process that crashed before registering
-    /// it), the check-and-set of the subject record fails, the DEK record just written is
-    /// removed, and the record is read as usual.
+    /// it), the check-and-set of the subject record fails (the new DEK was never stored) and
+    /// the record is read as usual.
     async fn load_or_create(
         &self,
         ks: &Keyspace,
@@ -723,7 +817,8 @@ impl KeyManager {
                     // A key made before the registry knew it (or a crash between the two), or
                     // a new key made after a shred by another process.
                     let created = e.data["created_at"].as_i64().unwrap_or_else(now_i64);
-                    self.register(ks, &href, created, reactivate).await?;
+                    self.register(ks, &href, &rec.key_id, created, reactivate)
+                        .await?;
                 }
                 return self
                     .unwrap_entry(
@@ -737,27 +832,30 @@ impl KeyManager {
                     .await
                     .map(|e| (e, None));
             }
-            // New subject: DEK from the OS CSPRNG, wrapped by the KEK. The DEK record is
-            // written first so that a subject record never names a missing DEK; a crash or a
-            // lost race leaves at most an orphan DEK record that no ciphertext uses.
+            // New subject: DEK from the OS CSPRNG, wrapped by the KEK, in one Vault write: the
+            // subject record (check-and-set 0: exactly one DEK per subject across replicas)
+            // holds the first DEK version. Its DEK record is made by its first rotation; until
+            // then the registry's key id finds the subject record from a ciphertext
+            // (`load_by_id`). A 128-bit random key id is not checked for collisions (2^-64
+            // after 2^32 keys).
             let key_id = KeyId::random().map_err(|_| Error::internal("CSPRNG failed"))?;
             let dek = Arc::new(Dek::generate(ks.alg.key_len()).map_err(Error::internal)?);
             let wrapped = self.wraps.wrap(&ks.kek, dek.clone()).await?;
-            let dpath = dek_path(&ks.name, &key_id);
             let created_at = now_secs();
-            let drec = DekRecord::new(
-                sref.to_hex(),
-                ks.alg,
-                FIRST_DEK_VERSION,
-                wrapped.clone(),
-                created_at as i64,
-            )
-            .to_json();
-            let CasOutcome::Written(_) = self.vault.kv_write_cas(&dpath, &drec, 0).await? else {
-                // A random 128-bit key id collided: astronomically unlikely; try again.
-                continue;
-            };
             let dek_version = FIRST_DEK_VERSION;
+            if crate::config::failpoint::flag("dek-record-at-creation") {
+                // As builds before schema 3 did (compatibility tests): the DEK record too.
+                let drec = DekRecord::new(
+                    href.clone(),
+                    ks.alg,
+                    dek_version,
+                    wrapped.clone(),
+                    created_at as i64,
+                );
+                self.vault
+                    .kv_write_cas(&dek_path(&ks.name, &key_id), &drec.to_json(), 0)
+                    .await?;
+            }
             let srec = json!({
                 "key_id": key_id.to_hex(),
                 "dek_version": dek_version,
@@ -768,7 +866,7 @@ impl KeyManager {
             match self.vault.kv_write_cas(&spath, &srec, 0).await? {
                 CasOutcome::Written(_) => {
                     tracing::debug!(keyspace = %ks.name, subject_ref = ?sref, "created subject DEK");
-                    self.register(ks, &href, created_at as i64, reactivate)
+                    self.register(ks, &href, &key_id, created_at as i64, reactivate)
                         .await?;
                     let keys = DerivedKeys::derive(
                         ks.alg,
@@ -787,12 +885,9 @@ impl KeyManager {
                     ));
                     return Ok((entry, Some(key_id)));
                 }
-                CasOutcome::Mismatch => {
-                    // Another process created this subject's DEK first: drop ours, use theirs.
-                    if let Err(e) = self.vault.kv_delete_metadata(&dpath).await {
-                        tracing::warn!(error = %e, "could not remove an unused DEK record");
-                    }
-                }
+                // Another process created this subject's DEK first: ours was never stored (its
+                // plaintext is wiped as `dek` drops); read and use theirs.
+                CasOutcome::Mismatch => {}
             }
         }
     }
@@ -865,12 +960,33 @@ impl KeyManager {
         // 1. The DEK record gets the new version (CAS; re-read on a mismatch).
         let mut version = None;
         for _ in 0..16 {
-            let e = self
-                .vault
-                .kv_read(&dpath, None)
-                .await?
-                .ok_or_else(unknown)?;
-            let mut rec = DekRecord::parse(&e.data, e.version)?;
+            let (mut rec, cas) = match self.vault.kv_read(&dpath, None).await? {
+                Some(e) => (DekRecord::parse(&e.data, e.version)?, e.version),
+                // Never rotated: the subject record holds the only version; the DEK record
+                // is made now, from it (check-and-set 0: one maker across replicas).
+                None => {
+                    let se = self
+                        .vault
+                        .kv_read(&spath, None)
+                        .await?
+                        .ok_or_else(Error::shredded)?;
+                    let srec = parse_subject_record(&se.data)?;
+                    if srec.key_id != key_id {
+                        return Err(Error::unavailable(
+                            "subject key rotation: the subject's key changed meanwhile; retry",
+                        ));
+                    }
+                    let created = se.data["created_at"].as_i64().unwrap_or_else(now_i64);
+                    let first = DekRecord::new(
+                        href.clone(),
+                        srec.alg,
+                        srec.dek_version,
+                        srec.wrapped,
+                        created,
+                    );
+                    (first, 0)
+                }
+            };
             if let Some(cur) = only_if_current
                 && rec.current != cur
             {
@@ -886,11 +1002,12 @@ impl KeyManager {
             let (wrapped, at) = made.clone().ok_or_else(|| Error::internal("no new DEK"))?;
             let n = rec.push_version(wrapped, at);
             crate::config::failpoint::point("rotate-before-dek-record-write").await;
-            if let CasOutcome::Written(_) = self
-                .vault
-                .kv_write_cas(&dpath, &rec.to_json(), e.version)
-                .await?
+            if let CasOutcome::Written(_) =
+                self.vault.kv_write_cas(&dpath, &rec.to_json(), cas).await?
             {
+                if cas == 0 {
+                    self.undo_if_shredded(ks, &href, &key_id).await?;
+                }
                 version = Some((n, true));
                 break;
             }
@@ -1027,13 +1144,9 @@ impl KeyManager {
         key: &DekEntry,
         reason: crate::metrics::RotationReason,
     ) -> Result<Arc<DekEntry>> {
-        let path = dek_path(&ks.name, &key.id.key_id);
-        let Some(e) = self.vault.kv_read(&path, None).await? else {
+        let Some(sref) = self.subject_of_key(ks, &key.id.key_id).await? else {
             return Err(Error::shredded());
         };
-        let rec = DekRecord::parse(&e.data, e.version)?;
-        let sref = SubjectRef::from_hex(&rec.subject_ref)
-            .ok_or_else(|| Error::internal("malformed DEK record in Vault: subject_ref"))?;
         let (_, _, made) = self
             .rotate_subject(&ks.name, &sref, Some(key.id.dek_version))
             .await?;
@@ -1048,7 +1161,8 @@ impl KeyManager {
 
     /// The key that re-encrypts what `old` sealed (Rewrap): the current DEK of `old`'s
     /// subject, as Encrypt would use it. From the subject index if cached; else the DEK
-    /// record names the subject, whose current key is then loaded (and cached) as for Encrypt.
+    /// record (or the registry) names the subject, whose current key is then loaded (and
+    /// cached) as for Encrypt.
     pub async fn current_key_of(&self, old: &DekEntry) -> Result<Arc<DekEntry>> {
         let ks = self.keyspace(&old.keyspace)?;
         let tag = old.subject();
@@ -1058,13 +1172,9 @@ impl KeyManager {
         {
             return Ok(e);
         }
-        let path = dek_path(&ks.name, &old.id.key_id);
-        let Some(e) = self.vault.kv_read(&path, None).await? else {
+        let Some(sref) = self.subject_of_key(ks, &old.id.key_id).await? else {
             return Err(Error::shredded());
         };
-        let rec = DekRecord::parse(&e.data, e.version)?;
-        let sref = SubjectRef::from_hex(&rec.subject_ref)
-            .ok_or_else(|| Error::internal("malformed DEK record in Vault: subject_ref"))?;
         self.key_for_subject_ref(&ks.name, &sref).await
     }
 
@@ -1072,6 +1182,7 @@ impl KeyManager {
         &self,
         ks: &Keyspace,
         href: &str,
+        key_id: &KeyId,
         created: i64,
         reactivate: bool,
     ) -> Result<()> {
@@ -1079,8 +1190,38 @@ impl KeyManager {
             .default_retention
             .map(|d| created.saturating_add(d.as_secs() as i64));
         self.store
-            .register_subject(&ks.name, href, created, retain_until, reactivate)
+            .register_subject(
+                &ks.name,
+                href,
+                &key_id.to_hex(),
+                created,
+                retain_until,
+                reactivate,
+            )
             .await
+    }
+
+    /// The subject a key belongs to: named by its DEK record, or, for a key that has none
+    /// (a subject never rotated: its only record is the subject record), by the registry.
+    async fn subject_of_key(&self, ks: &Keyspace, key_id: &KeyId) -> Result<Option<SubjectRef>> {
+        let href = match self
+            .vault
+            .kv_read(&dek_path(&ks.name, key_id), None)
+            .await?
+        {
+            Some(e) => DekRecord::parse(&e.data, e.version)?.subject_ref,
+            None => match self
+                .store
+                .subject_of_key(&ks.name, &key_id.to_hex())
+                .await?
+            {
+                Some(h) => h,
+                None => return Ok(None),
+            },
+        };
+        SubjectRef::from_hex(&href)
+            .map(Some)
+            .ok_or_else(|| Error::internal("malformed subject reference of a key"))
     }
 
     /// The Vault client.

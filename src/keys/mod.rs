@@ -11,7 +11,11 @@
 //! - `subjects/<ks>/<subject_ref>`: `{key_id, dek_version, wrapped, alg, created_at}`, where
 //!   `subject_ref` = hex(HMAC-SHA256(index key, subject id)). No raw subject id anywhere.
 //! - `deks/<ks>/<key_id>`: every version of the subject's DEK ([`record::DekRecord`]; older
-//!   builds wrote one version, numbered by its KV version, which still reads).
+//!   builds wrote one version, numbered by its KV version, which still reads). Made by the
+//!   subject's first rotation (builds before store schema 3 made it with the subject): a new
+//!   subject costs one Vault write, its subject record, which then holds the only copy of its
+//!   first DEK version, and the store's registry maps the key id to the subject
+//!   (`subjects.key_id`) so that a ciphertext's key is found without a DEK record.
 //! - transit key `kek-<ks>`: the KEK (aes256-gcm96, not exportable).
 //!
 //! Blind-index keys are not stored: each (keyspace, field, version) key is derived from the

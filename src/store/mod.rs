@@ -210,12 +210,15 @@ impl std::fmt::Debug for PgUrl {
 
 /// The schema version this binary writes (`schema_version.version`). Raise it with every
 /// schema change; see docs/OPERATIONS.md, "Store schema and upgrades".
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// The oldest schema version of a binary that can still run on the schema this binary writes
 /// (`schema_version.compatible_from`). Raise it only when a change breaks older binaries (a
-/// dropped or renamed column, a new NOT NULL column without a default).
-pub const SCHEMA_COMPATIBLE_FROM: i64 = 1;
+/// dropped or renamed column, a new NOT NULL column without a default), or when older binaries
+/// would misread what this one writes: schema 3 raised it to 3, because a new subject's DEK
+/// lives only in its Vault subject record and the registry's `subjects.key_id` (docs/KEYS.md,
+/// "Vault layout"), which older binaries cannot find by key id.
+pub const SCHEMA_COMPATIBLE_FROM: i64 = 3;
 
 /// The PostgreSQL advisory lock key that serialises schema set-up ("piiguard" in ASCII).
 pub const MIGRATION_LOCK: i64 = 0x7069_6967_7561_7264;
@@ -418,13 +421,20 @@ impl Store {
         // Added after the first release: also upgrades an existing database. Reaper backoff
         // (`reap_attempts`, `reap_next_at`) and the owner of a shred's lease (`lease_owner`;
         // the lease runs `erasure.stale_shred_secs` from `updated_at`).
+        // Schema 3: the subject's key id (`key_id`, hex), by which a DEK that has only its
+        // Vault subject record is found from a ciphertext ([`Store::subject_of_key`]).
         for (column, ddl) in [
             ("reap_attempts", "BIGINT NOT NULL DEFAULT 0"),
             ("reap_next_at", "BIGINT"),
             ("lease_owner", "TEXT"),
+            ("key_id", "TEXT"),
         ] {
             Self::add_subjects_column(&mut tx, sqlite, column, ddl).await?;
         }
+        sqlx::query("CREATE INDEX IF NOT EXISTS subjects_by_key ON subjects (keyspace, key_id)")
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
         Self::migrate_tokens(&mut tx).await?;
         Self::migrate_anchors(&mut tx).await?;
         Self::migrate_kek(&mut tx).await?;
@@ -531,42 +541,62 @@ impl Store {
         .transpose()
     }
 
-    /// Records a subject key (first use, or first use after a shred). An existing row is left
-    /// as it is, except that a shredded subject becomes active again when `reactivate` is set:
-    /// only when the keyspace allows new keys after a shred (`after_shred = "new_key"`) and the
-    /// caller saw the subject shredded before it made the key (so the key cannot be one the
-    /// shred listed). The caller reads the state again afterwards: anything but `active` means
-    /// the key must not be used.
+    /// Records a subject key (first use, or first use after a shred) with its key id (hex;
+    /// [`subject_of_key`](Self::subject_of_key) finds the subject by it). An existing row is
+    /// left as it is, except that a row without a key id gets this one, and that a shredded
+    /// subject becomes active again (with this key id) when `reactivate` is set: only when the
+    /// keyspace allows new keys after a shred (`after_shred = "new_key"`) and the caller saw the
+    /// subject shredded before it made the key (so the key cannot be one the shred listed). The
+    /// caller reads the state again afterwards: anything but `active` means the key must not be
+    /// used.
     pub async fn register_subject(
         &self,
         keyspace: &str,
         subject_ref: &str,
+        key_id: &str,
         now: i64,
         retain_until: Option<i64>,
         reactivate: bool,
     ) -> Result<()> {
         let sql = if reactivate {
-            "INSERT INTO subjects (keyspace, subject_ref, state, created_at, updated_at, retain_until)
-             VALUES ($1, $2, 'active', $3, $3, $4)
+            "INSERT INTO subjects (keyspace, subject_ref, state, created_at, updated_at, retain_until, key_id)
+             VALUES ($1, $2, 'active', $3, $3, $4, $5)
              ON CONFLICT (keyspace, subject_ref) DO UPDATE
              SET state = 'active', created_at = $3, updated_at = $3, retain_until = $4,
                  shred_at = NULL, intent = NULL, reap_attempts = 0, reap_next_at = NULL,
-                 lease_owner = NULL
+                 lease_owner = NULL, key_id = $5
              WHERE subjects.state = 'shredded'"
         } else {
-            "INSERT INTO subjects (keyspace, subject_ref, state, created_at, updated_at, retain_until)
-             VALUES ($1, $2, 'active', $3, $3, $4)
-             ON CONFLICT (keyspace, subject_ref) DO NOTHING"
+            "INSERT INTO subjects (keyspace, subject_ref, state, created_at, updated_at, retain_until, key_id)
+             VALUES ($1, $2, 'active', $3, $3, $4, $5)
+             ON CONFLICT (keyspace, subject_ref) DO UPDATE SET key_id = $5
+             WHERE subjects.key_id IS NULL"
         };
         sqlx::query(sql)
             .bind(keyspace)
             .bind(subject_ref)
             .bind(now)
             .bind(retain_until)
+            .bind(key_id)
             .execute(&self.pool)
             .await
             .map_err(db)?;
         Ok(())
+    }
+
+    /// The subject whose key has id `key_id` (hex), as recorded by
+    /// [`register_subject`](Self::register_subject); `None` for a key id the registry does not
+    /// know (a key of a schema-2 binary, which has its Vault DEK record, or no key at all).
+    pub async fn subject_of_key(&self, keyspace: &str, key_id: &str) -> Result<Option<String>> {
+        let r = sqlx::query(
+            "SELECT subject_ref FROM subjects WHERE keyspace = $1 AND key_id = $2 LIMIT 1",
+        )
+        .bind(keyspace)
+        .bind(key_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
+        r.map(|r| r.try_get("subject_ref").map_err(db)).transpose()
     }
 
     /// Sets a subject's retention deadline (creating its row if needed).
@@ -1204,7 +1234,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", d.path().join("t.db").display());
         let s = Store::open(&url).await.unwrap();
-        s.register_subject("ks", "before", 1, None, false)
+        s.register_subject("ks", "before", "00", 1, None, false)
             .await
             .unwrap();
         let pages: i64 = sqlx::query("PRAGMA page_count")
@@ -1216,13 +1246,13 @@ mod tests {
         let full = limited(&url, format!("PRAGMA max_page_count = {}", pages + 1)).await;
         let big = "x".repeat(64 * 1024);
         let e = full
-            .register_subject("ks", &big, 2, None, false)
+            .register_subject("ks", &big, "00", 2, None, false)
             .await
             .expect_err("disk full");
         assert_eq!(e.reason(), crate::error::Reason::StoreUnavailable, "{e:?}");
         let ro = limited(&url, "PRAGMA query_only = ON".into()).await;
         let e = ro
-            .register_subject("ks", "ro", 2, None, false)
+            .register_subject("ks", "ro", "00", 2, None, false)
             .await
             .expect_err("read-only");
         assert_eq!(e.reason(), crate::error::Reason::StoreUnavailable, "{e:?}");
@@ -1230,10 +1260,10 @@ mod tests {
         assert_eq!(ro.state("ks", "ro").await.unwrap(), None);
         assert_eq!(s.state("ks", &big).await.unwrap(), None);
         // Writable again: the same writes succeed.
-        s.register_subject("ks", &big, 3, None, false)
+        s.register_subject("ks", &big, "00", 3, None, false)
             .await
             .unwrap();
-        s.register_subject("ks", "ro", 3, None, false)
+        s.register_subject("ks", "ro", "00", 3, None, false)
             .await
             .unwrap();
         assert_eq!(

@@ -179,7 +179,7 @@ async fn oversized_messages_and_huge_batches_get_clear_errors_and_the_server_sta
         "RSS grew from {before} to {after} KiB"
     );
     // No subject of the refused batch got a key.
-    assert!(env.list_dek_records("orders").await.is_empty());
+    assert!(env.list_key_ids("orders").await.is_empty());
 }
 
 /// A TLS client config as the `orders` identity, offering HTTP/2.

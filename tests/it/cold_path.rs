@@ -1,7 +1,8 @@
 //! The cold path (issue 15): a subject the registry does not know gets its DEK without a Vault
-//! read first, DEK wraps of concurrent new subjects go to transit together, and EncryptBatch of
-//! many new subjects loads them together; still one DEK per subject across processes, also
-//! when another replica created the subject meanwhile.
+//! read first and with one Vault write (its subject record; the DEK record waits for the
+//! first rotation), DEK wraps of concurrent new subjects go to transit together, and
+//! EncryptBatch of many new subjects loads them together; still one DEK per subject across
+//! processes, also when another replica created the subject meanwhile.
 
 use std::collections::HashMap;
 
@@ -9,6 +10,7 @@ use crate::common::*;
 use piiguard::crypto::envelope;
 use piiguard::pb;
 use piiguard::pb::crypto_client::CryptoClient;
+use piiguard::pb::keys_client::KeysClient;
 use tonic::transport::Channel;
 
 fn key_id(ct: &[u8]) -> [u8; 16] {
@@ -67,9 +69,10 @@ async fn encrypt_batch(
         .collect()
 }
 
-/// A new subject costs a transit wrap and two check-and-set writes, no KV read: the registry
-/// already says the subject is new. (Before: a KV read of the subject record first, one per
-/// new subject.) A known subject whose key left the cache is still read from Vault.
+/// A new subject costs a transit wrap and one check-and-set write (its subject record), no KV
+/// read: the registry already says the subject is new. (Before: a KV read of the subject record
+/// first, and a DEK record written too.) A known subject whose key left the cache is still read
+/// from Vault.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_subject_is_created_without_reading_vault_first() {
     let env = TestEnv::start().await;
@@ -88,7 +91,8 @@ async fn a_new_subject_is_created_without_reading_vault_first() {
     }
     let after = vault_requests(&server).await;
     assert_eq!(delta(&after, &before, "kv_read"), 0.0, "{after:?}");
-    assert_eq!(delta(&after, &before, "kv_write"), 6.0, "{after:?}");
+    assert_eq!(delta(&after, &before, "kv_write"), 3.0, "{after:?}");
+    assert!(env.list_dek_records("orders").await.is_empty());
     let wraps =
         delta(&after, &before, "transit_encrypt") + delta(&after, &before, "transit_encrypt_batch");
     assert_eq!(wraps, 3.0, "one at a time: each wrap goes alone: {after:?}");
@@ -106,7 +110,7 @@ async fn a_new_subject_is_created_without_reading_vault_first() {
     let after = vault_requests(&other).await;
     assert_eq!(delta(&after, &before, "kv_read"), 1.0, "{after:?}");
     assert_eq!(delta(&after, &before, "kv_write"), 0.0, "{after:?}");
-    assert_eq!(env.list_dek_records("orders").await.len(), 3);
+    assert_eq!(env.list_key_ids("orders").await.len(), 3);
     let mut c2 = env.client(&server, "orders").await;
     c2.decrypt(dec("email", &ct)).await.unwrap();
 }
@@ -159,7 +163,7 @@ async fn concurrent_batches_of_new_subjects_make_one_dek_each_across_processes()
         );
         assert_eq!(key_id(&rb[2 * N - 1 - i]), k);
     }
-    let mut recs = env.list_dek_records("orders").await;
+    let mut recs = env.list_key_ids("orders").await;
     recs.sort();
     let mut used: Vec<String> = ra.iter().map(|c| hex::encode(key_id(c))).collect();
     used.sort();
@@ -229,7 +233,7 @@ async fn a_batch_uses_the_key_another_replica_made_meanwhile() {
         assert_eq!(key_id(&r[i]), key_id(&x), "item {i}");
     }
     assert_eq!(key_id(&r[2]), key_id(&y));
-    let mut recs = env.list_dek_records("orders").await;
+    let mut recs = env.list_key_ids("orders").await;
     recs.sort();
     let mut want = vec![hex::encode(key_id(&x)), hex::encode(key_id(&y))];
     want.sort();
@@ -245,4 +249,170 @@ async fn a_batch_uses_the_key_another_replica_made_meanwhile() {
             pt
         );
     }
+}
+
+/// A key administrator (`keys` on orders).
+const KEYADMIN: &str = r#"
+[[grant]]
+identity = "spiffe://shop.local/keyadmin"
+operations = ["keys"]
+keyspaces = ["orders"]
+"#;
+
+async fn keys_client(env: &TestEnv, server: &Server) -> KeysClient<Channel> {
+    let id = env.ca().issue_client_now(&spiffe("keyadmin")).unwrap();
+    KeysClient::new(
+        server
+            .channel(Some((&id.cert_pem, &id.key_pem)))
+            .await
+            .unwrap(),
+    )
+}
+
+fn rotate_req(subject: &str) -> pb::RotateSubjectKeyRequest {
+    pb::RotateSubjectKeyRequest {
+        keyspace: "orders".into(),
+        subject: subject.into(),
+    }
+}
+
+fn shred_req(subject: &str) -> pb::ShredRequest {
+    pb::ShredRequest {
+        subject: subject.into(),
+        keyspace: "orders".into(),
+        reason: "GDPR art. 17".into(),
+        request_id: format!("req-{subject}"),
+    }
+}
+
+async fn encrypt(c: &mut CryptoClient<Channel>, subject: &str, pt: &[u8]) -> Vec<u8> {
+    c.encrypt(enc("orders", subject, "email", pt))
+        .await
+        .unwrap()
+        .into_inner()
+        .ciphertext
+}
+
+/// `pt` from `ct` on a process started for the call (nothing cached: the key is found by
+/// the id the ciphertext names).
+async fn decrypt_cold(env: &TestEnv, name: &str, ct: &[u8]) -> Result<Vec<u8>, tonic::Status> {
+    let server = env.server(name, "").await;
+    let mut c = env.client(&server, "orders").await;
+    c.decrypt(dec("email", ct))
+        .await
+        .map(|r| r.into_inner().plaintext)
+}
+
+/// The DEK versions a DEK record holds.
+async fn record_versions(env: &TestEnv, kid: &str) -> Vec<String> {
+    let rec = env
+        .kv_get(&format!("deks/orders/{kid}"))
+        .await
+        .expect("DEK record");
+    let mut v: Vec<String> = rec["versions"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    v.sort();
+    v
+}
+
+/// The life of a key stored once: made with its subject record only, found by key id on a
+/// cold process (through the registry), given its DEK record by its first rotation (both
+/// versions decrypt), and destroyed whole by a shred. And the same for a subject made as
+/// builds before schema 3 made it (with a DEK record from the start).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_stored_once_decrypts_rotates_and_shreds_as_one_with_a_record() {
+    let env = TestEnv::start().await;
+    env.write_policy(KEYADMIN);
+    let mut old = env
+        .server_env(
+            "old",
+            "",
+            vec![(
+                "PIIGUARD_FAILPOINT".into(),
+                "flag:dek-record-at-creation".into(),
+            )],
+        )
+        .await;
+    let mut co = env.client(&old, "orders").await;
+    let legacy = encrypt(&mut co, "cust-legacy", b"l1").await;
+    let legacy_kid = hex::encode(key_id(&legacy));
+    assert_eq!(
+        env.list_dek_records("orders").await,
+        vec![legacy_kid.clone()]
+    );
+    old.stop();
+
+    let a = env.server("a", "").await;
+    let mut ca = env.client(&a, "orders").await;
+    let ct1 = encrypt(&mut ca, "cust-once", b"v1").await;
+    let kid = hex::encode(key_id(&ct1));
+    assert_eq!(
+        env.list_dek_records("orders").await,
+        vec![legacy_kid.clone()],
+        "a new subject has no DEK record"
+    );
+    let mut ids = vec![kid.clone(), legacy_kid.clone()];
+    ids.sort();
+    assert_eq!(env.list_key_ids("orders").await, ids);
+    assert_eq!(decrypt_cold(&env, "cold-1", &ct1).await.unwrap(), b"v1");
+    assert_eq!(decrypt_cold(&env, "cold-2", &legacy).await.unwrap(), b"l1");
+
+    // The first rotation makes the DEK record, with both versions.
+    let b = env.server("b", "").await;
+    let mut kb = keys_client(&env, &b).await;
+    for subject in ["cust-once", "cust-legacy"] {
+        kb.rotate_subject_key(rotate_req(subject)).await.unwrap();
+    }
+    assert_eq!(record_versions(&env, &kid).await, ["1", "2"]);
+    assert_eq!(record_versions(&env, &legacy_kid).await, ["1", "2"]);
+    let mut cb = env.client(&b, "orders").await;
+    let ct2 = encrypt(&mut cb, "cust-once", b"v2").await;
+    assert_eq!(hex::encode(key_id(&ct2)), kid);
+    for (name, ct, pt) in [("cold-3", &ct1, b"v1"), ("cold-4", &ct2, b"v2")] {
+        assert_eq!(decrypt_cold(&env, name, ct).await.unwrap(), pt);
+    }
+
+    // A shred destroys both subjects' records; their data is refused as shredded.
+    let mut e = env.erasure(&b).await;
+    for subject in ["cust-once", "cust-legacy"] {
+        e.shred(shred_req(subject)).await.unwrap();
+    }
+    assert!(env.list_key_ids("orders").await.is_empty());
+    for (name, ct) in [("cold-5", &ct1), ("cold-6", &legacy)] {
+        let err = decrypt_cold(&env, name, ct).await.unwrap_err();
+        assert_eq!(reason(&err), "SUBJECT_SHREDDED", "{err:?}");
+    }
+}
+
+/// A rotation that makes the DEK record of a subject stored once while a shred of the
+/// subject runs elsewhere: the shred deleted the subject's paths before the record was
+/// written, so the rotation deletes it again (else a wrapped DEK of a shredded subject would
+/// outlive its certificate in Vault).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_racing_a_shred_leaves_no_dek_record() {
+    const POINT: &str = "rotate-before-dek-record-write";
+    let env = TestEnv::start().await;
+    env.write_policy(KEYADMIN);
+    let (a, dir) = env.paused_server("a", POINT, Vec::new()).await;
+    let b = env.server("b", "").await;
+    let mut ca = env.client(&a, "orders").await;
+    encrypt(&mut ca, "cust-race", b"r1").await;
+    let mut ka = keys_client(&env, &a).await;
+    let rotation =
+        tokio::spawn(async move { ka.rotate_subject_key(rotate_req("cust-race")).await });
+    wait_reached(&dir, POINT).await;
+    let mut e = env.erasure(&b).await;
+    e.shred(shred_req("cust-race")).await.unwrap();
+    assert!(env.list_key_ids("orders").await.is_empty());
+    release(&dir, POINT);
+    let err = rotation.await.unwrap().unwrap_err();
+    assert_eq!(reason(&err), "SUBJECT_SHREDDED", "{err:?}");
+    assert!(
+        env.list_dek_records("orders").await.is_empty(),
+        "the rotation left a DEK record of a shredded subject"
+    );
 }

@@ -226,9 +226,9 @@ async fn shred_makes_data_unreadable_and_certifies_it(env: TestEnv) {
 
     // The key is gone from Vault.
     let kid = hex::encode(key_id(&ct));
-    assert!(!env.list_dek_records("orders").await.contains(&kid));
+    assert!(!env.list_key_ids("orders").await.contains(&kid));
     assert!(
-        env.list_dek_records("crm")
+        env.list_key_ids("crm")
             .await
             .contains(&hex::encode(key_id(&ct_crm)))
     );
@@ -613,7 +613,7 @@ async fn kill_9_in_the_middle_of_a_shred_then_restart_completes_it() {
             assert!(Instant::now() < deadline, "{point}: process did not abort");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let in_vault = env.list_dek_records("orders").await.contains(&kid);
+        let in_vault = env.list_key_ids("orders").await.contains(&kid);
         assert_eq!(in_vault, i == 0, "{point}: DEK in Vault after the crash");
 
         server.set_env(Vec::new());
@@ -626,7 +626,7 @@ async fn kill_9_in_the_middle_of_a_shred_then_restart_completes_it() {
         assert_eq!(p.request_id, "req-crash");
         assert_eq!(p.destroyed_keys[0].key_id, kid);
         assert!(
-            !env.list_dek_records("orders").await.contains(&kid),
+            !env.list_key_ids("orders").await.contains(&kid),
             "{point}: DEK survived"
         );
         let mut c = env.client(&server, "orders").await;

@@ -393,7 +393,8 @@ async fn kek_rotation_under_load_loses_nothing_and_retires_after_the_rewrap() {
 }
 
 /// A KEK rotated by Vault itself (as `auto_rotate_period` does) is found by polling; the job
-/// is killed with SIGKILL after its first batch of DEK records; after a restart, with a second
+/// is killed with SIGKILL after its first batch of subject records (each holding its subject's
+/// only DEK: none was rotated); after a restart, with a second
 /// replica on the same PostgreSQL store, exactly one replica resumes the job after the saved
 /// key (not from the start) and it ends with no wrapped value on the old version.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -448,7 +449,8 @@ async fn kek_rewrap_resumes_after_kill_9_on_one_replica_only() {
     assert!(part.contains(&1) && part.contains(&2), "{part:?}");
     // The status counts what Vault holds: the subjects made after the last scan are on the
     // old version until the run moves them (they were once counted on the new one at once).
-    let deks = wrapped_versions_in(&env, "orders", &["deks"], false).await;
+    // Subjects never rotated: their subject records hold their only DEK (no DEK records).
+    let deks = wrapped_versions_in(&env, "orders", &["subjects"], false).await;
     let on_old = deks.iter().filter(|v| **v == 1).count() as u64;
     assert!(on_old >= 20, "{deks:?}");
     assert!(
@@ -492,7 +494,7 @@ async fn kek_rewrap_resumes_after_kill_9_on_one_replica_only() {
         })
         .collect();
     // The killed run's first line is in a's log too (same log file across restarts).
-    let resumed: Vec<&String> = runs.iter().filter(|l| l.contains("deks/")).collect();
+    let resumed: Vec<&String> = runs.iter().filter(|l| l.contains("subjects/")).collect();
     assert_eq!(resumed.len(), 1, "one replica resumed the job: {runs:#?}");
     assert_eq!(
         runs.len(),

@@ -105,7 +105,7 @@ async fn rotation_rewrap_and_shred_of_every_version() {
         .await
         .unwrap_err();
     assert_reason(&e, Code::NotFound, "UNKNOWN_SUBJECT");
-    assert_eq!(env.list_dek_records("orders").await.len(), 1);
+    assert_eq!(env.list_key_ids("orders").await.len(), 1);
 
     let r = keys
         .rotate_subject_key(rotate_req(s))

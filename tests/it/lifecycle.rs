@@ -152,7 +152,7 @@ async fn concurrent_first_use_creates_one_dek_across_processes() {
         );
     }
     // Vault holds exactly one DEK record for the keyspace (losers' records were removed).
-    let recs = env.list_dek_records("orders").await;
+    let recs = env.list_key_ids("orders").await;
     assert_eq!(
         recs,
         vec![hex::encode(first)],

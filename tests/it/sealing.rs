@@ -273,7 +273,7 @@ async fn sealed_envelopes_from_three_producers_open_and_every_bad_one_is_refused
     );
 
     // Refusals. Each goes to a fresh subject: nothing may be stored for any of them.
-    let deks_before = env.list_dek_records("orders").await.len();
+    let deks_before = env.list_key_ids("orders").await.len();
     let seal = |kind, field: &str, v: &[u8]| {
         piiguard::cli::seal::seal_value(&key_v1, 1, kind, "orders", field, &BTreeMap::new(), v)
             .unwrap()
@@ -422,12 +422,12 @@ async fn sealed_envelopes_from_three_producers_open_and_every_bad_one_is_refused
     let e = refused(c.unseal(r).await, "unseal");
     assert_eq!(reason(&e), "DECRYPTION_FAILED");
     assert_eq!(
-        env.list_dek_records("orders").await.len(),
+        env.list_key_ids("orders").await.len(),
         deks_before,
         "a refused envelope stored a DEK"
     );
     assert!(
-        env.list_dek_records("crm").await.is_empty(),
+        env.list_key_ids("crm").await.is_empty(),
         "a refused envelope stored a DEK"
     );
 

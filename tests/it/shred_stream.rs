@@ -106,7 +106,7 @@ async fn shred_stream_of_10000_subjects_resumes_without_double_work() {
     // The store holds exactly one certificate per subject: no double work.
     assert_eq!(env.certificate_counts().await, (N as i64, N as i64));
     assert!(
-        env.list_dek_records("orders").await.is_empty(),
+        env.list_key_ids("orders").await.is_empty(),
         "every DEK destroyed"
     );
 

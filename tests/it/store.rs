@@ -32,11 +32,18 @@ fn cert(certificate_id: &str, executed_at: i64) -> Certified<'_> {
 }
 
 async fn claims_are_exclusive(s: &Store) {
-    s.register_subject("ks", "a", 1, None, false).await.unwrap();
+    s.register_subject("ks", "a", "0a01", 1, None, false)
+        .await
+        .unwrap();
     assert_eq!(
         s.state("ks", "a").await.unwrap(),
         Some(SubjectState::Active)
     );
+    assert_eq!(
+        s.subject_of_key("ks", "0a01").await.unwrap().as_deref(),
+        Some("a")
+    );
+    assert_eq!(s.subject_of_key("other", "0a01").await.unwrap(), None);
     assert!(
         s.claim_shred("ks", "a", &claim("[]"), 2, "o1")
             .await
@@ -49,7 +56,9 @@ async fn claims_are_exclusive(s: &Store) {
         "second claim"
     );
     // Registering again while shredding changes nothing.
-    s.register_subject("ks", "a", 4, None, true).await.unwrap();
+    s.register_subject("ks", "a", "0a09", 4, None, true)
+        .await
+        .unwrap();
     assert_eq!(
         s.state("ks", "a").await.unwrap(),
         Some(SubjectState::Shredding)
@@ -76,16 +85,40 @@ async fn claims_are_exclusive(s: &Store) {
     assert_eq!(row.certificate.as_deref(), Some("{}"));
     assert_eq!(row.executed_at, Some(5));
     // A key made by a load that did not see the shred done does not re-activate it...
-    s.register_subject("ks", "a", 7, None, false).await.unwrap();
+    s.register_subject("ks", "a", "0a08", 7, None, false)
+        .await
+        .unwrap();
     assert_eq!(
         s.state("ks", "a").await.unwrap(),
         Some(SubjectState::Shredded)
     );
+    for not_recorded in ["0a08", "0a09"] {
+        assert_eq!(s.subject_of_key("ks", not_recorded).await.unwrap(), None);
+    }
     // ...a new key after a shred (where the keyspace allows it) does.
-    s.register_subject("ks", "a", 7, None, true).await.unwrap();
+    s.register_subject("ks", "a", "0a02", 7, None, true)
+        .await
+        .unwrap();
     assert_eq!(
         s.state("ks", "a").await.unwrap(),
         Some(SubjectState::Active)
+    );
+    assert_eq!(
+        s.subject_of_key("ks", "0a02").await.unwrap().as_deref(),
+        Some("a")
+    );
+    // A row made before its key (a retention set first) gets the key id at registration.
+    s.set_retention("ks-early", "early", None, 8).await.unwrap();
+    assert_eq!(s.subject_of_key("ks-early", "0a03").await.unwrap(), None);
+    s.register_subject("ks-early", "early", "0a03", 9, None, false)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.subject_of_key("ks-early", "0a03")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("early")
     );
     assert_eq!(s.state("ks", "zz").await.unwrap(), None);
 }
@@ -277,7 +310,7 @@ async fn newer_schema_is_used_or_refused(url: &str) {
             compatible_from: SCHEMA_COMPATIBLE_FROM
         })
     );
-    s.register_subject("ks", "kept", 1, None, false)
+    s.register_subject("ks", "kept", "00", 1, None, false)
         .await
         .unwrap();
     drop(s);
@@ -541,7 +574,7 @@ async fn postgres_stopped_under_load_fails_cleanly_and_recovers() {
 
     // Nothing half-written: only the two subjects that were served exist, in Vault and in the
     // store; no token, no shred claim, no certificate.
-    assert_eq!(env.list_dek_records("orders").await.len(), 2);
+    assert_eq!(env.list_key_ids("orders").await.len(), 2);
     sqlx::any::install_default_drivers();
     let pool = sqlx::AnyPool::connect(&pg.url).await.unwrap();
     let count = |sql: &'static str| {

@@ -3,7 +3,8 @@
 //! keyspace's KEK (`Keys.RotateKek`), and times the server's background rewrap until
 //! `Keys.GetKeyStatus` reports the run finished and no DEK on an older KEK version (polled,
 //! progress printed). The anchor, in the same run: the same number of wrapped values (the
-//! index key, every DEK record and every subject record's copy: what the job rewraps) sent
+//! index key and every subject record's DEK: what the job rewraps for subjects never rotated,
+//! which have no DEK record) sent
 //! directly to transit `rewrap` in `batch_input` form, one call at a time, with the job's batch
 //! size (`kek.batch`, default 100): wrapped DEKs of the same key and version, made before the
 //! rotation with transit `encrypt`.
@@ -313,7 +314,9 @@ pub async fn run(a: KekRewrapArgs) -> Result<(), String> {
     let s1 = status(&admin, &ks).await?;
     rep.subjects_in_keyspace = s1.subjects;
     rep.old_kek_version = s1.kek_latest_version;
-    let values = 2 * s1.subjects as usize + 1;
+    // The index key and each subject record's DEK (a subject never rotated has no DEK record;
+    // the DEK records of rotated subjects are not counted: none on a fresh keyspace).
+    let values = s1.subjects as usize + 1;
     eprintln!("wrapping {values} values for the direct run (transit encrypt, not measured) ...");
     let wrapped = wrap_values(&vault, t, &kek, values, 100).await?;
     rep.direct_values = wrapped.len();

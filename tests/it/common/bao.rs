@@ -171,6 +171,39 @@ impl TestEnv {
         self.kv_list(&format!("deks/{keyspace}")).await
     }
 
+    /// The key ids of a keyspace's subject keys in Vault: those with a DEK record and those
+    /// only a subject record names (a subject never rotated has no DEK record).
+    pub async fn list_key_ids(&self, keyspace: &str) -> Vec<String> {
+        let mut ids = self.list_dek_records(keyspace).await;
+        for sref in self.kv_list(&format!("subjects/{keyspace}")).await {
+            if let Some(rec) = self.kv_get(&format!("subjects/{keyspace}/{sref}")).await {
+                ids.push(rec["key_id"].as_str().unwrap().to_string());
+            }
+        }
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+
+    /// The newest data of the KV record at `path`, if it exists (read with the root token).
+    pub async fn kv_get(&self, path: &str) -> Option<serde_json::Value> {
+        let admin = self.bao.client().unwrap();
+        let (status, v) = admin
+            .raw(
+                reqwest::Method::GET,
+                &format!("piiguard-kv/data/{path}"),
+                None,
+                Some(self.bao.root_token()),
+            )
+            .await
+            .unwrap();
+        if status.as_u16() == 404 {
+            return None;
+        }
+        assert!(status.is_success(), "{path}: {status}");
+        Some(v["data"]["data"].clone())
+    }
+
     /// Vault KV metadata keys under `prefix` (as an operator would list them).
     pub async fn kv_list(&self, prefix: &str) -> Vec<String> {
         let admin = self.bao.client().unwrap();
