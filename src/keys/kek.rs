@@ -171,17 +171,21 @@ struct RecordOutcome {
     moved: Vec<(u32, u32)>,
     /// The record's `created_at` (subject records).
     created_at: Option<i64>,
-    /// The key id a subject record names.
-    key_id: Option<String>,
+    /// The key id a subject record names, and the record's last path segment (its subject
+    /// reference).
+    key_id: Option<(String, String)>,
 }
 
 impl RecordOutcome {
-    fn of(entry: &KvEntry, versions: &[WrappedDek], moved: Vec<(u32, u32)>) -> Self {
+    fn of(path: &str, entry: &KvEntry, versions: &[WrappedDek], moved: Vec<(u32, u32)>) -> Self {
+        let name = path.rsplit('/').next().unwrap_or_default();
         Self {
             versions: versions.iter().map(WrappedDek::kek_version).collect(),
             moved,
             created_at: entry.data["created_at"].as_i64(),
-            key_id: entry.data["key_id"].as_str().map(str::to_owned),
+            key_id: entry.data["key_id"]
+                .as_str()
+                .map(|k| (k.to_owned(), name.to_owned())),
         }
     }
 }
@@ -587,7 +591,9 @@ impl KekRotation {
                 for o in &outcomes {
                     let new_record = o.created_at.is_some_and(|t| t >= job.started_at);
                     let sole_copy = phase == Phase::Subjects
-                        && o.key_id.as_ref().is_some_and(|k| !with_record.contains(k));
+                        && o.key_id
+                            .as_ref()
+                            .is_some_and(|(k, _)| !with_record.contains(k));
                     if phase.counted() || sole_copy {
                         if phase != Phase::Index && new_record {
                             job.run_seen_new += 1;
@@ -608,6 +614,9 @@ impl KekRotation {
                             job.run_seen_new_subjects += 1;
                         }
                     }
+                }
+                if phase == Phase::Subjects {
+                    self.record_key_ids(ks, &outcomes).await?;
                 }
                 job.counts.retain(|_, n| *n > 0);
                 job.done += chunk.len() as u64;
@@ -649,6 +658,28 @@ impl KekRotation {
         Ok(true)
     }
 
+    /// Re-records in the registry the key ids of the subject records a batch read (see
+    /// [`Store::record_key_ids`]).
+    async fn record_key_ids(&self, ks: &Ks, outcomes: &[RecordOutcome]) -> Result<()> {
+        let seen: Vec<(String, String, i64)> = outcomes
+            .iter()
+            .filter(|o| !o.versions.is_empty())
+            .filter_map(|o| {
+                let (key_id, sref) = o.key_id.clone()?;
+                Some((sref, key_id, o.created_at.unwrap_or_else(now_i64)))
+            })
+            .collect();
+        let changed = self.store.record_key_ids(&ks.name, &seen).await?;
+        if changed > 0 {
+            tracing::warn!(
+                keyspace = %ks.name,
+                subjects = changed,
+                "the KEK rewrap scan re-recorded key ids the registry lacked (a store restored from an older backup?)"
+            );
+        }
+        Ok(())
+    }
+
     /// Reads `paths` with bounded concurrency, in order.
     async fn read_all(&self, paths: &[(String, String)]) -> Result<Vec<(String, Option<KvEntry>)>> {
         let vault = &self.vault;
@@ -688,7 +719,7 @@ impl KekRotation {
             };
             let values = phase.wrapped(&entry)?;
             if values.iter().all(|w| w.kek_version() >= latest) {
-                outcomes.push(RecordOutcome::of(&entry, &values, Vec::new()));
+                outcomes.push(RecordOutcome::of(&path, &entry, &values, Vec::new()));
             } else {
                 pending.push((path, entry, values));
             }
@@ -728,7 +759,7 @@ impl KekRotation {
             .map(|(path, entry, new, moved)| async move {
                 let data = phase.replaced(&entry, &new)?;
                 match self.vault.kv_write_cas(&path, &data, entry.version).await? {
-                    CasOutcome::Written(_) => Ok(RecordOutcome::of(&entry, &new, moved)),
+                    CasOutcome::Written(_) => Ok(RecordOutcome::of(&path, &entry, &new, moved)),
                     CasOutcome::Mismatch => self.redo(ks, phase, &path, latest).await,
                 }
             })
@@ -754,7 +785,7 @@ impl KekRotation {
             let old: Vec<&WrappedDek> =
                 values.iter().filter(|w| w.kek_version() < latest).collect();
             if old.is_empty() {
-                return Ok(RecordOutcome::of(&entry, &values, Vec::new()));
+                return Ok(RecordOutcome::of(&path, &entry, &values, Vec::new()));
             }
             let mut fresh = self.vault.rewrap_batch(&ks.kek, &old).await?.into_iter();
             let mut moved = Vec::new();
@@ -774,7 +805,7 @@ impl KekRotation {
             if let CasOutcome::Written(_) =
                 self.vault.kv_write_cas(path, &data, entry.version).await?
             {
-                return Ok(RecordOutcome::of(&entry, &new, moved));
+                return Ok(RecordOutcome::of(&path, &entry, &new, moved));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -206,6 +206,42 @@ impl Store {
         Ok(u(r.try_get::<i64, _>("n").map_err(db)?))
     }
 
+    /// Re-records the key id of each `(subject_ref, key_id, created_at)` that the KEK rewrap
+    /// scan read from a Vault subject record, in one transaction: an active row without a key
+    /// id gets it, a missing row is made (active). A row that names another key is left alone
+    /// (the scan's read may predate a shred and a new key). What a registry restored from a
+    /// backup older than Vault lacks (docs/KEYS.md, "Vault layout") comes back this way.
+    /// Returns the rows changed.
+    pub async fn record_key_ids(
+        &self,
+        keyspace: &str,
+        seen: &[(String, String, i64)],
+    ) -> Result<u64> {
+        if seen.is_empty() {
+            return Ok(0);
+        }
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let mut changed = 0;
+        for (sref, key_id, created_at) in seen {
+            changed += sqlx::query(
+                "INSERT INTO subjects (keyspace, subject_ref, state, created_at, updated_at, key_id)
+                 VALUES ($1, $2, 'active', $3, $3, $4)
+                 ON CONFLICT (keyspace, subject_ref) DO UPDATE SET key_id = $4
+                 WHERE subjects.state = 'active' AND subjects.key_id IS NULL",
+            )
+            .bind(keyspace)
+            .bind(sref)
+            .bind(created_at)
+            .bind(key_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?
+            .rows_affected();
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(changed)
+    }
+
     /// Writes the job's state, only while `owner` holds the lease. Returns false if the lease
     /// was lost (the caller stops).
     pub async fn kek_save(&self, job: &KekJob, owner: &str) -> Result<bool> {
