@@ -785,7 +785,7 @@ impl KekRotation {
             let old: Vec<&WrappedDek> =
                 values.iter().filter(|w| w.kek_version() < latest).collect();
             if old.is_empty() {
-                return Ok(RecordOutcome::of(&path, &entry, &values, Vec::new()));
+                return Ok(RecordOutcome::of(path, &entry, &values, Vec::new()));
             }
             let mut fresh = self.vault.rewrap_batch(&ks.kek, &old).await?.into_iter();
             let mut moved = Vec::new();
@@ -805,7 +805,7 @@ impl KekRotation {
             if let CasOutcome::Written(_) =
                 self.vault.kv_write_cas(path, &data, entry.version).await?
             {
-                return Ok(RecordOutcome::of(&path, &entry, &new, moved));
+                return Ok(RecordOutcome::of(path, &entry, &new, moved));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
