@@ -12,7 +12,8 @@
 //!
 //! Points: `shred-before-claim`, `shred-after-intent`, `shred-after-vault-delete`
 //! (`ops::erasure`), `load-subject-after-state-check`, `load-subject-before-cache-insert`,
-//! `rotate-before-dek-record-write`, `rotate-between-record-writes` (`keys::manager`),
+//! `create-after-wrap`, `rotate-before-dek-record-write`, `rotate-between-record-writes`
+//! (`keys::manager`),
 //! `publish-eviction-before-commit` (`store`), `kek-rewrap-after-batch` (`keys::kek`: a batch
 //! of DEK or subject records rewrapped and its progress saved).
 //!

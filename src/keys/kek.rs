@@ -45,7 +45,9 @@
 //! one exception is a wrap that asked Vault before the newest allowed version existed and
 //! wrote its record after the scan passed, so the call also refuses until that version is
 //! older than [`IN_FLIGHT_MARGIN_SECS`] plus twice the Vault request timeout (the longest a
-//! wrap and its two KV writes can be in flight).
+//! wrap and its KV write can be in flight). For the same reason a run that listed the records
+//! within that bound of the version's creation lists again once it has passed, and rewraps the
+//! records that appeared (`late_records`), before it reports the run finished.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -566,11 +568,13 @@ impl KekRotation {
             ),
             None => (0, String::new()),
         };
+        let listed_at = now_i64();
         let mut listed = Vec::new();
         for phase in PHASES {
             listed.push(phase.paths(&self.vault, &ks.name).await?);
         }
         job.total = listed.iter().map(|l| l.len() as u64).sum();
+        let seen: HashSet<String> = listed.iter().flatten().map(|(_, p)| p.clone()).collect();
         // Key ids with a DEK record: a subject record naming another key holds that key's only
         // wrapped copy (a subject never rotated) and is counted as a DEK too.
         let with_record: HashSet<String> = listed[Phase::Deks.position()]
@@ -588,55 +592,24 @@ impl KekRotation {
             };
             for chunk in todo.chunks(self.cfg.batch) {
                 let outcomes = self.step(ks, phase, chunk, latest).await?;
-                for o in &outcomes {
-                    let new_record = o.created_at.is_some_and(|t| t >= job.started_at);
-                    let sole_copy = phase == Phase::Subjects
-                        && o.key_id
-                            .as_ref()
-                            .is_some_and(|(k, _)| !with_record.contains(k));
-                    if phase.counted() || sole_copy {
-                        if phase != Phase::Index && new_record {
-                            job.run_seen_new += 1;
-                        }
-                        for v in &o.versions {
-                            *job.run_counts.entry(*v).or_default() += 1;
-                        }
-                        for (old, new) in &o.moved {
-                            if let Some(n) = job.counts.get_mut(old) {
-                                *n = n.saturating_sub(1);
-                            }
-                            *job.counts.entry(*new).or_default() += 1;
-                        }
-                    }
-                    if phase == Phase::Subjects && !o.versions.is_empty() {
-                        job.run_subjects += 1;
-                        if new_record {
-                            job.run_seen_new_subjects += 1;
-                        }
-                    }
-                }
-                if phase == Phase::Subjects {
-                    self.record_key_ids(ks, &outcomes).await?;
-                }
-                job.counts.retain(|_, n| *n > 0);
+                self.tally(ks, job, phase, &outcomes, &with_record).await?;
                 job.done += chunk.len() as u64;
                 if let Some((k, _)) = chunk.last() {
                     job.cursor = format!("{}/{k}", phase.name());
                 }
-                let now = now_i64();
-                if !self
-                    .store
-                    .kek_lease(&ks.name, &self.owner, now, self.lease_until(now))
-                    .await?
-                    || !self.store.kek_save(job, &self.owner).await?
-                {
-                    tracing::warn!(keyspace = %ks.name, "KEK rewrap lease lost; another replica continues");
+                if !self.save_progress(ks, job).await? {
                     return Ok(false);
                 }
                 if phase != Phase::Index {
                     crate::config::failpoint::point("kek-rewrap-after-batch").await;
                 }
             }
+        }
+        if !self
+            .late_records(ks, job, listed_at, &seen, &with_record)
+            .await?
+        {
+            return Ok(false);
         }
         job.finished_at = now_i64();
         job.counts = std::mem::take(&mut job.run_counts);
@@ -655,6 +628,120 @@ impl KekRotation {
             records = job.done,
             "KEK rewrap run finished"
         );
+        Ok(true)
+    }
+
+    /// Counts a batch's outcomes into the run (and moves rewrapped values in the current
+    /// counts); a batch of subject records also re-records their key ids.
+    async fn tally(
+        &self,
+        ks: &Ks,
+        job: &mut KekJob,
+        phase: Phase,
+        outcomes: &[RecordOutcome],
+        with_record: &HashSet<String>,
+    ) -> Result<()> {
+        for o in outcomes {
+            let new_record = o.created_at.is_some_and(|t| t >= job.started_at);
+            let sole_copy = phase == Phase::Subjects
+                && o.key_id
+                    .as_ref()
+                    .is_some_and(|(k, _)| !with_record.contains(k));
+            if phase.counted() || sole_copy {
+                if phase != Phase::Index && new_record {
+                    job.run_seen_new += 1;
+                }
+                for v in &o.versions {
+                    *job.run_counts.entry(*v).or_default() += 1;
+                }
+                for (old, new) in &o.moved {
+                    if let Some(n) = job.counts.get_mut(old) {
+                        *n = n.saturating_sub(1);
+                    }
+                    *job.counts.entry(*new).or_default() += 1;
+                }
+            }
+            if phase == Phase::Subjects && !o.versions.is_empty() {
+                job.run_subjects += 1;
+                if new_record {
+                    job.run_seen_new_subjects += 1;
+                }
+            }
+        }
+        job.counts.retain(|_, n| *n > 0);
+        if phase == Phase::Subjects {
+            self.record_key_ids(ks, outcomes).await?;
+        }
+        Ok(())
+    }
+
+    /// Saves the job's progress under the lease and renews it; false if the lease was lost.
+    async fn save_progress(&self, ks: &Ks, job: &KekJob) -> Result<bool> {
+        let now = now_i64();
+        if self
+            .store
+            .kek_lease(&ks.name, &self.owner, now, self.lease_until(now))
+            .await?
+            && self.store.kek_save(job, &self.owner).await?
+        {
+            return Ok(true);
+        }
+        tracing::warn!(keyspace = %ks.name, "KEK rewrap lease lost; another replica continues");
+        Ok(false)
+    }
+
+    /// Records written after the run listed them but wrapped with an older KEK version: a
+    /// new subject's record (or a DEK record's first write) lands after its wrap, and a wrap
+    /// asked for just before the rotation may land after the listing. When the listing came
+    /// less than the in-flight bound after the target version was made (2 x the Vault request
+    /// timeout + [`IN_FLIGHT_MARGIN_SECS`], as for retiring), the run waits until that bound
+    /// has passed (renewing its lease), lists again and rewraps the records it had not seen.
+    /// False if the lease was lost.
+    async fn late_records(
+        &self,
+        ks: &Ks,
+        job: &mut KekJob,
+        listed_at: i64,
+        seen: &HashSet<String>,
+        with_record: &HashSet<String>,
+    ) -> Result<bool> {
+        let settle = 2 * self.vault.config().request_timeout.as_secs() + IN_FLIGHT_MARGIN_SECS;
+        let info = self.vault.kek_info(&ks.kek).await?;
+        let Some(made) = info.created_at(job.target_version) else {
+            return Ok(true);
+        };
+        let until = made.saturating_add(settle as i64);
+        if listed_at >= until {
+            return Ok(true);
+        }
+        let step = (self.cfg.lease.as_secs() / 3).max(1);
+        loop {
+            let now = now_i64();
+            if now >= until {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(((until - now) as u64).min(step))).await;
+            if !self.save_progress(ks, job).await? {
+                return Ok(false);
+            }
+        }
+        for phase in [Phase::Deks, Phase::Subjects] {
+            let late: Vec<(String, String)> = phase
+                .paths(&self.vault, &ks.name)
+                .await?
+                .into_iter()
+                .filter(|(_, p)| !seen.contains(p))
+                .collect();
+            for chunk in late.chunks(self.cfg.batch) {
+                let outcomes = self.step(ks, phase, chunk, job.target_version).await?;
+                self.tally(ks, job, phase, &outcomes, with_record).await?;
+                job.done += chunk.len() as u64;
+                job.total += chunk.len() as u64;
+                if !self.save_progress(ks, job).await? {
+                    return Ok(false);
+                }
+            }
+        }
         Ok(true)
     }
 

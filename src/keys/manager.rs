@@ -841,6 +841,7 @@ impl KeyManager {
             let key_id = KeyId::random().map_err(|_| Error::internal("CSPRNG failed"))?;
             let dek = Arc::new(Dek::generate(ks.alg.key_len()).map_err(Error::internal)?);
             let wrapped = self.wraps.wrap(&ks.kek, dek.clone()).await?;
+            crate::config::failpoint::point("create-after-wrap").await;
             let created_at = now_secs();
             let dek_version = FIRST_DEK_VERSION;
             if crate::config::failpoint::flag("dek-record-at-creation") {
@@ -1011,6 +1012,10 @@ impl KeyManager {
                 version = Some((n, true));
                 break;
             }
+            // The record changed: perhaps the KEK rewrap job rewrote it after a KEK rotation,
+            // and our wrap was made with the older KEK version. Wrap again (with the latest)
+            // rather than add a value the job has already passed.
+            made = None;
         }
         let (n, pushed) = version.ok_or_else(|| {
             Error::unavailable("subject key rotation: the DEK record kept changing; retry")

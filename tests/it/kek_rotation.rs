@@ -623,3 +623,100 @@ async fn a_kek_rewrap_scan_re_records_key_ids_a_restored_store_lacks() {
         assert_eq!(pt.plaintext, s.as_bytes());
     }
 }
+
+/// Waits (at most 60 s) until every wrapped value of `orders` in Vault is on KEK `version`
+/// (the rewrap run has been through every record it listed).
+async fn wait_all_on(env: &TestEnv, version: u32) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = wrapped_versions(env, "orders").await;
+        if v.iter().all(|x| *x == version) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "not all on v{version}: {v:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A new subject whose DEK was wrapped with the old KEK version just before a rotation, and
+/// whose record lands after the rewrap job listed the keyspace: the job waits out the
+/// in-flight bound before it reports the run finished, lists again and rewraps it. (Before:
+/// the run finished with that value on the old version, and the status said none was left;
+/// `kek_rotation_under_load` caught it now and then.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_that_lands_after_the_listing_is_rewrapped_before_the_run_ends() {
+    const POINT: &str = "create-after-wrap";
+    let env = TestEnv::start().await;
+    let (server, dir) = env
+        .paused_server("late", POINT, with_audit(&env, "late", fast_env()))
+        .await;
+    let mut k = keys(&env, &server).await;
+    wait_rewrapped(&mut k, "orders", 1).await;
+    let mut c = env.client(&server, "orders").await;
+    let late = tokio::spawn(async move {
+        c.encrypt(enc("orders", "cust-late", "email", b"late@example.com"))
+            .await
+            .map(|r| r.into_inner().ciphertext)
+    });
+    wait_reached(&dir, POINT).await;
+    k.rotate_kek(pb::RotateKekRequest {
+        keyspace: "orders".into(),
+    })
+    .await
+    .unwrap();
+    // The run for version 2 has been through everything it listed.
+    wait_all_on(&env, 2).await;
+    release(&dir, POINT);
+    let ct = late.await.unwrap().unwrap();
+    let s = wait_rewrapped(&mut k, "orders", 2).await;
+    let versions = wrapped_versions(&env, "orders").await;
+    assert!(versions.iter().all(|v| *v == 2), "{versions:?} {s:?}");
+    assert_eq!(old_on_status(&s), 0, "{s:?}");
+    let mut c = env.client(&server, "orders").await;
+    c.decrypt(dec("email", &ct)).await.unwrap();
+}
+
+/// A subject key rotation whose new DEK was wrapped with the old KEK version, and whose DEK
+/// record the rewrap job rewrote meanwhile: its check-and-set fails, and it wraps again (with
+/// the latest version) instead of adding the old-version value the job has already passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_that_loses_to_the_rewrap_wraps_its_new_dek_again() {
+    const POINT: &str = "rotate-before-dek-record-write";
+    let env = TestEnv::start().await;
+    let mut vars = with_audit(&env, "rot", fast_env());
+    vars.push((
+        "PIIGUARD_FAILPOINT".into(),
+        format!("pause:{POINT},flag:dek-record-at-creation"),
+    ));
+    let (server, dir) = env.paused_server("rot", POINT, vars).await;
+    let mut k = keys(&env, &server).await;
+    let mut c = env.client(&server, "orders").await;
+    let ct = c
+        .encrypt(enc("orders", "cust-rot", "email", b"rot@example.com"))
+        .await
+        .unwrap()
+        .into_inner()
+        .ciphertext;
+    wait_rewrapped(&mut k, "orders", 1).await;
+    let mut k2 = keys(&env, &server).await;
+    let rotation = tokio::spawn(async move {
+        k2.rotate_subject_key(pb::RotateSubjectKeyRequest {
+            keyspace: "orders".into(),
+            subject: "cust-rot".into(),
+        })
+        .await
+    });
+    wait_reached(&dir, POINT).await;
+    k.rotate_kek(pb::RotateKekRequest {
+        keyspace: "orders".into(),
+    })
+    .await
+    .unwrap();
+    wait_all_on(&env, 2).await;
+    release(&dir, POINT);
+    rotation.await.unwrap().unwrap();
+    wait_rewrapped(&mut k, "orders", 2).await;
+    let versions = wrapped_versions(&env, "orders").await;
+    assert!(versions.iter().all(|v| *v == 2), "{versions:?}");
+    c.decrypt(dec("email", &ct)).await.unwrap();
+}
