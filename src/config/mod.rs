@@ -622,7 +622,7 @@ pub struct RawCache {
     /// Most entries of each token read cache (token rows for Detokenize, deterministic
     /// tokens for Tokenize); 0 turns them off.
     pub token_entries: usize,
-    /// Most cached DEKs that keep their AES key schedule expanded (~0.6 KiB each); 0 turns
+    /// Most cached DEKs that keep their AES key schedule expanded (~0.7 KiB each); 0 turns
     /// it off.
     pub expanded_keys: usize,
 }
@@ -1309,7 +1309,7 @@ impl RawConfig {
         }
         if c.expanded_keys > 1_000_000 {
             return err(
-                "cache.expanded_keys must not exceed 1000000 (each costs ~0.6 KiB of memory)",
+                "cache.expanded_keys must not exceed 1000000 (each costs ~0.7 KiB of memory)",
             );
         }
         let cache = CacheConfig {

@@ -13,7 +13,7 @@
 //!
 //! Expanded keys: an entry found in the cache (its second use or later) keeps its AES-GCM key
 //! schedule ([`DekEntry::keep_expanded`]), so that its next uses skip the ~0.2 us schedule (6-10%
-//! of a 1,000-subject EncryptBatch). It costs ~0.6 KiB in AWS-LC per entry, so only as many
+//! of a 1,000-subject EncryptBatch). It costs ~0.7 KiB in AWS-LC per entry, so only as many
 //! entries as an [`ExpandBudget`] allows keep one (`cache.expanded_keys`); the schedule lives
 //! and dies with the entry (cleared by AWS-LC when the entry is dropped: evicted, expired or
 //! shredded, once the last call holding it is done), and its place goes back to the budget.
