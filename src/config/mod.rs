@@ -622,6 +622,9 @@ pub struct RawCache {
     /// Most entries of each token read cache (token rows for Detokenize, deterministic
     /// tokens for Tokenize); 0 turns them off.
     pub token_entries: usize,
+    /// Most cached DEKs that keep their AES key schedule expanded (~0.7 KiB each); 0 turns
+    /// it off.
+    pub expanded_keys: usize,
 }
 
 impl Default for RawCache {
@@ -632,6 +635,7 @@ impl Default for RawCache {
             hard_ttl_secs: 3600,
             max_uses_per_dek: DEFAULT_MAX_USES_PER_DEK,
             token_entries: 65_536,
+            expanded_keys: 65_536,
         }
     }
 }
@@ -1064,6 +1068,8 @@ pub struct CacheConfig {
     pub max_uses_per_dek: u64,
     /// Most entries of each token read cache (0: none).
     pub token_entries: usize,
+    /// Most cached DEKs that keep their AES key schedule expanded (0: none).
+    pub expanded_keys: usize,
 }
 
 /// Logging.
@@ -1301,8 +1307,14 @@ impl RawConfig {
         if c.token_entries > 10_000_000 {
             return err("cache.token_entries must not exceed 10000000");
         }
+        if c.expanded_keys > 1_000_000 {
+            return err(
+                "cache.expanded_keys must not exceed 1000000 (each costs ~0.7 KiB of memory)",
+            );
+        }
         let cache = CacheConfig {
             token_entries: c.token_entries,
+            expanded_keys: c.expanded_keys,
             max_entries: c.max_entries,
             idle_ttl: Duration::from_secs(c.idle_ttl_secs),
             hard_ttl: Duration::from_secs(c.hard_ttl_secs),
@@ -1720,6 +1732,21 @@ dir = "audit"
             let e = with(bad).unwrap_err().to_string();
             assert!(e.contains("cache.max_uses_per_dek"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn expanded_keys_default_on_can_be_off_and_are_bounded() {
+        let c = parse(MINIMAL, Vec::new()).unwrap();
+        assert_eq!(c.cache.expanded_keys, 65_536);
+        let with = |v: &str| {
+            parse(
+                MINIMAL,
+                vec![("PIIGUARD_CACHE__EXPANDED_KEYS".to_string(), v.to_string())],
+            )
+        };
+        assert_eq!(with("0").unwrap().cache.expanded_keys, 0);
+        let e = with("1000001").unwrap_err().to_string();
+        assert!(e.contains("cache.expanded_keys"), "{e}");
     }
 
     #[test]

@@ -82,8 +82,9 @@ fn key(alg: Algorithm, key: &[u8]) -> Result<LessSafeKey, AeadError> {
 
 /// An AES-GCM key with its schedule and GHASH table computed once (~0.2 us, more than the
 /// encryption of a short field), for several operations with one DEK: the consecutive items
-/// of a batch that share a key. Short-lived by design: not kept in the DEK cache (AWS-LC's
-/// context is ~600 bytes per key); AWS-LC clears it when it is freed.
+/// of a batch that share a key, or every use of a DEK the cache keeps it for (a bounded number
+/// of them: AWS-LC's context is ~600 bytes per key; `keys::cache`). AWS-LC clears the context
+/// when it is freed. No `Debug`, no `Clone`.
 pub struct PreparedKey(LessSafeKey);
 
 impl PreparedKey {

@@ -11,7 +11,9 @@ use aws_lc_rs::hmac;
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
-use super::cache::{ByKeyId, BySubject, DekEntry, DekId, ShardedCache, SubjectTag, Tick};
+use super::cache::{
+    ByKeyId, BySubject, DekEntry, DekId, ExpandBudget, ShardedCache, SubjectTag, Tick,
+};
 use super::record::DekRecord;
 use crate::config::{AfterShred, CacheConfig, KeyspaceConfig};
 use crate::crypto::aead::Algorithm;
@@ -114,6 +116,8 @@ pub struct KeyManager {
     /// subject, for encryption) and by key id (for decryption).
     by_subject: ShardedCache<BySubject>,
     by_key: ShardedCache<ByKeyId>,
+    /// How many cached DEKs may keep their AES key schedule (`cache.expanded_keys`).
+    expand_budget: Arc<ExpandBudget>,
     subject_flight: SingleFlight<SubjectKey>,
     key_flight: SingleFlight<DekKey>,
     hard_ttl: Duration,
@@ -270,6 +274,7 @@ impl KeyManager {
             keyspaces: out,
             by_subject: ShardedCache::new(cache.max_entries, cache.idle_ttl, cache.hard_ttl),
             by_key: ShardedCache::new(cache.max_entries, cache.idle_ttl, cache.hard_ttl),
+            expand_budget: ExpandBudget::new(cache.expanded_keys),
             subject_flight: SingleFlight::new(),
             key_flight: SingleFlight::new(),
             hard_ttl: cache.hard_ttl,
@@ -335,7 +340,15 @@ impl KeyManager {
     /// an entry of another keyspace is treated as a miss (then replaced by the load).
     fn subject_hit(&self, ks: &Keyspace, sref: &SubjectRef, now: Tick) -> Option<Arc<DekEntry>> {
         let e = self.by_subject.get_at(&SubjectTag::of(&sref.0), now)?;
-        (Arc::ptr_eq(&e.keyspace, &ks.name) || e.keyspace == ks.name).then_some(e)
+        (Arc::ptr_eq(&e.keyspace, &ks.name) || e.keyspace == ks.name).then(|| self.hit(e))
+    }
+
+    /// A cache hit: a DEK used again keeps its AES key schedule, budget permitting.
+    fn hit(&self, e: Arc<DekEntry>) -> Arc<DekEntry> {
+        if !e.is_expanded() {
+            e.keep_expanded(&self.expand_budget);
+        }
+        e
     }
 
     /// A cached entry of the key-id index, if it is this keyspace's (the index holds every
@@ -352,7 +365,7 @@ impl KeyManager {
             dek_version,
         };
         let e = self.by_key.get_at(&id, now)?;
-        (Arc::ptr_eq(&e.keyspace, &ks.name) || e.keyspace == ks.name).then_some(e)
+        (Arc::ptr_eq(&e.keyspace, &ks.name) || e.keyspace == ks.name).then(|| self.hit(e))
     }
 
     /// The subject's DEK if it is cached, without Vault and without waiting: `Ok(None)` on a

@@ -1,6 +1,6 @@
 //! EncryptBatch and DecryptBatch: one result per item; cached keys looked up synchronously,
-//! misses loaded concurrently (each distinct key once), one CSPRNG call per batch, one AES key
-//! schedule per run of items sharing a key.
+//! misses loaded concurrently (each distinct key once), one CSPRNG call per batch, and the AES
+//! key schedule a cache entry keeps (else one per run of items sharing a key).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -26,8 +26,9 @@ struct KeyRun<W> {
     key: Option<Result<Arc<DekEntry>>>,
 }
 
-/// The key of run `run`, and its expanded AES key: expanded again only when the run changes
-/// (the previous run's expanded key is dropped, and cleared, first).
+/// The key of run `run`, and its expanded AES key (the one its cache entry keeps, else expanded
+/// here): prepared again only when the run changes (a previous run's own expanded key is
+/// dropped, and cleared, first).
 fn run_key<'k, 'p, W>(
     runs: &'k [KeyRun<W>],
     run: usize,
@@ -41,8 +42,7 @@ fn run_key<'k, 'p, W>(
     if prep.as_ref().is_none_or(|(r, _)| *r != run) {
         *prep = None;
         let pk = key
-            .keys
-            .prepare()
+            .prepared()
             .map_err(|_| Error::internal("key preparation failed"))?;
         *prep = Some((run, pk));
     }

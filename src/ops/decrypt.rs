@@ -60,8 +60,11 @@ impl Engine {
             .keys
             .key_by_id(h.keyspace, h.key_id, h.dek_version, h.alg);
         let key = observed(key).await?;
+        if key.keys.algorithm() != h.alg {
+            return Err(envelope_error(envelope::EnvelopeError::Authentication));
+        }
         parsed
-            .open(&key.keys, i.field, &ctx)
+            .open_prepared(&key.prepared().map_err(envelope_error)?, i.field, &ctx)
             .map_err(envelope_error)
     }
 }

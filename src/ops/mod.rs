@@ -68,8 +68,9 @@ where
 }
 
 /// Seals one item with its key: with prepared keys and a nonce drawn by the batch, or (unary
-/// calls) a fresh nonce and a one-off key schedule. `ctx` is the validated context. The key
-/// must have been through [`KeyManager::ensure_uses`] (its reserved uses are spent here).
+/// calls) a fresh nonce and the key schedule the cache entry keeps (else a one-off one:
+/// [`DekEntry::prepared`]). `ctx` is the validated context. The key must have been through
+/// [`KeyManager::ensure_uses`] (its reserved uses are spent here).
 pub(crate) fn seal_item(
     key: &DekEntry,
     batch: Option<(
@@ -96,15 +97,18 @@ pub(crate) fn seal_item(
             i.plaintext,
             nonce,
         ),
-        None => envelope::seal(
-            &key.keys,
-            &key.keyspace,
-            &key.id.key_id,
-            key.id.dek_version,
-            i.field,
-            ctx,
-            i.plaintext,
-        ),
+        None => key.prepared().and_then(|prepared| {
+            envelope::seal_prepared(
+                &prepared,
+                &key.keyspace,
+                &key.id.key_id,
+                key.id.dek_version,
+                i.field,
+                ctx,
+                i.plaintext,
+                &envelope::random_nonce()?,
+            )
+        }),
     }
     .map_err(|_| Error::internal("envelope seal failed"))?;
     Ok(if i.text {
