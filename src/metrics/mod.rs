@@ -14,6 +14,8 @@
 //!   `dek_load` for cache misses, `sign` for audit checkpoints)
 //! - `piiguard_dek_wrap_batch_size` ([`dek_wrap_batch`]: wraps per transit call of the wrap
 //!   batcher, `keys/wraps.rs`)
+//! - `piiguard_token_write_group_size` ([`token_write_group`]: token writes per group commit,
+//!   `store/token_writer.rs`)
 //! - `piiguard_vault_failovers_total`, `piiguard_vault_node` (the index in `vault.addresses`
 //!   of the node requests go to; [`vault_failover`], docs/OPERATIONS.md#vault-ha)
 //! - `piiguard_vault_admission_wait_seconds`, `piiguard_vault_overloaded_total{op}`
@@ -203,6 +205,11 @@ pub fn dek_cache(hit: bool) {
 /// Records one transit call of the DEK wrap batcher (`keys::wraps`) carrying `n` wraps.
 pub fn dek_wrap_batch(n: usize) {
     metrics::histogram!("piiguard_dek_wrap_batch_size").record(n as f64);
+}
+
+/// Records one group commit of the token writer (`store::token_writer`) carrying `n` writes.
+pub fn token_write_group(n: usize) {
+    metrics::histogram!("piiguard_token_write_group_size").record(n as f64);
 }
 
 /// Records `n` DEK cache hits (a batch counts its hits with one call).

@@ -15,6 +15,8 @@
 
 use std::sync::{Arc, OnceLock};
 
+use sqlx::Any;
+use sqlx::pool::PoolConnection;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
 use crate::error::{Error, Result};
@@ -180,6 +182,8 @@ impl GroupWriter {
 
 async fn run(store: Arc<Store>, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
     let mut jobs = Vec::with_capacity(MAX_GROUP);
+    // The writer's own connection on SQLite (see `Store::write_tokens_with`).
+    let mut conn = None;
     loop {
         {
             let mut rx = rx.lock().await;
@@ -187,14 +191,15 @@ async fn run(store: Arc<Store>, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
                 return; // every sender is gone
             }
         }
-        commit_group(&store, &mut jobs).await;
+        commit_group(&store, &mut conn, &mut jobs).await;
     }
 }
 
 /// Writes `jobs` in one transaction and answers each; empties `jobs`.
-async fn commit_group(store: &Store, jobs: &mut Vec<Job>) {
+async fn commit_group(store: &Store, conn: &mut Option<PoolConnection<Any>>, jobs: &mut Vec<Job>) {
+    crate::metrics::token_write_group(jobs.len());
     let ops: Vec<TokenWrite<'_>> = jobs.iter().map(|j| j.write.as_store()).collect();
-    let outcome = store.write_tokens(&ops).await;
+    let outcome = store.write_tokens_with(conn, &ops).await;
     drop(ops);
     match outcome {
         Ok(done) => {

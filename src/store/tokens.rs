@@ -13,7 +13,8 @@
 
 use std::collections::HashSet;
 
-use sqlx::Row;
+use sqlx::pool::PoolConnection;
+use sqlx::{Any, Connection as _, Row};
 
 use super::{Store, db};
 use crate::error::Result;
@@ -202,8 +203,17 @@ impl Store {
                 updated_at BIGINT NOT NULL,
                 expires_at BIGINT,
                 PRIMARY KEY (keyspace, token_hash))",
-            "CREATE UNIQUE INDEX IF NOT EXISTS token_map_by_value ON token_map (keyspace, value_hash)",
-            "CREATE INDEX IF NOT EXISTS token_map_by_expiry ON token_map (state, expires_at)",
+            // Partial indexes (schema 3): a random token has no value hash and most tokens
+            // have no expiry, so a random Tokenize inserts into neither (schema 2 indexed
+            // every row, NULLs included: two more B-tree inserts per token). The lookups
+            // (`value_hash = $2`, `expires_at IS NOT NULL AND ...`) imply the conditions, so
+            // both engines still use them.
+            "CREATE UNIQUE INDEX IF NOT EXISTS token_map_det ON token_map (keyspace, value_hash)
+                WHERE value_hash IS NOT NULL",
+            "CREATE INDEX IF NOT EXISTS token_map_ttl ON token_map (state, expires_at)
+                WHERE expires_at IS NOT NULL",
+            "DROP INDEX IF EXISTS token_map_by_value",
+            "DROP INDEX IF EXISTS token_map_by_expiry",
             "CREATE TABLE IF NOT EXISTS token_values (
                 keyspace TEXT NOT NULL,
                 token_hash TEXT NOT NULL,
@@ -257,6 +267,44 @@ impl Store {
     /// of one token hash, or of one deterministic value hash, only the first can succeed;
     /// the others get `false`, as if they had come after it.
     pub async fn write_tokens(&self, ops: &[TokenWrite<'_>]) -> Result<Vec<bool>> {
+        let mut conn = self.pool.acquire().await.map_err(db)?;
+        self.write_tokens_on(&mut conn, ops).await
+    }
+
+    /// [`Store::write_tokens`] on the token writer's own connection `held` on SQLite (taken
+    /// from the pool when `None`, given back after an error); on PostgreSQL on any pooled one.
+    ///
+    /// Why one connection on SQLite: in WAL mode a connection that begins a transaction after
+    /// another connection committed discards its whole page cache. The pool hands its idle
+    /// connections out in turn, so each group commit used to start on a connection whose cache
+    /// the previous commit (on another connection) had invalidated, and re-read the index
+    /// pages it inserts into from the file. The writer's own connection keeps them cached
+    /// (its own commits do not invalidate them).
+    pub async fn write_tokens_with(
+        &self,
+        held: &mut Option<PoolConnection<Any>>,
+        ops: &[TokenWrite<'_>],
+    ) -> Result<Vec<bool>> {
+        if !self.is_sqlite() {
+            return self.write_tokens(ops).await;
+        }
+        let conn = match held {
+            Some(c) => c,
+            None => held.insert(self.pool.acquire().await.map_err(db)?),
+        };
+        let out = self.write_tokens_on(conn, ops).await;
+        if out.is_err() {
+            // The failed transaction is rolled back when the connection is next used.
+            *held = None;
+        }
+        out
+    }
+
+    async fn write_tokens_on(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        ops: &[TokenWrite<'_>],
+    ) -> Result<Vec<bool>> {
         let mut out = vec![false; ops.len()];
         // Inserts that can succeed: the first of each token hash and of each value hash.
         let mut tokens = HashSet::new();
@@ -276,7 +324,7 @@ impl Store {
             inserts.push((i, t));
         }
         let sqlite = self.is_sqlite();
-        let mut tx = self.pool.begin().await.map_err(db)?;
+        let mut tx = conn.begin().await.map_err(db)?;
         for chunk in inserts.chunks(ROWS_PER_STATEMENT) {
             let sql = insert_map_sql(chunk.len(), sqlite);
             // Only placeholders are generated; every value is bound.
