@@ -210,15 +210,16 @@ impl std::fmt::Debug for PgUrl {
 
 /// The schema version this binary writes (`schema_version.version`). Raise it with every
 /// schema change; see docs/OPERATIONS.md, "Store schema and upgrades".
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// The oldest schema version of a binary that can still run on the schema this binary writes
 /// (`schema_version.compatible_from`). Raise it only when a change breaks older binaries (a
 /// dropped or renamed column, a new NOT NULL column without a default), or when older binaries
 /// would misread what this one writes: schema 3 raised it to 3, because a new subject's DEK
 /// lives only in its Vault subject record and the registry's `subjects.key_id` (docs/KEYS.md,
-/// "Vault layout"), which older binaries cannot find by key id.
-pub const SCHEMA_COMPATIBLE_FROM: i64 = 3;
+/// "Vault layout"), which older binaries cannot find by key id; schema 4 to 4, because it moved
+/// token values out of `token_values` (dropped), which older binaries read and write.
+pub const SCHEMA_COMPATIBLE_FROM: i64 = 4;
 
 /// The PostgreSQL advisory lock key that serialises schema set-up ("piiguard" in ASCII).
 pub const MIGRATION_LOCK: i64 = 0x7069_6967_7561_7264;
@@ -429,13 +430,13 @@ impl Store {
             ("lease_owner", "TEXT"),
             ("key_id", "TEXT"),
         ] {
-            Self::add_subjects_column(&mut tx, sqlite, column, ddl).await?;
+            Self::add_column(&mut tx, sqlite, "subjects", column, ddl).await?;
         }
         sqlx::query("CREATE INDEX IF NOT EXISTS subjects_by_key ON subjects (keyspace, key_id)")
             .execute(&mut *tx)
             .await
             .map_err(db)?;
-        Self::migrate_tokens(&mut tx).await?;
+        Self::migrate_tokens(&mut tx, sqlite).await?;
         Self::migrate_anchors(&mut tx).await?;
         Self::migrate_kek(&mut tx).await?;
         sqlx::query(
@@ -479,30 +480,33 @@ impl Store {
         Self::schema_version_in(&mut conn).await
     }
 
-    /// `ALTER TABLE subjects ADD COLUMN`, unless the column exists (SQLite has no `ADD COLUMN IF
+    /// `ALTER TABLE table ADD COLUMN`, unless the column exists (SQLite has no `ADD COLUMN IF
     /// NOT EXISTS`). Runs inside the migration transaction, under its lock: no other replica
     /// adds the column meanwhile.
-    async fn add_subjects_column(
+    pub(super) async fn add_column(
         conn: &mut sqlx::AnyConnection,
         sqlite: bool,
+        table: &'static str,
         column: &'static str,
         ddl: &'static str,
     ) -> Result<()> {
         let probe = if sqlite {
-            "SELECT 1 AS found FROM pragma_table_info('subjects') WHERE name = $1"
+            "SELECT 1 AS found FROM pragma_table_info($1) WHERE name = $2"
         } else {
             "SELECT 1 AS found FROM information_schema.columns
-             WHERE table_schema = current_schema() AND table_name = 'subjects' AND column_name = $1"
+             WHERE table_schema = current_schema() AND table_name = $1 AND column_name = $2"
         };
         let exists = sqlx::query(probe)
+            .bind(table)
             .bind(column)
             .fetch_optional(&mut *conn)
             .await
             .map_err(db)?
             .is_some();
         if !exists {
+            // Only the constant names of this file's callers are spliced in.
             sqlx::query(sqlx::AssertSqlSafe(format!(
-                "ALTER TABLE subjects ADD COLUMN {column} {ddl}"
+                "ALTER TABLE {table} ADD COLUMN {column} {ddl}"
             )))
             .execute(&mut *conn)
             .await

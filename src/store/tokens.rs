@@ -4,12 +4,16 @@
 //! `subject_ref`.
 //!
 //! `token_map` has one row per token (unique `token_hash` per keyspace: two values can never
-//! share a token; a colliding insert fails and the caller draws again). `token_values` holds
-//! the sealed value once per subject that tokenised it (a join token, `DETERMINISTIC_JOIN` or a
+//! share a token; a colliding insert fails and the caller draws again), and in that row the
+//! sealed value of its first holder (`subject_ref`, `sealed`): a new token is **one** row
+//! insert (schema 3; schema 2 wrote a second row into a `token_values` table, a second
+//! random-key B-tree insert per token). `token_holders` holds the sealed value of every
+//! further subject that tokenised the same value (a join token, `DETERMINISTIC_JOIN` or a
 //! deterministic token made before per-subject scope, can belong to several subjects with the
-//! same value; any other token holds one subject's value). A shred deletes the subject's
-//! `token_values` rows and turns tokens left without any value into `shredded` tombstones;
-//! expiry deletes the values and leaves `expired` tombstones, so Detokenize can still say why.
+//! same value; any other token holds one subject's value, in its `token_map` row). A shred
+//! deletes the subject's values (clears the row's slot, deletes its `token_holders` rows) and
+//! turns tokens left without any value into `shredded` tombstones; expiry deletes the values
+//! and leaves `expired` tombstones, so Detokenize can still say why.
 
 use std::collections::HashSet;
 
@@ -133,43 +137,33 @@ fn push_rows(sql: &mut String, rows: usize, width: usize, row: &str) {
     }
 }
 
-/// The multi-row inserts of a group. On SQLite they are `INSERT OR IGNORE`: with `ON
-/// CONFLICT DO NOTHING` a multi-row insert could still abort half-way (a NOT NULL column), so
-/// SQLite would copy every page it touches to a statement journal first; `OR IGNORE` cannot
-/// abort and needs none. The rows bound are never NULL where the schema says NOT NULL, so
-/// both forms skip exactly the rows whose key is taken.
+/// The multi-row insert of a group's new tokens, each with its first holder's sealed value.
+/// On SQLite `INSERT OR IGNORE`: with `ON CONFLICT DO NOTHING` a multi-row insert could still
+/// abort half-way (a NOT NULL column), so SQLite would copy every page it touches to a
+/// statement journal first; `OR IGNORE` cannot abort and needs none. The rows bound are never
+/// NULL where the schema says NOT NULL, so both forms skip exactly the rows whose key (token
+/// hash, or deterministic value hash) is taken.
 fn insert_map_sql(rows: usize, sqlite: bool) -> String {
     let mut sql = String::from(if sqlite {
         "INSERT OR IGNORE INTO token_map (keyspace, token_hash, field, format, value_hash,
-                                          attempt, state, created_at, updated_at, expires_at)
+                                          attempt, state, created_at, updated_at, expires_at,
+                                          subject_ref, sealed)
          VALUES "
     } else {
         "INSERT INTO token_map (keyspace, token_hash, field, format, value_hash, attempt,
-                                state, created_at, updated_at, expires_at) VALUES "
+                                state, created_at, updated_at, expires_at, subject_ref, sealed)
+         VALUES "
     });
     push_rows(
         &mut sql,
         rows,
-        8,
-        "($1, $2, $3, $4, $5, $6, 'live', $7, $7, $8)",
+        10,
+        "($1, $2, $3, $4, $5, $6, 'live', $7, $7, $8, $9, $10)",
     );
     if !sqlite {
         sql.push_str(" ON CONFLICT DO NOTHING");
     }
     sql.push_str(" RETURNING keyspace, token_hash");
-    sql
-}
-
-/// Values of tokens just inserted: there cannot be any row for them yet. On SQLite `OR
-/// IGNORE` (see above), and the caller checks that every row went in.
-fn insert_values_sql(rows: usize, sqlite: bool) -> String {
-    let mut sql = String::from(if sqlite {
-        "INSERT OR IGNORE INTO token_values (keyspace, token_hash, subject_ref, sealed,
-                                             created_at) VALUES "
-    } else {
-        "INSERT INTO token_values (keyspace, token_hash, subject_ref, sealed, created_at) VALUES "
-    });
-    push_rows(&mut sql, rows, 5, "($1, $2, $3, $4, $5)");
     sql
 }
 
@@ -188,9 +182,10 @@ pub struct TokenRow {
 }
 
 impl Store {
-    /// The token tables, on the migration transaction's connection.
-    pub(super) async fn migrate_tokens(conn: &mut sqlx::AnyConnection) -> Result<()> {
-        let ddl = [
+    /// The token tables, on the migration transaction's connection; upgrades a schema-2 store
+    /// (values in `token_values`) in place.
+    pub(super) async fn migrate_tokens(conn: &mut sqlx::AnyConnection, sqlite: bool) -> Result<()> {
+        sqlx::query(
             "CREATE TABLE IF NOT EXISTS token_map (
                 keyspace TEXT NOT NULL,
                 token_hash TEXT NOT NULL,
@@ -202,28 +197,81 @@ impl Store {
                 created_at BIGINT NOT NULL,
                 updated_at BIGINT NOT NULL,
                 expires_at BIGINT,
+                subject_ref TEXT,
+                sealed TEXT,
                 PRIMARY KEY (keyspace, token_hash))",
+        )
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
+        // Schema 3: the first holder's value in the token's own row.
+        for column in ["subject_ref", "sealed"] {
+            Self::add_column(conn, sqlite, "token_map", column, "TEXT").await?;
+        }
+        let ddl = [
             // Partial indexes (schema 3): a random token has no value hash and most tokens
             // have no expiry, so a random Tokenize inserts into neither (schema 2 indexed
             // every row, NULLs included: two more B-tree inserts per token). The lookups
-            // (`value_hash = $2`, `expires_at IS NOT NULL AND ...`) imply the conditions, so
-            // both engines still use them.
+            // (`value_hash = $2`, `expires_at IS NOT NULL AND ...`, `subject_ref = $2`) imply
+            // the conditions, so both engines use them.
             "CREATE UNIQUE INDEX IF NOT EXISTS token_map_det ON token_map (keyspace, value_hash)
                 WHERE value_hash IS NOT NULL",
             "CREATE INDEX IF NOT EXISTS token_map_ttl ON token_map (state, expires_at)
                 WHERE expires_at IS NOT NULL",
+            "CREATE INDEX IF NOT EXISTS token_map_by_subject ON token_map (keyspace, subject_ref)
+                WHERE subject_ref IS NOT NULL",
             "DROP INDEX IF EXISTS token_map_by_value",
             "DROP INDEX IF EXISTS token_map_by_expiry",
-            "CREATE TABLE IF NOT EXISTS token_values (
+            "CREATE TABLE IF NOT EXISTS token_holders (
                 keyspace TEXT NOT NULL,
                 token_hash TEXT NOT NULL,
                 subject_ref TEXT NOT NULL,
                 sealed TEXT NOT NULL,
                 created_at BIGINT NOT NULL,
                 PRIMARY KEY (keyspace, token_hash, subject_ref))",
-            "CREATE INDEX IF NOT EXISTS token_values_by_subject ON token_values (keyspace, subject_ref)",
+            "CREATE INDEX IF NOT EXISTS token_holders_by_subject
+                ON token_holders (keyspace, subject_ref)",
         ];
         for stmt in ddl {
+            sqlx::query(stmt).execute(&mut *conn).await.map_err(db)?;
+        }
+        let probe = if sqlite {
+            "SELECT 1 AS found FROM sqlite_master WHERE type = 'table' AND name = 'token_values'"
+        } else {
+            "SELECT 1 AS found FROM information_schema.tables
+             WHERE table_schema = current_schema() AND table_name = 'token_values'"
+        };
+        if sqlx::query(probe)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(db)?
+            .is_none()
+        {
+            return Ok(());
+        }
+        // A schema-2 store: each token's first holder (the least subject reference) moves into
+        // its row, the others into `token_holders`; then `token_values` goes, so that a
+        // binary of schema 2 still running against this store fails (no such table) instead
+        // of answering from half the values.
+        let upgrade = [
+            "UPDATE token_map SET subject_ref = (
+                SELECT MIN(v.subject_ref) FROM token_values v
+                WHERE v.keyspace = token_map.keyspace AND v.token_hash = token_map.token_hash)
+             WHERE subject_ref IS NULL AND sealed IS NULL",
+            "UPDATE token_map SET sealed = (
+                SELECT v.sealed FROM token_values v
+                WHERE v.keyspace = token_map.keyspace AND v.token_hash = token_map.token_hash
+                  AND v.subject_ref = token_map.subject_ref)
+             WHERE subject_ref IS NOT NULL AND sealed IS NULL",
+            "INSERT INTO token_holders (keyspace, token_hash, subject_ref, sealed, created_at)
+             SELECT v.keyspace, v.token_hash, v.subject_ref, v.sealed, v.created_at
+             FROM token_values v
+             WHERE NOT EXISTS (SELECT 1 FROM token_map m
+                               WHERE m.keyspace = v.keyspace AND m.token_hash = v.token_hash
+                                 AND m.subject_ref = v.subject_ref)",
+            "DROP TABLE token_values",
+        ];
+        for stmt in upgrade {
             sqlx::query(stmt).execute(&mut *conn).await.map_err(db)?;
         }
         Ok(())
@@ -338,9 +386,18 @@ impl Store {
                     .bind(t.value_hash)
                     .bind(i64::from(t.attempt))
                     .bind(t.now)
-                    .bind(t.expires_at);
+                    .bind(t.expires_at)
+                    .bind(t.subject_ref)
+                    .bind(t.sealed);
             }
             let rows = q.fetch_all(&mut *tx).await.map_err(db)?;
+            if rows.len() == chunk.len() {
+                // Every row went in (the usual case).
+                for (i, _) in chunk {
+                    out[*i] = true;
+                }
+                continue;
+            }
             let mut inserted = HashSet::with_capacity(rows.len());
             for r in &rows {
                 let ks: String = r.try_get("keyspace").map_err(db)?;
@@ -349,48 +406,29 @@ impl Store {
             }
             // (keyspace, token_hash) is unique within the chunk, so each returned row is
             // exactly one of our inserts.
-            let won: Vec<_> = chunk
-                .iter()
-                .filter(|(_, t)| {
-                    inserted.contains(&(t.keyspace.to_string(), t.token_hash.to_string()))
-                })
-                .collect();
-            if won.is_empty() {
-                continue;
-            }
-            let sql = insert_values_sql(won.len(), sqlite);
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for (_, t) in &won {
-                q = q
-                    .bind(t.keyspace)
-                    .bind(t.token_hash)
-                    .bind(t.subject_ref)
-                    .bind(t.sealed)
-                    .bind(t.now);
-            }
-            let r = q.execute(&mut *tx).await.map_err(db)?;
-            if r.rows_affected() != won.len() as u64 {
-                // Dropping `tx` rolls the whole group back.
-                return Err(crate::error::Error::internal(
-                    "store: a new token already had a value row",
-                ));
-            }
-            for (i, _) in won {
-                out[*i] = true;
+            for (i, t) in chunk {
+                out[*i] = inserted.contains(&(t.keyspace.to_string(), t.token_hash.to_string()));
             }
         }
         for (i, op) in ops.iter().enumerate() {
             let TokenWrite::AddValue(a) = op else {
                 continue;
             };
+            // The value goes into the row's own slot when it is free (the token expired and
+            // its values were purged), else into `token_holders` unless the subject holds the
+            // slot already (its existing value is kept, as the expiry is updated).
             let r = sqlx::query(
-                "UPDATE token_map SET state = 'live', expires_at = $3, updated_at = $4
+                "UPDATE token_map SET state = 'live', expires_at = $3, updated_at = $4,
+                        subject_ref = CASE WHEN sealed IS NULL THEN $5 ELSE subject_ref END,
+                        sealed = CASE WHEN sealed IS NULL THEN $6 ELSE sealed END
                  WHERE keyspace = $1 AND token_hash = $2 AND state <> 'shredded'",
             )
             .bind(a.keyspace)
             .bind(a.token_hash)
             .bind(a.expires_at)
             .bind(a.now)
+            .bind(a.subject_ref)
+            .bind(a.sealed)
             .execute(&mut *tx)
             .await
             .map_err(db)?;
@@ -398,8 +436,11 @@ impl Store {
                 continue;
             }
             sqlx::query(
-                "INSERT INTO token_values (keyspace, token_hash, subject_ref, sealed, created_at)
-                 VALUES ($1, $2, $3, $4, $5)
+                "INSERT INTO token_holders (keyspace, token_hash, subject_ref, sealed, created_at)
+                 SELECT $1, $2, $3, $4, $5
+                 WHERE NOT EXISTS (SELECT 1 FROM token_map m
+                                   WHERE m.keyspace = $1 AND m.token_hash = $2
+                                     AND m.subject_ref = $3)
                  ON CONFLICT (keyspace, token_hash, subject_ref) DO NOTHING",
             )
             .bind(a.keyspace)
@@ -425,9 +466,10 @@ impl Store {
         subject_ref: &str,
     ) -> Result<Option<DeterministicRow>> {
         let r = sqlx::query(
-            "SELECT m.token_hash, m.attempt, m.state, m.expires_at, v.subject_ref AS mine
-             FROM token_map m LEFT JOIN token_values v
-               ON v.keyspace = m.keyspace AND v.token_hash = m.token_hash AND v.subject_ref = $3
+            "SELECT m.token_hash, m.attempt, m.state, m.expires_at, m.subject_ref AS first,
+                    h.subject_ref AS other
+             FROM token_map m LEFT JOIN token_holders h
+               ON h.keyspace = m.keyspace AND h.token_hash = m.token_hash AND h.subject_ref = $3
              WHERE m.keyspace = $1 AND m.value_hash = $2",
         )
         .bind(keyspace)
@@ -444,9 +486,12 @@ impl Store {
                 state: TokenState::parse(&r.try_get::<String, _>("state").map_err(db)?)?,
                 expires_at: r.try_get("expires_at").map_err(db)?,
                 mine: r
-                    .try_get::<Option<String>, _>("mine")
+                    .try_get::<Option<String>, _>("first")
                     .map_err(db)?
-                    .is_some(),
+                    .is_some_and(|f| f == subject_ref)
+                    || r.try_get::<Option<String>, _>("other")
+                        .map_err(db)?
+                        .is_some(),
             })
         })
         .transpose()
@@ -471,9 +516,10 @@ impl Store {
     /// A token and its sealed values.
     pub async fn token(&self, keyspace: &str, token_hash: &str) -> Result<Option<TokenRow>> {
         let rows = sqlx::query(
-            "SELECT m.field, m.state, m.expires_at, v.sealed, v.subject_ref
-             FROM token_map m LEFT JOIN token_values v
-               ON v.keyspace = m.keyspace AND v.token_hash = m.token_hash
+            "SELECT m.field, m.state, m.expires_at, m.subject_ref AS first_ref,
+                    m.sealed AS first_sealed, h.subject_ref, h.sealed
+             FROM token_map m LEFT JOIN token_holders h
+               ON h.keyspace = m.keyspace AND h.token_hash = m.token_hash
              WHERE m.keyspace = $1 AND m.token_hash = $2",
         )
         .bind(keyspace)
@@ -488,14 +534,17 @@ impl Store {
             field: first.try_get("field").map_err(db)?,
             state: TokenState::parse(&first.try_get::<String, _>("state").map_err(db)?)?,
             expires_at: first.try_get("expires_at").map_err(db)?,
-            sealed: Vec::with_capacity(rows.len()),
-            subject_refs: Vec::with_capacity(rows.len()),
+            sealed: Vec::with_capacity(rows.len() + 1),
+            subject_refs: Vec::with_capacity(rows.len() + 1),
         };
-        for r in &rows {
-            if let Some(s) = r.try_get::<Option<String>, _>("sealed").map_err(db)? {
+        // The row's own value first, then the further holders'.
+        let holders = std::iter::once((first, "first_sealed", "first_ref"))
+            .chain(rows.iter().map(|r| (r, "sealed", "subject_ref")));
+        for (r, sealed, sref) in holders {
+            if let Some(s) = r.try_get::<Option<String>, _>(sealed).map_err(db)? {
                 out.sealed.push(s);
                 out.subject_refs.push(
-                    r.try_get::<Option<String>, _>("subject_ref")
+                    r.try_get::<Option<String>, _>(sref)
                         .map_err(db)?
                         .unwrap_or_default(),
                 );
@@ -515,7 +564,10 @@ impl Store {
     ) -> Result<u64> {
         // Most shredded subjects have no tokens: a read, not a write transaction, for them.
         let any = sqlx::query(
-            "SELECT 1 AS one FROM token_values WHERE keyspace = $1 AND subject_ref = $2 LIMIT 1",
+            "SELECT 1 AS one FROM token_map WHERE keyspace = $1 AND subject_ref = $2
+             UNION ALL
+             SELECT 1 AS one FROM token_holders WHERE keyspace = $1 AND subject_ref = $2
+             LIMIT 1",
         )
         .bind(keyspace)
         .bind(subject_ref)
@@ -526,13 +578,42 @@ impl Store {
             return Ok(0);
         }
         let mut tx = self.pool.begin().await.map_err(db)?;
+        // Tokens whose own value is the subject's: the value goes; a token that no other
+        // subject holds becomes a tombstone (its value hash dropped).
+        let own = sqlx::query(
+            "UPDATE token_map SET subject_ref = NULL, sealed = NULL, updated_at = $3,
+                    state = CASE WHEN EXISTS (SELECT 1 FROM token_holders h
+                                        WHERE h.keyspace = $1
+                                          AND h.token_hash = token_map.token_hash
+                                          AND h.subject_ref <> $2)
+                                 THEN state ELSE 'shredded' END,
+                    value_hash = CASE WHEN EXISTS (SELECT 1 FROM token_holders h
+                                        WHERE h.keyspace = $1
+                                          AND h.token_hash = token_map.token_hash
+                                          AND h.subject_ref <> $2)
+                                      THEN value_hash ELSE NULL END,
+                    expires_at = CASE WHEN EXISTS (SELECT 1 FROM token_holders h
+                                        WHERE h.keyspace = $1
+                                          AND h.token_hash = token_map.token_hash
+                                          AND h.subject_ref <> $2)
+                                      THEN expires_at ELSE NULL END
+             WHERE keyspace = $1 AND subject_ref = $2",
+        )
+        .bind(keyspace)
+        .bind(subject_ref)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        // Tokens the subject holds a further value of: a tombstone when neither the row's own
+        // slot nor another subject's row holds a value.
         sqlx::query(
             "UPDATE token_map SET state = 'shredded', value_hash = NULL, expires_at = NULL,
                                   updated_at = $3
-             WHERE keyspace = $1
-               AND token_hash IN (SELECT token_hash FROM token_values
+             WHERE keyspace = $1 AND sealed IS NULL
+               AND token_hash IN (SELECT token_hash FROM token_holders
                                   WHERE keyspace = $1 AND subject_ref = $2)
-               AND NOT EXISTS (SELECT 1 FROM token_values o
+               AND NOT EXISTS (SELECT 1 FROM token_holders o
                                WHERE o.keyspace = $1 AND o.token_hash = token_map.token_hash
                                  AND o.subject_ref <> $2)",
         )
@@ -542,14 +623,15 @@ impl Store {
         .execute(&mut *tx)
         .await
         .map_err(db)?;
-        let r = sqlx::query("DELETE FROM token_values WHERE keyspace = $1 AND subject_ref = $2")
-            .bind(keyspace)
-            .bind(subject_ref)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
+        let held =
+            sqlx::query("DELETE FROM token_holders WHERE keyspace = $1 AND subject_ref = $2")
+                .bind(keyspace)
+                .bind(subject_ref)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
         tx.commit().await.map_err(db)?;
-        Ok(r.rows_affected())
+        Ok(own.rows_affected() + held.rows_affected())
     }
 
     /// Expires live tokens whose TTL passed at `now`, i.e. `expires_at < now` (all keyspaces, or one token when
@@ -559,12 +641,14 @@ impl Store {
         let mut tx = self.pool.begin().await.map_err(db)?;
         let r = match only {
             None => sqlx::query(
-                "UPDATE token_map SET state = 'expired', updated_at = $1
+                "UPDATE token_map SET state = 'expired', updated_at = $1, subject_ref = NULL,
+                                      sealed = NULL
                  WHERE state = 'live' AND expires_at IS NOT NULL AND expires_at < $1",
             )
             .bind(now),
             Some((ks, th)) => sqlx::query(
-                "UPDATE token_map SET state = 'expired', updated_at = $1
+                "UPDATE token_map SET state = 'expired', updated_at = $1, subject_ref = NULL,
+                                      sealed = NULL
                  WHERE state = 'live' AND expires_at IS NOT NULL AND expires_at < $1
                    AND keyspace = $2 AND token_hash = $3",
             )
@@ -576,9 +660,9 @@ impl Store {
         .await
         .map_err(db)?;
         sqlx::query(
-            "DELETE FROM token_values WHERE EXISTS (
+            "DELETE FROM token_holders WHERE EXISTS (
                 SELECT 1 FROM token_map m
-                WHERE m.keyspace = token_values.keyspace AND m.token_hash = token_values.token_hash
+                WHERE m.keyspace = token_holders.keyspace AND m.token_hash = token_holders.token_hash
                   AND m.state = 'expired')",
         )
         .execute(&mut *tx)
@@ -590,13 +674,23 @@ impl Store {
 
     /// Number of sealed values and of tokens in a keyspace (tests, operators).
     pub async fn token_counts(&self, keyspace: &str) -> Result<(i64, i64)> {
-        let v = sqlx::query("SELECT COUNT(*) AS n FROM token_values WHERE keyspace = $1")
+        let own: i64 = sqlx::query(
+            "SELECT COUNT(*) AS n FROM token_map WHERE keyspace = $1 AND sealed IS NOT NULL",
+        )
+        .bind(keyspace)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db)?
+        .try_get("n")
+        .map_err(db)?;
+        let more: i64 = sqlx::query("SELECT COUNT(*) AS n FROM token_holders WHERE keyspace = $1")
             .bind(keyspace)
             .fetch_one(&self.pool)
             .await
             .map_err(db)?
             .try_get("n")
             .map_err(db)?;
+        let v = own + more;
         let m = sqlx::query("SELECT COUNT(*) AS n FROM token_map WHERE keyspace = $1")
             .bind(keyspace)
             .fetch_one(&self.pool)
@@ -619,9 +713,8 @@ mod tests {
         assert_eq!(sql, "($1, 'x', $2, $2),($3, 'x', $4, $4),($5, 'x', $6, $6)");
         let map = insert_map_sql(2, false);
         assert!(map.contains(
-            "($1, $2, $3, $4, $5, $6, 'live', $7, $7, $8),($9, $10, $11, $12, $13, $14, 'live', $15, $15, $16)"
+            "($1, $2, $3, $4, $5, $6, 'live', $7, $7, $8, $9, $10),($11, $12, $13, $14, $15, $16, 'live', $17, $17, $18, $19, $20)"
         ));
-        assert!(insert_values_sql(2, true).ends_with("($1, $2, $3, $4, $5),($6, $7, $8, $9, $10)"));
     }
 
     async fn store() -> (tempfile::TempDir, Store) {

@@ -350,6 +350,151 @@ async fn postgres_newer_schema_is_used_or_refused() {
     newer_schema_is_used_or_refused(&pg.url).await;
 }
 
+/// A store made by a schema-2 binary (token values in `token_values`), with a random token, a
+/// join token held by two subjects, a TTL'd token and two tombstones.
+async fn make_schema_2_tokens(url: &str) {
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(url).await.unwrap();
+    for stmt in [
+        "CREATE TABLE schema_version (id BIGINT PRIMARY KEY, version BIGINT NOT NULL,
+            compatible_from BIGINT NOT NULL, updated_at BIGINT NOT NULL)",
+        "INSERT INTO schema_version VALUES (1, 2, 1, 1)",
+        "CREATE TABLE token_map (keyspace TEXT NOT NULL, token_hash TEXT NOT NULL,
+            field TEXT NOT NULL, format TEXT NOT NULL, value_hash TEXT, attempt BIGINT NOT NULL,
+            state TEXT NOT NULL, created_at BIGINT NOT NULL, updated_at BIGINT NOT NULL,
+            expires_at BIGINT, PRIMARY KEY (keyspace, token_hash))",
+        "CREATE UNIQUE INDEX token_map_by_value ON token_map (keyspace, value_hash)",
+        "CREATE INDEX token_map_by_expiry ON token_map (state, expires_at)",
+        "CREATE TABLE token_values (keyspace TEXT NOT NULL, token_hash TEXT NOT NULL,
+            subject_ref TEXT NOT NULL, sealed TEXT NOT NULL, created_at BIGINT NOT NULL,
+            PRIMARY KEY (keyspace, token_hash, subject_ref))",
+        "CREATE INDEX token_values_by_subject ON token_values (keyspace, subject_ref)",
+        "INSERT INTO token_map VALUES
+            ('ks', 'r1', 'email', 'opaque', NULL, 0, 'live', 1, 1, NULL),
+            ('ks', 'j1', 'email', 'opaque', 'vj', 0, 'live', 1, 1, NULL),
+            ('ks', 't1', 'email', 'opaque', NULL, 0, 'live', 1, 1, 100),
+            ('ks', 'e1', 'email', 'opaque', NULL, 0, 'expired', 1, 1, 5),
+            ('ks', 's1', 'email', 'opaque', NULL, 0, 'shredded', 1, 1, NULL)",
+        "INSERT INTO token_values VALUES
+            ('ks', 'r1', 'a', 'pg1.r1a', 1),
+            ('ks', 'j1', 'b', 'pg1.j1b', 1),
+            ('ks', 'j1', 'a', 'pg1.j1a', 2),
+            ('ks', 't1', 'c', 'pg1.t1c', 1)",
+    ] {
+        sqlx::query(stmt).execute(&pool).await.unwrap();
+    }
+    pool.close().await;
+}
+
+/// Schema 3 moved each token's first value into its `token_map` row: a schema-2 store opened
+/// by this binary is upgraded in place and every token keeps working (Detokenize reads,
+/// read-first lookups, shred, expiry, new writes); `token_values` is gone, so a schema-2
+/// binary still running against it fails instead of answering from half the values.
+async fn schema_2_tokens_survive_the_upgrade(url: &str) {
+    make_schema_2_tokens(url).await;
+    let s = Store::open(url).await.expect("upgrade");
+    assert_eq!(
+        s.schema_version().await.unwrap(),
+        Some(SchemaVersion {
+            version: SCHEMA_VERSION,
+            compatible_from: SCHEMA_COMPATIBLE_FROM
+        })
+    );
+    let r1 = s.token("ks", "r1").await.unwrap().unwrap();
+    assert_eq!(
+        (r1.state, r1.sealed, r1.subject_refs),
+        (
+            TokenState::Live,
+            vec!["pg1.r1a".to_string()],
+            vec!["a".to_string()]
+        )
+    );
+    let mut j1 = s.token("ks", "j1").await.unwrap().unwrap().sealed;
+    j1.sort();
+    assert_eq!(j1, ["pg1.j1a", "pg1.j1b"], "both holders' values kept");
+    for (sref, mine) in [("a", true), ("b", true), ("z", false)] {
+        let d = s.token_by_value("ks", "vj", sref).await.unwrap().unwrap();
+        assert_eq!((d.token_hash.as_str(), d.mine), ("j1", mine), "{sref}");
+    }
+    assert_eq!(
+        s.token("ks", "e1").await.unwrap().unwrap().state,
+        TokenState::Expired
+    );
+    assert_eq!(
+        s.token("ks", "s1").await.unwrap().unwrap().state,
+        TokenState::Shredded
+    );
+    assert_eq!(s.token_counts("ks").await.unwrap(), (4, 5));
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(url).await.unwrap();
+    assert!(
+        sqlx::query("SELECT COUNT(*) AS n FROM token_values")
+            .fetch_one(&pool)
+            .await
+            .is_err(),
+        "token_values is dropped"
+    );
+    pool.close().await;
+    // Opening again changes nothing.
+    let s = Store::open(url).await.expect("reopen");
+    assert_eq!(s.token_counts("ks").await.unwrap(), (4, 5));
+    // Shred of "a": its random token becomes a tombstone, the join token lives on with b's.
+    assert_eq!(s.purge_subject_tokens("ks", "a", 50).await.unwrap(), 2);
+    assert_eq!(
+        s.token("ks", "r1").await.unwrap().unwrap().state,
+        TokenState::Shredded
+    );
+    let j1 = s.token("ks", "j1").await.unwrap().unwrap();
+    assert_eq!(
+        (j1.state, j1.sealed),
+        (TokenState::Live, vec!["pg1.j1b".to_string()])
+    );
+    assert!(
+        !s.token_by_value("ks", "vj", "a")
+            .await
+            .unwrap()
+            .unwrap()
+            .mine
+    );
+    // Expiry of t1; then b's shred leaves j1 without a holder.
+    assert_eq!(s.purge_expired_tokens(101, None).await.unwrap(), 1);
+    assert_eq!(s.purge_subject_tokens("ks", "b", 60).await.unwrap(), 1);
+    assert_eq!(
+        s.token("ks", "j1").await.unwrap().unwrap().state,
+        TokenState::Shredded
+    );
+    assert!(
+        s.token_by_value("ks", "vj", "b").await.unwrap().is_none(),
+        "value hash dropped"
+    );
+    assert_eq!(s.token_counts("ks").await.unwrap(), (0, 5));
+    // New writes on the upgraded store.
+    assert!(s.insert_token(&token("n1", None, "d")).await.unwrap());
+    assert!(
+        s.add_token_value("ks", "n1", "e", "pg1.n1e", 70, None)
+            .await
+            .unwrap()
+    );
+    assert_eq!(s.token("ks", "n1").await.unwrap().unwrap().sealed.len(), 2);
+    assert_eq!(s.token_counts("ks").await.unwrap(), (2, 6));
+}
+
+#[tokio::test]
+async fn sqlite_schema_2_tokens_survive_the_upgrade() {
+    let d = tempfile::tempdir().unwrap();
+    schema_2_tokens_survive_the_upgrade(&format!(
+        "sqlite://{}?mode=rwc",
+        d.path().join("t.db").display()
+    ))
+    .await;
+}
+
+#[tokio::test]
+async fn postgres_schema_2_tokens_survive_the_upgrade() {
+    let pg = Postgres::start();
+    schema_2_tokens_survive_the_upgrade(&pg.url).await;
+}
+
 /// Starts `n` `piiguard serve` processes at the same instant (each is spawned at the first
 /// poll of its future, before any of them waits), and waits until all are ready.
 async fn start_together(env: &TestEnv, stem: &str, n: usize) -> Vec<Server> {

@@ -1150,7 +1150,7 @@ async fn warm_tokens_are_served_without_a_store_read() {
         .unwrap();
     for (from, to) in [
         ("token_map", "token_map_away"),
-        ("token_values", "token_values_away"),
+        ("token_holders", "token_holders_away"),
     ] {
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "ALTER TABLE {from} RENAME TO {to}"
@@ -1177,7 +1177,7 @@ async fn warm_tokens_are_served_without_a_store_read() {
     );
     for (from, to) in [
         ("token_map_away", "token_map"),
-        ("token_values_away", "token_values"),
+        ("token_holders_away", "token_holders"),
     ] {
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "ALTER TABLE {from} RENAME TO {to}"
