@@ -161,8 +161,13 @@ impl GroupWriter {
         self.tx.get_or_init(|| {
             let (tx, rx) = mpsc::channel(QUEUE);
             let rx = Arc::new(Mutex::new(rx));
+            let checkpoints = self.store.background_checkpoints().then(|| {
+                let (tx, rx) = mpsc::channel(1);
+                tokio::spawn(checkpoints(self.store.clone(), rx));
+                tx
+            });
             for _ in 0..self.store.token_writers().max(1) {
-                tokio::spawn(run(self.store.clone(), rx.clone()));
+                tokio::spawn(run(self.store.clone(), rx.clone(), checkpoints.clone()));
             }
             tx
         })
@@ -180,7 +185,11 @@ impl GroupWriter {
     }
 }
 
-async fn run(store: Arc<Store>, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
+async fn run(
+    store: Arc<Store>,
+    rx: Arc<Mutex<mpsc::Receiver<Job>>>,
+    checkpoints: Option<mpsc::Sender<()>>,
+) {
     let mut jobs = Vec::with_capacity(MAX_GROUP);
     // The writer's own connection on SQLite (see `Store::write_tokens_with`).
     let mut conn = None;
@@ -192,6 +201,27 @@ async fn run(store: Arc<Store>, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
             }
         }
         commit_group(&store, &mut conn, &mut jobs).await;
+        if let Some(c) = &checkpoints {
+            // Full: a checkpoint is already due.
+            let _ = c.try_send(());
+        }
+    }
+}
+
+/// Pause between two background checkpoints: each copies the pages committed meanwhile
+/// (about as many as `SQLITE_WAL_AUTOCHECKPOINT` at 25,000 random tokens a second), a page
+/// dirtied by many commits once.
+const CHECKPOINT_PAUSE: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Checkpoints the SQLite WAL on another connection (its own worker thread) after commits,
+/// at most every [`CHECKPOINT_PAUSE`]; ends with the writers. A failed checkpoint costs
+/// nothing but time: the writer's automatic one still bounds the WAL.
+async fn checkpoints(store: Arc<Store>, mut due: mpsc::Receiver<()>) {
+    while due.recv().await.is_some() {
+        if let Err(e) = store.checkpoint().await {
+            tracing::debug!(error = %e, "background WAL checkpoint failed");
+        }
+        tokio::time::sleep(CHECKPOINT_PAUSE).await;
     }
 }
 
