@@ -773,6 +773,50 @@ mod tests {
         }
     }
 
+    /// Schema 3: a new token and its value are one `token_map` row; `token_holders` gets
+    /// only further holders of the same token.
+    #[tokio::test]
+    async fn a_new_token_is_one_row_and_only_further_holders_have_their_own() {
+        let (_d, s) = store().await;
+        assert!(s.insert_token(&new("t1", None, "a", None)).await.unwrap());
+        let count = |sql: &'static str| {
+            let s = s.clone();
+            async move {
+                sqlx::query_scalar::<_, i64>(sql)
+                    .fetch_one(s.pool())
+                    .await
+                    .unwrap()
+            }
+        };
+        assert_eq!(
+            count(
+                "SELECT COUNT(*) FROM token_map WHERE sealed = 'pg1.sealed' AND subject_ref = 'a'"
+            )
+            .await,
+            1
+        );
+        assert_eq!(count("SELECT COUNT(*) FROM token_holders").await, 0);
+        assert!(
+            s.add_token_value("ks", "t1", "a", "pg1.again", 11, None)
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            count("SELECT COUNT(*) FROM token_holders").await,
+            0,
+            "a holds it"
+        );
+        assert!(
+            s.add_token_value("ks", "t1", "b", "pg1.b", 11, None)
+                .await
+                .unwrap()
+        );
+        assert_eq!(count("SELECT COUNT(*) FROM token_holders").await, 1);
+        let row = s.token("ks", "t1").await.unwrap().unwrap();
+        assert_eq!(row.sealed, ["pg1.sealed", "pg1.b"]);
+        assert_eq!(row.subject_refs, ["a", "b"]);
+    }
+
     #[tokio::test]
     async fn token_hash_and_value_hash_are_unique() {
         let (_d, s) = store().await;
