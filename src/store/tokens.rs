@@ -6,7 +6,7 @@
 //! `token_map` has one row per token (unique `token_hash` per keyspace: two values can never
 //! share a token; a colliding insert fails and the caller draws again), and in that row the
 //! sealed value of its first holder (`subject_ref`, `sealed`): a new token is **one** row
-//! insert (schema 3; schema 2 wrote a second row into a `token_values` table, a second
+//! insert (schema 4; earlier schemas wrote a second row into a `token_values` table, a second
 //! random-key B-tree insert per token). `token_holders` holds the sealed value of every
 //! further subject that tokenised the same value (a join token, `DETERMINISTIC_JOIN` or a
 //! deterministic token made before per-subject scope, can belong to several subjects with the
@@ -190,7 +190,7 @@ pub struct TokenRow {
 }
 
 impl Store {
-    /// The token tables, on the migration transaction's connection; upgrades a schema-2 store
+    /// The token tables, on the migration transaction's connection; upgrades a store of schema 3 or older
     /// (values in `token_values`) in place.
     pub(super) async fn migrate_tokens(conn: &mut sqlx::AnyConnection, sqlite: bool) -> Result<()> {
         sqlx::query(
@@ -212,13 +212,13 @@ impl Store {
         .execute(&mut *conn)
         .await
         .map_err(db)?;
-        // Schema 3: the first holder's value in the token's own row.
+        // Schema 4: the first holder's value in the token's own row.
         for column in ["subject_ref", "sealed"] {
             Self::add_column(conn, sqlite, "token_map", column, "TEXT").await?;
         }
         let ddl = [
-            // Partial indexes (schema 3): a random token has no value hash and most tokens
-            // have no expiry, so a random Tokenize inserts into neither (schema 2 indexed
+            // Partial indexes (schema 4): a random token has no value hash and most tokens
+            // have no expiry, so a random Tokenize inserts into neither (schema 3 indexed
             // every row, NULLs included: two more B-tree inserts per token). The lookups
             // (`value_hash = $2`, `expires_at IS NOT NULL AND ...`, `subject_ref = $2`) imply
             // the conditions, so both engines use them.
@@ -257,10 +257,10 @@ impl Store {
         {
             return Ok(());
         }
-        // A schema-2 store: each token's first holder (the least subject reference) moves into
-        // its row, the others into `token_holders`; then `token_values` goes, so that a
-        // binary of schema 2 still running against this store fails (no such table) instead
-        // of answering from half the values.
+        // A store of schema 3 or older: each token's first holder (the least subject
+        // reference) moves into its row, the others into `token_holders`; then `token_values`
+        // goes, so that a binary of schema 3 or older still running against this store fails
+        // (no such table) instead of answering from half the values.
         let upgrade = [
             "UPDATE token_map SET subject_ref = (
                 SELECT MIN(v.subject_ref) FROM token_values v
@@ -773,7 +773,7 @@ mod tests {
         }
     }
 
-    /// Schema 3: a new token and its value are one `token_map` row; `token_holders` gets
+    /// Schema 4: a new token and its value are one `token_map` row; `token_holders` gets
     /// only further holders of the same token.
     #[tokio::test]
     async fn a_new_token_is_one_row_and_only_further_holders_have_their_own() {

@@ -386,7 +386,7 @@ async fn make_schema_2_tokens(url: &str) {
     pool.close().await;
 }
 
-/// Schema 3 moved each token's first value into its `token_map` row: a schema-2 store opened
+/// Schema 4 moved each token's first value into its `token_map` row: a schema-2 store opened
 /// by this binary is upgraded in place and every token keeps working (Detokenize reads,
 /// read-first lookups, shred, expiry, new writes); `token_values` is gone, so a schema-2
 /// binary still running against it fails instead of answering from half the values.
