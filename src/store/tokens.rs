@@ -190,8 +190,8 @@ pub struct TokenRow {
 }
 
 impl Store {
-    /// The token tables, on the migration transaction's connection; upgrades a store of schema 3 or older
-    /// (values in `token_values`) in place.
+    /// The token tables, on the migration transaction's connection; upgrades a store of
+    /// schema 3 or older (values in `token_values`) in place.
     pub(super) async fn migrate_tokens(conn: &mut sqlx::AnyConnection, sqlite: bool) -> Result<()> {
         sqlx::query(
             "CREATE TABLE IF NOT EXISTS token_map (
