@@ -345,9 +345,7 @@ impl KeyManager {
 
     /// A cache hit: a DEK used again keeps its AES key schedule, budget permitting.
     fn hit(&self, e: Arc<DekEntry>) -> Arc<DekEntry> {
-        if !e.is_expanded() {
-            e.keep_expanded(&self.expand_budget);
-        }
+        e.keep_expanded(&self.expand_budget);
         e
     }
 

@@ -86,31 +86,26 @@ pub(crate) fn seal_item(
             message: "this subject's data key reached its encryption limit".into(),
         });
     }
-    let ct = match batch {
-        Some((prepared, nonce)) => envelope::seal_prepared(
-            prepared,
-            &key.keyspace,
-            &key.id.key_id,
-            key.id.dek_version,
-            i.field,
-            ctx,
-            i.plaintext,
-            nonce,
-        ),
-        None => key.prepared().and_then(|prepared| {
-            envelope::seal_prepared(
-                &prepared,
-                &key.keyspace,
-                &key.id.key_id,
-                key.id.dek_version,
-                i.field,
-                ctx,
-                i.plaintext,
-                &envelope::random_nonce()?,
-            )
-        }),
-    }
-    .map_err(|_| Error::internal("envelope seal failed"))?;
+    let failed = |_| Error::internal("envelope seal failed");
+    let own;
+    let (prepared, nonce) = match batch {
+        Some((prepared, nonce)) => (prepared, *nonce),
+        None => {
+            own = key.prepared().map_err(failed)?;
+            (&own, envelope::random_nonce().map_err(failed)?)
+        }
+    };
+    let ct = envelope::seal_prepared(
+        prepared,
+        &key.keyspace,
+        &key.id.key_id,
+        key.id.dek_version,
+        i.field,
+        ctx,
+        i.plaintext,
+        &nonce,
+    )
+    .map_err(failed)?;
     Ok(if i.text {
         envelope::to_text(&ct).into_bytes()
     } else {
