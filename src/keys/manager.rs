@@ -607,6 +607,12 @@ impl KeyManager {
         }
     }
 
+    /// Loads the DEK version a ciphertext names. The store says first (one query) whether the
+    /// key is shredded and which subject owns it. The owner's subject record holds its
+    /// current DEK version, the one most ciphertexts name, and the only one of a subject never
+    /// rotated (which has no DEK record): one Vault read. An older version, or a key the
+    /// registry does not name (made before store schema 3 and not yet re-recorded, or a store
+    /// restored from an older backup), is read from its DEK record.
     async fn load_by_id(
         &self,
         ks: &Keyspace,
@@ -614,12 +620,78 @@ impl KeyManager {
         dek_version: u32,
         alg: Algorithm,
     ) -> Result<Arc<DekEntry>> {
-        let path = dek_path(&ks.name, &key_id);
+        let khex = key_id.to_hex();
+        let owner = self.store.key_owner(&ks.name, &khex).await?;
+        if owner.shredded {
+            return Err(Error::shredded());
+        }
+        if let Some(href) = owner.subject_ref
+            && let Some(e) = self
+                .load_from_subject_record(ks, &href, key_id, dek_version, alg)
+                .await?
+        {
+            return Ok(e);
+        }
+        self.load_from_dek_record(ks, key_id, dek_version, alg)
+            .await
+    }
+
+    /// The key from the subject record of `href` if that record names this key id and
+    /// version; `None` if it names another version (rotated since, or before) or is gone
+    /// without a tombstone.
+    async fn load_from_subject_record(
+        &self,
+        ks: &Keyspace,
+        href: &str,
+        key_id: KeyId,
+        dek_version: u32,
+        alg: Algorithm,
+    ) -> Result<Option<Arc<DekEntry>>> {
+        let Some(entry) = self
+            .vault
+            .kv_read(&subject_path(&ks.name, href), None)
+            .await?
+        else {
+            // Deleted by a shred after the store was asked: its tombstone came first.
+            if self.is_tombstoned(ks, &key_id).await? {
+                return Err(Error::shredded());
+            }
+            return Ok(None);
+        };
+        let srec = parse_subject_record(&entry.data)?;
+        if srec.key_id != key_id || srec.dek_version != dek_version {
+            return Ok(None);
+        }
+        self.check_key_state(ks, href, srec.alg, alg).await?;
+        let subject = SubjectRef::from_hex(href)
+            .map(|r| SubjectTag::of(&r.0))
+            .unwrap_or_default();
+        self.unwrap_entry(ks, key_id, dek_version, srec.alg, &srec.wrapped, subject)
+            .await
+            .map(Some)
+    }
+
+    /// The key from its DEK record (every version a rotated subject's key has had).
+    async fn load_from_dek_record(
+        &self,
+        ks: &Keyspace,
+        key_id: KeyId,
+        dek_version: u32,
+        alg: Algorithm,
+    ) -> Result<Arc<DekEntry>> {
         // The newest KV version holds every DEK version (keys/record.rs).
-        let Some(entry) = self.vault.kv_read(&path, None).await? else {
-            return self
-                .load_by_subject_record(ks, key_id, dek_version, alg)
-                .await;
+        let Some(entry) = self
+            .vault
+            .kv_read(&dek_path(&ks.name, &key_id), None)
+            .await?
+        else {
+            if self.is_tombstoned(ks, &key_id).await? {
+                return Err(Error::shredded());
+            }
+            return Err(Error::bad_ciphertext(
+                Reason::UnknownKey,
+                "the ciphertext names a key that does not exist",
+            ));
         };
         let rec = DekRecord::parse(&entry.data, entry.version)?;
         self.check_key_state(ks, &rec.subject_ref, rec.alg, alg)
@@ -638,71 +710,12 @@ impl KeyManager {
             .await
     }
 
-    /// [`load_by_id`](Self::load_by_id) of a key without a DEK record: shredded (tombstone),
-    /// or the first DEK of a subject never rotated, held by the subject record that the
-    /// registry names by key id. A rotation that makes the DEK record meanwhile is seen by
-    /// reading it once more.
-    async fn load_by_subject_record(
-        &self,
-        ks: &Keyspace,
-        key_id: KeyId,
-        dek_version: u32,
-        alg: Algorithm,
-    ) -> Result<Arc<DekEntry>> {
-        let khex = key_id.to_hex();
-        if self.store.tombstone(&ks.name, &khex).await?.is_some() {
-            return Err(Error::shredded());
-        }
-        let unknown = || {
-            Error::bad_ciphertext(
-                Reason::UnknownKey,
-                "the ciphertext names a key that does not exist",
-            )
-        };
-        let href = self
+    async fn is_tombstoned(&self, ks: &Keyspace, key_id: &KeyId) -> Result<bool> {
+        Ok(self
             .store
-            .subject_of_key(&ks.name, &khex)
+            .tombstone(&ks.name, &key_id.to_hex())
             .await?
-            .ok_or_else(unknown)?;
-        let sref = SubjectRef::from_hex(&href).ok_or_else(unknown)?;
-        let srec = match self
-            .vault
-            .kv_read(&subject_path(&ks.name, &href), None)
-            .await?
-        {
-            Some(e) => parse_subject_record(&e.data)?,
-            // Deleted by a shred after the tombstone check: ask the tombstones again.
-            None if self.store.tombstone(&ks.name, &khex).await?.is_some() => {
-                return Err(Error::shredded());
-            }
-            None => return Err(unknown()),
-        };
-        if srec.key_id != key_id || srec.dek_version != dek_version {
-            // Rotated since the DEK record was found missing (the record now exists), or a
-            // version this key never had.
-            if self
-                .vault
-                .kv_read(&dek_path(&ks.name, &key_id), None)
-                .await?
-                .is_some()
-            {
-                return Box::pin(self.load_by_id(ks, key_id, dek_version, alg)).await;
-            }
-            return Err(Error::bad_ciphertext(
-                Reason::UnknownKey,
-                "the ciphertext names a key version that does not exist",
-            ));
-        }
-        self.check_key_state(ks, &href, srec.alg, alg).await?;
-        self.unwrap_entry(
-            ks,
-            key_id,
-            dek_version,
-            srec.alg,
-            &srec.wrapped,
-            SubjectTag::of(&sref.0),
-        )
-        .await
+            .is_some())
     }
 
     /// Refuses a key whose subject is being (or was) shredded, or whose algorithm is not the
@@ -782,11 +795,7 @@ impl KeyManager {
         let claimed = !matches!(
             self.store.state(&ks.name, href).await?,
             Some(SubjectState::Active)
-        ) || self
-            .store
-            .tombstone(&ks.name, &key_id.to_hex())
-            .await?
-            .is_some();
+        ) || self.is_tombstoned(ks, key_id).await?;
         if !claimed {
             return Ok(());
         }

@@ -108,6 +108,15 @@ pub struct DueRow {
     pub due_at: i64,
 }
 
+/// What the store knows of a key id ([`Store::key_owner`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyOwner {
+    /// A tombstone names it: its subject was shredded.
+    pub shredded: bool,
+    /// The subject whose registry row names it.
+    pub subject_ref: Option<String>,
+}
+
 /// A "drop these keys" message for every replica.
 #[derive(Debug, Clone)]
 pub struct Eviction {
@@ -601,6 +610,28 @@ impl Store {
         .await
         .map_err(db)?;
         r.map(|r| r.try_get("subject_ref").map_err(db)).transpose()
+    }
+
+    /// What the store knows of a key id, in one round trip: whether it is tombstoned (shredded)
+    /// and which subject's registry row names it (`None`: a key made before schema 3 and not
+    /// yet re-recorded, a store restored from an older backup, or no such key).
+    pub async fn key_owner(&self, keyspace: &str, key_id: &str) -> Result<KeyOwner> {
+        let r = sqlx::query(
+            "SELECT (SELECT 1 FROM tombstones WHERE keyspace = $1 AND key_id = $2) AS shredded,
+                    (SELECT subject_ref FROM subjects WHERE keyspace = $1 AND key_id = $2 LIMIT 1)
+                      AS subject_ref",
+        )
+        .bind(keyspace)
+        .bind(key_id)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db)?;
+        let shredded: Option<i32> = r.try_get("shredded").map_err(db)?;
+        let subject_ref: Option<String> = r.try_get("subject_ref").map_err(db)?;
+        Ok(KeyOwner {
+            shredded: shredded.is_some(),
+            subject_ref,
+        })
     }
 
     /// Sets a subject's retention deadline (creating its row if needed).

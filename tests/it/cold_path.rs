@@ -416,3 +416,56 @@ async fn a_rotation_racing_a_shred_leaves_no_dek_record() {
         "the rotation left a DEK record of a shredded subject"
     );
 }
+
+/// A Decrypt on a cold cache asks the store first who owns the key: a shredded key costs no
+/// Vault read, the current version of a key (never rotated: its subject record holds the only
+/// copy) one, an older version of a rotated key two (the subject record names the current
+/// version; the DEK record holds them all). Before, the DEK record was read first: two reads
+/// (one a 404) for every never-rotated key, one for a shredded one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_decrypt_reads_the_subject_record_of_a_key_never_rotated_once() {
+    let env = TestEnv::start().await;
+    env.write_policy(KEYADMIN);
+    let a = env.server("a", "").await;
+    let mut ca = env.client(&a, "orders").await;
+    let once = encrypt(&mut ca, "cust-once", b"o1").await;
+    let old = encrypt(&mut ca, "cust-rotated", b"r1").await;
+    keys_client(&env, &a)
+        .await
+        .rotate_subject_key(rotate_req("cust-rotated"))
+        .await
+        .unwrap();
+    let new = encrypt(&mut ca, "cust-rotated", b"r2").await;
+    let gone = encrypt(&mut ca, "cust-gone", b"g1").await;
+    env.erasure(&a)
+        .await
+        .shred(shred_req("cust-gone"))
+        .await
+        .unwrap();
+
+    let cold = env.server_env("cold", QUIET, metrics_env()).await;
+    let mut c = env.client(&cold, "orders").await;
+    for (ct, want, reads) in [
+        (&once, Ok(&b"o1"[..]), 1.0),
+        (&new, Ok(&b"r2"[..]), 1.0),
+        (&old, Ok(&b"r1"[..]), 2.0),
+        (&gone, Err("SUBJECT_SHREDDED"), 0.0),
+    ] {
+        let before = settled_requests(&cold).await;
+        let got = c
+            .decrypt(dec("email", ct))
+            .await
+            .map(|r| r.into_inner().plaintext);
+        let after = vault_requests(&cold).await;
+        match (got, want) {
+            (Ok(got), Ok(pt)) => assert_eq!(got, pt),
+            (Err(e), Err(why)) => assert_eq!(reason(&e), why, "{e:?}"),
+            (got, want) => panic!("got {got:?}, want {want:?}"),
+        }
+        assert_eq!(
+            delta(&after, &before, "kv_read"),
+            reads,
+            "KV reads for the cold Decrypt expecting {want:?}: {after:?}"
+        );
+    }
+}
