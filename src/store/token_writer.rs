@@ -208,10 +208,17 @@ async fn run(
     }
 }
 
-/// Pause between two background checkpoints: each copies the pages committed meanwhile
-/// (about as many as `SQLITE_WAL_AUTOCHECKPOINT` at 25,000 random tokens a second), a page
-/// dirtied by many commits once.
-const CHECKPOINT_PAUSE: std::time::Duration = std::time::Duration::from_millis(250);
+/// Pause between two background checkpoints: each copies the pages committed meanwhile, a
+/// page dirtied by several commits once. Short, so that when the writer's own automatic
+/// checkpoint comes due (every `SQLITE_WAL_AUTOCHECKPOINT` pages, which lets the WAL start
+/// over from its beginning) nearly everything is already copied: that one runs inside a
+/// commit, on the writer's thread, and every Tokenize of the next group waits for it. At
+/// 250 ms it still copied about two thirds of all pages (a third of the writer thread's time,
+/// p99 latency 30-40 ms); at 20 ms about a third (p99 ~20 ms), and more random Tokenize calls
+/// per second with the same CPU per call. No pause at all costs more CPU (a checkpoint and
+/// two fsyncs per commit, little to share). Measured: bench/RESULTS.md, "Random Tokenize:
+/// one statement batch per group".
+const CHECKPOINT_PAUSE: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Checkpoints the SQLite WAL on another connection (its own worker thread) after commits,
 /// at most every [`CHECKPOINT_PAUSE`]; ends with the writers. A failed checkpoint costs
