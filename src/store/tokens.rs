@@ -457,6 +457,10 @@ impl Store {
     /// latency bounds the token rate. Answers as [`Store::write_tokens`]. After an error the
     /// transaction may still be open: the caller closes the connection.
     ///
+    /// The insert has one row per write of the group (up to `MAX_GROUP`, 64 x 11 parameters):
+    /// one statement shape per group size, all prepared once on the writer's own connection
+    /// (its statement cache holds 100).
+    ///
     /// Several statements in one query with bound parameters is SQLite-only sqlx behaviour that
     /// sqlx has marked deprecated (launchbadge/sqlx#3108); the group writer's unit tests pin
     /// it, and the fallback is [`Store::write_tokens_on`] (three round trips).
