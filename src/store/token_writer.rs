@@ -199,6 +199,20 @@ async fn run(
             if rx.recv_many(&mut jobs, MAX_GROUP).await == 0 {
                 return; // every sender is gone
             }
+            if jobs.len() > 1 && jobs.len() < MAX_GROUP {
+                // Writes are arriving concurrently: let the tasks already woken on this
+                // worker (calls about to write) run once, and take their writes too. Each
+                // commit has a fixed cost (on SQLite ~40 us of page-cache bookkeeping alone:
+                // bench/RESULTS.md), so fuller groups cost less CPU per token. No timer: a
+                // lone write is committed at once, and this waits for nothing.
+                tokio::task::yield_now().await;
+                while jobs.len() < MAX_GROUP {
+                    match rx.try_recv() {
+                        Ok(job) => jobs.push(job),
+                        Err(_) => break,
+                    }
+                }
+            }
         }
         commit_group(&store, &mut conn, &mut jobs).await;
         if let Some(c) = &checkpoints {
@@ -208,10 +222,17 @@ async fn run(
     }
 }
 
-/// Pause between two background checkpoints: each copies the pages committed meanwhile
-/// (about as many as `SQLITE_WAL_AUTOCHECKPOINT` at 25,000 random tokens a second), a page
-/// dirtied by many commits once.
-const CHECKPOINT_PAUSE: std::time::Duration = std::time::Duration::from_millis(250);
+/// Pause between two background checkpoints: each copies the pages committed meanwhile, a
+/// page dirtied by several commits once. Short, so that when the writer's own automatic
+/// checkpoint comes due (every `SQLITE_WAL_AUTOCHECKPOINT` pages, which lets the WAL start
+/// over from its beginning) nearly everything is already copied: that one runs inside a
+/// commit, on the writer's thread, and every Tokenize of the next group waits for it. At
+/// 250 ms it still copied about two thirds of all pages (a third of the writer thread's time,
+/// p99 latency 30-40 ms); at 20 ms about a third (p99 ~20 ms), and more random Tokenize calls
+/// per second with the same CPU per call. No pause at all costs more CPU (a checkpoint and
+/// two fsyncs per commit, little to share). Measured: bench/RESULTS.md, "Random Tokenize:
+/// one statement batch per group".
+const CHECKPOINT_PAUSE: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Checkpoints the SQLite WAL on another connection (its own worker thread) after commits,
 /// at most every [`CHECKPOINT_PAUSE`]; ends with the writers. A failed checkpoint costs

@@ -175,6 +175,88 @@ fn insert_map_sql(rows: usize, sqlite: bool) -> String {
     sql
 }
 
+/// The inserts of `ops` that can succeed, with their index in `ops`: the first of each token
+/// hash and of each value hash (a later one would conflict with it and change nothing).
+fn first_inserts<'o, 'a>(ops: &'o [TokenWrite<'a>]) -> Vec<(usize, &'o NewToken<'a>)> {
+    let mut tokens = HashSet::new();
+    let mut values = HashSet::new();
+    let mut inserts = Vec::with_capacity(ops.len());
+    for (i, op) in ops.iter().enumerate() {
+        let TokenWrite::Insert(t) = op else { continue };
+        let th = (t.keyspace, t.token_hash);
+        let vh = t.value_hash.map(|v| (t.keyspace, v));
+        if tokens.contains(&th) || vh.is_some_and(|v| values.contains(&v)) {
+            continue;
+        }
+        tokens.insert(th);
+        if let Some(v) = vh {
+            values.insert(v);
+        }
+        inserts.push((i, t));
+    }
+    inserts
+}
+
+type AnyQuery<'q> = sqlx::query::Query<'q, Any, sqlx::any::AnyArguments>;
+
+/// Binds one row of [`insert_map_sql`].
+fn bind_new_token<'q>(q: AnyQuery<'q>, t: &NewToken<'q>) -> AnyQuery<'q> {
+    q.bind(t.keyspace)
+        .bind(t.token_hash)
+        .bind(t.field)
+        .bind(t.format)
+        .bind(t.value_hash)
+        .bind(i64::from(t.attempt))
+        .bind(t.now)
+        .bind(t.now)
+        .bind(t.expires_at)
+        .bind(t.subject_ref)
+        .bind(t.sealed)
+}
+
+/// Sets `out[i]` for each insert of `chunk` that `rows` (the `keyspace, token_hash` of the
+/// rows that went in) says went in.
+fn mark_inserted(
+    out: &mut [bool],
+    chunk: &[(usize, &NewToken<'_>)],
+    rows: &[sqlx::any::AnyRow],
+) -> Result<()> {
+    if rows.len() == chunk.len() {
+        // Every row went in (the usual case).
+        for (i, _) in chunk {
+            out[*i] = true;
+        }
+        return Ok(());
+    }
+    let mut inserted = HashSet::with_capacity(rows.len());
+    for r in rows {
+        let ks: String = r.try_get("keyspace").map_err(db)?;
+        let th: String = r.try_get("token_hash").map_err(db)?;
+        inserted.insert((ks, th));
+    }
+    // (keyspace, token_hash) is unique within the chunk, so each returned row is exactly one
+    // of our inserts.
+    for (i, t) in chunk {
+        out[*i] = inserted.contains(&(t.keyspace.to_string(), t.token_hash.to_string()));
+    }
+    Ok(())
+}
+
+/// [`Store::insert_group_sqlite`]'s statements: the group's rows in one `INSERT OR IGNORE`
+/// without `RETURNING` (which buffers the rows in an ephemeral table and sends each back
+/// through sqlx), then how many went in and the last rowid, the one row answered.
+fn insert_group_sql(rows: usize) -> String {
+    let mut sql = String::from("BEGIN IMMEDIATE; ");
+    let insert = insert_map_sql(rows, true);
+    sql.push_str(
+        insert
+            .strip_suffix(" RETURNING keyspace, token_hash")
+            .unwrap_or(&insert),
+    );
+    sql.push_str("; SELECT changes() AS inserted, last_insert_rowid() AS last; COMMIT");
+    sql
+}
+
 /// What Detokenize needs: the token row and every sealed copy of its value.
 pub struct TokenRow {
     /// The field the token stands for.
@@ -348,6 +430,17 @@ impl Store {
             Some(c) => c,
             None => held.insert(self.pool.acquire().await.map_err(db)?),
         };
+        if ops.iter().all(|op| matches!(op, TokenWrite::Insert(_))) {
+            let out = Self::insert_group_sqlite(conn, ops).await;
+            if out.is_err()
+                && let Some(c) = held.take()
+            {
+                // The transaction may still be open on it: closing the connection rolls it
+                // back; the pool opens a fresh one for the next group.
+                let _ = c.close().await;
+            }
+            return out;
+        }
         let out = self.write_tokens_on(conn, ops).await;
         if out.is_err() {
             // The failed transaction is rolled back when the connection is next used.
@@ -356,29 +449,79 @@ impl Store {
         out
     }
 
+    /// A group of new tokens on SQLite in **one** statement batch: `BEGIN IMMEDIATE`, one
+    /// multi-row insert, `COMMIT`, handed to the connection's worker thread at once. Through
+    /// sqlx's transaction API the same group is three round trips between the writer task and
+    /// that thread (begin, insert, commit; begin and commit each wait until the task has taken
+    /// the answer), each a wake-up of a busy tokio worker, and the group commit is serial: its
+    /// latency bounds the token rate. Answers as [`Store::write_tokens`]. After an error the
+    /// transaction may still be open: the caller closes the connection.
+    ///
+    /// The insert has one row per write of the group (up to `MAX_GROUP`, 64 x 11 parameters):
+    /// one statement shape per group size, all prepared once on the writer's own connection
+    /// (its statement cache holds 100).
+    ///
+    /// Several statements in one query with bound parameters is SQLite-only sqlx behaviour that
+    /// sqlx has marked deprecated (launchbadge/sqlx#3108); the group writer's unit tests pin
+    /// it, and the fallback is [`Store::write_tokens_on`] (three round trips).
+    async fn insert_group_sqlite(
+        conn: &mut sqlx::AnyConnection,
+        ops: &[TokenWrite<'_>],
+    ) -> Result<Vec<bool>> {
+        let mut out = vec![false; ops.len()];
+        let inserts = first_inserts(ops);
+        let sql = insert_group_sql(inserts.len());
+        // Only placeholders are generated; every value is bound.
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (_, t) in &inserts {
+            q = bind_new_token(q, t);
+        }
+        // `fetch_all`, not `fetch_one`: sqlx stops a statement batch at the first row when
+        // asked for one, and the `COMMIT` after it would never run.
+        let rows = q.fetch_all(&mut *conn).await.map_err(db)?;
+        let [row] = rows.as_slice() else {
+            return Err(crate::error::Error::internal(
+                "store: a token group answered no count",
+            ));
+        };
+        let inserted: i64 = row.try_get("inserted").map_err(db)?;
+        if usize::try_from(inserted).is_ok_and(|n| n == inserts.len()) {
+            // Every row went in (the usual case).
+            for (i, _) in &inserts {
+                out[*i] = true;
+            }
+            return Ok(out);
+        }
+        // Some were ignored (a taken token hash or deterministic value hash). The rows that
+        // went in are the last `inserted` rowids: each new row of a rowid table gets the
+        // largest rowid + 1, and the group held the write lock. Read them back (the group is
+        // committed; token rows are never deleted, later inserts get larger rowids).
+        let last: i64 = row.try_get("last").map_err(db)?;
+        let rows = sqlx::query(
+            "SELECT keyspace, token_hash FROM token_map WHERE rowid > $1 AND rowid <= $2",
+        )
+        .bind(last.saturating_sub(inserted))
+        .bind(last)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db)?;
+        if i64::try_from(rows.len()).ok() != Some(inserted) {
+            // Not expected; the caller hears an error, never a token of someone else's row.
+            return Err(crate::error::Error::internal(
+                "store: the rows of a token group are not where expected",
+            ));
+        }
+        mark_inserted(&mut out, &inserts, &rows)?;
+        Ok(out)
+    }
+
     async fn write_tokens_on(
         &self,
         conn: &mut sqlx::AnyConnection,
         ops: &[TokenWrite<'_>],
     ) -> Result<Vec<bool>> {
         let mut out = vec![false; ops.len()];
-        // Inserts that can succeed: the first of each token hash and of each value hash.
-        let mut tokens = HashSet::new();
-        let mut values = HashSet::new();
-        let mut inserts: Vec<(usize, &NewToken<'_>)> = Vec::new();
-        for (i, op) in ops.iter().enumerate() {
-            let TokenWrite::Insert(t) = op else { continue };
-            let th = (t.keyspace, t.token_hash);
-            let vh = t.value_hash.map(|v| (t.keyspace, v));
-            if tokens.contains(&th) || vh.is_some_and(|v| values.contains(&v)) {
-                continue;
-            }
-            tokens.insert(th);
-            if let Some(v) = vh {
-                values.insert(v);
-            }
-            inserts.push((i, t));
-        }
+        let inserts = first_inserts(ops);
         let sqlite = self.is_sqlite();
         let mut tx = conn.begin().await.map_err(db)?;
         for chunk in inserts.chunks(ROWS_PER_STATEMENT) {
@@ -386,38 +529,10 @@ impl Store {
             // Only placeholders are generated; every value is bound.
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
             for (_, t) in chunk {
-                q = q
-                    .bind(t.keyspace)
-                    .bind(t.token_hash)
-                    .bind(t.field)
-                    .bind(t.format)
-                    .bind(t.value_hash)
-                    .bind(i64::from(t.attempt))
-                    .bind(t.now)
-                    .bind(t.now)
-                    .bind(t.expires_at)
-                    .bind(t.subject_ref)
-                    .bind(t.sealed);
+                q = bind_new_token(q, t);
             }
             let rows = q.fetch_all(&mut *tx).await.map_err(db)?;
-            if rows.len() == chunk.len() {
-                // Every row went in (the usual case).
-                for (i, _) in chunk {
-                    out[*i] = true;
-                }
-                continue;
-            }
-            let mut inserted = HashSet::with_capacity(rows.len());
-            for r in &rows {
-                let ks: String = r.try_get("keyspace").map_err(db)?;
-                let th: String = r.try_get("token_hash").map_err(db)?;
-                inserted.insert((ks, th));
-            }
-            // (keyspace, token_hash) is unique within the chunk, so each returned row is
-            // exactly one of our inserts.
-            for (i, t) in chunk {
-                out[*i] = inserted.contains(&(t.keyspace.to_string(), t.token_hash.to_string()));
-            }
+            mark_inserted(&mut out, chunk, &rows)?;
         }
         for (i, op) in ops.iter().enumerate() {
             let TokenWrite::AddValue(a) = op else {
@@ -891,6 +1006,77 @@ mod tests {
         let old = s.token("ks", "old").await.unwrap().unwrap();
         assert_eq!((old.sealed.len(), old.expires_at), (2, Some(99)));
         assert_eq!(s.token_counts("ks").await.unwrap(), (73, 72));
+    }
+
+    /// The writer's path on SQLite (one statement batch, no `RETURNING`): when some rows of a
+    /// group are ignored, each write still learns whether its own row went in.
+    #[tokio::test]
+    async fn a_group_batch_with_ignored_rows_answers_each_write() {
+        let (_d, s) = store().await;
+        assert!(
+            s.insert_token(&new("old", Some("vo"), "a", None))
+                .await
+                .unwrap()
+        );
+        let names: Vec<String> = (0..70).map(|i| format!("t{i}")).collect();
+        let mut ops: Vec<TokenWrite<'_>> = names
+            .iter()
+            .map(|n| TokenWrite::Insert(new(n, None, "a", None)))
+            .collect();
+        ops.push(TokenWrite::Insert(new("t3", None, "b", None))); // 70: duplicate in the group
+        ops.push(TokenWrite::Insert(new("d1", Some("v"), "a", None))); // 71
+        ops.push(TokenWrite::Insert(new("d2", Some("v"), "b", None))); // 72: same value
+        ops.push(TokenWrite::Insert(new("old", None, "b", None))); // 73: stored token
+        ops.push(TokenWrite::Insert(new("d3", Some("vo"), "b", None))); // 74: stored value
+        let mut held = None;
+        let out = s.write_tokens_with(&mut held, &ops).await.unwrap();
+        assert!(out[..70].iter().all(|&ok| ok));
+        assert_eq!(&out[70..], &[false, true, false, false, false]);
+        assert_eq!(s.token_counts("ks").await.unwrap(), (72, 72));
+        assert!(held.is_some(), "the writer keeps its connection");
+        // A group where every row goes in (the usual case: the count alone answers).
+        let more = [
+            TokenWrite::Insert(new("m1", None, "c", None)),
+            TokenWrite::Insert(new("m2", None, "c", Some(99))),
+        ];
+        assert_eq!(
+            s.write_tokens_with(&mut held, &more).await.unwrap(),
+            [true, true]
+        );
+        let m2 = s.token("ks", "m2").await.unwrap().unwrap();
+        assert_eq!((m2.sealed.len(), m2.expires_at), (1, Some(99)));
+    }
+
+    /// A group batch that fails half-way leaves its transaction open on the writer's
+    /// connection; the writer must not keep that connection, or its write lock would block
+    /// every other writer (busy) and its next group would fail too.
+    #[tokio::test]
+    async fn a_failed_group_batch_leaves_no_transaction_open() {
+        let (_d, s) = store().await;
+        sqlx::query(
+            "CREATE TRIGGER refuse_bad BEFORE INSERT ON token_map WHEN NEW.token_hash = 'bad'
+             BEGIN SELECT RAISE(ABORT, 'refused'); END",
+        )
+        .execute(s.pool())
+        .await
+        .unwrap();
+        let mut held = None;
+        let bad = [
+            TokenWrite::Insert(new("ok1", None, "a", None)),
+            TokenWrite::Insert(new("bad", None, "a", None)),
+        ];
+        assert!(s.write_tokens_with(&mut held, &bad).await.is_err());
+        assert!(held.is_none(), "the failed connection was closed");
+        assert!(
+            s.token("ks", "ok1").await.unwrap().is_none(),
+            "the group rolled back"
+        );
+        // Another connection can write at once (no write lock left behind)...
+        assert!(s.insert_token(&new("t1", None, "a", None)).await.unwrap());
+        // ...and so can the writer.
+        let good = [TokenWrite::Insert(new("t2", None, "a", None))];
+        assert_eq!(s.write_tokens_with(&mut held, &good).await.unwrap(), [true]);
+        assert_eq!(s.token_counts("ks").await.unwrap(), (2, 2));
     }
 
     #[tokio::test]
