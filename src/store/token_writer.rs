@@ -350,13 +350,7 @@ mod tests {
         let (_d, s) = store().await;
         // A trigger makes the insert of token "bad" fail (and with it its whole group's
         // statement).
-        sqlx::query(
-            "CREATE TRIGGER refuse_bad BEFORE INSERT ON token_map WHEN NEW.token_hash = 'bad'
-             BEGIN SELECT RAISE(ABORT, 'refused'); END",
-        )
-        .execute(s.pool())
-        .await
-        .unwrap();
+        crate::store::tokens::tests::refuse_token(&s, "bad").await;
         let w = Arc::new(GroupWriter::new(s.clone()));
         let mut calls = Vec::new();
         for i in 0..40 {

@@ -849,7 +849,7 @@ impl Store {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -871,6 +871,35 @@ mod tests {
         let url = format!("sqlite://{}", d.path().join("t.db").display());
         let s = Store::open(&url).await.unwrap();
         (d, s)
+    }
+
+    /// Makes every insert of the token hash `th` into `token_map` fail (a trigger), as a
+    /// store fault half-way through a group would.
+    pub(crate) async fn refuse_token(s: &Store, th: &str) {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "CREATE TRIGGER refuse_{th} BEFORE INSERT ON token_map WHEN NEW.token_hash = '{th}'
+             BEGIN SELECT RAISE(ABORT, 'refused'); END"
+        )))
+        .execute(s.pool())
+        .await
+        .unwrap();
+    }
+
+    /// A group of new tokens `names` (holder "a") followed by five that must not go in:
+    /// a token hash repeated within the group (70), two holders of one value hash (71 goes
+    /// in, 72 does not), a token hash already stored (73: "old") and a value hash already
+    /// stored (74: "vo"). The caller stores "old" with value "vo" first.
+    fn group_with_conflicts(names: &[String]) -> Vec<TokenWrite<'_>> {
+        let mut ops: Vec<TokenWrite<'_>> = names
+            .iter()
+            .map(|n| TokenWrite::Insert(new(n, None, "a", None)))
+            .collect();
+        ops.push(TokenWrite::Insert(new("t3", None, "b", None)));
+        ops.push(TokenWrite::Insert(new("d1", Some("v"), "a", None)));
+        ops.push(TokenWrite::Insert(new("d2", Some("v"), "b", None)));
+        ops.push(TokenWrite::Insert(new("old", None, "b", None)));
+        ops.push(TokenWrite::Insert(new("d3", Some("vo"), "b", None)));
+        ops
     }
 
     fn new<'a>(th: &'a str, vh: Option<&'a str>, sref: &'a str, exp: Option<i64>) -> NewToken<'a> {
@@ -969,17 +998,8 @@ mod tests {
                 .unwrap()
         );
         let names: Vec<String> = (0..70).map(|i| format!("t{i}")).collect();
-        let mut ops: Vec<TokenWrite<'_>> = names
-            .iter()
-            .map(|n| TokenWrite::Insert(new(n, None, "a", None)))
-            .collect();
-        // A duplicate token hash and a duplicate value hash within the group, a collision
-        // with a stored token, a stored value hash, and values added to existing tokens.
-        ops.push(TokenWrite::Insert(new("t3", None, "b", None))); // 70: duplicate
-        ops.push(TokenWrite::Insert(new("d1", Some("v"), "a", None))); // 71
-        ops.push(TokenWrite::Insert(new("d2", Some("v"), "b", None))); // 72: same value
-        ops.push(TokenWrite::Insert(new("old", None, "b", None))); // 73: stored token
-        ops.push(TokenWrite::Insert(new("d3", Some("vo"), "b", None))); // 74: stored value
+        // Values added to existing tokens after the group's conflicts.
+        let mut ops = group_with_conflicts(&names);
         let add = |th, sref| {
             TokenWrite::AddValue(AddValue {
                 keyspace: "ks",
@@ -1019,15 +1039,7 @@ mod tests {
                 .unwrap()
         );
         let names: Vec<String> = (0..70).map(|i| format!("t{i}")).collect();
-        let mut ops: Vec<TokenWrite<'_>> = names
-            .iter()
-            .map(|n| TokenWrite::Insert(new(n, None, "a", None)))
-            .collect();
-        ops.push(TokenWrite::Insert(new("t3", None, "b", None))); // 70: duplicate in the group
-        ops.push(TokenWrite::Insert(new("d1", Some("v"), "a", None))); // 71
-        ops.push(TokenWrite::Insert(new("d2", Some("v"), "b", None))); // 72: same value
-        ops.push(TokenWrite::Insert(new("old", None, "b", None))); // 73: stored token
-        ops.push(TokenWrite::Insert(new("d3", Some("vo"), "b", None))); // 74: stored value
+        let ops = group_with_conflicts(&names);
         let mut held = None;
         let out = s.write_tokens_with(&mut held, &ops).await.unwrap();
         assert!(out[..70].iter().all(|&ok| ok));
@@ -1053,13 +1065,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_group_batch_leaves_no_transaction_open() {
         let (_d, s) = store().await;
-        sqlx::query(
-            "CREATE TRIGGER refuse_bad BEFORE INSERT ON token_map WHEN NEW.token_hash = 'bad'
-             BEGIN SELECT RAISE(ABORT, 'refused'); END",
-        )
-        .execute(s.pool())
-        .await
-        .unwrap();
+        refuse_token(&s, "bad").await;
         let mut held = None;
         let bad = [
             TokenWrite::Insert(new("ok1", None, "a", None)),
