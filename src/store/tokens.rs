@@ -885,10 +885,22 @@ pub(crate) mod tests {
         .unwrap();
     }
 
+    /// A store holding token "old" with value hash "vo", which [`group_with_conflicts`]
+    /// collides with.
+    async fn store_holding_old() -> (tempfile::TempDir, Store) {
+        let (d, s) = store().await;
+        assert!(
+            s.insert_token(&new("old", Some("vo"), "a", None))
+                .await
+                .unwrap()
+        );
+        (d, s)
+    }
+
     /// A group of new tokens `names` (holder "a") followed by five that must not go in:
     /// a token hash repeated within the group (70), two holders of one value hash (71 goes
     /// in, 72 does not), a token hash already stored (73: "old") and a value hash already
-    /// stored (74: "vo"). The caller stores "old" with value "vo" first.
+    /// stored (74: "vo"), against [`store_holding_old`].
     fn group_with_conflicts(names: &[String]) -> Vec<TokenWrite<'_>> {
         let mut ops: Vec<TokenWrite<'_>> = names
             .iter()
@@ -991,12 +1003,7 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn one_transaction_writes_many_and_answers_each() {
-        let (_d, s) = store().await;
-        assert!(
-            s.insert_token(&new("old", Some("vo"), "a", None))
-                .await
-                .unwrap()
-        );
+        let (_d, s) = store_holding_old().await;
         let names: Vec<String> = (0..70).map(|i| format!("t{i}")).collect();
         // Values added to existing tokens after the group's conflicts.
         let mut ops = group_with_conflicts(&names);
@@ -1032,12 +1039,7 @@ pub(crate) mod tests {
     /// group are ignored, each write still learns whether its own row went in.
     #[tokio::test]
     async fn a_group_batch_with_ignored_rows_answers_each_write() {
-        let (_d, s) = store().await;
-        assert!(
-            s.insert_token(&new("old", Some("vo"), "a", None))
-                .await
-                .unwrap()
-        );
+        let (_d, s) = store_holding_old().await;
         let names: Vec<String> = (0..70).map(|i| format!("t{i}")).collect();
         let ops = group_with_conflicts(&names);
         let mut held = None;
