@@ -281,12 +281,13 @@ impl Store {
                     conn.execute("PRAGMA secure_delete = ON").await?;
                     conn.execute("PRAGMA foreign_keys = ON").await?;
                     conn.execute("PRAGMA synchronous = NORMAL").await?;
-                    // Token writes insert random keys (keyed hashes) into two indexes, so
-                    // every row touches another leaf page. With SQLite's defaults (a 2 MiB page
+                    // Token writes insert random keys (keyed hashes) into an index, so every
+                    // row touches another leaf page. With SQLite's defaults (a 2 MiB page
                     // cache, a checkpoint every 1,000 WAL pages) a random Tokenize spent ~15%
                     // of the store thread re-reading evicted pages and ~30% in checkpoints
                     // (profile in bench/RESULTS.md). A bigger cache keeps the indexes in
-                    // memory (pages are allocated as used: at most this per connection); a
+                    // memory (pages are allocated as used: at most this per connection, 4
+                    // pooled and the token writer's own: 160 MiB on a store past that); a
                     // checkpoint every SQLITE_WAL_AUTOCHECKPOINT pages copies each page once
                     // for the many commits that dirtied it meanwhile (and fsyncs less often).
                     // Durability is unchanged: a commit is in the WAL before its caller hears.
