@@ -20,7 +20,8 @@
 //! Flags: `ff1-subkey-v1` (`ops::tokens`: new FF1 tokens take their tweak from the subkey of
 //! builds before security finding 11, to make tokens as those builds made them);
 //! `dek-record-at-creation` (`keys::manager`: a new subject also gets its DEK record, as
-//! builds before store schema 3 made it).
+//! builds before store schema 3 made it); `hashed-random-tokens` (`ops::tokens`: a random
+//! opaque token is stored by its keyed hash, as builds before token locators made it).
 
 use std::path::PathBuf;
 use std::sync::OnceLock;

@@ -11,6 +11,7 @@ use zeroize::Zeroizing;
 use crate::crypto::envelope;
 use crate::crypto::tokens::derive::{self, Scope, Stream};
 use crate::crypto::tokens::format::{self, Ff1Params, Format, FormatError, Mode};
+use crate::crypto::tokens::locator::LocatorKey;
 use crate::domain::names::{Field, SubjectId};
 use crate::error::{Error, Reason, Result};
 use crate::keys::KeyManager;
@@ -99,6 +100,8 @@ struct SpaceKeys {
     det: hmac::Key,
     /// HMAC key from which each field's FF1 AES-256 key is derived.
     ff1: hmac::Key,
+    /// Permutation key of random opaque tokens' locators (`crypto::tokens::locator`).
+    locator: LocatorKey,
 }
 
 /// A live token row as the store last returned it to Detokenize: the field, the expiry and
@@ -171,6 +174,13 @@ fn format_error(e: FormatError) -> Error {
     }
 }
 
+/// Wall-clock milliseconds since the Unix epoch (0 for a clock before it).
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 fn expired() -> Error {
     Error::not_found(Reason::TokenExpired, "the token has expired")
 }
@@ -196,6 +206,7 @@ impl TokenEngine {
                     lookup: k("tokens/lookup")?,
                     det: k("tokens/deterministic")?,
                     ff1: k("tokens/ff1")?,
+                    locator: LocatorKey::new(&*keys.keyspace_subkey(ks, "tokens/locator")?),
                 },
             );
         }
@@ -336,11 +347,23 @@ impl TokenEngine {
         let tag = i.format.tag();
         for attempt in 0..MAX_ATTEMPTS {
             let mut stream = Stream::random().map_err(|_| Error::internal("CSPRNG failed"))?;
-            let token = self.render(i, sp, dek, &mut stream, attempt, TweakKey::for_new())?;
+            // An opaque token encrypts its row's locator (the store keeps new tokens in
+            // creation order); other formats are stored by their keyed hash.
+            let (token, th) = if i.format == Format::Opaque
+                && !crate::config::failpoint::flag("hashed-random-tokens")
+            {
+                let mut r = [0u8; 8];
+                stream.fill(&mut r);
+                let (bytes, stored) = sp.locator.draw(now_ms(), &r);
+                (format::opaque_token(&bytes), stored)
+            } else {
+                let token = self.render(i, sp, dek, &mut stream, attempt, TweakKey::for_new())?;
+                let th = derive::token_hash(&sp.lookup, &token);
+                (token, th)
+            };
             if token == i.value {
                 continue; // never hand out the value itself as its token
             }
-            let th = derive::token_hash(&sp.lookup, &token);
             let sealed = self.seal(dek, i.field, &th, i.value)?;
             let row = NewToken {
                 keyspace: i.keyspace,
@@ -538,7 +561,21 @@ impl TokenEngine {
     pub async fn detokenize(&self, keyspace: &str, token: &str) -> Result<Detokenized> {
         let sp = self.space(keyspace)?;
         format::check_token(token).map_err(format_error)?;
-        let key = (keyspace.to_string(), derive::token_hash(&sp.lookup, token));
+        // A random opaque token names its row's locator; any other token (and one made before
+        // locators) is found by its keyed hash.
+        if let Some(stored) = format::opaque_bytes(token).and_then(|b| sp.locator.find(&b))
+            && let Some(d) = self.detokenize_row(keyspace, stored).await?
+        {
+            return Ok(d);
+        }
+        self.detokenize_row(keyspace, derive::token_hash(&sp.lookup, token))
+            .await?
+            .ok_or_else(|| Error::not_found(Reason::UnknownToken, "no such token"))
+    }
+
+    /// The value of the token stored as `th`; `None` when there is no such row.
+    async fn detokenize_row(&self, keyspace: &str, th: String) -> Result<Option<Detokenized>> {
+        let key = (keyspace.to_string(), th);
         let th = &key.1;
         let now = now_i64();
         // A warm token: only a success is served from the cache (see `CachedRow`).
@@ -546,15 +583,13 @@ impl TokenEngine {
             if c.expires_at.is_none_or(|e| e >= now)
                 && let Ok(d) = self.open_first(keyspace, th, &c).await
             {
-                return Ok(d);
+                return Ok(Some(d));
             }
             self.rows.remove(&key);
         }
-        let row = self
-            .store
-            .token(keyspace, th)
-            .await?
-            .ok_or_else(|| Error::not_found(Reason::UnknownToken, "no such token"))?;
+        let Some(row) = self.store.token(keyspace, th).await? else {
+            return Ok(None);
+        };
         match row.state {
             TokenState::Shredded => return Err(Error::shredded()),
             TokenState::Expired => return Err(expired()),
@@ -579,7 +614,7 @@ impl TokenEngine {
         let d = self.open_first(keyspace, th, &row).await?;
         // Opened: the row is live, unexpired and a holder's DEK is alive.
         self.rows.insert(key, row);
-        Ok(d)
+        Ok(Some(d))
     }
 
     /// The value of a token row: the first holder's sealed value that opens, in the store's

@@ -219,7 +219,7 @@ impl std::fmt::Debug for PgUrl {
 
 /// The schema version this binary writes (`schema_version.version`). Raise it with every
 /// schema change; see docs/OPERATIONS.md, "Store schema and upgrades".
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// The oldest schema version of a binary that can still run on the schema this binary writes
 /// (`schema_version.compatible_from`). Raise it only when a change breaks older binaries (a
@@ -227,8 +227,11 @@ pub const SCHEMA_VERSION: i64 = 4;
 /// would misread what this one writes: schema 3 raised it to 3, because a new subject's DEK
 /// lives only in its Vault subject record and the registry's `subjects.key_id` (docs/KEYS.md,
 /// "Vault layout"), which older binaries cannot find by key id; schema 4 to 4, because it moved
-/// token values out of `token_values` (dropped), which older binaries read and write.
-pub const SCHEMA_COMPATIBLE_FROM: i64 = 4;
+/// token values out of `token_values` (dropped), which older binaries read and write; schema 5
+/// to 5, because a random opaque token is stored by the locator it encrypts
+/// (`crypto::tokens::locator`; no table changes), which older binaries would look up by its
+/// keyed hash and answer `UNKNOWN_TOKEN`.
+pub const SCHEMA_COMPATIBLE_FROM: i64 = 5;
 
 /// The PostgreSQL advisory lock key that serialises schema set-up ("piiguard" in ASCII).
 pub const MIGRATION_LOCK: i64 = 0x7069_6967_7561_7264;

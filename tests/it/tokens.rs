@@ -1128,6 +1128,89 @@ async fn deterministic_ff1_tokens_made_before_the_subkey_change_stay_their_value
     assert_eq!(value_of(&mut c, &new).await, "ACCT-00654321");
 }
 
+/// A random opaque token encrypts the locator of its row (`crypto/tokens/locator.rs`): the
+/// store keeps such tokens by locator, whose time prefix grows with each new token, so a new
+/// token is an append to the token index instead of a random leaf (bench/RESULTS.md). Tokens
+/// stored by their keyed hash (made before locators: the `hashed-random-tokens` flag makes
+/// them so) still detokenise after a restart without it; other formats keep the keyed hash.
+#[tokio::test]
+async fn random_opaque_tokens_are_stored_by_locator_in_creation_order_and_older_ones_open() {
+    use pb::TokenFormat as F;
+    use sqlx::Connection as _;
+    let env = TestEnv::start().await;
+    let mut server = env
+        .server_env(
+            "s",
+            "",
+            vec![(
+                "PIIGUARD_FAILPOINT".into(),
+                "flag:hashed-random-tokens".into(),
+            )],
+        )
+        .await;
+    let mut c = tokens(&env, &server).await;
+    let old = tokenize(&mut c, rnd("cust-loc", "name", "Ada", F::Opaque)).await;
+    server.stop();
+    server.set_env(Vec::new());
+    server.start().await;
+    let mut c = tokens(&env, &server).await;
+    let mut made = Vec::new();
+    for i in 0..30 {
+        let v = format!("Name {i}");
+        made.push((
+            tokenize(&mut c, rnd("cust-loc", "name", &v, F::Opaque)).await,
+            v,
+        ));
+    }
+    let digits = tokenize(
+        &mut c,
+        rnd("cust-loc", "card", "4111111111111111", F::Digits),
+    )
+    .await;
+
+    let mut db = sqlx::SqliteConnection::connect(&env.store_url)
+        .await
+        .unwrap();
+    let stored: Vec<String> = sqlx::query_scalar(
+        "SELECT token_hash FROM token_map WHERE keyspace = 'orders' ORDER BY rowid",
+    )
+    .fetch_all(&mut db)
+    .await
+    .unwrap();
+    assert_eq!(stored.len(), 32);
+    let hashed = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
+    assert!(
+        hashed(&stored[0]),
+        "the older build's token: its keyed hash"
+    );
+    assert!(hashed(&stored[31]), "a DIGITS token: its keyed hash");
+    let located = &stored[1..31];
+    for s in located {
+        assert!(
+            s.len() == 33 && s.starts_with('r') && s[1..].bytes().all(|b| b.is_ascii_hexdigit()),
+            "a random opaque token is stored by its locator, not {s}"
+        );
+    }
+    // Creation order: the millisecond prefix never goes back (calls within one millisecond
+    // share it).
+    assert!(
+        located.windows(2).all(|w| w[0][..13] <= w[1][..13]),
+        "locators in creation order: {located:?}"
+    );
+    assert!(located[0][..13] < located[29][..13]);
+    let all = store_bytes(&env);
+    for (token, value) in &made {
+        assert!(!contains(&all, token), "the store holds no token");
+        assert_eq!(&value_of(&mut c, token).await, value);
+    }
+    assert_eq!(
+        value_of(&mut c, &old).await,
+        "Ada",
+        "a token made before locators"
+    );
+    assert_eq!(value_of(&mut c, &digits).await, "4111111111111111");
+}
+
 /// The token read caches (`ops/tokens.rs`, `CachedRow` / `CachedDet`): a token Detokenize has
 /// opened, and a deterministic token its subject holds without expiry, are served without a
 /// store read. Shown by taking the token tables away: the warm calls still answer (the same

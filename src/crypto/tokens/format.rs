@@ -184,10 +184,7 @@ pub fn render(
         Format::Opaque => {
             let mut b = [0u8; 16];
             stream.fill(&mut b);
-            Ok(format!(
-                "{OPAQUE_PREFIX}{}",
-                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
-            ))
+            Ok(opaque_token(&b))
         }
         Format::Digits { keep_last } => {
             let free = value.len() - usize::from(keep_last);
@@ -240,6 +237,24 @@ pub fn render(
                 .collect())
         }
     }
+}
+
+/// The opaque token of 16 bytes.
+pub fn opaque_token(bytes: &[u8; 16]) -> String {
+    format!(
+        "{OPAQUE_PREFIX}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    )
+}
+
+/// The 16 bytes of an opaque token; `None` for a token of another format or a malformed one.
+pub fn opaque_bytes(token: &str) -> Option<[u8; 16]> {
+    let body = token.strip_prefix(OPAQUE_PREFIX)?;
+    let mut out = [0u8; 16];
+    let n = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode_slice(body, &mut out)
+        .ok()?;
+    (body.len() == OPAQUE_BODY_LEN && n == 16).then_some(out)
 }
 
 /// Checks that a string can be a token (before any lookup).
