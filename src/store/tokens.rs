@@ -361,9 +361,20 @@ impl Store {
                                  AND m.subject_ref = v.subject_ref)",
             "DROP TABLE token_values",
         ];
+        // It runs before the server listens (health included) and can take minutes: say so
+        // before and after (docs/OPERATIONS.md, "Store schema and upgrades").
+        let started = std::time::Instant::now();
+        tracing::warn!(
+            "store upgrade: moving every token value out of token_values in one transaction \
+             (measured ~30 s per million tokens on SQLite); the server listens when it is done"
+        );
         for stmt in upgrade {
             sqlx::query(stmt).execute(&mut *conn).await.map_err(db)?;
         }
+        tracing::info!(
+            seconds = started.elapsed().as_secs_f64(),
+            "store upgrade: token values moved"
+        );
         Ok(())
     }
 

@@ -486,3 +486,38 @@ fn the_image_build_has_every_target_the_manifest_names() {
         );
     }
 }
+
+/// A store schema upgrade that moves data runs before piiguard listens, in one transaction
+/// (the version-4 token move: ~30 s per million tokens on SQLite, docs/OPERATIONS.md). The
+/// Kubernetes liveness probe once began after 30 s: a large store's upgrade was killed and
+/// rolled back on every restart. The manifest must give a start at least 30 minutes through a
+/// startup probe (liveness does not count until it succeeds) and start liveness no sooner.
+#[test]
+fn the_kubernetes_probes_let_a_long_store_upgrade_finish() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let yaml = std::fs::read_to_string(root.join("deploy/kubernetes/statefulset.yaml")).unwrap();
+    // The `key: value` lines of the probe block `name:` (its deeper-indented lines).
+    let probe = |name: &str| -> Option<Vec<(String, String)>> {
+        let mut lines = yaml.lines().skip_while(|l| l.trim() != format!("{name}:"));
+        let head = lines.next()?;
+        let indent = head.len() - head.trim_start().len();
+        Some(
+            lines
+                .take_while(|l| l.len() - l.trim_start().len() > indent)
+                .filter_map(|l| l.trim().split_once(": "))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    };
+    let num = |p: &[(String, String)], k: &str, default: u64| {
+        p.iter()
+            .find(|(key, _)| key == k)
+            .map_or(default, |(_, v)| v.parse::<u64>().unwrap())
+    };
+    let startup = probe("startupProbe").expect("a startup probe");
+    let budget = num(&startup, "periodSeconds", 10) * num(&startup, "failureThreshold", 3)
+        + num(&startup, "initialDelaySeconds", 0);
+    assert!(budget >= 1800, "the startup probe allows {budget} s");
+    let liveness = probe("livenessProbe").expect("a liveness probe");
+    assert!(liveness.iter().any(|(k, _)| k == "grpc"));
+}
