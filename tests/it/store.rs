@@ -495,6 +495,24 @@ async fn postgres_schema_2_tokens_survive_the_upgrade() {
     schema_2_tokens_survive_the_upgrade(&pg.url).await;
 }
 
+/// The token-value move runs before the server listens (health included) and can take
+/// minutes on a large store (docs/OPERATIONS.md): the server says when it begins and how long
+/// it took, so an operator watching a silent start knows why.
+#[tokio::test]
+async fn a_server_upgrading_the_token_store_says_so_before_and_after() {
+    let env = TestEnv::start().await;
+    make_schema_2_tokens(&format!("{}?mode=rwc", env.store_url)).await;
+    let server = env.server("s", "").await;
+    let log = server.log_text();
+    let begins = log
+        .find("store upgrade: moving every token value")
+        .expect("the move is announced");
+    let ends = log
+        .find("store upgrade: token values moved")
+        .expect("its end is logged");
+    assert!(begins < ends);
+}
+
 /// Starts `n` `piiguard serve` processes at the same instant (each is spawned at the first
 /// poll of its future, before any of them waits), and waits until all are ready.
 async fn start_together(env: &TestEnv, stem: &str, n: usize) -> Vec<Server> {

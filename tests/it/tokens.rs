@@ -1089,6 +1089,23 @@ async fn join_tokens_need_their_own_grant_and_live_while_a_holder_is_not_shredde
     );
 }
 
+/// A server behaving as an older build did (the failpoint flag `flag`, src/config/failpoint.rs).
+async fn older_build(env: &TestEnv, flag: &str) -> Server {
+    env.server_env(
+        "s",
+        "",
+        vec![("PIIGUARD_FAILPOINT".into(), format!("flag:{flag}"))],
+    )
+    .await
+}
+
+/// Restarts `server` without flags: this build, on what the older one stored.
+async fn restart_as_this_build(server: &mut Server) {
+    server.stop();
+    server.set_env(Vec::new());
+    server.start().await;
+}
+
 /// Security review finding 11 moved the FF1 tweak's subject secret off the AES key (its own
 /// HKDF label). Deterministic FF1 tokens made by older builds must stay their value's token:
 /// a server with the `ff1-subkey-v1` flag makes tokens as those builds did; after a restart
@@ -1097,18 +1114,10 @@ async fn join_tokens_need_their_own_grant_and_live_while_a_holder_is_not_shredde
 async fn deterministic_ff1_tokens_made_before_the_subkey_change_stay_their_values_token() {
     use pb::TokenFormat as F;
     let env = TestEnv::start().await;
-    let mut server = env
-        .server_env(
-            "s",
-            "",
-            vec![("PIIGUARD_FAILPOINT".into(), "flag:ff1-subkey-v1".into())],
-        )
-        .await;
+    let mut server = older_build(&env, "ff1-subkey-v1").await;
     let mut c = tokens(&env, &server).await;
     let old = tokenize(&mut c, det("cust-ff1", "acct", "ACCT-00123456", F::Ff1)).await;
-    server.stop();
-    server.set_env(Vec::new());
-    server.start().await;
+    restart_as_this_build(&mut server).await;
     let mut c = tokens(&env, &server).await;
     let again = tokenize(&mut c, det("cust-ff1", "acct", "ACCT-00123456", F::Ff1)).await;
     assert_eq!(
@@ -1138,21 +1147,10 @@ async fn random_opaque_tokens_are_stored_by_locator_in_creation_order_and_older_
     use pb::TokenFormat as F;
     use sqlx::Connection as _;
     let env = TestEnv::start().await;
-    let mut server = env
-        .server_env(
-            "s",
-            "",
-            vec![(
-                "PIIGUARD_FAILPOINT".into(),
-                "flag:hashed-random-tokens".into(),
-            )],
-        )
-        .await;
+    let mut server = older_build(&env, "hashed-random-tokens").await;
     let mut c = tokens(&env, &server).await;
     let old = tokenize(&mut c, rnd("cust-loc", "name", "Ada", F::Opaque)).await;
-    server.stop();
-    server.set_env(Vec::new());
-    server.start().await;
+    restart_as_this_build(&mut server).await;
     let mut c = tokens(&env, &server).await;
     let mut made = Vec::new();
     for i in 0..30 {
