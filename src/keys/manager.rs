@@ -137,6 +137,13 @@ pub fn now_i64() -> i64 {
     now_secs() as i64
 }
 
+/// Milliseconds since the Unix epoch (0 for a clock before it).
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// Transit RSA-2048 key that signs certificates of destruction and audit checkpoints.
 pub const SIGNING_KEY: &str = "piiguard-signing";
 /// Transit RSA-2048 key producers seal PII to (RSA-OAEP-SHA256); only Vault decrypts with it.

@@ -16,7 +16,7 @@ use crate::domain::names::{Field, SubjectId};
 use crate::error::{Error, Reason, Result};
 use crate::keys::KeyManager;
 use crate::keys::cache::DekEntry;
-use crate::keys::manager::{SubjectRef, now_i64, truncate_for_message};
+use crate::keys::manager::{SubjectRef, now_i64, now_ms, truncate_for_message};
 use crate::ops::token_cache::BoundedMap;
 use crate::store::Store;
 use crate::store::token_writer::{GroupWriter, Write};
@@ -172,13 +172,6 @@ fn format_error(e: FormatError) -> Error {
             "not a piiguard token (empty, too long, or not printable ASCII)",
         ),
     }
-}
-
-/// Wall-clock milliseconds since the Unix epoch (0 for a clock before it).
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn expired() -> Error {

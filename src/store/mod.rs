@@ -284,8 +284,9 @@ impl Store {
                     conn.execute("PRAGMA secure_delete = ON").await?;
                     conn.execute("PRAGMA foreign_keys = ON").await?;
                     conn.execute("PRAGMA synchronous = NORMAL").await?;
-                    // Token writes insert random keys (keyed hashes) into an index, so every
-                    // row touches another leaf page. With SQLite's defaults (a 2 MiB page
+                    // Tokens stored by keyed hash (all but random opaque ones, which append
+                    // by locator) insert random keys into an index, so every such row touches
+                    // another leaf page. With SQLite's defaults (a 2 MiB page
                     // cache, a checkpoint every 1,000 WAL pages) a random Tokenize spent ~15%
                     // of the store thread re-reading evicted pages and ~30% in checkpoints
                     // (profile in bench/RESULTS.md). A bigger cache keeps the indexes in
