@@ -35,6 +35,8 @@ pub struct KeysData {
     pub old_cts: Vec<Vec<u8>>,
     /// A ciphertext of [`BENCH_CARD`] (field [`CARD_FIELD`]) of the hot subject.
     pub card_ct: Vec<u8>,
+    /// Random opaque tokens of the hot subject, to detokenise.
+    pub tokens: Vec<String>,
 }
 
 /// The generated files' contents. `hot_ct` is a ciphertext of the hot subject and `warm_cts`
@@ -83,6 +85,11 @@ pub fn generate(
         "ciphertext": B64.encode(&k.card_ct),
         "reveal": "REVEAL_MODE_MASKED",
     });
+    let detokenize: Vec<Value> = k
+        .tokens
+        .iter()
+        .map(|tok| json!({ "keyspace": t.keyspace, "token": tok }))
+        .collect();
     vec![
         ("encrypt-warm.json", Value::Array(warm)),
         ("encrypt-batch-hot.json", json!({ "items": batch_hot })),
@@ -96,6 +103,7 @@ pub fn generate(
         ("rewrap.json", Value::Array(rewrap)),
         ("rewrap-batch.json", json!({ "items": rewrap_batch })),
         ("decrypt-masked.json", masked),
+        ("detokenize.json", Value::Array(detokenize)),
     ]
 }
 
@@ -137,11 +145,15 @@ pub async fn write_data(a: GhzDataArgs) -> Result<(), String> {
     // subject's key is rotated (admin identity); they still decrypt (decrypt-warm.json).
     let admin = crate::keys::connect_admin(t).await?;
     crate::keys::rotate_subjects(&admin, &t.keyspace, &subjects, 16).await?;
+    // Detokenize: random opaque tokens of the same value as the Tokenize configs'.
+    let value = String::from_utf8_lossy(&pt).into_owned();
+    let tokens = scenario::tokenize_all(t, &chs[0], subjects.len(), &value).await?;
     let k = KeysData {
         envelopes,
         unseal_batch: a.unseal_batch_size,
         old_cts: warm.clone(),
         card_ct: card.into_iter().next().ok_or("no card ciphertext")?,
+        tokens,
     };
     std::fs::create_dir_all(&a.out).map_err(|e| format!("{}: {e}", a.out.display()))?;
     for (name, v) in generate(t, a.batch_size, a.size, hot_ct, &warm, &k) {
@@ -245,6 +257,7 @@ mod tests {
         "rewrap.json",
         "rewrap-batch.json",
         "decrypt-masked.json",
+        "detokenize.json",
     ];
 
     fn repo() -> PathBuf {
@@ -277,6 +290,7 @@ mod tests {
             unseal_batch: 100,
             old_cts: vec![fake_ct.clone(); 1000],
             card_ct: fake_ct.clone(),
+            tokens: vec!["pgt_AAAAAAAAAAAAAAAAAAAAAA".into(); 1000],
         };
         let generated: Vec<(&str, Value)> =
             generate(&t, 1000, 64, &fake_ct, &vec![fake_ct.clone(); 1000], &k);
@@ -303,6 +317,12 @@ mod tests {
             assert!(cfg.get("proto").is_none() && cfg.get("protoset").is_none());
             assert!(cfg.get("insecure").is_none_or(|v| v == false), "{what}");
             assert!(cfg["host"].as_str().is_some(), "{what}: no host");
+            // ghz's default at the end of a timed run closes the connections under the calls
+            // still in flight and counts each as `Unavailable` ("use of closed network
+            // connection"): up to `concurrency` false errors. "wait" lets them finish.
+            if cfg.get("duration").is_some() {
+                assert_eq!(cfg["duration-stop"], "wait", "{what}: duration-stop");
+            }
             let data = match (cfg.get("data"), cfg.get("data-file")) {
                 (Some(d), None) => d.clone(),
                 (None, Some(f)) => {
@@ -357,6 +377,8 @@ mod tests {
             "piiguard.v1.Crypto.Rewrap",
             "piiguard.v1.Crypto.RewrapBatch",
             "piiguard.v1.Crypto.BlindIndex",
+            "piiguard.v1.Tokens.Tokenize",
+            "piiguard.v1.Tokens.Detokenize",
         ] {
             assert!(methods.contains(m), "no ghz config calls {m}");
         }
@@ -390,6 +412,7 @@ mod tests {
             unseal_batch: 4,
             old_cts: vec![b"o1".to_vec(), b"o2".to_vec()],
             card_ct: b"c".to_vec(),
+            tokens: vec!["pgt_a".into(), "pgt_b".into()],
         };
         let g = generate(&t, 10, 64, b"x", &[b"y".to_vec(), b"z".to_vec()], &k);
         let names: Vec<&str> = g.iter().map(|(n, _)| *n).collect();
@@ -415,5 +438,10 @@ mod tests {
         );
         assert_eq!(get("decrypt-masked.json")["field"], "card");
         assert_eq!(get("decrypt-masked.json")["reveal"], "REVEAL_MODE_MASKED");
+        // Detokenize: one request per token made by ghz-data, in the bench keyspace.
+        let d = get("detokenize.json").as_array().unwrap();
+        assert_eq!(d.len(), 2);
+        assert_eq!(d[1]["token"], "pgt_b");
+        assert_eq!(d[1]["keyspace"], t.keyspace);
     }
 }

@@ -371,7 +371,7 @@ fn tok_req(t: &Target, subject: &str, value: &str, deterministic: bool) -> pb::T
 }
 
 /// Makes `n` random tokens of the hot subject (set-up, not measured).
-async fn tokenize_all(
+pub async fn tokenize_all(
     t: &Target,
     ch: &Channel,
     n: usize,
