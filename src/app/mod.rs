@@ -245,9 +245,13 @@ pub async fn run(
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
 
     let erasure = Arc::new(
-        Erasure::new(keys.clone(), Signer::new(vault.clone(), SIGNING_KEY), &cfg).with_alarms(
-            Alarms::new(audit.clone(), webhook, cfg.server.instance.clone()),
-        ),
+        Erasure::new(keys.clone(), Signer::new(vault.clone(), SIGNING_KEY), &cfg)
+            .with_alarms(Alarms::new(
+                audit.clone(),
+                webhook,
+                cfg.server.instance.clone(),
+            ))
+            .with_audit(audit.clone()),
     );
     erasure.spawn_background();
     let erasure_svc =

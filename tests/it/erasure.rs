@@ -321,6 +321,19 @@ async fn shred_makes_data_unreadable_and_certifies_it(env: TestEnv) {
         reason(&decrypt_err(&mut c, &ct).await.unwrap()),
         "SUBJECT_SHREDDED"
     );
+    // The status is active again and still gives the certificate of that shred (it used to
+    // drop it, and its time, at the subject's next key).
+    let st = e
+        .get_shred_status(pb::GetShredStatusRequest {
+            subject: "cust-erase-1".into(),
+            keyspace: "orders".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state(&st.keyspaces[0]), pb::ShredState::Active);
+    assert_eq!(st.keyspaces[0].certificate, cert_json);
+    assert_eq!(st.keyspaces[0].shredded_at, by_ks("orders").shredded_at);
 
     // `strict` keyspace: a shredded subject id can never be used again.
     let _ = encrypt(&mut c, "strict", "cust-strict", b"x").await;
@@ -492,6 +505,26 @@ async fn grace_window_schedule_cancel_and_execution_after_restart() {
         reason(&decrypt_err(&mut c, &ct).await.unwrap()),
         "SUBJECT_SHREDDED"
     );
+    // The reaper destroyed the keys with no call in flight: its own audit event says when,
+    // which subject (by reference) and which certificate (there was none before).
+    let events = reaper_shreds(&[&server]);
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["keyspace"], "graced");
+    assert_eq!(events[0]["subject_ref"], p.subject_ref.as_str());
+    let detail = events[0]["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("grace window ended") && detail.contains(&p.certificate_id),
+        "{detail}"
+    );
+}
+
+/// The `reaper_shred` audit events of these servers.
+fn reaper_shreds(servers: &[&Server]) -> Vec<serde_json::Value> {
+    servers
+        .iter()
+        .flat_map(|s| s.audit_records())
+        .filter(|r| r["kind"] == "event" && r["event"] == "reaper_shred")
+        .collect()
 }
 
 async fn retention_reaper_with_two_replicas_shreds_each_subject_once(env: TestEnv) {
@@ -548,12 +581,27 @@ async fn retention_reaper_with_two_replicas_shreds_each_subject_once(env: TestEn
             .plaintext,
         b"k"
     );
-    // Both reapers ran; each subject got exactly one certificate.
+    // Both reapers ran; each subject got exactly one certificate, and one audit event on
+    // the replica that destroyed its keys.
     assert_eq!(
         env.certificate_counts().await,
         (5, 5),
         "certificates per subject"
     );
+    let events = reaper_shreds(&[&a, &b]);
+    let mut refs: Vec<&str> = events
+        .iter()
+        .map(|r| r["subject_ref"].as_str().unwrap())
+        .collect();
+    refs.sort();
+    refs.dedup();
+    assert_eq!((events.len(), refs.len()), (5, 5), "{events:?}");
+    assert!(events.iter().all(|r| {
+        r["detail"]
+            .as_str()
+            .unwrap()
+            .contains("retention period expired")
+    }));
 }
 
 async fn shred_on_one_replica_is_refused_by_the_other(env: TestEnv) {

@@ -164,6 +164,38 @@ async fn key_made_just_before_the_claim_is_destroyed_and_certified() {
     );
 }
 
+/// Exploratory finding: a shred that waited for a concurrent shred of the same subject (two
+/// calls at once, or one subject twice in a ShredStream) answered SHREDDED, "keys destroyed
+/// by this call", with the other call's certificate. It destroyed nothing: ALREADY_SHREDDED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shred_that_waited_for_another_answers_already_shredded() {
+    const POINT: &str = "shred-after-intent";
+    let env = TestEnv::start().await;
+    let (a, dir) = env.paused_server("a", POINT, Vec::new()).await;
+    let mut c = env.client(&a, "orders").await;
+    c.encrypt(enc("orders", "cust-twice", "email", b"t@example.com"))
+        .await
+        .unwrap();
+    let mut e1 = env.erasure(&a).await;
+    let first = tokio::spawn(async move { e1.shred(shred_req("cust-twice", "orders")).await });
+    wait_reached(&dir, POINT).await;
+    // The second finds the subject being shredded and waits for the first.
+    let mut e2 = env.erasure(&a).await;
+    let second = tokio::spawn(async move { e2.shred(shred_req("cust-twice", "orders")).await });
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    release(&dir, POINT);
+    let first = first.await.unwrap().unwrap().into_inner().keyspaces;
+    let second = second.await.unwrap().unwrap().into_inner().keyspaces;
+    assert_eq!(first[0].outcome, pb::ShredOutcome::Shredded as i32);
+    assert_eq!(
+        second[0].outcome,
+        pb::ShredOutcome::AlreadyShredded as i32,
+        "the second call destroyed nothing"
+    );
+    assert_eq!(second[0].certificate, first[0].certificate);
+    assert_eq!(env.certificate_counts().await, (1, 1));
+}
+
 /// Rows written straight into the store, as an old release or a removed keyspace leaves them.
 async fn seed_store(url: &str, unconfigured: usize, failing: usize) {
     // Creates (or upgrades) the schema.

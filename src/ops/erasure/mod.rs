@@ -28,6 +28,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::access::alarms::{Alarms, Severity};
+use crate::audit::{Auditor, Record};
 use crate::config::failpoint::point as fail_point;
 use crate::config::{Config, ErasureConfig};
 use crate::crypto::envelope::KeyId;
@@ -88,6 +89,9 @@ pub struct Status {
 /// times in a row (raised once per subject; it keeps retrying with a backoff).
 pub const REAPER_STUCK: &str = "reaper_stuck";
 
+/// Audit event: the reaper destroyed a subject's keys (`Erasure::with_audit`).
+pub const REAPER_SHRED: &str = "reaper_shred";
+
 /// Rows the reaper reads per page.
 const REAP_PAGE: i64 = 100;
 /// Rows the reaper processes per pass at most; the next pass resumes after the last one.
@@ -105,6 +109,8 @@ pub struct Erasure {
     /// This process's name on the leases of the shreds it executes (instance + random).
     owner: String,
     alarms: Option<Alarms>,
+    /// Where the reaper's key destructions are recorded (no call carries them).
+    audit: Option<Arc<Auditor>>,
     /// Where the next reaper pass resumes when the last one stopped at its bound.
     reap_cursor: Mutex<Option<DueRow>>,
 }
@@ -146,6 +152,7 @@ impl Erasure {
         Self {
             owner: format!("{}:{}", config.server.instance, hex::encode(nonce)),
             alarms: None,
+            audit: None,
             reap_cursor: Mutex::new(None),
             store: keys.store().clone(),
             keys,
@@ -165,6 +172,14 @@ impl Erasure {
     /// logged and counted.
     pub fn with_alarms(mut self, alarms: Alarms) -> Self {
         self.alarms = Some(alarms);
+        self
+    }
+
+    /// Records every shred the reaper executes (a grace window that ended, a retention that
+    /// expired, a shred interrupted by a crash) as a `reaper_shred` event in `audit`: the call
+    /// that scheduled it was recorded when it was made, not when the keys were destroyed.
+    pub fn with_audit(mut self, audit: Arc<Auditor>) -> Self {
+        self.audit = Some(audit);
         self
     }
 
@@ -304,10 +319,14 @@ impl Erasure {
             {
                 return self.execute(ks, sref).await.map(Outcome::Shredded);
             }
+            // Done by the holder of the lease: this call destroyed nothing (a repeated or
+            // concurrent request, e.g. one subject twice in a ShredStream).
             if let Some(row) = self.store.subject(ks, sref).await?
                 && row.state == SubjectState::Shredded
             {
-                return Ok(Outcome::Shredded(row.certificate.unwrap_or_default()));
+                return Ok(Outcome::AlreadyShredded(
+                    row.certificate.unwrap_or_default(),
+                ));
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(Error::unavailable(
@@ -529,6 +548,13 @@ impl Erasure {
         match row {
             Some(r) => {
                 st.retain_until = r.retain_until;
+                // The last completed shred's time and certificate, whatever the state now: a
+                // subject that got a new key after its shred (`after_shred = "new_key"`) is
+                // active again, and the proof of that shred stays with it.
+                if r.certificate.is_some() {
+                    st.shredded_at = r.executed_at;
+                    st.certificate = r.certificate;
+                }
                 st.state = match r.state {
                     SubjectState::Active => State::Active,
                     SubjectState::Scheduled => {
@@ -536,11 +562,7 @@ impl Erasure {
                         State::Scheduled
                     }
                     SubjectState::Shredding => State::Shredding,
-                    SubjectState::Shredded => {
-                        st.shredded_at = r.executed_at;
-                        st.certificate = r.certificate;
-                        State::Shredded
-                    }
+                    SubjectState::Shredded => State::Shredded,
                 };
             }
             None => {
@@ -679,24 +701,58 @@ impl Erasure {
                     true,
                 )
                 .await
-                .map(|_| true),
+                .map(|o| match o {
+                    Outcome::Shredded(cert) => Some(("retention period expired", cert)),
+                    _ => None,
+                }),
             _ => match self
                 .store
                 .claim_pending(ks, sref, now, stale_before, &self.owner)
                 .await
             {
                 // Exactly one replica wins the claim and executes; the others skip the row.
-                Ok(true) => self.execute(ks, sref).await.map(|_| true),
-                Ok(false) => Ok(false),
+                Ok(true) => {
+                    let why = if row.state == SubjectState::Scheduled {
+                        "grace window ended"
+                    } else {
+                        "interrupted shred completed"
+                    };
+                    self.execute(ks, sref).await.map(|cert| Some((why, cert)))
+                }
+                Ok(false) => Ok(None),
                 Err(e) => Err(e),
             },
         };
         match r {
-            Ok(done) => done,
+            Ok(Some((why, cert))) => {
+                self.record_reaper_shred(ks, sref, why, &cert);
+                true
+            }
+            Ok(None) => false,
             Err(e) => {
                 self.reap_failed(ks, sref, &e).await;
                 false
             }
+        }
+    }
+
+    /// The audit event of a shred the reaper executed: keyspace, subject reference, why, and
+    /// the certificate's id (the certificate names the keys).
+    fn record_reaper_shred(&self, ks: &str, sref: &str, why: &str, cert: &str) {
+        let certificate_id = Certificate::parse(cert)
+            .ok()
+            .and_then(|c| serde_json::from_str::<serde_json::Value>(&c.payload).ok())
+            .and_then(|p| p["certificate_id"].as_str().map(str::to_string))
+            .unwrap_or_default();
+        tracing::info!(keyspace = %ks, subject_ref = &sref[..16.min(sref.len())], why, certificate_id, "reaper: keys destroyed");
+        if let Some(a) = &self.audit {
+            let mut r = Record::event(
+                REAPER_SHRED,
+                format!("keys destroyed: {why}; certificate {certificate_id}"),
+            );
+            r.keyspace = Some(ks.to_string());
+            r.subject_ref = Some(sref.to_string());
+            a.record_event(r);
         }
     }
 
