@@ -178,6 +178,15 @@ impl Sentry {
     }
 }
 
+/// A failure that counts towards lockout like a denial: a ciphertext that does not open, or a
+/// token that does not exist or cannot be one. Both are what guessing looks like (a DIGITS
+/// token keeping the last 4 digits leaves 10^12 guesses, fewer for short FF1 values); a caller
+/// that holds real ciphertexts and tokens rarely makes them.
+fn is_probe(e: &Error) -> bool {
+    matches!(e, Error::BadCiphertext { .. })
+        || matches!(e.reason(), Reason::UnknownToken | Reason::MalformedToken)
+}
+
 /// Pushes `v` onto the list of values a call touched when the call collects them (a batch or
 /// a stream), or when `v` is the second distinct value of a unary call (then the first goes
 /// in before it: a unary call that touches one subject allocates nothing). Returns whether
@@ -487,7 +496,7 @@ impl Guard {
     pub fn item_result<T>(&mut self, r: &Result<T>) {
         if let Err(e) = r {
             self.failed += 1;
-            if matches!(e, Error::BadCiphertext { .. }) {
+            if is_probe(e) {
                 self.probing += 1;
             }
         }
@@ -527,7 +536,7 @@ impl Guard {
             Ok(()) if self.failed > 0 => ("partial", tonic::Code::Ok, None),
             Ok(()) => ("ok", tonic::Code::Ok, None),
             Err(e) => {
-                if self.items.is_none() && matches!(e, Error::BadCiphertext { .. }) {
+                if self.items.is_none() && is_probe(e) {
                     self.probing += 1;
                 }
                 let outcome = match e {

@@ -216,6 +216,74 @@ cooldown_secs = 3600
 }
 
 /// A one-shot-per-connection HTTP server collecting POSTed bodies.
+/// Exploratory finding: a caller could guess tokens without end (120 unknown and 120
+/// malformed tokens in a row never locked it out), while a bad ciphertext counts as probing.
+/// A DIGITS token that keeps the last 4 digits leaves 10^12 guesses, a short FF1 value far
+/// fewer: unknown and malformed tokens now count towards lockout, unary and per batch item.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guessed_tokens_count_towards_lockout() {
+    let env = TestEnv::start().await;
+    let server = env
+        .server(
+            "t",
+            "[lockout]\nmax_failures = 3\nwindow_secs = 3600\ncooldown_secs = 3600\n",
+        )
+        .await;
+    let mut t = pb::tokens_client::TokensClient::new(env.channel(&server, "orders").await);
+    let tok = |v: &str| pb::TokenizeRequest {
+        keyspace: "orders".into(),
+        subject: "cust-guess".into(),
+        field: "card_number".into(),
+        value: v.into(),
+        format: pb::TokenFormat::Digits as i32,
+        mode: pb::TokenMode::Random as i32,
+        keep_last: 4,
+        ttl_seconds: 0,
+    };
+    let detok = |token: &str| pb::DetokenizeRequest {
+        keyspace: "orders".into(),
+        token: token.into(),
+        reveal: 0,
+    };
+    let real = t
+        .tokenize(tok("4111111111111111"))
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    assert_eq!(
+        t.detokenize(detok(&real)).await.unwrap().into_inner().value,
+        "4111111111111111"
+    );
+    // Two guesses in a batch (each item counts), then a malformed one: three failures.
+    let guesses = pb::DetokenizeBatchRequest {
+        items: vec![
+            detok("0000000000001111"),
+            detok(&real),
+            detok("0000000000021111"),
+        ],
+    };
+    let r = t
+        .detokenize_batch(guesses)
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert!(matches!(
+        &r[1].result,
+        Some(pb::detokenize_result::Result::Value(_))
+    ));
+    let Err(e) = t.detokenize(detok("caf\u{e9}")).await else {
+        panic!("a malformed token was accepted")
+    };
+    assert_eq!(reason(&e), "MALFORMED_TOKEN");
+    // The identity is now locked out, also for the token it really holds.
+    exhausted(t.detokenize(detok(&real)).await, "LOCKED_OUT");
+    let lock = alarms(&server, "lockout");
+    assert_eq!(lock.len(), 1, "{lock:#?}");
+    assert_eq!(lock[0]["caller"], "spiffe://shop.local/orders");
+}
+
 async fn webhook_sink() -> (u16, tokio::sync::mpsc::UnboundedReceiver<Value>) {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = l.local_addr().unwrap().port();
