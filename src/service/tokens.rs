@@ -142,7 +142,19 @@ impl TokensService {
         keyspace: &str,
         d: Detokenized,
     ) -> Result<pb::DetokenizeResponse, Error> {
-        g.authorize(Op::Detokenize, Some(keyspace), Some(&d.field))?;
+        g.authorize(Op::Detokenize, Some(keyspace), Some(&d.field))
+            .map_err(|e| match e {
+                // The field comes from the token's row, not from the request: a caller without
+                // a grant on it learns that it may not detokenize this token, not its field.
+                // The audit record names the field.
+                Error::PermissionDenied { .. } => Error::PermissionDenied {
+                    message: format!(
+                        "detokenize of this token is not granted: its field is none of the \
+                         caller's detokenize fields in keyspace {keyspace:?}"
+                    ),
+                },
+                other => other,
+            })?;
         if let Some(sref) = &d.subject_ref {
             g.note_subject(keyspace, sref);
         }

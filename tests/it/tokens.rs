@@ -882,6 +882,10 @@ fields = ["name"]
         (Code::PermissionDenied, "POLICY_DENIED")
     );
     assert!(!e.message().contains("zoe@example.com"));
+    // Nor the token's field, which the caller did not name (exploratory testing: the message
+    // said `field "email"`, read from the token's row).
+    assert!(!e.message().contains("email"), "{}", e.message());
+    assert!(e.message().contains("not granted"), "{}", e.message());
     // No tokenize grant at all; and the erasure identity cannot probe tokens.
     let e = shipping
         .tokenize(det("cust-auth", "name", "x", pb::TokenFormat::Opaque))
