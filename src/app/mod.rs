@@ -469,6 +469,37 @@ fn detail_of(e: &Error) -> String {
     e.detail()
 }
 
+/// SIGINT and SIGTERM, listened for from the moment this is made (unlike
+/// [`shutdown_signal`], which listens only once polled): from then on neither signal ends the
+/// process by its default action, and [`recv`](Self::recv) sees one sent at any time since.
+/// `piiguard dev` makes it first, so that a Ctrl-C during its start-up still stops the
+/// OpenBao it started (which runs in its own process group).
+#[cfg(unix)]
+pub struct ShutdownSignals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+#[cfg(unix)]
+impl ShutdownSignals {
+    /// Installs the handlers (inside a Tokio runtime).
+    ///
+    /// # Errors
+    /// When the signal handlers cannot be installed.
+    pub fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+        })
+    }
+
+    /// Waits for SIGINT or SIGTERM.
+    pub async fn recv(&mut self) {
+        tokio::select! { _ = self.int.recv() => {}, _ = self.term.recv() => {} }
+    }
+}
+
 /// Resolves on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {

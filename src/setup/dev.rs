@@ -427,6 +427,33 @@ pub struct DevOptions {
 /// `opts.pki_dir`, everything else in `opts.dir`.
 pub async fn run_dev(opts: DevOptions) -> Result<(), SetupError> {
     crate::tls::install_default_provider();
+    // Listened for from here on: a Ctrl-C or SIGTERM during the start-up (OpenBao start,
+    // bootstrap, the first Vault login) drops the start-up, and with it the OpenBao it started,
+    // instead of ending this process by the signal's default action and leaving OpenBao (its
+    // own process group) running on its ports.
+    #[cfg(unix)]
+    let mut signals = crate::app::ShutdownSignals::install()
+        .map_err(|e| format!("cannot install the signal handlers: {e}"))?;
+    #[cfg(unix)]
+    let (cfg, bao) = tokio::select! {
+        r = start_dev(&opts) => r?,
+        () = signals.recv() => {
+            return Err("interrupted during start-up; the dev OpenBao was stopped".into());
+        }
+    };
+    #[cfg(unix)]
+    let r = crate::app::run(cfg, async move { signals.recv().await }).await;
+    #[cfg(not(unix))]
+    let (cfg, bao) = start_dev(&opts).await?;
+    #[cfg(not(unix))]
+    let r = crate::app::run(cfg, crate::app::shutdown_signal()).await;
+    drop(bao);
+    Ok(r?)
+}
+
+/// Everything `piiguard dev` does before it serves: OpenBao started and unsealed, the dev PKI,
+/// the bootstrap, the config, the banner. Dropping it (or its result) stops that OpenBao.
+async fn start_dev(opts: &DevOptions) -> Result<(crate::config::Config, Bao), SetupError> {
     let bin = match find_bao(opts.bao.as_deref()) {
         Some(b) => b,
         None => install_bao()?,
@@ -474,12 +501,17 @@ pub async fn run_dev(opts: DevOptions) -> Result<(), SetupError> {
     write_file(&rid, creds.role_id.as_bytes(), true)?;
     write_file(&sid, creds.secret_id.as_bytes(), true)?;
     let (ccert, ckey) = pki.client("orders");
+    // What the process will serve, after the PIIGUARD_* environment overrides.
+    let metrics = cfg
+        .metrics_listen
+        .map_or_else(|| "off".to_string(), |a| format!("http://{a}/metrics"));
     eprintln!(
-        "\npiiguard dev: OpenBao at {vault}, config {cfg}\n\
+        "\npiiguard dev: OpenBao at {vault}, config {cfg} (written again at every start: \
+         change settings with PIIGUARD_<SECTION>__<KEY> variables)\n\
          Try it (grpcurl, through server reflection, over mutual TLS):\n  \
          grpcurl -cacert {ca} -cert {cc} -key {ck} -d '{{\"keyspace\":\"orders\",\"subject\":\"customer-1\",\"field\":\"email\",\"plaintext\":\"YWxpY2VAZXhhbXBsZS5jb20=\"}}' {listen} piiguard.v1.Crypto/Encrypt\n  \
          grpcurl -cacert {ca} -cert {cc} -key {ck} {listen} grpc.health.v1.Health/Check\n\
-         Access policy: {policy} (reloads on change); audit log: {audit}; metrics: http://127.0.0.1:9464/metrics\n\
+         Access policy: {policy} (reloads on change); audit log: {audit}; metrics: {metrics}\n\
          Load test: see bench/README.md (ghz with the same certificate flags).\n",
         policy = policy.display(),
         audit = cfg.audit.dir.display(),
@@ -490,7 +522,5 @@ pub async fn run_dev(opts: DevOptions) -> Result<(), SetupError> {
         ck = ckey.display(),
         listen = opts.listen,
     );
-    let r = crate::app::run(cfg, crate::app::shutdown_signal()).await;
-    drop(bao);
-    Ok(r?)
+    Ok((cfg, bao))
 }

@@ -375,3 +375,94 @@ async fn sigterm_drain_is_bounded_by_the_grace_period() {
         assert_eq!(records.last().unwrap()["final_seal"], true, "{name}");
     }
 }
+
+/// `piiguard dev` prints the address its metrics listener serves, after the `PIIGUARD_*`
+/// overrides (exploratory testing: with `PIIGUARD_METRICS__LISTEN` set it still printed the
+/// default 127.0.0.1:9464), and says that its config file is written again at every start.
+/// A Ctrl-C during its start-up (here: right after the banner, before it serves) stops the
+/// OpenBao it started: it used to end piiguard by the signal's default action and leave
+/// OpenBao, in its own process group, running on its ports.
+#[test]
+fn the_dev_banner_names_the_metrics_address_and_an_early_ctrl_c_stops_openbao() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let (dev, pki) = (dir.path().join("dev"), dir.path().join("pki"));
+    let bao_config = dev.join("bao").join("bao.hcl");
+    let bao_running = || {
+        Command::new("pgrep")
+            .args(["-f", "--"])
+            .arg(format!("-config={}", bao_config.display()))
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    for _ in 0..3 {
+        let vault_port = free_port_pair().to_string();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_piiguard"))
+            .args([
+                "dev",
+                "--listen",
+                "127.0.0.1:0",
+                "--health-listen",
+                "127.0.0.1:0",
+            ])
+            .args([
+                "--dir".as_ref(),
+                dev.as_os_str(),
+                "--pki-dir".as_ref(),
+                pki.as_os_str(),
+            ])
+            .args(["--vault-port", vault_port.as_str(), "--bao"])
+            .arg(bao_bin())
+            .env("PIIGUARD_METRICS__LISTEN", "127.0.0.1:0")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The banner (one write, its last line "Load test: ..."), or the end of the output.
+        let mut seen = String::new();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        for line in lines.by_ref() {
+            let line = line.unwrap_or_default();
+            seen.push_str(&line);
+            seen.push('\n');
+            if line.contains("Load test:") {
+                break;
+            }
+        }
+        let _ = Command::new("kill")
+            .arg("-INT")
+            .arg(child.id().to_string())
+            .status();
+        // Its last lines, until it exits.
+        for line in lines {
+            seen.push_str(&line.unwrap_or_default());
+            seen.push('\n');
+        }
+        let _ = child.wait();
+        if !seen.contains("Load test:") {
+            // OpenBao lost its port pair to another test: try another.
+            assert!(seen.contains(BIND_FAILED), "no banner:\n{seen}");
+            continue;
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while bao_running() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if bao_running() {
+            let _ = Command::new("pkill")
+                .args(["-f", "--"])
+                .arg(format!("-config={}", bao_config.display()))
+                .status();
+            panic!("a Ctrl-C during the start-up left the dev OpenBao running");
+        }
+        assert!(
+            seen.contains("metrics: http://127.0.0.1:0/metrics"),
+            "{seen}"
+        );
+        assert!(!seen.contains("9464"), "{seen}");
+        assert!(seen.contains("written again at every start"), "{seen}");
+        return;
+    }
+    panic!("OpenBao could not get a port pair three times");
+}

@@ -39,7 +39,7 @@ pub fn bao_bin() -> PathBuf {
 }
 
 /// A free loopback port whose successor is free too (OpenBao takes PORT+1).
-fn free_port_pair() -> u16 {
+pub fn free_port_pair() -> u16 {
     for _ in 0..100 {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let p = l.local_addr().unwrap().port();
@@ -51,7 +51,7 @@ fn free_port_pair() -> u16 {
 }
 
 /// What OpenBao logs when a listener's port is taken.
-const BIND_FAILED: &str = "address already in use";
+pub const BIND_FAILED: &str = "address already in use";
 
 /// How often OpenBao is started on a new port pair after losing its pair to someone else.
 const BAO_START_ATTEMPTS: usize = 5;
