@@ -224,7 +224,10 @@ impl TokenEngine {
         })
     }
 
-    fn check(&self, i: &TokenizeInput<'_>) -> Result<()> {
+    /// Validates a Tokenize item (keyspace, names, format and mode, value) before anything
+    /// else: the service calls it before authorising (docs/POLICY.md: validated first, then
+    /// authorised), the engine again before it tokenises.
+    pub fn validate(&self, i: &TokenizeInput<'_>) -> Result<()> {
         self.space(i.keyspace)?;
         SubjectId::parse(i.subject)?;
         Field::parse(i.field)?;
@@ -303,7 +306,7 @@ impl TokenEngine {
 
     /// Tokenises one value.
     pub async fn tokenize(&self, i: &TokenizeInput<'_>) -> Result<Tokenized> {
-        self.check(i)?;
+        self.validate(i)?;
         let sp = self.space(i.keyspace)?;
         let subject_ref = self.keys.subject_ref(i.keyspace, i.subject)?;
         let dek = self

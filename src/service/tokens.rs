@@ -7,7 +7,6 @@ use tonic::{Request, Response, Status};
 use crate::access::guard::{Guard, Sentry};
 use crate::access::policy::{Op, RevealMode};
 use crate::crypto::tokens::{Format, Mode};
-use crate::domain::names::Field;
 use crate::error::{Error, Reason};
 use crate::keys::KeyManager;
 use crate::keys::index_keys::IndexKeys;
@@ -112,7 +111,9 @@ impl TokensService {
     /// one subject's shred) needs `tokenize_join` as well. Unknown keyspaces are left to the
     /// engine's error.
     fn authorize_tokenize(&self, g: &mut Guard, i: &TokenizeInput<'_>) -> Result<(), Error> {
-        Field::parse(i.field)?;
+        // Validated first (an unsupported format or value is refused as such, also to a caller
+        // that lacks the grant), then authorised.
+        self.engine.validate(i)?;
         if let Ok(sref) = self.keys.subject_ref(i.keyspace, i.subject) {
             g.authorize(Op::Tokenize, Some(i.keyspace), Some(i.field))?;
             if i.mode == Mode::DeterministicJoin {

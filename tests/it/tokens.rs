@@ -1048,14 +1048,18 @@ async fn join_tokens_need_their_own_grant_and_live_while_a_holder_is_not_shredde
         (before.0 + 1, before.1 + 1),
         "only the per-subject item was written"
     );
-    // FF1 tokens are per subject: no join mode, even with the grant.
-    let s = err(c
-        .tokenize(join("cust-j-a", "city", "BERLIN-10115", F::Ff1))
-        .await);
-    assert_eq!(
-        (s.code(), reason(&s).as_str()),
-        (Code::InvalidArgument, "UNSUPPORTED_FORMAT")
-    );
+    // FF1 tokens are per subject: no join mode, with the grant or without it (validated
+    // before authorised: a caller without the grant was told POLICY_DENIED).
+    for field in ["city", "email"] {
+        let s = err(c
+            .tokenize(join("cust-j-a", field, "BERLIN-10115", F::Ff1))
+            .await);
+        assert_eq!(
+            (s.code(), reason(&s).as_str()),
+            (Code::InvalidArgument, "UNSUPPORTED_FORMAT"),
+            "{field}"
+        );
+    }
 
     // With the grant: one token for every subject with the value, distinct from the
     // per-subject deterministic tokens.

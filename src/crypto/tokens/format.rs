@@ -132,7 +132,9 @@ pub fn check_value(format: Format, value: &str, max_len: usize) -> Result<(), Fo
             if value.len() > MAX_EMAIL_LEN
                 || local.is_empty()
                 || local.len() > 64
-                || local.bytes().any(|b| b.is_ascii_control() || b == b' ')
+                || local
+                    .bytes()
+                    .any(|b| b.is_ascii_control() || b == b' ' || b == b'@')
             {
                 return Err(U("EMAIL values must be an address local@domain"));
             }
@@ -351,6 +353,8 @@ mod tests {
             "a@localhost",
             "a@exa mple.com",
             "a@-x.com",
+            // One `@` (exploratory testing: `a@b@c.com` was taken, its "local part" `a@b`).
+            "a@b@c.com",
         ] {
             assert!(check_value(Format::Email, bad, 1024).is_err(), "{bad}");
         }
