@@ -365,7 +365,13 @@ impl Crypto for CryptoService {
         &self,
         request: Request<pb::UnsealBatchRequest>,
     ) -> Result<Response<pb::UnsealBatchResponse>, Status> {
-        let mut g = self.sentry.begin(&request, "UnsealBatch", Op::Encrypt)?;
+        // A batch that returns any plaintext reveals: audited as a Decrypt, as Unseal is.
+        let op = if request.get_ref().items.iter().any(|i| i.return_plaintext) {
+            Op::Decrypt
+        } else {
+            Op::Encrypt
+        };
+        let mut g = self.sentry.begin(&request, "UnsealBatch", op)?;
         let r = request.into_inner();
         let inputs: Vec<_> = r.items.iter().map(unseal_input).collect();
         let result = self

@@ -487,6 +487,39 @@ async fn sealed_envelopes_from_three_producers_open_and_every_bad_one_is_refused
         (e.code(), reason(&e).as_str()),
         (Code::PermissionDenied, "POLICY_DENIED")
     );
+    // The same as a batch item: the plaintext comes back, and the audit record says that the
+    // call revealed (it said "encrypt" for an UnsealBatch that returned plaintexts).
+    let batch = c
+        .unseal_batch(pb::UnsealBatchRequest {
+            items: vec![r.clone()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    match &batch.results[0].result {
+        Some(pb::unseal_result::Result::Value(v)) => {
+            assert_eq!(v.plaintext, b"refusal@example.com");
+        }
+        _ => panic!("the item did not open"),
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let batches = loop {
+        let b: Vec<_> = server
+            .audit_records()
+            .into_iter()
+            .filter(|r| r["method"] == "UnsealBatch")
+            .collect();
+        if b.len() >= 2 || Instant::now() > deadline {
+            break b;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // The first batch above returned ciphertexts only.
+    let ops: Vec<&str> = batches
+        .iter()
+        .map(|r| r["operation"].as_str().unwrap())
+        .collect();
+    assert_eq!(ops, ["encrypt", "decrypt"], "{batches:?}");
     r.return_plaintext = false;
     shipping
         .unseal(r)
