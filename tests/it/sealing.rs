@@ -407,6 +407,10 @@ async fn sealed_envelopes_from_three_producers_open_and_every_bad_one_is_refused
             "MALFORMED_ENVELOPE",
         ),
     ];
+    // Every DECRYPTION_FAILED carries the same message: which part of a forged envelope did not
+    // open (the RSA part, or the AES-GCM part under another keyspace, field or context) is not
+    // told (there were two messages).
+    let mut failed_messages = std::collections::BTreeSet::new();
     for (what, req, want) in cases {
         let e = refused(c.unseal(req).await, what);
         assert_eq!(
@@ -415,7 +419,11 @@ async fn sealed_envelopes_from_three_producers_open_and_every_bad_one_is_refused
             "{what}: {}",
             e.message()
         );
+        if want == "DECRYPTION_FAILED" {
+            failed_messages.insert(e.message().to_string());
+        }
     }
+    assert_eq!(failed_messages.len(), 1, "{failed_messages:?}");
     // Other keyspace (crm): same refusal.
     let mut r = unseal_req("r-21", "email", &good, &[]);
     r.keyspace = "crm".into();
