@@ -29,9 +29,11 @@ pub struct RawField {
     /// Index key version that new indexes are made with (default 1).
     #[serde(default)]
     pub index_version: Option<u32>,
-    /// Older index key versions still queryable during a migration (default none).
+    /// Older index key versions still queryable during a migration (default none): a version
+    /// number, or `{ version = N, index_bits = B, kind = "K" }` for a version made with other
+    /// settings than the current ones (docs/SEARCH.md, rotation procedure).
     #[serde(default)]
-    pub index_previous_versions: Vec<u32>,
+    pub index_previous_versions: Vec<RawPrevious>,
     /// Country calling code (digits, no `+`) for phone numbers written without `+`.
     #[serde(default)]
     pub phone_country_code: Option<String>,
@@ -44,6 +46,42 @@ pub struct RawField {
     pub mask_keep_last: Option<u8>,
 }
 
+/// One entry of `index_previous_versions` as written.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawPrevious {
+    /// The version only: made with the field's current `index_bits` and `kind`.
+    Version(u32),
+    /// The version and the settings it was made with (each defaults to the current one).
+    Settings {
+        /// The version.
+        version: u32,
+        /// Its index length in bits.
+        #[serde(default)]
+        index_bits: Option<u16>,
+        /// Its kind (its normalisation).
+        #[serde(default)]
+        kind: Option<String>,
+    },
+}
+
+impl From<u32> for RawPrevious {
+    fn from(v: u32) -> Self {
+        RawPrevious::Version(v)
+    }
+}
+
+/// A queryable index key version and the settings its indexes were made with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IndexVersion {
+    /// The index key version.
+    pub version: u32,
+    /// Index length in bits.
+    pub index_bits: u16,
+    /// Normalisation.
+    pub kind: FieldKind,
+}
+
 /// The settings of one field.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldConfig {
@@ -53,8 +91,8 @@ pub struct FieldConfig {
     pub index_bits: u16,
     /// Index key version of new indexes.
     pub index_version: u32,
-    /// Older versions still queryable, newest first.
-    pub index_previous_versions: Vec<u32>,
+    /// Older versions still queryable, newest first, each with the settings it was made with.
+    pub index_previous_versions: Vec<IndexVersion>,
     /// Default country calling code of phone numbers (digits).
     pub phone_country_code: Option<String>,
     /// What a masked reveal shows.
@@ -75,9 +113,18 @@ impl FieldConfig {
         }
     }
 
-    /// Every queryable version, current first.
-    pub fn queryable_versions(&self) -> impl Iterator<Item = u32> + '_ {
-        std::iter::once(self.index_version).chain(self.index_previous_versions.iter().copied())
+    /// Every queryable version with its settings, current first.
+    pub fn queryable_versions(&self) -> impl Iterator<Item = IndexVersion> + '_ {
+        std::iter::once(self.current_version()).chain(self.index_previous_versions.iter().copied())
+    }
+
+    /// The version new indexes are made with, and its settings.
+    pub fn current_version(&self) -> IndexVersion {
+        IndexVersion {
+            version: self.index_version,
+            index_bits: self.index_bits,
+            kind: self.kind,
+        }
     }
 
     /// Validates `[keyspaces.<ks>.fields.<field>]`.
@@ -86,29 +133,65 @@ impl FieldConfig {
         if !Field::is_valid(field) {
             return Err(at("not a valid field name".into()));
         }
-        let kind = match raw.kind.as_deref() {
-            None => FieldKind::default_for_field(field),
-            Some(k) => FieldKind::parse(k).ok_or_else(|| {
+        let parse_kind = |k: &str| {
+            FieldKind::parse(k).ok_or_else(|| {
                 at(format!(
                     "kind {k:?}: expected one of {}",
                     FieldKind::ALL.map(FieldKind::as_str).join(", ")
                 ))
-            })?,
+            })
         };
-        let index_bits = raw.index_bits.unwrap_or(DEFAULT_INDEX_BITS);
-        if !(MIN_BITS..=MAX_BITS).contains(&index_bits) {
-            return Err(at(format!(
-                "index_bits must be between {MIN_BITS} and {MAX_BITS}"
-            )));
-        }
+        let check_bits = |b: u16| {
+            if (MIN_BITS..=MAX_BITS).contains(&b) {
+                Ok(b)
+            } else {
+                Err(at(format!(
+                    "index_bits must be between {MIN_BITS} and {MAX_BITS}"
+                )))
+            }
+        };
+        let kind = match raw.kind.as_deref() {
+            None => FieldKind::default_for_field(field),
+            Some(k) => parse_kind(k)?,
+        };
+        let index_bits = check_bits(raw.index_bits.unwrap_or(DEFAULT_INDEX_BITS))?;
         let index_version = raw.index_version.unwrap_or(1);
         if index_version == 0 {
             return Err(at("index_version starts at 1".into()));
         }
-        let mut prev = raw.index_previous_versions;
-        prev.sort_unstable_by(|a, b| b.cmp(a));
+        let mut prev = Vec::with_capacity(raw.index_previous_versions.len());
+        for p in raw.index_previous_versions {
+            prev.push(match p {
+                RawPrevious::Version(version) => IndexVersion {
+                    version,
+                    index_bits,
+                    kind,
+                },
+                RawPrevious::Settings {
+                    version,
+                    index_bits: b,
+                    kind: k,
+                } => IndexVersion {
+                    version,
+                    index_bits: b.map_or(Ok(index_bits), check_bits)?,
+                    kind: k.as_deref().map_or(Ok(kind), parse_kind)?,
+                },
+            });
+        }
+        prev.sort_unstable_by(|a, b| b.version.cmp(&a.version));
+        if prev
+            .windows(2)
+            .any(|w| w[0].version == w[1].version && w[0] != w[1])
+        {
+            return Err(at(
+                "index_previous_versions names a version twice with different settings".into(),
+            ));
+        }
         prev.dedup();
-        if prev.iter().any(|v| *v == 0 || *v >= index_version) {
+        if prev
+            .iter()
+            .any(|v| v.version == 0 || v.version >= index_version)
+        {
             return Err(at(
                 "index_previous_versions must be older (lower) than index_version, and at least 1"
                     .into(),
@@ -157,7 +240,12 @@ mod tests {
         assert_eq!(e.kind, FieldKind::Email);
         assert_eq!(e.mask, Mask::Kind(FieldKind::Email));
         assert_eq!(e.index_bits, 32);
-        assert_eq!(e.queryable_versions().collect::<Vec<_>>(), [1]);
+        assert_eq!(
+            e.queryable_versions()
+                .map(|v| v.version)
+                .collect::<Vec<_>>(),
+            [1]
+        );
         assert_eq!(FieldConfig::default_for("address").kind, FieldKind::Text);
     }
 
@@ -172,15 +260,20 @@ mod tests {
         assert!(raw(|r| r.index_bits = Some(4)).is_err());
         assert!(raw(|r| r.index_bits = Some(257)).is_err());
         assert!(raw(|r| r.index_version = Some(0)).is_err());
-        assert!(raw(|r| r.index_previous_versions = vec![1]).is_err());
+        assert!(raw(|r| r.index_previous_versions = vec![1.into()]).is_err());
         assert!(raw(|r| r.phone_country_code = Some("+44".into())).is_err());
         let ok = raw(|r| {
             r.index_version = Some(3);
-            r.index_previous_versions = vec![1, 2, 2];
+            r.index_previous_versions = vec![1.into(), 2.into(), 2.into()];
             r.mask_keep_last = Some(2);
         })
         .unwrap();
-        assert_eq!(ok.queryable_versions().collect::<Vec<_>>(), [3, 2, 1]);
+        assert_eq!(
+            ok.queryable_versions()
+                .map(|v| v.version)
+                .collect::<Vec<_>>(),
+            [3, 2, 1]
+        );
         assert_eq!(
             ok.mask,
             Mask::Keep {
@@ -188,5 +281,46 @@ mod tests {
                 keep_last: 2
             }
         );
+    }
+
+    /// A previous version keeps the settings it was made with when they are given: changing
+    /// `index_bits` or `kind` together with a rotation must not change the indexes of the old
+    /// rows that are still queried by version 1 (exploratory testing: they were cut to the new
+    /// bits and normalised by the new kind, and matched no row).
+    #[test]
+    fn previous_versions_keep_their_own_settings() {
+        let toml = r#"
+kind = "email"
+index_bits = 16
+index_version = 3
+index_previous_versions = [{ version = 2, index_bits = 32 }, { version = 1, index_bits = 32, kind = "text" }]
+"#;
+        let raw: RawField = toml::from_str(toml).unwrap();
+        let f = FieldConfig::from_raw("orders", "email", raw).unwrap();
+        let v: Vec<IndexVersion> = f.queryable_versions().collect();
+        let want = |version, index_bits, kind| IndexVersion {
+            version,
+            index_bits,
+            kind,
+        };
+        assert_eq!(
+            v,
+            [
+                want(3, 16, FieldKind::Email),
+                want(2, 32, FieldKind::Email),
+                want(1, 32, FieldKind::Text)
+            ]
+        );
+        // A bare number still means "the current settings"; one version twice with different
+        // settings is refused.
+        let raw: RawField =
+            toml::from_str("index_version = 2\nindex_previous_versions = [1]").unwrap();
+        let f = FieldConfig::from_raw("orders", "email", raw).unwrap();
+        assert_eq!(f.index_previous_versions[0].index_bits, DEFAULT_INDEX_BITS);
+        let raw: RawField = toml::from_str(
+            "index_version = 3\nindex_previous_versions = [1, { version = 1, index_bits = 8 }]",
+        )
+        .unwrap();
+        assert!(FieldConfig::from_raw("orders", "email", raw).is_err());
     }
 }

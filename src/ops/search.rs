@@ -11,7 +11,7 @@ use zeroize::Zeroizing;
 use super::{DecryptInput, EncryptInput, Engine};
 use crate::access::guard::Guard;
 use crate::access::policy::Op;
-use crate::crypto::blind_index::{self, NormaliseOptions};
+use crate::crypto::blind_index::{self, FieldKind, NormaliseOptions};
 use crate::crypto::envelope;
 use crate::crypto::mask;
 use crate::domain::names::Field;
@@ -71,22 +71,38 @@ impl Engine {
         let opts = NormaliseOptions {
             default_country_code: cfg.phone_country_code.as_deref(),
         };
-        let normal =
-            Zeroizing::new(blind_index::normalise(cfg.kind, value, opts).map_err(|e| {
-                Error::invalid(
-                    Reason::ValueNotNormalisable,
-                    format!("field {field:?} ({}): {e}", cfg.kind.as_str()),
-                )
-            })?);
-        let versions: Vec<u32> = if all {
+        let versions: Vec<_> = if all {
             cfg.queryable_versions().collect()
         } else {
-            vec![cfg.index_version]
+            vec![cfg.current_version()]
         };
+        // Each version with the settings it was made with (a rotation may change the bits or
+        // the kind). The value must normalise for the current version; an older version whose
+        // kind does not take it is left out of `all` (no row can hold such an index).
         let mut out = Vec::with_capacity(versions.len());
-        for v in versions {
-            let key = self.index_keys.key(keyspace, field, v)?;
-            out.push((v, blind_index::index(&key, v, cfg.index_bits, &normal)));
+        let mut normal: Option<(FieldKind, Zeroizing<String>)> = None;
+        for (i, v) in versions.into_iter().enumerate() {
+            if normal.as_ref().is_none_or(|(k, _)| *k != v.kind) {
+                match blind_index::normalise(v.kind, value, opts) {
+                    Ok(n) => normal = Some((v.kind, Zeroizing::new(n))),
+                    Err(e) if i == 0 => {
+                        return Err(Error::invalid(
+                            Reason::ValueNotNormalisable,
+                            format!("field {field:?} ({}): {e}", v.kind.as_str()),
+                        ));
+                    }
+                    Err(_) => {
+                        normal = None;
+                        continue;
+                    }
+                }
+            }
+            let Some((_, n)) = &normal else { continue };
+            let key = self.index_keys.key(keyspace, field, v.version)?;
+            out.push((
+                v.version,
+                blind_index::index(&key, v.version, v.index_bits, n),
+            ));
         }
         Ok(BlindIndexed {
             current: out[0].1.clone(),

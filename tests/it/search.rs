@@ -457,6 +457,36 @@ async fn blind_indexes_rotation_masked_reveals_and_shred() {
         p1
     );
 
+    // A rotation that also changes the index length: versions 2 and 1 keep the 64 bits they
+    // were made with, so `all` still matches the rows that hold them (exploratory testing: they
+    // were cut to the new length and matched nothing).
+    let c_srv = env
+        .server(
+            "c",
+            &format!(
+                "{FIELDS}\n[keyspaces.orders.fields.email]\nindex_bits = 32\nindex_version = 3\n\
+                 index_previous_versions = [{{ version = 2, index_bits = 64 }}, {{ version = 1, index_bits = 64 }}]\n"
+            ),
+        )
+        .await;
+    let mut search_c = c_srv
+        .client_issued(&ca.issue_client_now(&spiffe("search")).unwrap())
+        .await
+        .unwrap();
+    let r3 = index(&mut search_c, "orders", "email", "jane.doe@example.com").await;
+    assert_eq!(r3.index.len(), "bi1.3.".len() + 8, "32 bits: {}", r3.index);
+    assert_eq!(
+        r3.all
+            .iter()
+            .map(|v| (v.version, v.index.as_str()))
+            .collect::<Vec<_>>(),
+        vec![
+            (3, r3.index.as_str()),
+            (2, r2.index.as_str()),
+            (1, e1.index.as_str())
+        ]
+    );
+
     // Shred: the index is a keyed hash of the value, not of the subject; it survives in the
     // caller's table, and the certificate says the caller must delete it.
     let r = env
