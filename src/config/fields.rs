@@ -178,7 +178,7 @@ impl FieldConfig {
                 },
             });
         }
-        prev.sort_unstable_by(|a, b| b.version.cmp(&a.version));
+        prev.sort_unstable_by_key(|v| std::cmp::Reverse(v.version));
         if prev
             .windows(2)
             .any(|w| w[0].version == w[1].version && w[0] != w[1])
