@@ -68,6 +68,28 @@ impl Sentry {
         method: &'static str,
         op: Op,
     ) -> Result<Guard, Status> {
+        self.begin_call(req, method, op, false)
+    }
+
+    /// [`begin`](Self::begin) for a call of the Admin service (lockouts, canaries, audit
+    /// signing keys): the one service a `lockout.break_glass` identity may still call while
+    /// locked out, to lift lockouts. Other calls that need the `admin` operation (Keys:
+    /// rotating or retiring the signing and sealing keys) are not lockout recovery.
+    pub fn begin_admin<T>(
+        self: &Arc<Self>,
+        req: &Request<T>,
+        method: &'static str,
+    ) -> Result<Guard, Status> {
+        self.begin_call(req, method, Op::Admin, true)
+    }
+
+    fn begin_call<T>(
+        self: &Arc<Self>,
+        req: &Request<T>,
+        method: &'static str,
+        op: Op,
+        admin_service: bool,
+    ) -> Result<Guard, Status> {
         let cid = CorrelationId::new();
         let Some(conn) = req.extensions().get::<ConnInfo>() else {
             return Err(Error::Unauthenticated.into_status(cid.as_str()));
@@ -114,9 +136,9 @@ impl Sentry {
             return Err(Error::AuditUnavailable.into_status(g.cid.as_str()));
         }
         if let Some(until) = self.lockouts.locked_until(&g.caller) {
-            // Only a configured break-glass identity gets through, and only to Admin; every
-            // such call is a critical alarm.
-            if op == Op::Admin && self.lockouts.is_break_glass(&g.caller) {
+            // Only a configured break-glass identity gets through, and only to the Admin
+            // service; every such call is a critical alarm.
+            if admin_service && self.lockouts.is_break_glass(&g.caller) {
                 self.alarms.raise(
                     kinds::BREAK_GLASS,
                     Severity::Critical,

@@ -42,7 +42,7 @@ impl AdminService {
 
     #[allow(clippy::result_large_err)]
     fn begin<T>(&self, req: &Request<T>, method: &'static str) -> Result<Guard, Status> {
-        let mut g = self.sentry.begin(req, method, Op::Admin)?;
+        let mut g = self.sentry.begin_admin(req, method)?;
         if let Err(e) = g.authorize(Op::Admin, None, None) {
             return Err(g.fail(e));
         }

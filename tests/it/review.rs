@@ -194,6 +194,22 @@ break_glass = ["spiffe://shop.local/breakglass"]
         Code::PermissionDenied,
         "no self-lift, even break-glass"
     );
+    // Break-glass is for lifting lockouts: the Keys calls that need `admin` (rotating the
+    // signing key here) stay refused (exploratory testing: a locked-out break-glass identity
+    // rotated the signing key).
+    let mut bg_keys = pb::keys_client::KeysClient::new(
+        server
+            .channel(Some((&issued_bg.cert_pem, &issued_bg.key_pem)))
+            .await
+            .unwrap(),
+    );
+    let err = bg_keys
+        .rotate_public_key(pb::RotatePublicKeyRequest {
+            purpose: pb::KeyPurpose::Signing as i32,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&err), "LOCKED_OUT");
     let lifted = bg
         .lift_lockout(pb::LiftLockoutRequest {
             identity: "spiffe://shop.local/admin".into(),
