@@ -38,18 +38,28 @@ pub fn mask(m: Mask, value: &[u8]) -> String {
     let s: String = s.trim().nfc().collect();
     match m {
         Mask::Kind(FieldKind::Card | FieldKind::Phone) => {
+            // Only a number (digits and the separators people write) shows its last four:
+            // "4111 1111 1111 1111 exp 12/25" would show the expiry date's digits.
+            let number_like = s
+                .strip_prefix('+')
+                .unwrap_or(&s)
+                .chars()
+                .all(|c| c.is_ascii_digit() || matches!(c, ' ' | '-' | '.' | '(' | ')' | '/'));
             let digits: Vec<char> = s.chars().filter(char::is_ascii_digit).collect();
-            if digits.len() < MIN_DIGITS_FOR_LAST4 {
+            if !number_like || digits.len() < MIN_DIGITS_FOR_LAST4 {
                 return HIDDEN.to_string();
             }
             let last: String = digits[digits.len() - 4..].iter().collect();
             format!("{HIDDEN} {last}")
         }
         Mask::Kind(FieldKind::Email) => match s.rsplit_once('@') {
-            Some((local, domain)) if !domain.is_empty() => match local.chars().next() {
-                Some(first) => format!("{first}{HIDDEN}@{domain}"),
-                None => HIDDEN.to_string(),
-            },
+            // One `@`, text on both sides (as the email normalisation asks).
+            Some((local, domain)) if !domain.is_empty() && !local.contains('@') => {
+                match local.chars().next() {
+                    Some(first) => format!("{first}{HIDDEN}@{domain}"),
+                    None => HIDDEN.to_string(),
+                }
+            }
             _ => HIDDEN.to_string(),
         },
         Mask::Kind(FieldKind::Name) => {
@@ -96,6 +106,12 @@ mod tests {
         assert_eq!(k(FieldKind::Card, "4111"), "••••");
         assert_eq!(k(FieldKind::Phone, "+44 20 7946 0958"), "•••• 0958");
         assert_eq!(k(FieldKind::Phone, "0958"), "••••");
+        assert_eq!(k(FieldKind::Phone, "+44 (20) 7946-0958"), "•••• 0958");
+        // Not a number, or not one address: hidden whole (exploratory testing: the card
+        // showed the expiry date's digits, `•••• 1225`).
+        assert_eq!(k(FieldKind::Card, "4111 1111 1111 1111 exp 12/25"), "••••");
+        assert_eq!(k(FieldKind::Phone, "call 020 7946 0958 after 6"), "••••");
+        assert_eq!(k(FieldKind::Email, "a@b@example.com"), "••••");
         assert_eq!(k(FieldKind::Email, "jane@example.com"), "j••••@example.com");
         assert_eq!(k(FieldKind::Email, "not-an-address"), "••••");
         assert_eq!(k(FieldKind::Email, "@example.com"), "••••");
