@@ -563,12 +563,16 @@ impl Guard {
                 }
                 let outcome = match e {
                     Error::PermissionDenied { .. } | Error::MaskedRevealOnly { .. } => "denied",
+                    // A client certificate no longer accepted (revoked by a reloaded CRL,
+                    // expired) on a connection opened before: refused, as documented (it was
+                    // recorded as `error`: the reason was listed under RESOURCE_EXHAUSTED,
+                    // which it never is).
+                    Error::CertificateRejected { .. } => "refused",
                     Error::ResourceExhausted { reason: rs, .. }
                         if [
                             Reason::RateLimited,
                             Reason::VolumeBudgetExceeded,
                             Reason::LockedOut,
-                            Reason::CertificateRejected,
                         ]
                         .contains(rs) =>
                     {

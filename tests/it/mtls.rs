@@ -379,8 +379,9 @@ async fn a_client_revoked_by_a_crl_reload_loses_access_on_its_open_connection() 
         audit
             .iter()
             .any(|r| r["caller"] == "spiffe://shop.local/good"
-                && r["reason"] == "CLIENT_CERTIFICATE_REJECTED"),
-        "the refusal is audited"
+                && r["reason"] == "CLIENT_CERTIFICATE_REJECTED"
+                && r["outcome"] == "refused"),
+        "the refusal is audited, as a refusal (it was `error`)"
     );
 }
 
