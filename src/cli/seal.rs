@@ -33,6 +33,9 @@ pub enum SealError {
     /// A `--context` argument is not `KEY=VALUE`.
     #[error("context {0:?}: expected KEY=VALUE")]
     BadContext(String),
+    /// Two `--context` arguments name one key (the envelope is bound to one value per key).
+    #[error("context key {0:?} given twice")]
+    DuplicateContext(String),
     /// The envelope could not be made (value too long for the direct kind, CSPRNG, RSA).
     #[error("{0}")]
     Envelope(#[from] SealedError),
@@ -79,12 +82,18 @@ pub fn oaep_encrypt(key: &rsa::PublicKey, msg: &[u8]) -> Result<Vec<u8>, rsa::Er
 
 /// Parses `KEY=VALUE` context arguments.
 pub fn parse_context_args(args: &[String]) -> Result<BTreeMap<&str, &str>, SealError> {
-    args.iter()
-        .map(|a| {
-            a.split_once('=')
-                .ok_or_else(|| SealError::BadContext(a.clone()))
-        })
-        .collect()
+    let mut out = BTreeMap::new();
+    for a in args {
+        let (k, v) = a
+            .split_once('=')
+            .ok_or_else(|| SealError::BadContext(a.clone()))?;
+        // A second value for a key used to replace the first silently: the envelope was then
+        // bound to a context the producer did not mean.
+        if out.insert(k, v).is_some() {
+            return Err(SealError::DuplicateContext(k.to_string()));
+        }
+    }
+    Ok(out)
 }
 
 /// Seals `value` for `keyspace` / `field` / `context` to sealing key version `key_version`
@@ -147,4 +156,26 @@ pub fn run(
         path: "stdout".into(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Exploratory testing: `--context k=1 --context k=2` sealed for `k=2` without a word.
+    #[test]
+    fn a_context_key_given_twice_is_refused() {
+        let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let ok = args(&["order_id=o-1", "channel=web"]);
+        assert_eq!(parse_context_args(&ok).unwrap().len(), 2);
+        let twice = args(&["order_id=o-1", "order_id=o-2"]);
+        assert!(matches!(
+            parse_context_args(&twice),
+            Err(SealError::DuplicateContext(k)) if k == "order_id"
+        ));
+        assert!(matches!(
+            parse_context_args(&args(&["order_id"])),
+            Err(SealError::BadContext(_))
+        ));
+    }
 }
