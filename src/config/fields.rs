@@ -46,9 +46,10 @@ pub struct RawField {
     pub mask_keep_last: Option<u8>,
 }
 
-/// One entry of `index_previous_versions` as written.
+/// One entry of `index_previous_versions` as written (a misspelt setting is refused, not
+/// ignored: it would compute the old version's indexes with the current settings).
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, deny_unknown_fields)]
 pub enum RawPrevious {
     /// The version only: made with the field's current `index_bits` and `kind`.
     Version(u32),
@@ -322,5 +323,12 @@ index_previous_versions = [{ version = 2, index_bits = 32 }, { version = 1, inde
         )
         .unwrap();
         assert!(FieldConfig::from_raw("orders", "email", raw).is_err());
+        // A misspelt setting does not parse.
+        assert!(
+            toml::from_str::<RawField>(
+                "index_version = 2\nindex_previous_versions = [{ version = 1, bits = 32 }]"
+            )
+            .is_err()
+        );
     }
 }
