@@ -108,8 +108,8 @@ fn detokenized(d: Detokenized) -> pb::DetokenizeResponse {
 impl TokensService {
     /// Authorises tokenising one item (after validating the names that go into the audit
     /// record) and notes its subject. A join token (shared across subjects, so it outlives
-    /// one subject's shred) needs `tokenize_join` as well. Unknown keyspaces are left to the
-    /// engine's error.
+    /// one subject's shred) needs `tokenize_join` as well. The item is validated first (an
+    /// unknown keyspace, a bad name, format, mode or value is refused as such).
     fn authorize_tokenize(&self, g: &mut Guard, i: &TokenizeInput<'_>) -> Result<(), Error> {
         // Validated first (an unsupported format or value is refused as such, also to a caller
         // that lacks the grant), then authorised.
