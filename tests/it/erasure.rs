@@ -507,7 +507,7 @@ async fn grace_window_schedule_cancel_and_execution_after_restart() {
     );
     // The reaper destroyed the keys with no call in flight: its own audit event says when,
     // which subject (by reference) and which certificate (there was none before).
-    let events = reaper_shreds(&[&server]);
+    let events = reaper_shreds(&[&server], 1);
     assert_eq!(events.len(), 1, "{events:?}");
     assert_eq!(events[0]["keyspace"], "graced");
     assert_eq!(events[0]["subject_ref"], p.subject_ref.as_str());
@@ -518,13 +518,22 @@ async fn grace_window_schedule_cancel_and_execution_after_restart() {
     );
 }
 
-/// The `reaper_shred` audit events of these servers.
-fn reaper_shreds(servers: &[&Server]) -> Vec<serde_json::Value> {
-    servers
-        .iter()
-        .flat_map(|s| s.audit_records())
-        .filter(|r| r["kind"] == "event" && r["event"] == "reaper_shred")
-        .collect()
+/// The `reaper_shred` audit events of these servers, once there are `want` of them (or after
+/// 10 s): the reaper writes its event just after it stores the certificate that a status
+/// call may already have seen.
+fn reaper_shreds(servers: &[&Server], want: usize) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let events: Vec<_> = servers
+            .iter()
+            .flat_map(|s| s.audit_records())
+            .filter(|r| r["kind"] == "event" && r["event"] == "reaper_shred")
+            .collect();
+        if events.len() >= want || Instant::now() > deadline {
+            return events;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 async fn retention_reaper_with_two_replicas_shreds_each_subject_once(env: TestEnv) {
@@ -588,7 +597,7 @@ async fn retention_reaper_with_two_replicas_shreds_each_subject_once(env: TestEn
         (5, 5),
         "certificates per subject"
     );
-    let events = reaper_shreds(&[&a, &b]);
+    let events = reaper_shreds(&[&a, &b], 5);
     let mut refs: Vec<&str> = events
         .iter()
         .map(|r| r["subject_ref"].as_str().unwrap())
